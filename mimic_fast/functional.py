@@ -1,0 +1,94 @@
+"""The public functional API: bottleneck_mlp, mimic_loss, logit_mse_loss, kd_loss.
+
+Each function validates once (mimic_fast._checks), picks a backend once (mimic_fast.dispatch) and
+hands flattened (B, D) inputs to an autograd.Function; leading batch dims are restored on the way out.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from ._checks import check_logit_pair, check_mlp, check_positive, check_reduction
+from .ops.autograd import BottleneckMLPFunction, MimicLossFunction
+
+
+def _autocast(device_type, tensors):
+    # Under torch.autocast the fused op runs in the autocast dtype, like nn.Linear would.
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def _prepare(x, U, V, b1, W, b2, activation, teacher_logits=None):
+    if isinstance(x, torch.Tensor):
+        x, U, V, b1, W, b2 = _autocast(x.device.type, [x, U, V, b1, W, b2])
+    dims = check_mlp(x, U, V, b1, W, b2, activation, teacher_logits)
+    return (x, U, V, b1, W, b2), dims
+
+
+def _problem(op, dims, x, activation, teacher_logits=None):
+    return dispatch.Problem(op, x.device, x.dtype, dims.B, dims.D, dims.k, dims.H, dims.C, activation,
+                            None if teacher_logits is None else teacher_logits.dtype)
+
+
+def bottleneck_mlp(x, U, V, b1, W, b2, activation="relu", backend="auto"):
+    """y = act((x Uᵀ) Vᵀ + b1) Wᵀ + b2, without ever materialising the (B, H) hidden layer.
+
+    x: (..., D); U: (k, D); V: (H, k); b1: (H,) or None; W: (C, H); b2: (C,) or None.
+    Returns (..., C) in x's dtype. `backend`: "auto" | "reference" | "cpu" | "triton" | "cuda".
+    """
+    (x, U, V, b1, W, b2), dims = _prepare(x, U, V, b1, W, b2, activation)
+    name = dispatch.select(backend, _problem("mlp", dims, x, activation))
+    y = BottleneckMLPFunction.apply(x.reshape(dims.B, dims.D), U, V, b1, W, b2, activation, name)
+    return y.reshape(*dims.lead, dims.C)
+
+
+def mimic_loss(x, U, V, b1, W, b2, teacher_logits, activation="relu", reduction="mean",
+               backend="auto"):
+    """logit_mse_loss(bottleneck_mlp(x, ...), teacher_logits) as one fused op.
+
+    Equal to F.mse_loss(student_logits, teacher_logits, reduction=reduction); the backward recomputes
+    the hidden layer and gives gradients for x, U, V, b1, W, b2 (none for teacher_logits).
+    """
+    check_reduction(reduction)
+    (x, U, V, b1, W, b2), dims = _prepare(x, U, V, b1, W, b2, activation, teacher_logits)
+    name = dispatch.select(backend, _problem("mimic", dims, x, activation, teacher_logits))
+    loss = MimicLossFunction.apply(x.reshape(dims.B, dims.D), U, V, b1, W, b2,
+                                   teacher_logits.reshape(dims.B, dims.C).detach(), activation,
+                                   reduction, name)
+    return loss.reshape(*dims.lead, dims.C) if reduction == "none" else loss
+
+
+def logit_mse_loss(student_logits, teacher_logits, reduction="mean", zero_mean=False):
+    """F.mse_loss on logits (Ba & Caruana's logit regression), accumulated in float32.
+
+    zero_mean=True first subtracts each row's mean from both sides (Hinton et al. 2015: KD at high
+    temperature then equals this loss up to a constant factor). Gradients flow to both arguments,
+    as with F.mse_loss; detach the teacher's logits if they must not receive one.
+    """
+    check_logit_pair(student_logits, teacher_logits)
+    check_reduction(reduction)
+    s, t = student_logits, teacher_logits
+    acc = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
+    s32, t32 = s.to(acc), t.to(acc)
+    if zero_mean:
+        s32 = s32 - s32.mean(dim=-1, keepdim=True)
+        t32 = t32 - t32.mean(dim=-1, keepdim=True)
+    return F.mse_loss(s32, t32, reduction=reduction).to(s.dtype)
+
+
+def kd_loss(student_logits, teacher_logits, temperature=4.0):
+    """Hinton knowledge distillation: KL(softmax(t/T) ‖ softmax(s/T)), batch-mean, times T².
+
+    The T² factor keeps the gradient scale independent of T when mixed with a hard-label loss.
+    Leading dims are flattened: the batch is every row of (..., C).
+    """
+    check_logit_pair(student_logits, teacher_logits)
+    check_positive("temperature", temperature)
+    C = student_logits.shape[-1]
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.reshape(-1, C).to(acc) / temperature
+    t = teacher_logits.reshape(-1, C).to(acc) / temperature
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean",
+                  log_target=True)
+    return (kl * (temperature * temperature)).to(student_logits.dtype)

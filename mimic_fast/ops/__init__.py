@@ -1,0 +1,1 @@
+"""Backends of the fused ops (see mimic_fast.dispatch for the interface each module implements)."""

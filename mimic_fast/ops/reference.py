@@ -1,0 +1,96 @@
+"""Reference backend: pure PyTorch, any device and float dtype, chunked over H.
+
+It never creates a (B, H) tensor: the hidden layer is formed CHUNK_H columns at a time and
+recomputed chunk by chunk in backward (z = x Uᵀ is kept from forward, not recomputed). Half
+precision is computed in float32 (upcast), so this is also the oracle kernels are checked against.
+"""
+import torch
+
+from ..activations import act, act_grad
+
+NAME = "reference"
+CHUNK_H = 1024
+
+
+def availability():
+    return None
+
+
+def reasons(problem):
+    return []
+
+
+def describe():
+    return {"chunk_h": CHUNK_H}
+
+
+def compute_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _chunks(H):
+    for h0 in range(0, H, CHUNK_H):
+        yield h0, min(h0 + CHUNK_H, H)
+
+
+def _hidden_pre(z, V, b1, h0, h1, cd):
+    a = z @ V[h0:h1].to(cd).t()
+    if b1 is not None:
+        a = a + b1[h0:h1].to(cd)
+    return a
+
+
+def _forward(x, U, V, b1, W, b2, activation):
+    """y and z in the compute dtype."""
+    cd = compute_dtype(x.dtype)
+    z = x.to(cd) @ U.to(cd).t()
+    y = torch.zeros(x.shape[0], W.shape[0], dtype=cd, device=x.device)
+    for h0, h1 in _chunks(V.shape[0]):
+        h = act(_hidden_pre(z, V, b1, h0, h1, cd), activation)
+        y.addmm_(h, W[:, h0:h1].to(cd).t())
+    if b2 is not None:
+        y += b2.to(cd)
+    return y, z
+
+
+def mlp_fwd(x, U, V, b1, W, b2, activation):
+    y, z = _forward(x, U, V, b1, W, b2, activation)
+    return y.to(x.dtype), z
+
+
+def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
+    cd = z.dtype
+    dy = dy.to(cd)
+    H, k = V.shape
+    dz = torch.zeros_like(z)
+    dV = torch.empty(H, k, dtype=cd, device=z.device)
+    dW = torch.empty(W.shape, dtype=cd, device=z.device)
+    db1 = None if b1 is None else torch.empty(H, dtype=cd, device=z.device)
+    for h0, h1 in _chunks(H):
+        Vj = V[h0:h1].to(cd)
+        a = _hidden_pre(z, V, b1, h0, h1, cd)
+        dW[:, h0:h1] = dy.t() @ act(a, activation)
+        da = (dy @ W[:, h0:h1].to(cd)) * act_grad(a, activation)
+        dV[h0:h1] = da.t() @ z
+        if db1 is not None:
+            db1[h0:h1] = da.sum(0)
+        dz.addmm_(da, Vj)
+    dU = dz.t() @ x.to(cd)
+    dx = dz @ U.to(cd)
+    db2 = dy.sum(0) if has_b2 else None
+    dt = x.dtype
+    return (dx.to(dt), dU.to(dt), dV.to(dt), None if db1 is None else db1.to(dt), dW.to(dt),
+            None if db2 is None else db2.to(dt))
+
+
+def mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction):
+    y, z = _forward(x, U, V, b1, W, b2, activation)
+    r = y - t.to(y.dtype)
+    sq = r * r
+    if reduction == "mean":
+        loss, dy_unit = sq.mean(), r * (2.0 / max(r.numel(), 1))
+    elif reduction == "sum":
+        loss, dy_unit = sq.sum(), 2.0 * r
+    else:
+        loss, dy_unit = sq, 2.0 * r
+    return loss.to(x.dtype), z, dy_unit.to(torch.promote_types(dy_unit.dtype, torch.float32))
