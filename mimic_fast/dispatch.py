@@ -49,17 +49,20 @@ class Problem(NamedTuple):
     teacher_dtype: object = None  # torch.dtype for "mimic"
 
 
+def _import_all():
+    # Imported eagerly, once: torch.compile cannot trace importlib, and every backend module is
+    # light (kernels compile on first use). An ImportError is kept and reported, never raised here.
+    for name, path in _MODULES.items():
+        try:
+            _loaded[name] = importlib.import_module(path)
+        except ImportError as e:
+            _import_errors[name] = f"{type(e).__name__}: {e}"
+            _loaded[name] = None
+
+
 def _load(name):
-    """The backend module, or None when it cannot even be imported (the error is kept for info)."""
-    if name in _loaded:
-        return _loaded[name]
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError as e:
-        _import_errors[name] = f"{type(e).__name__}: {e}"
-        module = None
-    _loaded[name] = module
-    return module
+    """The backend module, or None when it could not be imported (the error is kept for info)."""
+    return _loaded[name]
 
 
 def get(name):
@@ -133,3 +136,6 @@ def format_info(report=None):
                                                if k not in ("available", "reason"))
         lines.append(f"{name:<10} {'yes' if entry['available'] else 'no':<10} {details}")
     return "\n".join(lines)
+
+
+_import_all()

@@ -1,0 +1,36 @@
+"""Input factories shared by the tests (tolerances live in mimic_fast.testing)."""
+import torch
+
+
+def make_mlp_inputs(B, D, k, H, C, dtype=torch.float32, device="cpu", bias=True, lead=None,
+                    requires_grad=True, scale=1.0):
+    """x, U, V, b1, W, b2 drawn so that every layer's output has O(1) scale."""
+    g = torch.Generator().manual_seed(1234 + B * 7 + D * 11 + k * 13 + H * 17 + C * 19)
+
+    def rnd(*shape, std=1.0):
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * std * scale).to(device, dtype)
+        return t.requires_grad_(requires_grad)
+
+    shape_x = (B, D) if lead is None else (*lead, D)
+    x = rnd(*shape_x)
+    U = rnd(k, D, std=D ** -0.5)
+    V = rnd(H, k, std=k ** -0.5)
+    W = rnd(C, H, std=H ** -0.5)
+    b1 = rnd(H, std=0.5) if bias else None
+    b2 = rnd(C, std=0.5) if bias else None
+    return x, U, V, b1, W, b2
+
+
+def eager_mlp(x, U, V, b1, W, b2, activation):
+    """Plain unfused PyTorch: the baseline of the 2x rule (same dtype as its inputs)."""
+    import torch.nn.functional as F
+
+    from mimic_fast.activations import act
+
+    a = F.linear(F.linear(x, U), V, b1)
+    return F.linear(act(a, activation), W, b2)
+
+
+def to64(tensors):
+    return [None if t is None else t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+            for t in tensors]
