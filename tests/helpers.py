@@ -34,3 +34,39 @@ def eager_mlp(x, U, V, b1, W, b2, activation):
 def to64(tensors):
     return [None if t is None else t.detach().to(torch.float64).requires_grad_(t.requires_grad)
             for t in tensors]
+
+
+class AllocationRecorder:
+    """Context manager recording the element count of every tensor an ATen op returns.
+
+    It sees every op dispatched from Python and from autograd (including backward); ops run inside
+    a C++ kernel without re-dispatch are invisible to it, so for C++ backends it bounds what the
+    Python/ATen layer allocates, not scratch memory inside the kernel.
+    """
+
+    def __init__(self):
+        self.sizes = []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        recorder.sizes.append((t.numel(), str(func)))
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
+
+    def largest(self):
+        return max(self.sizes, default=(0, None))
