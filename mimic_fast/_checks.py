@@ -76,6 +76,10 @@ def check_mlp(x, U, V, b1, W, b2, activation, teacher_logits=None) -> MLPDims:
 
     D = x.shape[-1]
     k, H, C = U.shape[0], V.shape[0], W.shape[0]
+    for name, size in (("D", D), ("k", k), ("H", H), ("C", C)):
+        if size == 0:
+            raise ValueError(f"{name} must be at least 1, got 0 (shapes x {_shape(x)}, U {_shape(U)}, "
+                             f"V {_shape(V)}, W {_shape(W)})")
     if U.shape[1] != D:
         raise ValueError(f"U has shape {_shape(U)} but x has D={D} features: expected ({k}, {D})")
     if V.shape[1] != k:
@@ -86,10 +90,6 @@ def check_mlp(x, U, V, b1, W, b2, activation, teacher_logits=None) -> MLPDims:
         raise ValueError(f"b1 has shape {_shape(b1)} but V implies H={H}: expected ({H},)")
     if b2 is not None and b2.shape[0] != C:
         raise ValueError(f"b2 has shape {_shape(b2)} but W implies C={C}: expected ({C},)")
-    for name, size in (("D", D), ("k", k), ("H", H), ("C", C)):
-        if size == 0:
-            raise ValueError(f"{name} must be at least 1, got 0 (shapes x {_shape(x)}, U {_shape(U)}, "
-                             f"V {_shape(V)}, W {_shape(W)})")
     lead = tuple(x.shape[:-1])
     B = 1
     for s in lead:

@@ -1,0 +1,103 @@
+"""Bad input gets a clear ValueError/TypeError naming the tensor, the expected and the actual."""
+import pytest
+import torch
+
+import mimic_fast as mf
+from tests.helpers import make_mlp_inputs
+
+
+def _inputs(**over):
+    x, U, V, b1, W, b2 = make_mlp_inputs(4, 6, 3, 10, 5, requires_grad=False)
+    d = dict(x=x, U=U, V=V, b1=b1, W=W, b2=b2)
+    d.update(over)
+    return d
+
+
+def _call(**over):
+    d = _inputs(**over)
+    return mf.bottleneck_mlp(d["x"], d["U"], d["V"], d["b1"], d["W"], d["b2"], backend="reference")
+
+
+@pytest.mark.parametrize("name, bad, pattern", [
+    ("U", torch.randn(3, 7), r"U has shape \(3, 7\) but x has D=6 features: expected \(3, 6\)"),
+    ("V", torch.randn(10, 4), r"V has shape \(10, 4\) but U implies k=3: expected \(10, 3\)"),
+    ("W", torch.randn(5, 11), r"W has shape \(5, 11\) but V implies H=10: expected \(5, 10\)"),
+    ("b1", torch.randn(9), r"b1 has shape \(9,\) but V implies H=10: expected \(10,\)"),
+    ("b2", torch.randn(4), r"b2 has shape \(4,\) but W implies C=5: expected \(5,\)"),
+    ("U", torch.randn(3, 6, 1), r"U must be 2-D, got shape \(3, 6, 1\)"),
+    ("b1", torch.randn(10, 1), r"b1 must be 1-D"),
+    ("x", torch.randn(()), r"x must have at least 1 dimension"),
+    ("V", torch.randn(0, 3), r"H must be at least 1"),
+])
+def test_shape_errors(name, bad, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _call(**{name: bad})
+
+
+@pytest.mark.parametrize("name", ["x", "U", "V", "b1", "W", "b2"])
+def test_integer_dtype_is_type_error(name):
+    good = _inputs()[name]
+    with pytest.raises(TypeError, match=rf"{name} has dtype torch.int64; expected a floating-point"):
+        _call(**{name: good.to(torch.int64)})
+
+
+def test_mixed_dtypes_named():
+    with pytest.raises(TypeError, match=r"share one dtype.*V torch.float64"):
+        _call(V=_inputs()["V"].double())
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match=r"W must be a torch.Tensor, got list"):
+        _call(W=[[1.0]])
+
+
+def test_different_devices():
+    with pytest.raises(ValueError, match=r"one device.*W on meta"):
+        _call(W=torch.empty(5, 10, device="meta"))
+
+
+def test_unknown_activation_backend_reduction():
+    d = _inputs()
+    args = (d["x"], d["U"], d["V"], d["b1"], d["W"], d["b2"])
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'.*relu, sigmoid, tanh, gelu"):
+        mf.bottleneck_mlp(*args, activation="swish")
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*reference, cpu, triton, cuda"):
+        mf.bottleneck_mlp(*args, backend="fast")
+    with pytest.raises(ValueError, match=r"unknown reduction 'avg'"):
+        mf.mimic_loss(*args, torch.randn(4, 5), reduction="avg")
+
+
+def test_named_backend_that_cannot_serve_lists_reasons():
+    d = _inputs()
+    args = (d["x"], d["U"], d["V"], d["b1"], d["W"], d["b2"])
+    with pytest.raises(ValueError, match=r"backend 'cuda' cannot serve these inputs: .+"):
+        mf.bottleneck_mlp(*args, backend="cuda")
+
+
+def test_teacher_logits_shape_and_dtype():
+    d = _inputs()
+    args = (d["x"], d["U"], d["V"], d["b1"], d["W"], d["b2"])
+    with pytest.raises(ValueError, match=r"teacher_logits has shape \(4, 6\) but .* imply \(4, 5\)"):
+        mf.mimic_loss(*args, torch.randn(4, 6))
+    with pytest.raises(TypeError, match=r"teacher_logits has dtype torch.int64"):
+        mf.mimic_loss(*args, torch.zeros(4, 5, dtype=torch.int64))
+
+
+def test_loss_argument_errors():
+    s = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"student_logits has shape \(3, 4\) but teacher_logits has "
+                                         r"shape \(3, 5\)"):
+        mf.logit_mse_loss(s, torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"temperature must be a positive number, got 0"):
+        mf.kd_loss(s, s, temperature=0)
+    with pytest.raises(TypeError, match=r"teacher_logits has dtype torch.int64"):
+        mf.kd_loss(s, torch.zeros(3, 4, dtype=torch.int64))
+
+
+def test_module_argument_errors():
+    with pytest.raises(ValueError, match=r"hidden must be an integer >= 1, got 0"):
+        mf.nn.WideShallowStudent(10, 3, 0, 2)
+    with pytest.raises(ValueError, match=r"unknown activation 'elu'"):
+        mf.nn.WideShallowStudent(10, 3, 8, 2, activation="elu")
+    with pytest.raises(ValueError, match=r"unknown reduction"):
+        mf.nn.LogitRegressionLoss(reduction="batchmean")
