@@ -1,0 +1,580 @@
+"""Training loops: a teacher on hard labels (train_teacher), a student on stored logits (distill).
+
+Both share one loop: epoch order from a DistributedSampler seeded by (seed, epoch), also in one
+process; after each epoch an atomic checkpoint (model, optimizer, scheduler, every rank's RNG states,
+history) and one JSONL metrics line, so a resumed run reproduces an uninterrupted one bit for bit.
+Under torch.distributed (torchrun) the model is wrapped in DDP, only rank 0 writes and evaluation
+is sharded. Limits: map-style datasets only; the learning-rate schedule steps once per batch.
+"""
+import json
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from .functional import kd_loss, logit_mse_loss
+from .nn import WideShallowStudent
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CHECKPOINT_FORMAT = "mimic_fast.checkpoint/1"
+MODEL_FORMAT = "mimic_fast.model/1"
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "none")
+DISTILL_LOSSES = ("mse", "kd")
+
+
+# ----------------------------------------------------------------------------------------------
+# small utilities
+# ----------------------------------------------------------------------------------------------
+def set_seed(seed):
+    """Seed python, numpy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def dist_info():
+    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(backend=None):
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, ...).
+
+    Does nothing and returns False when WORLD_SIZE is unset or 1. backend: nccl with CUDA, else gloo.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def default_device(device=None):
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        rank, world = dist_info()
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else 0)
+    return torch.device("cpu")
+
+
+def atomic_write_bytes(path, write):
+    """Call write(fileobj) on a temp file next to `path`, fsync it, then os.replace it onto `path`.
+
+    A crash at any point leaves either the old file or the new one, never a truncated file.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def save_model(path, model, spec=None, **extra):
+    """Atomically save a model's weights with the spec needed to rebuild it (see load_model).
+
+    spec: {"name": <models.build_model name>, "kwargs": {...}} or {"class": "WideShallowStudent",
+    "kwargs": {...}}; extra entries (metrics, dataset name) are stored beside it.
+    """
+    payload = {"format": MODEL_FORMAT, "spec": spec, "state_dict": unwrap(model).state_dict()}
+    payload.update(extra)
+    atomic_torch_save(payload, path)
+
+
+def build_from_spec(spec):
+    if spec is None:
+        raise ValueError("model file has no spec: it cannot be rebuilt, load its state_dict yourself")
+    kwargs = dict(spec.get("kwargs", {}))
+    if spec.get("class") == "WideShallowStudent":
+        return WideShallowStudent(**kwargs)
+    if spec.get("class") == "TeacherEnsemble":
+        from .models import TeacherEnsemble
+
+        return TeacherEnsemble([build_from_spec(s) for s in spec["members"]])
+    if "name" in spec:
+        from .models import build_model
+
+        return build_model(spec["name"], **kwargs)
+    raise ValueError(f"unknown model spec {spec!r}: expected a 'name' (models.build_model) or a "
+                     "'class' of WideShallowStudent / TeacherEnsemble")
+
+
+def load_model(path, map_location="cpu"):
+    """(model, payload) from a file written by save_model; the model is in eval mode."""
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a mimic_fast model file (expected format {MODEL_FORMAT!r})")
+    model = build_from_spec(payload["spec"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), payload
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisers and schedules
+# ----------------------------------------------------------------------------------------------
+def make_optimizer(params, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, nesterov=True):
+    """SGD with (Nesterov) momentum, or Adam."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+
+
+def make_scheduler(optimizer, schedule="cosine", total_steps=1, step_every=None, gamma=0.1):
+    """A per-batch schedule: cosine to 0 over total_steps, step (x gamma every step_every), or none."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if schedule == "step":
+        step_every = step_every or max(1, total_steps // 3)
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_every, gamma=gamma)
+    if schedule == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters shared by train_teacher and distill (recorded in every checkpoint)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    step_epochs: int = 0  # "step" schedule: decay every this many epochs (0: every third of the run)
+    gamma: float = 0.1
+    seed: int = 0
+    eval_batch_size: int = 1024
+    num_workers: int = 0
+    grad_clip: float = 0.0  # max global grad norm, 0: off
+
+    def validate(self):
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # unwrapped, on the training device
+    history: list = field(default_factory=list)  # one dict per epoch (the JSONL lines)
+    out_dir: str = None
+    resumed_from: int = 0  # epochs already done when this call started
+
+    @property
+    def final(self):
+        return self.history[-1] if self.history else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(model, dataset, batch_size=1024, device=None):
+    """Logits for every x of a dataset whose items start with x; float32 on CPU."""
+    model = unwrap(model)
+    device = default_device(device) if device is None else torch.device(device)
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        out.append(model(batch[0].to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size=1024, device=None):
+    """Top-1 accuracy on a dataset of (x, y, ...) items; sharded over ranks under torch.distributed."""
+    model = unwrap(model)
+    device = default_device(device) if device is None else torch.device(device)
+    rank, world = dist_info()
+    part = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in DataLoader(part, batch_size=batch_size, shuffle=False):
+        x, y = batch[0].to(device), batch[1].to(device)
+        counts[0] += (model(x).argmax(-1) == y).sum()
+        counts[1] += y.numel()
+    model.train(was_training)
+    if world > 1:
+        dist.all_reduce(counts)
+    return float(counts[0] / counts[1]) if counts[1] > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# objectives: the whole loss lives in forward(), so DDP sees every parameter use (incl. the fused
+# mimic_loss, which bypasses student.forward)
+# ----------------------------------------------------------------------------------------------
+class _TeacherObjective(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        correct = (logits.detach().argmax(-1) == y).sum()
+        return loss, {"loss": (loss.detach(), y.numel()), "train_accuracy": (correct / y.numel(), y.numel())}
+
+
+class _DistillObjective(nn.Module):
+    def __init__(self, model, loss, alpha, temperature, fused):
+        super().__init__()
+        self.model, self.loss, self.alpha = model, loss, alpha
+        self.temperature, self.fused = temperature, fused
+
+    def forward(self, x, t, y=None):
+        t = t.to(torch.float32 if not x.is_floating_point() else x.dtype)
+        logits = None
+        if self.fused:
+            soft = self.model.mimic_loss(x, t)
+        else:
+            logits = self.model(x)
+            soft = (logit_mse_loss(logits, t) if self.loss == "mse"
+                    else kd_loss(logits, t, self.temperature))
+        stats = {"soft_loss": (soft.detach(), x.shape[0])}
+        total = soft
+        if self.alpha > 0:
+            labelled = y >= 0
+            n = int(labelled.sum())
+            if n > 0:
+                if logits is None:  # fused soft path: the hard loss needs logits of labelled rows only
+                    hard = F.cross_entropy(self.model(x[labelled]).float(), y[labelled])
+                else:
+                    hard = F.cross_entropy(logits[labelled].float(), y[labelled])
+                stats["hard_loss"] = (hard.detach(), n)
+                total = (1 - self.alpha) * soft + self.alpha * hard
+            else:
+                # no labelled row here: keep the soft term at the same weight as in mixed batches
+                total = (1 - self.alpha) * soft
+        stats["loss"] = (total.detach(), x.shape[0])
+        return total, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+def _check_out_dir(out_dir, resume):
+    if out_dir is None:
+        return None
+    path = os.path.join(out_dir, CHECKPOINT)
+    if os.path.exists(path):
+        if not resume:
+            raise FileExistsError(
+                f"{path} exists: pass resume=True (--resume) to continue that run, or choose another "
+                "output directory (nothing is overwritten)")
+        return path
+    return None
+
+
+def _write_metrics(out_dir, history):
+    atomic_write_text(os.path.join(out_dir, METRICS), "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _append_metrics(out_dir, line):
+    with open(os.path.join(out_dir, METRICS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _gather_rng():
+    rank, world = dist_info()
+    state = _rng_state()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _fit(kind, model, objective, train_set, collate, test_set, config, out_dir, resume, device,
+         progress, extra_config, spec):
+    config.validate()
+    rank, world = dist_info()
+    device = default_device(device)
+    model.to(device)
+    resume_path = _check_out_dir(out_dir, resume)
+    if out_dir is not None and rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+
+    # the model is seeded (initialised) by the caller; this seed drives dropout, sampler and RNG draws
+    set_seed(config.seed + rank)
+    objective.to(device)
+    if world > 1:
+        ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        objective = nn.parallel.DistributedDataParallel(objective, **ddp_kw)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} (the global batch) must be divisible by the "
+                         f"world size {world}")
+    local_batch = config.batch_size // world
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, collate_fn=collate,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum,
+                               config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.schedule, config.epochs * steps_per_epoch,
+                               config.step_epochs * steps_per_epoch or None, config.gamma)
+
+    run_config = {"kind": kind, **asdict(config), **extra_config, "world_size": world}
+    history, start = [], 0
+    if resume_path is not None:
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("config", {}).get("kind") != kind:
+            raise ValueError(f"{resume_path} is not a {kind} checkpoint of this format "
+                             f"(found kind {ckpt.get('config', {}).get('kind')!r})")
+        changed = {k: (ckpt["config"].get(k), v) for k, v in run_config.items()
+                   if ckpt["config"].get(k) != v}
+        if changed:
+            warnings.warn(f"resuming {resume_path} with different options (saved, now): {changed}; "
+                          "the result will differ from an uninterrupted run", stacklevel=3)
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, start = list(ckpt["history"]), int(ckpt["epoch"])
+        rng = ckpt["rng"]
+        if len(rng) == world:
+            _set_rng_state(rng[rank])
+        else:  # a different world size cannot replay the same streams; keep going, seeded afresh
+            set_seed(config.seed + rank + 1000003 * start)
+        if rank == 0 and out_dir is not None:
+            _write_metrics(out_dir, history)  # drop lines of any epoch that never got its checkpoint
+    elif rank == 0 and out_dir is not None:
+        _write_metrics(out_dir, [])
+
+    from tqdm.auto import tqdm
+
+    show = progress and rank == 0
+    for epoch in range(start + 1, config.epochs + 1):
+        sampler.set_epoch(epoch)
+        objective.train()
+        t0 = time.perf_counter()
+        sums = {}
+        bar = tqdm(loader, desc=f"{kind} epoch {epoch}/{config.epochs}", leave=False, disable=not show,
+                   dynamic_ncols=True)
+        for batch in bar:
+            batch = [b.to(device, non_blocking=True) for b in batch]
+            loss, stats = objective(*batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            for name, (value, n) in stats.items():
+                acc = sums.setdefault(name, torch.zeros(2, dtype=torch.float64, device=device))
+                acc[0] += value.double() * n
+                acc[1] += n
+            if show:
+                bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+        bar.close()
+        names = sorted(sums)
+        if world > 1:  # a name missing on one rank (hard loss, no labelled rows) must not deadlock
+            present = [None] * world
+            dist.all_gather_object(present, names)
+            names = sorted(set().union(*present))
+            for name in names:
+                sums.setdefault(name, torch.zeros(2, dtype=torch.float64, device=device))
+                dist.all_reduce(sums[name])
+        line = {"epoch": epoch}
+        for name in names:
+            total, count = sums[name].tolist()
+            line[name] = total / count if count else None
+        if test_set is not None:
+            line["test_accuracy"] = evaluate(model, test_set, config.eval_batch_size, device)
+        line["lr"] = optimizer.param_groups[0]["lr"]
+        line["time"] = time.perf_counter() - t0
+        history.append(line)
+        rng = _gather_rng()
+        if rank == 0 and out_dir is not None:
+            # checkpoint first, then the metrics line: a crash in between is repaired on resume from
+            # the checkpoint's own history
+            atomic_torch_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": run_config,
+                               "spec": spec, "model": unwrap(model).state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "rng": rng, "history": history}, os.path.join(out_dir, CHECKPOINT))
+            _append_metrics(out_dir, line)
+        if show:
+            tqdm.write(_format_line(kind, line))
+    if world > 1:
+        dist.barrier()
+    model.eval()
+    return TrainResult(model=unwrap(model), history=history, out_dir=out_dir, resumed_from=start)
+
+
+def _format_line(kind, line):
+    parts = [f"{kind} epoch {line['epoch']}"]
+    for k, v in line.items():
+        if k == "epoch" or v is None:
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)
+
+
+def _config(config, overrides):
+    config = TrainConfig() if config is None else TrainConfig(**asdict(config))
+    for k, v in overrides.items():
+        if not hasattr(config, k):
+            raise TypeError(f"unknown training option {k!r}: expected one of {list(asdict(config))}")
+        setattr(config, k, v)
+    return config
+
+
+def _collate_xy(items):
+    x = torch.stack([torch.as_tensor(i[0]) for i in items])
+    y = torch.as_tensor([int(i[1]) for i in items], dtype=torch.long)
+    return [x, y]
+
+
+def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False, device=None,
+                  progress=True, config=None, spec=None, **options):
+    """Train `model` with cross-entropy on a dataset of (x, y) items.
+
+    options: any TrainConfig field (epochs, batch_size, optimizer "sgd"|"adam", lr, momentum,
+    weight_decay, schedule "cosine"|"step"|"none", seed, ...). With out_dir: checkpoint.pt after each
+    epoch and metrics.jsonl; resume=True continues from the checkpoint (an existing checkpoint is
+    never overwritten without it). Returns a TrainResult.
+    """
+    config = _config(config, options)
+    return _fit("teacher", model, _TeacherObjective(model), train_set, _collate_xy, test_set, config,
+                out_dir, resume, device, progress, {}, spec)
+
+
+def _collate_distill(with_labels):
+    def collate(items):
+        x = torch.stack([torch.as_tensor(i[0]) for i in items])
+        t = torch.stack([torch.as_tensor(i[1]) for i in items])
+        if not with_labels:
+            return [x, t]
+        y = torch.as_tensor([int(i[3]) for i in items], dtype=torch.long)
+        return [x, t, y]
+
+    return collate
+
+
+def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperature=4.0,
+            fused=None, out_dir=None, resume=False, device=None, progress=True, config=None,
+            spec=None, **options):
+    """Train `student` on a teacher's logits.
+
+    dataset items: (x, teacher_logits), (x, teacher_logits, index) or, when alpha > 0,
+    (x, teacher_logits, index, y) with y = -1 for unlabelled rows (mimic_fast.data.store.LogitDataset).
+    loss: "mse" (logit regression, Ba & Caruana) or "kd" (Hinton, at `temperature`);
+    total = (1 - alpha) * soft + alpha * cross-entropy on the labelled rows (y >= 0); the soft and
+    hard parts are logged separately (soft_loss, hard_loss). A WideShallowStudent with loss "mse"
+    uses student.mimic_loss, the fused forward+loss op (fused=False forces the unfused path).
+    Other options as in train_teacher. Returns a TrainResult.
+    """
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"loss must be one of {DISTILL_LOSSES}, got {loss!r}")
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty")
+    first = dataset[0]
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        raise ValueError("distill dataset items must be (x, teacher_logits[, index[, y]]), got "
+                         f"{type(first).__name__} of length {len(first) if hasattr(first, '__len__') else '?'}")
+    if alpha > 0 and len(first) < 4:
+        raise ValueError(f"alpha={alpha} mixes in hard labels, so dataset items must be "
+                         f"(x, teacher_logits, index, y); got items of length {len(first)}")
+    can_fuse = isinstance(student, WideShallowStudent) and loss == "mse"
+    if fused is None:
+        fused = can_fuse
+    elif fused and not can_fuse:
+        raise ValueError("fused=True needs a WideShallowStudent and loss='mse' "
+                         f"(got {type(student).__name__}, loss={loss!r})")
+    config = _config(config, options)
+    objective = _DistillObjective(student, loss, alpha, temperature, fused)
+    extra = {"loss": loss, "alpha": alpha, "temperature": temperature, "fused": fused}
+    return _fit("distill", student, objective, dataset, _collate_distill(alpha > 0), test_set, config,
+                out_dir, resume, device, progress, extra, spec)
+
+
+@torch.no_grad()
+def throughput(model, example, batch_size=256, min_time=0.5, device=None):
+    """Inference samples per second of model(x) on batches shaped like `example` (one item)."""
+    model = unwrap(model).eval()
+    device = default_device(device) if device is None else torch.device(device)
+    x = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous().to(device)
+    model(x)  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        model(x)
+        n += 1
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_time and n >= 3:
+            return n * batch_size / elapsed
