@@ -90,7 +90,7 @@ def random_shift(X_images, n, max_shift=4, seed=0, flip=False, block_rows=65536)
     """n images: source images of X_images (N, C, H, W) translated by an integer offset in
     [-max_shift, max_shift] along each axis, zeros filling the uncovered border; with flip, also
     mirrored left-right with probability 1/2 (the standard CIFAR augmentation)."""
-    X = _as_rows(X_images, "X_images", min_dim=4)
+    X = _as_rows(X_images, "X_images", min_dim=1)
     if X.dim() != 4:
         raise ValueError(f"X_images must be (N, C, H, W), got shape {tuple(X.shape)}")
     n = _check_n(n)
