@@ -265,3 +265,44 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
     assert torch.equal(ddp.tensor(), single.tensor())
     assert ddp.header["checksums"] == single.header["checksums"]
     ddp.verify()
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["teacher", "header_replace"])
+def test_injected_crash_points_resume_exactly(tmp_path, monkeypatch, where):
+    """Deterministic crash points the SIGKILL test can only hit by chance: inside a chunk's rows, and
+    between writing the new header and renaming it into place (the old header must win)."""
+    import mimic_fast.data.store as store_mod
+
+    _, w = _worker(tmp_path, n=45)
+    teacher = w.Teacher()
+    if where == "teacher":
+        forward = teacher.forward
+
+        def failing(x):
+            if teacher.rows >= 22:  # rows 0..7, 8..15 committed; dies inside chunk 2
+                raise _Crash
+            return forward(x)
+        teacher.forward = failing
+    else:
+        real_replace, calls = os.replace, []
+
+        def failing_replace(src, dst):
+            calls.append(dst)
+            if len(calls) == 4:  # initial header, chunk 0, chunk 1, then dies committing chunk 2
+                raise _Crash
+            real_replace(src, dst)
+        monkeypatch.setattr(store_mod.os, "replace", failing_replace)
+    with pytest.raises(_Crash):
+        collect_logits(teacher, w.data(), tmp_path / "s", batch_size=3, chunk_rows=8, progress=False)
+    monkeypatch.undo()
+    assert _header(tmp_path / "s")["committed"] == 2
+    t2 = w.Teacher()
+    resumed = collect_logits(t2, w.data(), tmp_path / "s", batch_size=3, chunk_rows=8, progress=False)
+    fresh = collect_logits(w.Teacher(), w.data(), tmp_path / "f", batch_size=3, chunk_rows=8,
+                           progress=False)
+    assert t2.rows == 45 - 16 and torch.equal(resumed.tensor(), fresh.tensor())
+    resumed.verify()
