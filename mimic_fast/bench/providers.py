@@ -1,0 +1,293 @@
+"""Benchmark cases, their inputs, and the providers that compute each op (fused or baseline).
+
+A provider is a name: "eager" (unfused nn.Linear-style chain + F.mse_loss), "compile" (torch.compile
+of eager), "reference" | "cpu" | "triton" | "cuda" (mf backends through the public API), and for the
+logit losses "mf" (mf.logit_mse_loss / mf.kd_loss) and "cuda" (mimic_fast.ops.cuda's loss kernels).
+Every provider is checked against the float64 reference before it is timed.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import counts
+
+MLP_OPS = ("bottleneck_mlp", "mimic_loss")
+LOSS_OPS = ("logit_mse_loss", "kd_loss")
+OPS = MLP_OPS + LOSS_OPS
+MLP_PROVIDERS = ("eager", "compile", "reference", "cpu", "triton", "cuda")
+LOSS_PROVIDERS = ("eager", "compile", "mf", "cuda")
+PASSES = ("forward", "backward", "full")
+KD_TEMPERATURE = 4.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one shape, dtype and device (D, k, H are 0 for the logit losses)."""
+
+    op: str
+    B: int
+    C: int
+    D: int = 0
+    k: int = 0
+    H: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    activation: str = "relu"
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    @property
+    def is_mlp(self):
+        return self.op in MLP_OPS
+
+    def shape(self):
+        if self.is_mlp:
+            return {"B": self.B, "D": self.D, "k": self.k, "H": self.H, "C": self.C}
+        return {"B": self.B, "C": self.C}
+
+    def label(self):
+        return "-".join(f"{k}{v}" for k, v in self.shape().items())
+
+    def flops(self, pass_):
+        if self.is_mlp:
+            return counts.mlp_flops(self.B, self.D, self.k, self.H, self.C, pass_)
+        return counts.loss_flops(self.B, self.C, pass_)
+
+    def bytes(self, pass_):
+        """Bytes of the unavoidable traffic: the logits for the losses; weights + x + y for the MLP."""
+        es = counts.element_size(self.dtype)
+        if not self.is_mlp:
+            return counts.loss_bytes(self.B, self.C, self.dtype, pass_)
+        weights = (self.k * self.D + self.H * self.k + self.C * self.H + self.H + self.C) * es
+        io = (self.B * self.D + 2 * self.B * self.C) * es
+        return {"forward": weights + io, "backward": 2 * weights + io, "full": 3 * weights + 2 * io}[pass_]
+
+    def small(self, B=64, H=1000):
+        """The same case at a size where the float64 reference is cheap (correctness checks)."""
+        if self.is_mlp:
+            return Case(self.op, min(self.B, B), self.C, self.D, self.k, min(self.H, H), self.dtype,
+                        self.device, self.activation)
+        return Case(self.op, min(self.B, 4 * B), self.C, dtype=self.dtype, device=self.device)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def make_inputs(case, seed=0, dtype=None):
+    """Inputs of `case` with O(1)-scale outputs; parameters (and student logits) require grad.
+
+    Returns a dict: MLP ops x, U, V, b1, W, b2, t (teacher logits), dy (upstream grad of y); loss ops
+    s, t. x needs no grad: a student's input is data.
+    """
+    dtype = dtype or case.torch_dtype
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0, grad=False):
+        t = (torch.randn(*shape, generator=g) * std).to(case.device, dtype)
+        return t.requires_grad_(grad)
+
+    if case.is_mlp:
+        B, D, k, H, C = case.B, case.D, case.k, case.H, case.C
+        return {"x": rnd(B, D), "U": rnd(k, D, std=D ** -0.5, grad=True),
+                "V": rnd(H, k, std=k ** -0.5, grad=True), "b1": rnd(H, std=0.5, grad=True),
+                "W": rnd(C, H, std=H ** -0.5, grad=True), "b2": rnd(C, std=0.5, grad=True),
+                "t": rnd(B, C), "dy": rnd(B, C)}
+    return {"s": rnd(case.B, case.C, std=2.0, grad=True), "t": rnd(case.B, case.C, std=2.0)}
+
+
+def grad_inputs(case, inputs):
+    """The tensors a gradient is taken for, in a fixed order."""
+    if case.is_mlp:
+        return [inputs[n] for n in ("U", "V", "b1", "W", "b2")]
+    return [inputs["s"]]
+
+
+def _eager_mlp(x, U, V, b1, W, b2, activation="relu"):
+    from ..activations import act
+
+    return F.linear(act(F.linear(F.linear(x, U), V, b1), activation), W, b2)
+
+
+def _eager_mimic(x, U, V, b1, W, b2, t, activation="relu"):
+    return F.mse_loss(_eager_mlp(x, U, V, b1, W, b2, activation), t)
+
+
+def _eager_mse(s, t):
+    return F.mse_loss(s.float(), t.float()).to(s.dtype)
+
+
+def _eager_kd(s, t):
+    T = KD_TEMPERATURE
+    s32, t32 = s.float() / T, t.float() / T
+    p = F.softmax(t32, dim=-1)
+    kl = (p * (F.log_softmax(t32, dim=-1) - F.log_softmax(s32, dim=-1))).sum(-1).mean()
+    return (kl * T * T).to(s.dtype)
+
+
+def cuda_loss_module():
+    """mimic_fast.ops.cuda when it imports and is usable here, else None."""
+    try:
+        from ..ops import cuda as mod
+    except Exception:  # noqa: BLE001 - the backend may not exist or not be built
+        return None
+    try:
+        if mod.availability() is not None:
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    return mod
+
+
+def unavailable(provider, case):
+    """Why `provider` cannot run `case` here (None: it can)."""
+    dev = torch.device(case.device)
+    if case.is_mlp:
+        if provider not in MLP_PROVIDERS:
+            return f"unknown provider {provider!r} for {case.op}"
+        if provider in ("eager", "compile"):
+            return None
+        if provider == "triton" and dev.type != "cuda":
+            return "triton runs on CPU only under the interpreter (a correctness tool, never timed)"
+        from .. import dispatch
+
+        problem = dispatch.Problem("mimic" if case.op == "mimic_loss" else "mlp", dev, case.torch_dtype,
+                                   case.B, case.D, case.k, case.H, case.C, case.activation,
+                                   case.torch_dtype if case.op == "mimic_loss" else None)
+        reasons = dispatch.why_not(provider, problem)
+        return "; ".join(reasons) if reasons else None
+    if provider not in LOSS_PROVIDERS:
+        return f"unknown provider {provider!r} for {case.op}"
+    if provider == "cuda":
+        if dev.type != "cuda":
+            return "the CUDA loss kernels need a CUDA device"
+        mod = cuda_loss_module()
+        if mod is None:
+            return "mimic_fast.ops.cuda is not available (not built or no CUDA)"
+        if not hasattr(mod, case.op):
+            return f"mimic_fast.ops.cuda has no {case.op}"
+    return None
+
+
+def make_forward(provider, case, compile_mode=None):
+    """f(inputs) -> output (y for bottleneck_mlp, a scalar loss otherwise) for `provider`."""
+    import mimic_fast as mf
+
+    act = case.activation
+    if case.op == "bottleneck_mlp":
+        if provider in ("eager", "compile"):
+            fn = _eager_mlp
+            if provider == "compile":
+                fn = torch.compile(_eager_mlp, mode=compile_mode, dynamic=False)
+            return lambda i: fn(i["x"], i["U"], i["V"], i["b1"], i["W"], i["b2"], act)
+        return lambda i: mf.bottleneck_mlp(i["x"], i["U"], i["V"], i["b1"], i["W"], i["b2"], act,
+                                           backend=provider)
+    if case.op == "mimic_loss":
+        if provider in ("eager", "compile"):
+            fn = _eager_mimic
+            if provider == "compile":
+                fn = torch.compile(_eager_mimic, mode=compile_mode, dynamic=False)
+            return lambda i: fn(i["x"], i["U"], i["V"], i["b1"], i["W"], i["b2"], i["t"], act)
+        return lambda i: mf.mimic_loss(i["x"], i["U"], i["V"], i["b1"], i["W"], i["b2"], i["t"], act,
+                                       backend=provider)
+    eager = _eager_mse if case.op == "logit_mse_loss" else _eager_kd
+    if provider == "eager":
+        return lambda i: eager(i["s"], i["t"])
+    if provider == "compile":
+        fn = torch.compile(eager, mode=compile_mode, dynamic=False)
+        return lambda i: fn(i["s"], i["t"])
+    if provider == "mf":
+        if case.op == "logit_mse_loss":
+            return lambda i: mf.logit_mse_loss(i["s"], i["t"])
+        return lambda i: mf.kd_loss(i["s"], i["t"], KD_TEMPERATURE)
+    if provider == "cuda":
+        mod = cuda_loss_module()
+        fn = getattr(mod, case.op)
+        if case.op == "logit_mse_loss":
+            return lambda i: fn(i["s"], i["t"])
+        return lambda i: fn(i["s"], i["t"], KD_TEMPERATURE)
+    raise ValueError(f"unknown provider {provider!r} for {case.op}")
+
+
+class Runner:
+    """forward / backward / full callables of one provider on one case's inputs."""
+
+    def __init__(self, provider, case, inputs, compile_mode=None):
+        self.provider, self.case, self.inputs = provider, case, inputs
+        self.f = make_forward(provider, case, compile_mode)
+        self.wrt = grad_inputs(case, inputs)
+        self.grad_out = inputs["dy"] if case.op == "bottleneck_mlp" else None
+
+    def forward(self):
+        return self.f(self.inputs)
+
+    def backward(self, out):
+        return torch.autograd.grad(out, self.wrt, self.grad_out)
+
+    def full(self):
+        return self.backward(self.forward())
+
+    def timed(self, pass_):
+        """(fn, setup) for timing.time_fn: backward is timed alone, its forward in the untimed setup."""
+        if pass_ == "forward":
+            return self.forward, None
+        if pass_ == "backward":
+            return self.backward, lambda: (self.forward(),)
+        if pass_ == "full":
+            return self.full, None
+        raise ValueError(f"unknown pass {pass_!r}: expected one of {', '.join(PASSES)}")
+
+
+def _assert(actual, expected, name, dtype, baseline=None):
+    from ..testing import TOLERANCES, assert_close, assert_within_2x
+
+    if dtype in (torch.float16, torch.bfloat16) and baseline is not None:
+        assert_within_2x(actual, expected, baseline, name=name)
+        return
+    rtol, atol = TOLERANCES[dtype]
+    # Gradients of a mean loss are tiny: atol is taken relative to the tensor's own scale.
+    scale = max(float(expected.detach().abs().max()), 1e-30) if expected.numel() else 1.0
+    assert_close(actual, expected, name=name, dtype=dtype, rtol=rtol, atol=atol * min(scale, 1.0))
+
+
+def check_provider(provider, case, compile_mode=None, small=True, seed=0):
+    """Raise AssertionError unless `provider`'s output and every gradient match the float64 reference.
+
+    small=True checks at case.small() (cheap); low-precision dtypes use the 2x rule against eager in
+    the same dtype, float32/64 the dtype's tolerance table.
+    """
+    c = case.small() if small else case
+    dtype = c.torch_dtype
+    inputs = make_inputs(c, seed)
+    ref_inputs = make_inputs(c, seed, dtype=torch.float64)
+    ref_provider = "reference" if c.is_mlp else "eager"
+    ref = Runner(ref_provider, c, ref_inputs)
+    out_ref = ref.forward()
+    grads_ref = ref.backward(out_ref)
+    run = Runner(provider, c, inputs, compile_mode)
+    out = run.forward()
+    grads = run.backward(out)
+    base_out = base_grads = None
+    if dtype in (torch.float16, torch.bfloat16):
+        base = Runner("eager", c, inputs)
+        base_out = base.forward()
+        base_grads = base.backward(base_out)
+    names = ["y" if c.op == "bottleneck_mlp" else "loss"] + \
+        (["dU", "dV", "db1", "dW", "db2"] if c.is_mlp else ["ds"])
+    pairs = [(out, out_ref, base_out)] + [(g, gr, None if base_grads is None else bg)
+                                          for g, gr, bg in zip(grads, grads_ref,
+                                                               base_grads or [None] * len(grads))]
+    for name, (a, e, b) in zip(names, pairs):
+        _assert(a.detach(), e.detach(), f"{provider} {c.op} {name}", dtype, b)
+
+
+def oom_estimate_bytes(provider, case):
+    """Rough peak bytes of one full step: eager/compile keep ~4 (B, H) tensors alive; fused ~0."""
+    es = counts.element_size(case.dtype)
+    weights = counts.mlp_params(case.D, case.k, case.H, case.C) * es if case.is_mlp else 0
+    hidden = case.B * case.H * es if case.is_mlp else 0
+    factor = 4 if provider in ("eager", "compile") else 0
+    return 3 * weights + factor * hidden + math.prod((case.B, max(case.D, case.C))) * es * 4
