@@ -177,7 +177,9 @@ def test_generic_dataset_path_matches_tensor_path_and_unlabelled_items(tmp_path)
     X = w.data().tensors[0]
     a = collect_logits(w.Teacher(), _XOnly(X), tmp_path / "a", batch_size=4, progress=False)
     b = collect_logits(w.Teacher(), TensorDataset(X), tmp_path / "b", batch_size=4, progress=False)
-    assert torch.equal(a.tensor(), b.tensor())
+    c = collect_logits(w.Teacher(), _XOnly(X), tmp_path / "c", batch_size=4, chunk_rows=8,
+                       num_workers=1, progress=False)
+    assert torch.equal(a.tensor(), b.tensor()) and torch.equal(c.tensor(), b.tensor())
     item = LogitDataset(_XOnly(X), a, with_labels=True)[3]
     assert item[2] == 3 and item[3] == -1 and torch.equal(item[0], X[3])
 
