@@ -1,0 +1,268 @@
+"""The triton backend under the Triton interpreter (TRITON_INTERPRET=1, set by conftest without a GPU).
+
+Forward and every gradient against the float64 reference (fp32: the tolerance table; fp16: the 2x
+rule against eager fp16) at small odd shapes, every activation, reduction, bias on/off, split counts,
+both dz reductions, strides; poisoned (NaN-filled) buffers; opcheck; compile fullgraph; no (B, H)
+allocation. Interpreter blocks are 16, so these shapes span several k, H, C and batch blocks.
+bfloat16 is checked on a GPU only (tests/test_triton_gpu.py): the interpreter's bf16 is wrong.
+"""
+import pytest
+import torch
+
+import mimic_fast as mf
+from mimic_fast import dispatch
+from mimic_fast.activations import ACTIVATIONS
+from mimic_fast.testing import assert_close, assert_within_2x
+
+from helpers import AllocationRecorder, eager_mlp, make_mlp_inputs, to64
+
+T = dispatch.get("triton") if dispatch.why_not("triton", dispatch.Problem(
+    "mlp", torch.device("cpu"), torch.float32, 1, 1, 1, 1, 1, "relu")) == [] else None
+pytestmark = pytest.mark.skipif(T is None, reason="triton backend cannot run here (needs triton and "
+                                "TRITON_INTERPRET=1 or a GPU)")
+NAMES = ("x", "U", "V", "b1", "W", "b2")
+# (B, D, k, H, C): k = 17 and C = 18 span two 16-blocks, H = 45 three ragged H tiles, B = 19 two
+# batch tiles; the second is the degenerate corner (B = 1, k = 1, C = 1).
+SHAPE = (19, 13, 17, 45, 18)
+TINY = (1, 5, 1, 7, 1)
+
+
+def _grads(tensors):
+    return [None if t is None else t.grad for t in tensors]
+
+
+def _seed_grad(shape, dtype):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+
+
+def _mlp_with_grads(inputs, activation, backend):
+    y = mf.bottleneck_mlp(*inputs, activation=activation, backend=backend)
+    y.backward(_seed_grad(y.shape, y.dtype))
+    return y, _grads(inputs)
+
+
+def _eager_with_grads(inputs, activation):
+    y = eager_mlp(*inputs, activation)
+    y.backward(_seed_grad(y.shape, y.dtype))
+    return y, _grads(inputs)
+
+
+def _check_against_reference(inputs, out, grads, make_out, activation, dtype):
+    """fp32: tolerance table vs float64; fp16: 2x rule vs eager fp16 (both vs float64)."""
+    ref64 = to64(inputs)
+    out64, g64 = make_out(ref64)
+    if dtype == torch.float32:
+        assert_close(out, out64, "output", dtype=dtype)
+        for n, g, r in zip(NAMES, grads, g64):
+            assert_close(g, r, f"grad {n}", dtype=dtype)
+        return
+    base = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out_b, g_b = _eager_with_grads(base, activation)
+    assert_within_2x(out, out64, out_b, "output")
+    for n, g, r, b in zip(NAMES, grads, g64, g_b):
+        if g is None:
+            assert r is None, n
+            continue
+        assert_within_2x(g, r, b, f"grad {n}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bottleneck_mlp_forward_backward(activation, dtype):
+    inputs = make_mlp_inputs(*SHAPE, dtype=dtype)
+    y, grads = _mlp_with_grads(inputs, activation, "triton")
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    _check_against_reference(inputs, y, grads,
+                             lambda t: _mlp_with_grads(t, activation, "reference"), activation, dtype)
+
+
+@pytest.mark.parametrize("shape,activation", [(TINY, "sigmoid"), ((3, 4, 2, 33, 5), "gelu")])
+def test_bottleneck_mlp_without_bias_and_degenerate_shapes(shape, activation):
+    inputs = make_mlp_inputs(*shape, bias=False)
+    y, grads = _mlp_with_grads(inputs, activation, "triton")
+    assert grads[3] is None and grads[5] is None
+    _check_against_reference(inputs, y, grads,
+                             lambda t: _mlp_with_grads(t, activation, "reference"), activation,
+                             torch.float32)
+
+
+def _mimic_with_grads(inputs, t, activation, reduction, backend):
+    loss = mf.mimic_loss(*inputs, t, activation=activation, reduction=reduction, backend=backend)
+    loss.backward(_seed_grad(loss.shape, loss.dtype))
+    return loss, _grads(inputs)
+
+
+@pytest.mark.parametrize("reduction,activation,dtype,teacher_dtype", [
+    ("mean", "relu", torch.float32, torch.float32),
+    ("sum", "tanh", torch.float32, torch.float64),    # teacher in another float dtype
+    ("none", "gelu", torch.float32, torch.float16),
+    ("mean", "sigmoid", torch.float16, torch.float32),
+])
+def test_mimic_loss_forward_backward(reduction, activation, dtype, teacher_dtype):
+    inputs = make_mlp_inputs(*SHAPE, dtype=dtype)
+    t = torch.randn(SHAPE[0], SHAPE[-1], generator=torch.Generator().manual_seed(3)).to(teacher_dtype)
+    loss, grads = _mimic_with_grads(inputs, t, activation, reduction, "triton")
+    assert loss.dtype == dtype and loss.shape == ((SHAPE[0], SHAPE[-1]) if reduction == "none" else ())
+    ref = lambda ts: _mimic_with_grads(ts, t.double(), activation, reduction, "reference")  # noqa: E731
+    if dtype == torch.float32:
+        _check_against_reference(inputs, loss, grads, ref, activation, dtype)
+        return
+    # fp16: the baseline is eager fp16 logits fed to F.mse_loss.
+    loss64, g64 = ref(to64(inputs))
+    base = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
+    lb = torch.nn.functional.mse_loss(eager_mlp(*base, activation), t.to(dtype), reduction=reduction)
+    lb.backward(_seed_grad(lb.shape, lb.dtype))
+    assert_within_2x(loss, loss64, lb, "loss")
+    for n, g, r, b in zip(NAMES, grads, g64, _grads(base)):
+        assert_within_2x(g, r, b, f"grad {n}")
+
+
+def _direct_inputs(shape=SHAPE, dtype=torch.float32, bias=True):
+    return [None if t is None else t.detach() for t in make_mlp_inputs(*shape, dtype=dtype, bias=bias)]
+
+
+def test_split_counts_and_dz_modes_agree_with_reference():
+    x, U, V, b1, W, b2 = _direct_inputs()
+    ref = dispatch.get("reference")
+    y_ref, z_ref = ref.mlp_fwd(x, U, V, b1, W, b2, "tanh")
+    for n in (1, 3):  # 3 splits of 16 hidden units: the last one ragged (13)
+        y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh", n_splits=n)
+        assert_close(y, y_ref, f"y with {n} splits")
+    dy = _seed_grad(y.shape, y.dtype)
+    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "tanh", True)
+    runs = {}
+    for n, mode in ((1, "split"), (3, "split"), (None, "atomic")):
+        runs[(n, mode)] = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, n_splits=n, mode=mode)
+        for name, g, r in zip(("dx", "dU", "dV", "db1", "dW", "db2"), runs[(n, mode)], g_ref):
+            assert_close(g, r, f"{name} ({mode}, {n} splits)")
+    again = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, n_splits=3, mode="split")
+    for a, b in zip(again, runs[(3, "split")]):
+        assert torch.equal(a, b)  # deterministic mode: bit-identical across runs
+
+
+def test_dz_reduction_switch():
+    assert T.settings.dz_reduction == "split"
+    with T.dz_reduction("atomic"):
+        assert T.settings.dz_reduction == "atomic"
+    assert T.settings.dz_reduction == "split"
+    with pytest.raises(ValueError, match="'split' or 'atomic'"):
+        T.set_dz_reduction("fast")
+    inputs = make_mlp_inputs(*SHAPE)
+    with T.dz_reduction("atomic"):
+        y, grads = _mlp_with_grads(inputs, "relu", "triton")
+    _check_against_reference(inputs, y, grads, lambda t: _mlp_with_grads(t, "relu", "reference"),
+                             "relu", torch.float32)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: a missed element would show up."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    x, U, V, b1, W, b2 = _direct_inputs()
+    t = torch.randn(SHAPE[0], SHAPE[-1])
+    ref = dispatch.get("reference")
+    y_ref, z_ref = ref.mlp_fwd(x, U, V, b1, W, b2, "gelu")
+    dy = _seed_grad(y_ref.shape, y_ref.dtype)
+    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "gelu", True)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "gelu", n_splits=3)
+    loss, _, dy_unit = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "gelu", "none", n_splits=2)
+    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, n_splits=3, mode="split")
+    monkeypatch.undo()
+    assert_close(y, y_ref, "y")
+    assert_close(loss, (y_ref - t) ** 2, "loss (none)")
+    assert_close(dy_unit, 2 * (y_ref - t), "dy_unit")
+    for name, g, r in zip(("dx", "dU", "dV", "db1", "dW", "db2"), grads, g_ref):
+        assert_close(g, r, name)
+
+
+def test_arbitrary_strides():
+    x0, U, V, b1, W, b2 = _direct_inputs()
+    x = torch.cat([x0, x0], 1)[:, ::2].requires_grad_()  # row stride 2D, column stride 2
+    Vt = V.t().contiguous().t().requires_grad_()  # (H, k) with strides (1, H)
+    Wt = W.t().contiguous().t().requires_grad_()
+    b1s = torch.stack([b1, b1], 1)[:, 0].requires_grad_()  # stride 2
+    Us, b2s = U.clone().requires_grad_(), b2.clone().requires_grad_()
+    inputs = [x, Us, Vt, b1s, Wt, b2s]
+    y, grads = _mlp_with_grads(inputs, "relu", "triton")
+    _check_against_reference(inputs, y, grads, lambda t: _mlp_with_grads(t, "relu", "reference"),
+                             "relu", torch.float32)
+
+
+def test_three_d_input():
+    inputs = make_mlp_inputs(2, 5, 3, 20, 4, lead=(2, 3))
+    y, grads = _mlp_with_grads(inputs, "relu", "triton")
+    assert y.shape == (2, 3, 4)
+    _check_against_reference(inputs, y, grads, lambda t: _mlp_with_grads(t, "relu", "reference"),
+                             "relu", torch.float32)
+
+
+def test_no_batch_by_hidden_allocation():
+    B, H = 16, 200
+    inputs = make_mlp_inputs(B, 6, 4, H, 3)
+    t = torch.randn(B, 3)
+    with AllocationRecorder() as rec:
+        mf.mimic_loss(*inputs, t, backend="triton").backward()
+    numel, op = rec.largest()
+    assert numel < B * H, f"an allocation of {numel} elements (by {op}) is as large as B x H = {B * H}"
+
+
+def test_opcheck_custom_ops():
+    x, U, V, b1, W, b2 = _direct_inputs((5, 7, 3, 20, 4))
+    t = torch.randn(5, 4)
+    y, z = T.triton_mlp_fwd(x, U, V, b1, W, b2, "relu")
+    dy = torch.randn_like(y)
+    cases = [
+        (T.triton_mlp_fwd, (x, U, V, b1, W, b2, "relu")),
+        (T.triton_mlp_fwd, (x, U, V, None, W, None, "tanh")),
+        (T.triton_mimic_fwd, (x, U, V, b1, W, b2, t, "relu", "mean")),
+        (T.triton_mimic_fwd, (x, U, V, b1, W, b2, t, "relu", "none")),
+        (T.triton_mlp_bwd, (dy, x, z, U, V, b1, W, "relu", True)),
+        (T.triton_mlp_bwd, (dy, x, z, U, V, None, W, "relu", False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
+                                                    "test_aot_dispatch_dynamic"))
+
+
+def test_compile_fullgraph_training_step():
+    torch.manual_seed(0)
+    m = mf.nn.WideShallowStudent(7, 4, 40, 3, activation="gelu", backend="triton")
+    x, t = torch.randn(5, 7), torch.randn(5, 4)
+
+    # fullgraph: the forward, with its backward graph built by AOTAutograd, has no break; aot_eager
+    # traces both through the fake impls without compiling C++ here.
+    loss = torch.compile(lambda x, t: m.mimic_loss(x, t), fullgraph=True, backend="aot_eager")(x, t)
+    loss.backward()
+    compiled = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    eager = m.mimic_loss(x, t)
+    eager.backward()
+    assert_close(loss, eager, "loss")
+    for (n, p), g in zip(m.named_parameters(), compiled):
+        assert_close(g, p.grad, f"grad {n}")
+
+
+def test_reasons():
+    P = dispatch.Problem
+    cpu = torch.device("cpu")
+    assert T.reasons(P("mlp", cpu, torch.float32, 4, 5, 250, 8000, 183, "relu")) == []
+    why = T.reasons(P("mimic", cpu, torch.float64, 4, 5, T.K_MAX + 1, 8, T.C_MAX + 1, "relu",
+                      torch.float32))
+    assert any("float64" in r for r in why)
+    assert any(f"k={T.K_MAX + 1}" in r for r in why) and any(f"C={T.C_MAX + 1}" in r for r in why)
+    assert any("bfloat16" in r for r in T.reasons(P("mlp", cpu, torch.bfloat16, 4, 5, 3, 8, 2, "relu")))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        mf.bottleneck_mlp(x, torch.randn(2, 4).double(), torch.randn(6, 2).double(), None,
+                          torch.randn(3, 6).double(), None, backend="triton")
+
+
+def test_reasons_without_interpreter(monkeypatch):
+    monkeypatch.setattr(T.K, "INTERPRET", False)
+    why = T.reasons(dispatch.Problem("mlp", torch.device("cpu"), torch.float32, 4, 5, 3, 8, 2, "relu"))
+    assert why == ["CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter; slow, for tests)"]
