@@ -127,10 +127,10 @@ void launch_mse(const void* s, const void* t, int64_t rows, int64_t cols, bool z
                        (loss_elem == nullptr || aligned16(loss_elem));
   if (zero_mean) {
     const bool vec = aligned && cols % kVec == 0;
-    mse_rows_kernel<TS, TT, TS><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    mse_rows_kernel<TS, TT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         ps, pt, rows, cols, dscale, vec, pd, pl, partials);
   } else {
-    mse_flat_kernel<TS, TT, TS><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    mse_flat_kernel<TS, TT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         ps, pt, rows * cols, dscale, aligned, pd, pl, partials);
   }
 }
