@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, Subset,
+                              default_collate)
 
 from .functional import kd_loss, logit_mse_loss
 from .nn import WideShallowStudent
@@ -354,7 +355,7 @@ def _gather_rng():
     return states
 
 
-def _fit(kind, model, objective, train_set, collate, test_set, config, out_dir, resume, device,
+def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, device,
          progress, extra_config, spec):
     config.validate()
     rank, world = dist_info()
@@ -376,7 +377,9 @@ def _fit(kind, model, objective, train_set, collate, test_set, config, out_dir, 
     local_batch = config.batch_size // world
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config.seed, drop_last=False)
-    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, collate_fn=collate,
+    # batch_size=None: the sampler yields whole index batches, fetched in one go by _Batches
+    loader = DataLoader(train_set, batch_size=None,
+                        sampler=BatchSampler(sampler, local_batch, drop_last=False),
                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum,
@@ -422,6 +425,7 @@ def _fit(kind, model, objective, train_set, collate, test_set, config, out_dir, 
                    dynamic_ncols=True)
         for batch in bar:
             batch = [b.to(device, non_blocking=True) for b in batch]
+            batch[1:] = [b if b.is_floating_point() else b.long() for b in batch[1:]]
             loss, stats = objective(*batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -488,10 +492,30 @@ def _config(config, overrides):
     return config
 
 
-def _collate_xy(items):
-    x = torch.stack([torch.as_tensor(i[0]) for i in items])
-    y = torch.as_tensor([int(i[1]) for i in items], dtype=torch.long)
-    return [x, y]
+class _Batches(Dataset):
+    """dataset[list of indices] -> one collated batch: whole-batch tensor indexing for datasets that
+    hold tensors (TensorDataset, TransferSet) or offer get_batch (LogitDataset), else item by item.
+
+    `fields` picks and orders the item positions the objective takes (teacher: x, y; distill: x, t[, y]).
+    """
+
+    def __init__(self, dataset, fields):
+        self.dataset, self.fields = dataset, fields
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        ds = self.dataset
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if hasattr(ds, "get_batch"):
+            batch = ds.get_batch(idx)
+        elif isinstance(getattr(ds, "tensors", None), (tuple, list)):
+            batch = tuple(t[idx] for t in ds.tensors)
+        else:
+            batch = default_collate([ds[i] for i in idx.tolist()])
+        out = [torch.as_tensor(batch[f]) for f in self.fields]
+        return out
 
 
 def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False, device=None,
@@ -504,20 +528,8 @@ def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False
     never overwritten without it). Returns a TrainResult.
     """
     config = _config(config, options)
-    return _fit("teacher", model, _TeacherObjective(model), train_set, _collate_xy, test_set, config,
-                out_dir, resume, device, progress, {}, spec)
-
-
-def _collate_distill(with_labels):
-    def collate(items):
-        x = torch.stack([torch.as_tensor(i[0]) for i in items])
-        t = torch.stack([torch.as_tensor(i[1]) for i in items])
-        if not with_labels:
-            return [x, t]
-        y = torch.as_tensor([int(i[3]) for i in items], dtype=torch.long)
-        return [x, t, y]
-
-    return collate
+    return _fit("teacher", model, _TeacherObjective(model), _Batches(train_set, (0, 1)), test_set,
+                config, out_dir, resume, device, progress, {}, spec)
 
 
 def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperature=4.0,
@@ -530,7 +542,8 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
     loss: "mse" (logit regression, Ba & Caruana) or "kd" (Hinton, at `temperature`);
     total = (1 - alpha) * soft + alpha * cross-entropy on the labelled rows (y >= 0); the soft and
     hard parts are logged separately (soft_loss, hard_loss). A WideShallowStudent with loss "mse"
-    uses student.mimic_loss, the fused forward+loss op (fused=False forces the unfused path).
+    (or any student with a mimic_loss method, e.g. models.ConvStudent) uses student.mimic_loss, the
+    fused forward+loss op (fused=False forces the unfused path).
     Other options as in train_teacher. Returns a TrainResult.
     """
     if loss not in DISTILL_LOSSES:
@@ -543,21 +556,24 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
         raise ValueError("dataset is empty")
     first = dataset[0]
     if not isinstance(first, (tuple, list)) or len(first) < 2:
+        size = len(first) if hasattr(first, "__len__") else "?"
         raise ValueError("distill dataset items must be (x, teacher_logits[, index[, y]]), got "
-                         f"{type(first).__name__} of length {len(first) if hasattr(first, '__len__') else '?'}")
+                         f"{type(first).__name__} of length {size}")
     if alpha > 0 and len(first) < 4:
         raise ValueError(f"alpha={alpha} mixes in hard labels, so dataset items must be "
                          f"(x, teacher_logits, index, y); got items of length {len(first)}")
-    can_fuse = isinstance(student, WideShallowStudent) and loss == "mse"
+    can_fuse = callable(getattr(student, "mimic_loss", None)) and loss == "mse"
     if fused is None:
         fused = can_fuse
     elif fused and not can_fuse:
-        raise ValueError("fused=True needs a WideShallowStudent and loss='mse' "
+        raise ValueError("fused=True needs a student with mimic_loss (WideShallowStudent, ConvStudent) "
+                         "and loss='mse' "
                          f"(got {type(student).__name__}, loss={loss!r})")
     config = _config(config, options)
     objective = _DistillObjective(student, loss, alpha, temperature, fused)
     extra = {"loss": loss, "alpha": alpha, "temperature": temperature, "fused": fused}
-    return _fit("distill", student, objective, dataset, _collate_distill(alpha > 0), test_set, config,
+    fields = (0, 1, 3) if alpha > 0 else (0, 1)
+    return _fit("distill", student, objective, _Batches(dataset, fields), test_set, config,
                 out_dir, resume, device, progress, extra, spec)
 
 
