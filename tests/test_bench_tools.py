@@ -1,0 +1,188 @@
+"""Unit tests of mimic_fast.bench: FLOP counts, report rendering, the regression compare, the memory
+probe, correctness-before-timing, and a CPU dry run of the GPU script (small shapes, < 30 s)."""
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from mimic_fast.bench import counts, main, providers
+from mimic_fast.bench.compare import compare, compare_files
+from mimic_fast.bench.report import from_pytest_benchmark, load, markdown_for_doc, render
+
+
+def _eager_flops(B, D, k, H, C, backward):
+    x = torch.randn(B, D)
+    U, V, W = (torch.randn(*s, requires_grad=True) for s in ((k, D), (H, k), (C, H)))
+    b1, b2 = torch.zeros(H, requires_grad=True), torch.zeros(C, requires_grad=True)
+    y = F.linear(torch.relu(F.linear(F.linear(x, U), V, b1)), W, b2)
+    counter = FlopCounterMode(display=False)
+    if backward:
+        with counter:
+            y.backward(torch.ones_like(y))
+    else:
+        with counter:
+            F.linear(torch.relu(F.linear(F.linear(x, U), V, b1)), W, b2)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("B,D,k,H,C", [(8, 12, 3, 40, 5), (1, 7, 1, 9, 1)])
+def test_mlp_flops_match_torch_flop_counter(B, D, k, H, C):
+    assert counts.mlp_flops(B, D, k, H, C, "forward") == _eager_flops(B, D, k, H, C, False)
+    # The backward count is what autograd runs for the eager chain when x needs no gradient.
+    assert counts.mlp_flops(B, D, k, H, C, "backward") == _eager_flops(B, D, k, H, C, True)
+    assert counts.mlp_flops(B, D, k, H, C, "full") == \
+        counts.mlp_flops(B, D, k, H, C, "forward") + counts.mlp_flops(B, D, k, H, C, "backward")
+
+
+def test_paper_size_counts():
+    # design.md: the fused step at B=4096, H=400k is ~5.3 ms at ~800 TFLOP/s.
+    full = counts.mlp_flops(4096, 1845, 250, 400000, 183, "full")
+    assert 5.2e-3 < full / 800e12 < 5.5e-3
+    assert counts.mlp_params(1845, 250, 400000, 183, bias=False) == 173_661_250
+    assert counts.loss_bytes(4096, 183, "bfloat16", "forward") == 2 * 4096 * 183 * 2
+    assert counts.loss_bytes(10, 3, torch.float32, "full") == 5 * 10 * 3 * 4
+    with pytest.raises(ValueError, match="unknown pass"):
+        counts.mlp_flops(1, 1, 1, 1, 1, "sideways")
+    tf, gb = counts.throughput(2e12, 4e9, 2.0)
+    assert (tf, gb) == (1.0, 2.0)
+    assert counts.throughput(1, 1, 0) == (None, None)
+
+
+def _doc(times, status=None, device="cpu-x"):
+    res = []
+    for i, (prov, ms) in enumerate(times.items()):
+        res.append({"name": f"mimic_loss/full/{prov}/B2-D3-k1-H8-C2/float32/cpu", "op": "mimic_loss",
+                    "pass": "full", "provider": prov, "shape": {"B": 2, "D": 3, "k": 1, "H": 8, "C": 2},
+                    "dtype": "float32", "device": "cpu", "flops": 1000, "bytes": 10,
+                    "status": (status or {}).get(prov, "ok"), "error": None, "median_ms": ms,
+                    "q20_ms": ms * 0.9, "q80_ms": ms * 1.1, "tflops": 1000 / (ms / 1e3) / 1e12})
+    return {"schema": "mimic_fast.bench/1", "suite": "ops", "env": {"device": device},
+            "peaks": {"matmul": {"tflops": 1e-9, "dtype": "float32"}}, "results": res,
+            "targets": [{"target": "t <= 1.1 x eager", "measured": 1.3, "threshold": 1.1,
+                         "pass": False, "detail": "d"}], "note": "noisy", "command": "x"}
+
+
+def test_compare_flags_slowdown_and_broken():
+    base = _doc({"eager": 10.0, "cpu": 10.0, "reference": 10.0})
+    cur = _doc({"eager": 10.5, "cpu": 12.5, "reference": 10.0}, status={"reference": "error"})
+    rows, bad = compare(base, cur, threshold=0.10)
+    verdict = {r["name"].split("/")[2]: r["verdict"] for r in rows}
+    assert verdict == {"eager": "same", "cpu": "slower", "reference": "broken"}
+    assert bad
+    rows, bad = compare(base, _doc({"eager": 9.0, "cpu": 10.9, "reference": 5.0}), threshold=0.10)
+    assert not bad and {r["verdict"] for r in rows} == {"same", "faster"}
+    rows, bad = compare(base, _doc({"eager": 10.0}), threshold=0.10)
+    assert not bad and sum(r["verdict"] == "missing" for r in rows) == 2
+    assert compare(base, _doc({"eager": 10.0}), threshold=0.10, strict=True)[1]
+    with pytest.raises(ValueError, match="threshold"):
+        compare(base, base, threshold=-1)
+
+
+def test_compare_cli_exit_status(tmp_path, capsys):
+    b, c = tmp_path / "b.json", tmp_path / "c.json"
+    b.write_text(json.dumps(_doc({"cpu": 10.0})))
+    c.write_text(json.dumps(_doc({"cpu": 13.0}, device="other")))
+    assert main(["compare", str(b), str(c), "--threshold", "0.2"]) == 1
+    out = capsys.readouterr().out
+    assert "slower" in out and "not comparable" in out
+    assert main(["compare", str(b), str(c), "--threshold", "0.5"]) == 0
+    assert compare_files(str(b), str(b)) == 0
+
+
+def test_markdown_tables():
+    md = markdown_for_doc(_doc({"eager": 10.0, "cpu": 5.0}))
+    assert "| mimic_loss | B2-D3-k1-H8-C2 | float32 | full | cpu | 5 [4.5–5.5] |" in md
+    assert "2.00x" in md  # cpu vs eager
+    assert "| t <= 1.1 x eager | 1.3 | 1.1 | NO | d |" in md
+    assert "> noisy" in md
+
+
+def _pytest_benchmark_json():
+    return {"machine_info": {"cpu": {"brand_raw": "cpu-y"}}, "datetime": "now", "benchmarks": [
+        {"name": "test_x", "fullname": "f::test_x", "stats": {"median": 0.002, "q1": 0.0019,
+                                                               "q3": 0.0021, "min": 0.0018,
+                                                               "mean": 0.002, "rounds": 5},
+         "extra_info": {"name": "mimic_loss/full/cpu/s/float32/cpu", "op": "mimic_loss",
+                        "pass": "full", "provider": "cpu", "shape": {"B": 2, "H": 8},
+                        "dtype": "float32", "flops": 4e9, "bytes": 2e6}}]}
+
+
+def test_pytest_benchmark_json_is_normalised(tmp_path):
+    doc = from_pytest_benchmark(_pytest_benchmark_json())
+    (r,) = doc["results"]
+    assert r["median_ms"] == pytest.approx(2.0) and r["tflops"] == pytest.approx(2.0)
+    assert r["gbps"] == pytest.approx(1.0) and doc["env"]["device"] == "cpu-y"
+    p = tmp_path / "pb.json"
+    p.write_text(json.dumps(_pytest_benchmark_json()))
+    assert load(str(p))["results"][0]["name"] == "mimic_loss/full/cpu/s/float32/cpu"
+    p.write_text("{}")
+    with pytest.raises(ValueError, match="not a mimic_fast.bench"):
+        load(str(p))
+
+
+def test_render_report_writes_markdown_and_plots(tmp_path):
+    d = _doc({"eager": 10.0, "cpu": 5.0})
+    d2 = json.loads(json.dumps(d))
+    for r in d2["results"]:
+        r["shape"]["H"], r["name"] = 16, r["name"].replace("H8", "H16")
+    d2["results"] += [{**d2["results"][0], "kind": "memory", "name": "memory/x", "peak_mem_bytes": 2**20}]
+    (tmp_path / "a.json").write_text(json.dumps(d))
+    (tmp_path / "b.json").write_text(json.dumps(d2))
+    assert main(["--report", "--results", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "a.json" in text and "b.json" in text and "![time_vs_H](time_vs_H.png)" in text
+    assert (tmp_path / "time_vs_H.png").stat().st_size > 1000
+    assert (tmp_path / "memory_vs_H.png").exists()
+    md, made = render(str(tmp_path), plots=False)
+    assert made == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS needs /proc")
+def test_rss_probe_sees_a_64mib_tensor():
+    from mimic_fast.bench.memory import rss_peak_bytes
+
+    def alloc():
+        t = torch.ones(16 * 2**20)  # 64 MiB, touched
+        return float(t[-1])
+
+    assert rss_peak_bytes(alloc) >= 60 * 2**20
+
+
+def test_wrong_provider_is_not_timed(monkeypatch):
+    from mimic_fast.bench import suites
+
+    real = providers.make_forward
+
+    def off_by_one_percent(provider, case, compile_mode=None):
+        f = real(provider, case, compile_mode)
+        return (lambda i: f(i) * 1.01) if provider == "eager" else f
+
+    monkeypatch.setattr(providers, "make_forward", off_by_one_percent)
+    case = providers.Case("mimic_loss", 8, 5, 12, 3, 40)
+    with pytest.raises(AssertionError):
+        providers.check_provider("eager", case)
+    recs = suites.run_case(case, "eager", ("forward", "full"), log=lambda *_: None)
+    assert [r["status"] for r in recs] == ["incorrect", "incorrect"]
+    assert all("median_ms" not in r for r in recs)
+    ok = suites.run_case(case, "reference", ("forward", "full"), rounds=2, log=lambda *_: None)
+    assert [r["status"] for r in ok] == ["ok", "ok"] and ok[1]["median_ms"] > 0
+
+
+def test_gpu_script_dry_run(tmp_path, capsys):
+    from mimic_fast.bench import gpu
+
+    out = tmp_path / "g.json"
+    assert gpu.main(["--dry-run", "--out", str(out), "--no-student", "--budget-s", "120"]) == 0
+    doc = json.loads(out.read_text())
+    st = {(r["provider"], r["pass"], r["shape"]["H"]): r["status"] for r in doc["results"]
+          if r.get("op") == "mimic_loss"}
+    assert {st[("reference", p, h)] for p in ("forward", "backward", "full") for h in (256, 1024)} == {"ok"}
+    assert st[("eager", "full", 1024)] == "ok"
+    assert st[("triton", "full", 256)] == "skipped" and ("compile", "full", 256) not in st
+    assert any(r.get("op") == "logit_mse_loss" and r["status"] == "ok" for r in doc["results"])
+    assert doc["peaks"]["matmul"]["tflops"] > 0 and doc["env"]["torch"] == torch.__version__
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    assert "B64 k250 H1024" in "\n".join(printed[-20:]) and printed[-1].startswith("kd_loss")
