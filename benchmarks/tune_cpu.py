@@ -1,7 +1,7 @@
 """CPU target of the benchmarks issue: the cpu backend's forward+backward against eager PyTorch.
 
 Measures, in one run and on the same threads: eager unfused PyTorch (nn.Linear chain + F.mse_loss +
-backward), mf.mimic_loss(backend="cpu") + backward at several chunk widths (MIMIC_FAST_CPU_CHUNK_H),
+backward), mf.mimic_loss(backend="cpu") + backward at several loop orders and chunk widths,
 and a plain fp32 matmul for the machine's GEMM throughput. Timings are medians of --repeats runs
 after one warm-up, interleaved across variants; peak memory is taken in a separate profiled run (it slows the step down).
 
@@ -60,8 +60,9 @@ def main():
     p.add_argument("--activation", default="relu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--chunks", default="default,256,512,1024,2048",
-                   help="comma-separated chunk widths; 'default' = the built-in cache rule")
+    p.add_argument("--variants", default="default,gemm:512,gemm:1024,gemm:2048,chunks:256,chunks:512,chunks:1024",
+                   help="comma-separated LOOP:CHUNK (MIMIC_FAST_CPU_LOOP / _CHUNK_H); 'default' = the "
+                        "built-in rules")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,16 +118,20 @@ def main():
                "parallel_backend": mf.info()["backends"]["cpu"].get("parallel_backend"),
                "grad_rel_err_vs_eager": rel, "runs": []}
     variants = [("eager", None, eager_reset, eager_step)]
-    for chunk in args.chunks.split(","):
-        used = torch.ops.mimic_fast.cpu_chunk_h(B, H) if chunk == "default" else min(int(chunk), H)
-        variants.append((f"cpu chunk={used}" + (" (default)" if chunk == "default" else ""),
-                         None if chunk == "default" else chunk, fused_reset, fused_step))
-
-    def use_chunk(chunk):
-        if chunk is None:
-            os.environ.pop("MIMIC_FAST_CPU_CHUNK_H", None)
+    for v in args.variants.split(","):
+        if v == "default":
+            variants.append((f"cpu default (chunk={torch.ops.mimic_fast.cpu_chunk_h(B, H)})", None,
+                             fused_reset, fused_step))
         else:
-            os.environ["MIMIC_FAST_CPU_CHUNK_H"] = chunk
+            loop, chunk = v.split(":")
+            variants.append((f"cpu {loop} chunk={min(int(chunk), H)}", (loop, chunk), fused_reset,
+                             fused_step))
+
+    def use_chunk(setting):
+        for var in ("MIMIC_FAST_CPU_LOOP", "MIMIC_FAST_CPU_CHUNK_H"):
+            os.environ.pop(var, None)
+        if setting is not None:
+            os.environ["MIMIC_FAST_CPU_LOOP"], os.environ["MIMIC_FAST_CPU_CHUNK_H"] = setting
 
     # Round-robin: the machine is shared, so a burst of someone else's load hits every variant.
     times = {name: [] for name, *_ in variants}
@@ -158,7 +163,7 @@ def main():
         if name != "eager":
             run["gflops_executed"] = fused_flops / med / 1e9
         results["runs"].append(run)
-    os.environ.pop("MIMIC_FAST_CPU_CHUNK_H", None)
+    use_chunk(None)
 
     print(f"B={B} D={D} k={k} C={C} H={H} {args.activation} fp32, {args.threads} threads, torch "
           f"{torch.__version__}, median of {args.repeats}")

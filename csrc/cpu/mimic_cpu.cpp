@@ -20,8 +20,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -205,6 +207,82 @@ void epilogue_bwd(Tensor& a, Tensor& d, const c10::optional<Tensor>& bias, T* db
 
 // ---- the streamed passes -------------------------------------------------------------------------
 
+// Two loop orders over the chunks (MIMIC_FAST_CPU_LOOP=gemm|chunks overrides the rule below):
+//  gemm:   chunks in sequence, each GEMM and epilogue spread over all threads (a barrier per GEMM);
+//  chunks: chunks are split into G groups of consecutive chunks; threads take groups dynamically
+//          (an atomic counter, so a thread that the OS preempts on a shared machine does not hold
+//          up the others) and run them with single-threaded GEMMs (BLAS runs serially inside an
+//          OpenMP parallel region), so a chunk's tiles stay in one core's L2. Each group has its own
+//          y / dz partial, summed in group order at the end: bitwise deterministic for a given
+//          thread count, whatever the scheduling.
+enum class Loop { kGemm, kChunks };
+
+struct Plan {
+  Loop loop;
+  int64_t chunk, nchunks, groups;
+};
+
+constexpr int64_t kPartialBytes = 32 << 20;  // cap on the per-group partials (G x B x (C + k))
+
+Plan plan(int64_t B, int64_t H, int64_t partial_cols) {
+  Plan p;
+  p.chunk = chunk_h(B, H);
+  p.nchunks = (H + p.chunk - 1) / p.chunk;
+  const int64_t T = at::get_num_threads();
+  p.loop = (T > 1 && p.nchunks >= 2 * T) ? Loop::kChunks : Loop::kGemm;
+  if (const char* env = std::getenv("MIMIC_FAST_CPU_LOOP")) {
+    const std::string s(env);
+    TORCH_CHECK(s == "gemm" || s == "chunks", "MIMIC_FAST_CPU_LOOP must be 'gemm' or 'chunks', got '",
+                s, "'");
+    p.loop = s == "gemm" ? Loop::kGemm : Loop::kChunks;
+  }
+  const int64_t by_memory =
+      kPartialBytes / std::max<int64_t>(1, B * partial_cols * static_cast<int64_t>(sizeof(float)));
+  p.groups = p.loop == Loop::kGemm
+                 ? 1
+                 : std::min({p.nchunks, 4 * T, std::max<int64_t>(T, by_memory)});
+  return p;
+}
+
+// Workspace slots: one per thread that can run a group.
+int64_t num_slots(const Plan& p) {
+  return p.loop == Loop::kGemm ? 1 : std::min<int64_t>(p.groups, at::get_num_threads());
+}
+
+// body(h0, n, slot, group) for every chunk [h0, h0 + n): slot picks the running thread's workspace,
+// group the partial sum the chunk accumulates into.
+template <typename F>
+void for_each_chunk(const Plan& p, int64_t H, const F& body) {
+  auto run_group = [&](int64_t g, int64_t slot) {
+    const int64_t c0 = g * p.nchunks / p.groups, c1 = (g + 1) * p.nchunks / p.groups;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t h0 = c * p.chunk;
+      body(h0, std::min(p.chunk, H - h0), slot, g);
+    }
+  };
+  if (p.loop == Loop::kGemm) {
+    run_group(0, 0);
+    return;
+  }
+  const int64_t slots = num_slots(p);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    // Pool threads do not inherit the caller's thread-local state: keep autograd out of the GEMMs
+    // (they write into out= views, which autograd refuses when a weight requires grad).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t slot = s0; slot < s1; ++slot) {
+      for (int64_t g = next.fetch_add(1); g < p.groups; g = next.fetch_add(1)) run_group(g, slot);
+    }
+  });
+}
+
+// Sum of the per-group partials in group order.
+Tensor sum_groups(const Tensor& parts) {
+  Tensor out = parts[0].clone();
+  for (int64_t g = 1; g < parts.size(0); ++g) out.add_(parts[g]);
+  return out;
+}
+
 // y (without b2) and z = x Uᵀ, both in the compute dtype.
 std::tuple<Tensor, Tensor> forward_cd(const Tensor& x, const Tensor& U, const Tensor& V,
                                       const c10::optional<Tensor>& b1, const Tensor& W,
@@ -213,25 +291,25 @@ std::tuple<Tensor, Tensor> forward_cd(const Tensor& x, const Tensor& U, const Te
   const auto opts = x.options().dtype(cd);
   const int64_t B = x.size(0), H = V.size(0), C = W.size(0);
   Tensor z = at::mm(x.to(cd), U.to(cd).t());
-  Tensor y = at::zeros({B, C}, opts);
-  const int64_t chunk = chunk_h(B, H);
-  Tensor work = at::empty({B * chunk}, opts);
-  for (int64_t h0 = 0; h0 < H; h0 += chunk) {
-    const int64_t n = std::min(chunk, H - h0);
-    Tensor a = tile(work, B, n);
+  const Plan p = plan(B, H, C);
+  Tensor y_parts = at::zeros({p.groups, B, C}, opts);
+  Tensor work = at::empty({num_slots(p), B * p.chunk}, opts);
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+    Tensor a = tile(work[slot], B, n);
     at::mm_out(a, z, V.narrow(0, h0, n).to(cd).t());
     c10::optional<Tensor> b1j;
     if (b1.has_value()) b1j = b1->narrow(0, h0, n).to(cd).contiguous();
     AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_epilogue_fwd",
                                [&] { epilogue_fwd<scalar_t>(a, b1j, activation); });
-    y.addmm_(a, W.narrow(1, h0, n).to(cd).t());
-  }
-  return {y, z};
+    y_parts[group].addmm_(a, W.narrow(1, h0, n).to(cd).t());
+  });
+  return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
 }
 
 std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& U, const Tensor& V,
                                    const c10::optional<Tensor>& b1, const Tensor& W,
                                    const c10::optional<Tensor>& b2, int64_t activation) {
+  at::AutoDispatchBelowADInplaceOrView guard;
   check_mlp("cpu_mlp_fwd", x, U, V, b1, W, b2);
   check_activation(activation);
   auto [y, z] = forward_cd(x, U, V, b1, W, activation);
@@ -242,6 +320,7 @@ std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& U, const Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
     const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
     const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2) {
+  at::AutoDispatchBelowADInplaceOrView guard;
   const char* op = "cpu_mlp_bwd";
   check_mlp(op, x, U, V, b1, W, c10::nullopt);
   check_activation(activation);
@@ -261,19 +340,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   const bool native = cd == dt;  // write gradients straight into the outputs
   const Tensor dyc = dy.to(cd).contiguous();
   const Tensor zc = z.contiguous();
-  Tensor dz = at::zeros({B, k}, opts);
   Tensor dV = at::empty({H, k}, x.options());
   Tensor dW = at::empty({C, H}, x.options());
   Tensor db1 = at::empty({b1.has_value() ? H : 0}, x.options());
   Tensor db1_cd = native ? db1 : at::empty({db1.numel()}, opts);  // H floats: negligible
 
-  const int64_t chunk = chunk_h(B, H);
-  Tensor work_a = at::empty({B * chunk}, opts);
-  Tensor work_d = at::empty({B * chunk}, opts);
-  for (int64_t h0 = 0; h0 < H; h0 += chunk) {
-    const int64_t n = std::min(chunk, H - h0);
-    Tensor a = tile(work_a, B, n);
-    Tensor d = tile(work_d, B, n);
+  const Plan p = plan(B, H, k);
+  Tensor dz_parts = at::zeros({p.groups, B, k}, opts);
+  Tensor work_a = at::empty({num_slots(p), B * p.chunk}, opts);
+  Tensor work_d = at::empty({num_slots(p), B * p.chunk}, opts);
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+    Tensor a = tile(work_a[slot], B, n);
+    Tensor d = tile(work_d[slot], B, n);
     const Tensor Vj = V.narrow(0, h0, n).to(cd);
     at::mm_out(a, zc, Vj.t());
     at::mm_out(d, dyc, W.narrow(1, h0, n).to(cd));
@@ -292,8 +370,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
       dWj.copy_(at::mm(dyc.t(), a));
       dVj.copy_(at::mm(d.t(), zc));
     }
-    dz.addmm_(d, Vj);
-  }
+    dz_parts[group].addmm_(d, Vj);
+  });
+  Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
   if (!native && b1.has_value()) db1.copy_(db1_cd);
   Tensor dU = at::mm(dz.t(), x.to(cd)).to(dt);
   Tensor dx = at::mm(dz, U.to(cd)).to(dt);
@@ -333,6 +412,7 @@ std::tuple<Tensor, Tensor, Tensor> mimic_fwd(const Tensor& x, const Tensor& U, c
                                              const c10::optional<Tensor>& b1, const Tensor& W,
                                              const c10::optional<Tensor>& b2, const Tensor& teacher,
                                              int64_t activation, int64_t reduction) {
+  at::AutoDispatchBelowADInplaceOrView guard;
   const char* op = "cpu_mimic_fwd";
   check_mlp(op, x, U, V, b1, W, b2);
   check_activation(activation);
