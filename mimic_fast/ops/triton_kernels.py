@@ -16,7 +16,6 @@ The minimum is 3k + 2C; at the paper's k = 250, C = 183 with BLOCK_K = 256, BLOC
 kernels do 4k + 2C (22 % more), at k = 512, C = 1024 with 256-blocks 2x the minimum.
 Offsets of rows (batch, H) are int64: B·C, H·k and n_splits·B·k may pass 2³¹.
 """
-import inspect
 import os
 
 import triton
@@ -29,15 +28,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # numpy >= 2.4 refuses int() of the 1-element arrays in which the Triton 3.6 interpreter wraps runtime
 # ints, so `range(0, B, ...)` with a runtime B fails there. Under the interpreter the sizes that bound
 # loops are therefore constexpr (free: nothing is compiled); on a GPU they stay runtime values (no
-# recompile per batch size): `B: constexpr` below is tl.constexpr only when interpreting, and no
-# annotation at all otherwise. (The interpreter re-reads annotations as source text, so the alias
-# must be spelled exactly `constexpr`.) Loop bounds are never derived from program_id for the same
-# reason.
-constexpr = tl.constexpr if INTERPRET else inspect.Parameter.empty
+# recompile per batch size): `B: constexpr` below is tl.constexpr only when interpreting. The
+# interpreter re-reads annotations as source text, so the alias is spelled exactly `constexpr`; the
+# compiler looks the annotation up as a global, so on a GPU it is a falsy constexpr instance, which
+# Triton reads as "no annotation". Loop bounds never come from program_id, for the same reason.
+constexpr = tl.constexpr if INTERPRET else tl.constexpr(None)
 
 ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_GELU = 0, 1, 2, 3  # == mimic_fast.activations.ACTIVATION_CODES
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)  # globals used in kernels must be constexpr
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 def _configs(gpu, interp):
