@@ -289,7 +289,7 @@ std::tuple<Tensor, Tensor> logit_mse_op(const Tensor& s_in, const Tensor& t_in, 
   const int64_t rows = s.size(0), cols = s.size(1);
   const int sms = num_sms_of(s);
   const auto f32 = s.options().dtype(at::kFloat);
-  Tensor dy = at::empty({rows, cols}, s.options());
+  Tensor dy = at::empty({rows, cols}, f32);
   Tensor elem = reduction == kNone ? at::empty({rows, cols}, s.options()) : Tensor();
   Tensor partials = at::empty({loss_max_blocks(sms)}, f32);
   Tensor loss32 = at::empty({}, f32);
@@ -310,7 +310,7 @@ std::tuple<Tensor, Tensor> kd_loss_op(const Tensor& s_in, const Tensor& t_in, do
   const int64_t rows = s.size(0), cols = s.size(1);
   const int sms = num_sms_of(s);
   const auto f32 = s.options().dtype(at::kFloat);
-  Tensor dy = at::empty({rows, cols}, s.options());
+  Tensor dy = at::empty({rows, cols}, f32);
   Tensor partials = at::empty({loss_max_blocks(sms)}, f32);
   Tensor loss32 = at::empty({}, f32);
   check_kernel(kd_loss(s_dt, s.const_data_ptr(), t_dt, t.const_data_ptr(), rows, cols,

@@ -72,7 +72,7 @@ __device__ __forceinline__ Stats stats_shfl_xor(const Stats& st, int o) {
 template <typename TS, typename TT, int G>
 __global__ void __launch_bounds__(kThreads)
     kd_kernel(const TS* __restrict__ s, const TT* __restrict__ t, int64_t rows, int64_t cols,
-              float inv_t, float coef, bool vec, TS* __restrict__ dy, float* __restrict__ partials) {
+              float inv_t, float coef, bool vec, float* __restrict__ dy, float* __restrict__ partials) {
   static_assert(G == 32 || G == kThreads, "a row is handled by a warp or by the whole block");
   __shared__ Stats warp_stats[kThreads / 32];
   const int j = threadIdx.x % G;  // index within the row's group
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t row = group; row < rows; row += ngroups) {
     const TS* sr = s + row * cols;
     const TT* tr = t + row * cols;
-    TS* dr = dy + row * cols;
+    float* dr = dy + row * cols;
     Stats st = stats_init();
     if (vec) {
       for (int64_t c = static_cast<int64_t>(j) * kVec; c < cols; c += G * kVec) {
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       for (int64_t c = j; c < cols; c += G) {
         const float v = to_f32<TS>(sr[c]) * inv_t, u = to_f32<TT>(tr[c]) * inv_t;
-        dr[c] = from_f32<TS>(ps * expf(v - st.ms) - pt * expf(u - st.mt));
+        dr[c] = ps * expf(v - st.ms) - pt * expf(u - st.mt);
       }
     }
   }
@@ -157,7 +157,7 @@ cudaError_t kd_loss(DType s_dt, const void* s, DType t_dt, const void* t, int64_
         using TT = decltype(t_tag);
         const TS* ps = static_cast<const TS*>(s);
         const TT* pt = static_cast<const TT*>(t);
-        TS* pd = static_cast<TS*>(dy);
+        float* pd = static_cast<float*>(dy);
         if (warp_rows) {
           kd_kernel<TS, TT, 32><<<grid, kThreads, 0, stream>>>(ps, pt, rows, cols, inv_t, coef, vec,
                                                                 pd, partials);

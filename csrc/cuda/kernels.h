@@ -41,9 +41,8 @@ cudaError_t bias_act_bwd(DType dt, void* a_in_to_h, void* dh_to_da, const void* 
 // Logit regression, one pass: r = s - t (zero_mean: minus the row mean of s - t), dy = 2 r (times
 // 1/(rows cols) for mean), loss_elem = r^2 (reduction none only; ignored otherwise), and for mean/sum
 // *loss_out = Σ r^2 (/ rows cols) as float32, summed in a fixed order (per-block partials, then one
-// block). s, t, dy, loss_elem are contiguous (rows, cols); dy and loss_elem have s's dtype (the
-// fused mimic loss passes float32 student logits, so its dy is float32). partials holds
-// loss_max_blocks(num_sms) floats.
+// block). s, t, dy, loss_elem are contiguous (rows, cols); dy is float32 (backward rounds once),
+// loss_elem has s's dtype. partials holds loss_max_blocks(num_sms) floats.
 cudaError_t logit_mse(DType s_dt, const void* s, DType t_dt, const void* t, int64_t rows, int64_t cols,
                       int reduction, bool zero_mean, void* dy, void* loss_elem, float* partials,
                       float* loss_out, int num_sms, cudaStream_t stream);
@@ -54,7 +53,7 @@ cudaError_t sum_partials(const float* partials, int64_t n, double scale, float* 
 // ---- kd_loss.cu --------------------------------------------------------------------------------
 // Hinton KD per row at temperature T, two passes over each row (online softmax statistics, then the
 // gradient): *loss_out = T^2/rows Σ_rows KL(softmax(t/T) || softmax(s/T)) (float32) and
-// dy = T/rows (softmax(s/T) - softmax(t/T)) in s's dtype. Any cols >= 1 (a warp per row up to 1024
+// dy = T/rows (softmax(s/T) - softmax(t/T)) in float32. Any cols >= 1 (a warp per row up to 1024
 // columns, a 256-thread block per row above). partials holds loss_max_blocks(num_sms) floats.
 cudaError_t kd_loss(DType s_dt, const void* s, DType t_dt, const void* t, int64_t rows, int64_t cols,
                     float temperature, void* dy, float* partials, float* loss_out, int num_sms,

@@ -2,7 +2,8 @@
 //   r = s - t  (zero_mean: r -= rowmean(s - t)),  dy = 2 r / (rows cols) [mean] or 2 r,
 //   loss = Σ r² / (rows cols) [mean] | Σ r² [sum] | r² elementwise [none].
 // Limits: reads s and t once (zero_mean: twice per row, the second time from L1/L2) and writes dy
-// once; the scalar loss is reduced deterministically in two stages (fixed per-block partials, then
+// once, in float32 whatever the logits' dtype (backward then rounds once, as PyTorch does: 2 more
+// bytes per element than a bf16 dy); the scalar loss is reduced deterministically in two stages (fixed per-block partials, then
 // one block), never with atomics. Student and teacher dtypes are independent (bf16 student with an
 // fp16 teacher reads each in its own dtype). No torch headers: see kernels.h.
 #include "common.cuh"
@@ -18,7 +19,7 @@ constexpr int kReduceThreads = 1024;
 template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
     mse_flat_kernel(const TS* __restrict__ s, const TT* __restrict__ t, int64_t n, float dscale,
-                    bool vec, TS* __restrict__ dy, TS* __restrict__ loss_elem,
+                    bool vec, float* __restrict__ dy, TS* __restrict__ loss_elem,
                     float* __restrict__ partials) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -41,7 +42,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = nvec * kVec + tid; i < n; i += stride) {  // the ragged tail, or everything
     const float r = to_f32<TS>(s[i]) - to_f32<TT>(t[i]);
-    dy[i] = from_f32<TS>(dscale * r);
+    dy[i] = dscale * r;
     if (loss_elem != nullptr) loss_elem[i] = from_f32<TS>(r * r);
     acc += r * r;
   }
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
     mse_rows_kernel(const TS* __restrict__ s, const TT* __restrict__ t, int64_t rows, int64_t cols,
-                    float dscale, bool vec, TS* __restrict__ dy, TS* __restrict__ loss_elem,
+                    float dscale, bool vec, float* __restrict__ dy, TS* __restrict__ loss_elem,
                     float* __restrict__ partials) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t row = warp; row < rows; row += nwarps) {
     const TS* sr = s + row * cols;
     const TT* tr = t + row * cols;
-    TS* dr = dy + row * cols;
+    float* dr = dy + row * cols;
     TS* lr = loss_elem != nullptr ? loss_elem + row * cols : nullptr;
     float sd = 0.f;
     if (vec) {
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       for (int64_t c = lane; c < cols; c += 32) {
         const float r = (to_f32<TS>(sr[c]) - to_f32<TT>(tr[c])) - mean;
-        dr[c] = from_f32<TS>(dscale * r);
+        dr[c] = dscale * r;
         if (lr != nullptr) lr[c] = from_f32<TS>(r * r);
         acc += r * r;
       }
@@ -121,7 +122,7 @@ void launch_mse(const void* s, const void* t, int64_t rows, int64_t cols, bool z
                 void* dy, void* loss_elem, float* partials, int64_t blocks, cudaStream_t stream) {
   const TS* ps = static_cast<const TS*>(s);
   const TT* pt = static_cast<const TT*>(t);
-  TS* pd = static_cast<TS*>(dy);
+  float* pd = static_cast<float*>(dy);
   TS* pl = static_cast<TS*>(loss_elem);
   const bool aligned = aligned16(s) && aligned16(t) && aligned16(dy) &&
                        (loss_elem == nullptr || aligned16(loss_elem));

@@ -60,6 +60,8 @@ def built_archs():
 
 
 def _arch_reason(device):
+    if _IMPORT_ERROR is not None or not torch.cuda.is_available():
+        return None  # availability() already says why
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _ARCH_REASON:
         major, minor = torch.cuda.get_device_capability(index)
@@ -145,7 +147,7 @@ def _rows(x):
 
 
 def _logit_mse_emulated(s, t, reduction, zero_mean):
-    """The kernel's contract in PyTorch (CPU tensors, tests): (loss, dy_unit in s's dtype)."""
+    """The kernel's contract in PyTorch (CPU tensors, tests): (loss in s's dtype, float32 dy_unit)."""
     acc = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
     r = s.to(acc) - t.to(acc)
     if zero_mean:
@@ -157,7 +159,7 @@ def _logit_mse_emulated(s, t, reduction, zero_mean):
         loss, dy = (r * r).sum(), 2.0 * r
     else:
         loss, dy = r * r, 2.0 * r
-    return loss.to(s.dtype), dy.to(s.dtype)
+    return loss.to(s.dtype), dy
 
 
 def _kd_terms(s, t, T):
@@ -169,10 +171,9 @@ def _kd_terms(s, t, T):
 
 
 def _kd_emulated(s, t, T):
-    """The kernel's contract in PyTorch (CPU tensors, tests): (loss, dy_unit in s's dtype)."""
+    """The kernel's contract in PyTorch (CPU tensors, tests): (loss in s's dtype, float32 dy_unit)."""
     lq, lp, loss = _kd_terms(s, t, T)
-    dy = (lq.exp() - lp.exp()) * (T / max(s.shape[0], 1))
-    return loss.to(s.dtype), dy.to(s.dtype)
+    return loss.to(s.dtype), (lq.exp() - lp.exp()) * (T / max(s.shape[0], 1))
 
 
 class _LogitMSELoss(torch.autograd.Function):
@@ -184,7 +185,8 @@ class _LogitMSELoss(torch.autograd.Function):
         else:
             loss, dy = _logit_mse_emulated(s2, t2, reduction, zero_mean)
         ctx.save_for_backward(dy)
-        ctx.reduction, ctx.zero_mean, ctx.shape, ctx.t_dtype = reduction, zero_mean, s.shape, t.dtype
+        ctx.reduction, ctx.zero_mean, ctx.shape = reduction, zero_mean, s.shape
+        ctx.s_dtype, ctx.t_dtype = s.dtype, t.dtype
         return loss.reshape(s.shape) if reduction == "none" else loss
 
     @staticmethod
@@ -198,7 +200,7 @@ class _LogitMSELoss(torch.autograd.Function):
                 grad = grad - grad.mean(dim=-1, keepdim=True)
         else:
             grad = dy.to(acc) * g.to(acc)
-        ds = grad.to(dy.dtype).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
+        ds = grad.to(ctx.s_dtype).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
         dt = (-grad).to(ctx.t_dtype).reshape(ctx.shape) if ctx.needs_input_grad[1] else None
         return ds, dt, None, None
 
@@ -222,7 +224,7 @@ class _KDLoss(torch.autograd.Function):
         acc = torch.promote_types(dy.dtype, torch.float32)
         ds = dt = None
         if ctx.needs_input_grad[0]:
-            ds = (dy.to(acc) * g.to(acc)).to(dy.dtype).reshape(ctx.shape)
+            ds = (dy.to(acc) * g.to(acc)).to(s2.dtype).reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
             # Teacher logits rarely need a gradient: PyTorch ops, not a kernel.
             with torch.enable_grad():
@@ -274,11 +276,11 @@ if _IMPORT_ERROR is None:
     def _logit_mse_fake(student, teacher, reduction, zero_mean):
         loss = student.new_empty(student.shape) if reduction == REDUCTION_CODES["none"] \
             else student.new_empty(())
-        return loss, student.new_empty(student.shape)
+        return loss, student.new_empty(student.shape, dtype=torch.float32)
 
     @torch.library.register_fake("mimic_fast::cuda_kd_loss")
     def _kd_loss_fake(student, teacher, temperature):
-        return student.new_empty(()), student.new_empty(student.shape)
+        return student.new_empty(()), student.new_empty(student.shape, dtype=torch.float32)
 
     @torch.library.register_fake("mimic_fast::cuda_bias_act")
     def _bias_act_fake(a, b, activation):

@@ -1,0 +1,361 @@
+"""The cuda backend (csrc/cuda + mimic_fast/ops/cuda.py).
+
+On CPU: what the backend reports when it cannot run, and the autograd wiring of its loss functions
+(run on a PyTorch emulation of the kernels' contract, float64, against mimic_fast.functional).
+On a GPU with the extension built: kernels against the float64 reference (float32 within the
+tolerance table, bf16/fp16 by the 2x rule), loss kernels against functional, determinism, CUDA-graph
+capture, opcheck, torch.compile, and the peak-memory proof that no (B, H) tensor exists.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mimic_fast as mf
+from mimic_fast import dispatch, functional
+from mimic_fast.activations import ACTIVATION_CODES, ACTIVATIONS, act, act_grad
+from mimic_fast.ops import cuda
+from mimic_fast.testing import assert_close, assert_within_2x
+from tests.helpers import eager_mlp, make_mlp_inputs, to64
+
+PARAMS = ("x", "U", "V", "b1", "W", "b2")
+LOW = (torch.bfloat16, torch.float16)
+gpu = pytest.mark.skipif(cuda.availability() is not None,
+                         reason=f"cuda backend unavailable here: {cuda.availability()}")
+
+
+def _grads(out, inputs, seed=0):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    present = [t for t in inputs if t is not None]
+    grads = iter(torch.autograd.grad(out, present, g.to(out.device, out.dtype)))
+    return [None if t is None else next(grads) for t in inputs]
+
+
+def _check(got, want64, baseline, name):
+    """float32: the tolerance table; bf16/fp16: the 2x rule against plain PyTorch in that dtype."""
+    if got is None or want64 is None:
+        assert got is None and want64 is None, f"{name}: one side is None"
+        return
+    if got.dtype == torch.float32:
+        assert_close(got, want64, name, dtype=torch.float32)
+    else:
+        assert_within_2x(got, want64, baseline, name)
+
+
+# ---- CPU: reporting ---------------------------------------------------------------------------------
+def test_availability_says_why_not():
+    reason = cuda.availability()
+    if torch.version.cuda is None:
+        assert reason is not None and "without CUDA" in reason and torch.__version__ in reason
+    elif reason is not None:
+        assert "_C_cuda" in reason or "is_available" in reason
+    report = mf.info()["backends"]["cuda"]
+    assert report["available"] is (reason is None)
+    assert report["reason"] == reason
+    assert report["built"] is (cuda._IMPORT_ERROR is None)
+    assert isinstance(report["arch_list"], str) and report["arch_list"]
+
+
+def test_reasons_name_device_dtype_and_teacher_dtype():
+    p = dispatch.Problem("mimic", torch.device("cpu"), torch.float64, 4, 5, 2, 7, 3, "relu",
+                         torch.float64)
+    why = cuda.reasons(p)
+    assert len(why) == 3, why
+    assert "cpu" in why[0] and "CUDA tensors" in why[0]
+    assert "torch.float64" in why[1] and "bfloat16" in why[1]
+    assert "teacher_logits" in why[2]
+    ok = p._replace(device=torch.device("cuda", 0), dtype=torch.bfloat16, teacher_dtype=torch.float16)
+    if cuda.availability() is not None:  # on a GPU this would also check the compiled archs
+        assert cuda.reasons(ok) == []
+
+
+@pytest.mark.skipif(cuda.availability() is None, reason="the cuda backend is available here")
+def test_asking_for_cuda_when_unavailable_raises_with_the_reason():
+    x, U, V, b1, W, b2 = make_mlp_inputs(2, 3, 2, 5, 2)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot serve") as err:
+        mf.bottleneck_mlp(x, U, V, b1, W, b2, backend="cuda")
+    assert cuda.availability() in str(err.value)
+    assert not cuda.loss_kernels_serve(x, x)
+
+
+# ---- CPU: autograd wiring of the loss functions (emulated kernels, float64) --------------------------
+@pytest.mark.parametrize("zero_mean", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logit_mse_wiring_matches_functional(reduction, zero_mean):
+    s = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    t = (torch.randn(2, 3, 7, dtype=torch.float64) + 2.0).requires_grad_()
+    ours = cuda.logit_mse_loss(s, t, reduction, zero_mean)
+    want = functional.logit_mse_loss(s, t, reduction, zero_mean)
+    assert ours.shape == want.shape and ours.dtype == want.dtype
+    assert_close(ours, want, "loss")
+    g = torch.randn_like(want)
+    for name, a, b in zip("st", torch.autograd.grad(ours, (s, t), g), torch.autograd.grad(want, (s, t), g)):
+        assert_close(a, b, f"d{name}")
+
+
+def test_logit_mse_wiring_gradcheck_zero_mean_none():
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: cuda.logit_mse_loss(a, b, "none", True), (s, t))
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_kd_wiring_matches_functional_for_both_arguments(T):
+    s = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    ours, want = cuda.kd_loss(s, t, T), functional.kd_loss(s, t, T)
+    assert_close(ours, want, "kd")
+    for name, a, b in zip("st", torch.autograd.grad(ours * 3, (s, t)), torch.autograd.grad(want * 3, (s, t))):
+        assert_close(a, b, f"d{name}")
+    assert torch.autograd.gradcheck(lambda a, b: cuda.kd_loss(a, b, T), (s, t))
+
+
+def test_empty_batches_give_nan_like_functional():
+    s = torch.randn(0, 5, dtype=torch.float64)
+    assert torch.isnan(cuda.logit_mse_loss(s, s, "mean")) and torch.isnan(functional.logit_mse_loss(s, s))
+    assert cuda.logit_mse_loss(s, s, "sum").item() == 0.0
+    assert torch.isnan(cuda.kd_loss(s, s, 2.0)) and torch.isnan(functional.kd_loss(s, s, 2.0))
+
+
+# ---- GPU: epilogue kernels ---------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("cols, bias", [(64, "aligned"), (37, "aligned"), (64, "offset"), (40, None)])
+def test_epilogues_match_activations(activation, dtype, cols, bias):
+    a = (torch.randn(9, cols, dtype=torch.float64) * 3).cuda()
+    if bias == "offset":  # b's data pointer is not 16-byte aligned: the scalar path
+        b = (torch.randn(cols + 1, dtype=torch.float64)[1:]).cuda()
+    else:
+        b = torch.randn(cols, dtype=torch.float64).cuda() if bias else None
+    dh = torch.randn(9, cols, dtype=torch.float64).cuda()
+    pre64 = a + (b if b is not None else 0)
+    a_, b_, dh_ = a.to(dtype), None if b is None else b.to(dtype), dh.to(dtype)
+    if bias == "offset":
+        b_ = torch.empty(cols + 1, dtype=dtype, device="cuda")[1:].copy_(b)
+    pre = a_ + (b_ if b_ is not None else 0)  # plain PyTorch in dtype: the 2x baseline
+    code = ACTIVATION_CODES[activation]
+    h = torch.ops.mimic_fast.cuda_bias_act(a_, b_, code)
+    h2, da = torch.ops.mimic_fast.cuda_bias_act_bwd(a_, b_, dh_, code)
+    _check(h, act(pre64, activation), act(pre, activation), "h")
+    _check(h2, act(pre64, activation), act(pre, activation), "h (bwd)")
+    _check(da, dh * act_grad(pre64, activation), dh_ * act_grad(pre, activation), "da")
+
+
+# ---- GPU: the MLP and the fused mimic loss ----------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape, chunk", [((1, 7, 1, 300, 1), 128), ((13, 5, 3, 1025, 6), 256),
+                                          ((64, 40, 16, 2100, 33), 0), ((5, 9, 4, 777, 3), 128)])
+def test_float32_matches_float64_reference(shape, chunk, activation, monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_H", chunk)
+    inputs = make_mlp_inputs(*shape, dtype=torch.float32, device="cuda", bias=shape[0] != 5)
+    inputs64 = to64(inputs)
+    y = mf.bottleneck_mlp(*inputs, activation=activation, backend="cuda")
+    y64 = eager_mlp(*inputs64, activation)
+    assert y.dtype == torch.float32
+    _check(y, y64, None, "y")
+    for name, got, want in zip(PARAMS, _grads(y, inputs), _grads(y64, inputs64)):
+        _check(got, want, None, f"d{name}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_low_precision_2x_rule(dtype, activation, monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_H", 512)  # several chunks, a ragged last one
+    inputs = make_mlp_inputs(64, 40, 16, 2100, 33, dtype=dtype, device="cuda", lead=(8, 8))
+    inputs64 = to64(inputs)
+    y = mf.bottleneck_mlp(*inputs, activation=activation, backend="cuda")
+    y64, y_torch = eager_mlp(*inputs64, activation), eager_mlp(*inputs, activation)
+    assert y.dtype == dtype and y.shape == (8, 8, 33)
+    _check(y, y64, y_torch, "y")
+    for name, got, want, base in zip(PARAMS, _grads(y, inputs), _grads(y64, inputs64),
+                                     _grads(y_torch, inputs)):
+        assert got.dtype == dtype
+        _check(got, want, base, f"d{name}")
+
+
+@gpu
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype, t_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                                            (torch.float16, torch.float16)])
+def test_mimic_loss_matches_mse_of_reference(reduction, dtype, t_dtype, monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_H", 384)
+    inputs = make_mlp_inputs(48, 30, 8, 1000, 183, dtype=dtype, device="cuda")
+    inputs64 = to64(inputs)
+    t = torch.randn(48, 183, device="cuda").to(t_dtype)
+    loss = mf.mimic_loss(*inputs, t, "relu", reduction, backend="cuda")
+    loss64 = F.mse_loss(eager_mlp(*inputs64, "relu"), t.double(), reduction=reduction)
+    loss_torch = F.mse_loss(eager_mlp(*inputs, "relu"), t.to(dtype), reduction=reduction)
+    assert loss.dtype == dtype and loss.shape == loss64.shape
+    _check(loss, loss64, loss_torch, "loss")
+    for name, got, want, base in zip(PARAMS, _grads(loss, inputs), _grads(loss64, inputs64),
+                                     _grads(loss_torch, inputs)):
+        _check(got, want, base, f"d{name}")
+
+
+@gpu
+def test_no_tensor_of_B_by_H_elements_is_allocated(monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_H", 1024)
+    B, H = 512, 16384
+    inputs = make_mlp_inputs(B, 64, 32, H, 8, dtype=torch.bfloat16, device="cuda")
+    t = torch.randn(B, 8, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    mf.mimic_loss(*inputs, t, "gelu", backend="cuda").backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    one_hidden = B * H * 2
+    assert peak < one_hidden // 2, f"peak {peak} B: a (B, H) bf16 tensor is {one_hidden} B"
+
+
+# ---- GPU: loss kernels ------------------------------------------------------------------------------
+PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float16), (torch.bfloat16, torch.bfloat16),
+         (torch.float16, torch.float16), (torch.float32, torch.bfloat16)]
+
+
+def _loss_inputs(shape, s_dtype, t_dtype):
+    s64 = (torch.randn(*shape, dtype=torch.float64) * 3).cuda()
+    t64 = (torch.randn(*shape, dtype=torch.float64) * 3 + 1).cuda()
+    s, t = s64.to(s_dtype).requires_grad_(), t64.to(t_dtype).requires_grad_()
+    # The float64 reference sees exactly the values the kernel reads.
+    return s, t, s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+
+
+@gpu
+@pytest.mark.parametrize("s_dtype, t_dtype", PAIRS)
+@pytest.mark.parametrize("zero_mean", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(3, 5, 183), (16, 4096), (7, 1)])
+def test_logit_mse_kernel_matches_functional(shape, reduction, zero_mean, s_dtype, t_dtype):
+    s, t, s64, t64 = _loss_inputs(shape, s_dtype, t_dtype)
+    loss = cuda.logit_mse_loss(s, t, reduction, zero_mean)
+    loss64 = functional.logit_mse_loss(s64, t64, reduction, zero_mean)
+    # Plain PyTorch on the same mixed-dtype inputs is the 2x rule's baseline.
+    sb, tb = s.detach().requires_grad_(), t.detach().requires_grad_()
+    base = functional.logit_mse_loss(sb, tb, reduction, zero_mean)
+    assert loss.dtype == s_dtype and loss.shape == loss64.shape
+    _check(loss, loss64, base, "loss")
+    g = torch.rand_like(loss64) + 0.5
+    ds, dt = torch.autograd.grad(loss, (s, t), g.to(loss.dtype))
+    ds64, dt64 = torch.autograd.grad(loss64, (s64, t64), g)
+    dsb, dtb = torch.autograd.grad(base, (sb, tb), g.to(base.dtype))
+    assert ds.dtype == s_dtype and dt.dtype == t_dtype
+    _check(ds, ds64, dsb, "ds")
+    _check(dt, dt64, dtb, "dt")
+
+
+@gpu
+@pytest.mark.parametrize("s_dtype, t_dtype", PAIRS)
+@pytest.mark.parametrize("C", [1, 10, 183, 1024, 4096, 32000])
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_kd_kernel_matches_functional(C, T, s_dtype, t_dtype):
+    s, t, s64, t64 = _loss_inputs((2, 3, C), s_dtype, t_dtype)
+    loss = cuda.kd_loss(s, t.detach(), T)
+    loss64 = functional.kd_loss(s64, t64.detach(), T)
+    sb = s.detach().requires_grad_()
+    base = functional.kd_loss(sb, t.detach().to(s_dtype), T) if s_dtype in LOW else None
+    assert loss.dtype == s_dtype and loss.dim() == 0
+    _check(loss, loss64, base, "kd")
+    (ds,) = torch.autograd.grad(loss, (s,))
+    (ds64,) = torch.autograd.grad(loss64, (s64,))
+    dsb = torch.autograd.grad(base, (sb,))[0] if base is not None else None
+    _check(ds, ds64, dsb, "ds")
+
+
+@gpu
+def test_kd_teacher_gradient_and_identical_logits():
+    s, t, s64, t64 = _loss_inputs((4, 300), torch.float32, torch.float32)
+    ours, want = cuda.kd_loss(s, t, 2.0), functional.kd_loss(s64, t64, 2.0)
+    assert_close(torch.autograd.grad(ours, t)[0], torch.autograd.grad(want, t64)[0], "dt",
+                 dtype=torch.float32)
+    assert cuda.kd_loss(s.detach(), s.detach(), 2.0).item() == 0.0
+
+
+@gpu
+def test_loss_kernels_are_deterministic_across_many_blocks():
+    s, t, _, _ = _loss_inputs((5000, 183), torch.bfloat16, torch.float16)
+    for fn in (lambda: torch.ops.mimic_fast.cuda_logit_mse(s, t, 0, False),
+               lambda: torch.ops.mimic_fast.cuda_logit_mse(s, t, 1, True),
+               lambda: torch.ops.mimic_fast.cuda_kd_loss(s, t, 4.0)):
+        first = fn()
+        for _ in range(3):
+            again = fn()
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# ---- GPU: graphs, opcheck, compile --------------------------------------------------------------------
+@gpu
+def test_cuda_graph_capture_of_forward_and_backward(monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_H", 256)
+    inputs = make_mlp_inputs(32, 24, 8, 1000, 10, dtype=torch.bfloat16, device="cuda")
+    t = torch.randn(32, 10, device="cuda", dtype=torch.float16)
+    s_logits = torch.randn(32, 10, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        loss = mf.mimic_loss(*inputs, t, "tanh", backend="cuda")
+        extra = cuda.logit_mse_loss(s_logits, t, "mean", True) + cuda.kd_loss(s_logits, t, 4.0)
+        (loss + extra).backward()
+        return loss, extra
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside capture (cuBLAS workspaces, caches)
+            for p in (*inputs, s_logits):
+                if p is not None:
+                    p.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in (*inputs, s_logits):
+        if p is not None:
+            p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss, static_extra = step()
+    with torch.no_grad():  # new data in the same buffers, then replay
+        inputs[0].copy_(torch.randn_like(inputs[0]))
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = [static_loss.clone(), static_extra.clone()] + [p.grad.clone() for p in (*inputs, s_logits)]
+    for p in (*inputs, s_logits):
+        p.grad = None
+    eager = list(step()) + [p.grad for p in (*inputs, s_logits)]
+    for i, (a, b) in enumerate(zip(captured, eager)):
+        assert torch.equal(a, b), f"output {i} differs between graph replay and eager"
+
+
+@gpu
+def test_opcheck_every_op():
+    from torch.library import opcheck
+
+    x, U, V, b1, W, b2 = make_mlp_inputs(6, 10, 4, 300, 5, dtype=torch.float32, device="cuda",
+                                         requires_grad=False)
+    t = torch.randn(6, 5, device="cuda", dtype=torch.float16)
+    ops = torch.ops.mimic_fast
+    y, z = ops.cuda_mlp_fwd(x, U, V, b1, W, b2, 3, 128)
+    opcheck(ops.cuda_mlp_fwd.default, (x, U, V, b1, W, b2, 3, 128))
+    opcheck(ops.cuda_mlp_bwd.default, (torch.randn_like(y), x, z, U, V, b1, W, 3, True, 128))
+    opcheck(ops.cuda_mimic_fwd.default, (x, U, V, None, W, b2, t, 1, 2, 0))
+    opcheck(ops.cuda_logit_mse.default, (y, t, 0, True))
+    opcheck(ops.cuda_kd_loss.default, (y, t, 2.0))
+    opcheck(ops.cuda_bias_act.default, (y, b2, 2))
+    opcheck(ops.cuda_bias_act_bwd.default, (y, None, torch.randn_like(y), 0))
+
+
+@gpu
+def test_torch_compile_fullgraph():
+    inputs = make_mlp_inputs(16, 12, 4, 700, 6, dtype=torch.float32, device="cuda")
+    t = torch.randn(16, 6, device="cuda")
+
+    def fn(*a):
+        return mf.bottleneck_mlp(*a, activation="gelu", backend="cuda").square().mean() + \
+            mf.mimic_loss(*a, t, "gelu", backend="cuda")
+
+    eager = fn(*inputs)
+    compiled = torch.compile(fn, fullgraph=True)(*inputs)
+    assert_close(compiled, eager, "loss", dtype=torch.float32)
+    for name, a, b in zip(PARAMS, _grads(compiled, inputs), _grads(eager, inputs)):
+        assert_close(a, b, f"d{name}", dtype=torch.float32)
