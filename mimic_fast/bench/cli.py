@@ -2,7 +2,6 @@
 import argparse
 import sys
 
-SUITES = ("ops", "memory", "student", "gpu", "report", "compare")
 
 
 def _common(p, device_default="cpu"):

@@ -80,8 +80,8 @@ def model_flops_per_sample(model, in_shape, train=False):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = next(model.parameters()).device
-    x = torch.zeros(2, *in_shape, device=device)
+    p = next(model.parameters())
+    x = torch.zeros(2, *in_shape, device=p.device, dtype=p.dtype)
     counter = FlopCounterMode(display=False)
     with counter:
         if train:

@@ -180,7 +180,7 @@ def short_table(doc):
     bw = doc["peaks"].get("copy", {}).get("gbps")
     lines = [f"device: {doc['env'].get('device')}  torch {doc['env'].get('torch')}  triton "
              f"{doc['env'].get('triton')}  CUDA {doc['env'].get('torch_cuda')}",
-             f"measured peaks: mm {peak and round(peak, 1)} TFLOP/s"
+             f"measured peaks: mm {peak or 0:.3g} TFLOP/s"
              + (f", copy {bw:.0f} GB/s" if bw else ""),
              f"{'case':<34}{'provider':<10}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'TFLOP/s':>9}"
              f"{'%peak':>7}{'mem MiB':>9}  status"]

@@ -116,13 +116,18 @@ def _eager_mimic(x, U, V, b1, W, b2, t, activation="relu"):
     return F.mse_loss(_eager_mlp(x, U, V, b1, W, b2, activation), t)
 
 
+def _acc(t):
+    # float32 accumulation for half precision, float64 stays float64 (the reference)
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _eager_mse(s, t):
-    return F.mse_loss(s.float(), t.float()).to(s.dtype)
+    return F.mse_loss(_acc(s), _acc(t)).to(s.dtype)
 
 
 def _eager_kd(s, t):
     T = KD_TEMPERATURE
-    s32, t32 = s.float() / T, t.float() / T
+    s32, t32 = _acc(s) / T, _acc(t) / T
     p = F.softmax(t32, dim=-1)
     kl = (p * (F.log_softmax(t32, dim=-1) - F.log_softmax(s32, dim=-1))).sum(-1).mean()
     return (kl * T * T).to(s.dtype)
@@ -242,10 +247,14 @@ class Runner:
 
 
 def _assert(actual, expected, name, dtype, baseline=None):
-    from ..testing import TOLERANCES, assert_close, assert_within_2x
+    from ..testing import ATOL_2X, TOLERANCES, assert_close, assert_within_2x
 
-    if dtype in (torch.float16, torch.bfloat16) and baseline is not None:
-        assert_within_2x(actual, expected, baseline, name=name)
+    if baseline is not None:
+        # A lone low-precision scalar (the loss) may round to the neighbour of eager's value: one
+        # ulp of slack, or the 2x rule would fail a correct kernel by chance.
+        atol = ATOL_2X[dtype] + (torch.finfo(dtype).eps * float(expected.abs().max())
+                                 if expected.numel() == 1 else 0.0)
+        assert_within_2x(actual, expected, baseline, name=name, atol=atol)
         return
     rtol, atol = TOLERANCES[dtype]
     # Gradients of a mean loss are tiny: atol is taken relative to the tensor's own scale.
@@ -256,8 +265,9 @@ def _assert(actual, expected, name, dtype, baseline=None):
 def check_provider(provider, case, compile_mode=None, small=True, seed=0):
     """Raise AssertionError unless `provider`'s output and every gradient match the float64 reference.
 
-    small=True checks at case.small() (cheap); low-precision dtypes use the 2x rule against eager in
-    the same dtype, float32/64 the dtype's tolerance table.
+    small=True checks at case.small() (cheap) with the dtype's tolerance table; half precision, and
+    any dtype at full size (where float32's own rounding outgrows the table), use the 2x rule against
+    eager in the same dtype.
     """
     c = case.small() if small else case
     dtype = c.torch_dtype
@@ -271,7 +281,7 @@ def check_provider(provider, case, compile_mode=None, small=True, seed=0):
     out = run.forward()
     grads = run.backward(out)
     base_out = base_grads = None
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16) or not small:
         base = Runner("eager", c, inputs)
         base_out = base.forward()
         base_grads = base.backward(base_out)

@@ -270,7 +270,8 @@ def cpu_targets(doc, H=32768, B=256):
         r = mf_["peak_mem_bytes"] / me["peak_mem_bytes"]
         out.append({"target": f"{fused} peak memory <= 0.25 x eager (step peak incl. gradients)",
                     "measured": r, "threshold": 0.25, "pass": r <= 0.25,
-                    "detail": f"{mf_['peak_mem_bytes'] / 2**20:.1f} MiB vs {me['peak_mem_bytes'] / 2**20:.1f} MiB"})
+                    "detail": f"{mf_['peak_mem_bytes'] / 2**20:.1f} MiB vs "
+                              f"{me['peak_mem_bytes'] / 2**20:.1f} MiB"})
         g = mf_["grad_bytes"]
         fa, ea = mf_["peak_mem_bytes"] - g, me["peak_mem_bytes"] - g
         if ea > 0:
