@@ -22,8 +22,10 @@ NAMES = ("x", "U", "V", "b1", "W", "b2")
 
 @pytest.fixture
 def chunk(monkeypatch):
-    def set_chunk(n):
+    def set_chunk(n, loop=None):
         monkeypatch.setenv("MIMIC_FAST_CPU_CHUNK_H", str(n))
+        if loop is not None:
+            monkeypatch.setenv("MIMIC_FAST_CPU_LOOP", loop)
     return set_chunk
 
 
@@ -50,7 +52,7 @@ def _compare_all(out, grads, out_ref, grads_ref, dtype, rtol=None, atol=None):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_bottleneck_mlp(activation, bias, chunk):
-    chunk(2)  # H = 5 -> chunks of 2, 2, 1
+    chunk(2)  # H = 5 -> chunks of 2, 2, 1; the default loop order for 3 chunks on 1-2 threads
     inputs = make_mlp_inputs(3, 4, 2, 5, 3, dtype=torch.float64, bias=bias)
     fn = lambda *t: mf.bottleneck_mlp(*t, activation=activation, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
@@ -60,7 +62,7 @@ def test_gradcheck_bottleneck_mlp(activation, bias, chunk):
 @pytest.mark.parametrize("activation,bias", [("relu", True), ("gelu", False), ("tanh", True),
                                              ("sigmoid", False)])
 def test_gradcheck_mimic_loss(reduction, activation, bias, chunk):
-    chunk(2)
+    chunk(2, "chunks" if bias else "gemm")
     inputs = make_mlp_inputs(3, 4, 2, 5, 3, dtype=torch.float64, bias=bias)
     t = torch.randn(3, 3, dtype=torch.float64)
     fn = lambda *p: mf.mimic_loss(*p, t, activation=activation, reduction=reduction,  # noqa: E731
@@ -80,8 +82,9 @@ ODD = [  # B, D, k, H, C, lead, chunk
 
 @pytest.mark.parametrize("B,D,k,H,C,lead,n", ODD)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float32_mlp_matches_float64_reference(B, D, k, H, C, lead, n, activation, chunk):
-    chunk(n)
+@pytest.mark.parametrize("loop", ["gemm", "chunks"])
+def test_float32_mlp_matches_float64_reference(B, D, k, H, C, lead, n, activation, loop, chunk):
+    chunk(n, loop)
     inputs = make_mlp_inputs(B, D, k, H, C, lead=lead, bias=activation != "tanh")
     ref = to64(inputs)
     out, grads = _run(lambda *t: mf.bottleneck_mlp(*t, activation=activation, backend="cpu"), inputs)
@@ -93,8 +96,10 @@ def test_float32_mlp_matches_float64_reference(B, D, k, H, C, lead, n, activatio
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("B,D,k,H,C,lead,n", ODD[:3])
-def test_float32_mimic_loss_matches_float64_reference(B, D, k, H, C, lead, n, reduction, chunk):
-    chunk(n)
+@pytest.mark.parametrize("loop", ["gemm", "chunks"])
+def test_float32_mimic_loss_matches_float64_reference(B, D, k, H, C, lead, n, reduction, loop,
+                                                      chunk):
+    chunk(n, loop)
     inputs = make_mlp_inputs(B, D, k, H, C, lead=lead)
     shape = (B, C) if lead is None else (*lead, C)
     t = torch.randn(shape)
@@ -266,10 +271,38 @@ def test_direct_op_call_is_checked():
         torch.ops.mimic_fast.cpu_mimic_fwd(x, U, V, b1, W, b2, torch.randn(3, 3), 0, 5)
 
 
-def test_results_do_not_depend_on_chunk(chunk):
+def test_results_do_not_depend_on_chunk_or_loop_order(chunk):
     inputs = make_mlp_inputs(9, 6, 3, 300, 4, dtype=torch.float64, requires_grad=False)
-    chunk(300)
+    chunk(300, "gemm")
     y_one = mf.bottleneck_mlp(*inputs, backend="cpu")
-    chunk(7)
-    y_many = mf.bottleneck_mlp(*inputs, backend="cpu")
-    assert_close(y_many, y_one, "y", dtype=torch.float64)
+    for loop in ("gemm", "chunks"):
+        chunk(7, loop)
+        assert_close(mf.bottleneck_mlp(*inputs, backend="cpu"), y_one, f"y ({loop})",
+                     dtype=torch.float64)
+
+
+def test_chunks_loop_order_is_deterministic(chunk):
+    """Threads take groups of chunks dynamically, but the partials are summed in group order."""
+    chunk(16, "chunks")
+    x, U, V, b1, W, b2 = make_mlp_inputs(33, 10, 5, 700, 6)
+    t = torch.randn(33, 6)
+    runs = []
+    for _ in range(3):
+        for p in (x, U, V, b1, W, b2):
+            p.grad = None
+        loss = mf.mimic_loss(x, U, V, b1, W, b2, t, backend="cpu")
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad for p in (x, U, V, b1, W, b2)])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_bad_environment_override(chunk):
+    x, U, V, b1, W, b2 = make_mlp_inputs(3, 4, 2, 5, 3, requires_grad=False)
+    chunk(4, "sideways")
+    with pytest.raises(RuntimeError, match="MIMIC_FAST_CPU_LOOP must be 'gemm' or 'chunks'"):
+        torch.ops.mimic_fast.cpu_mlp_fwd(x, U, V, b1, W, b2, 0)
+    chunk(-3, "gemm")
+    with pytest.raises(RuntimeError, match="MIMIC_FAST_CPU_CHUNK_H must be a positive integer"):
+        torch.ops.mimic_fast.cpu_mlp_fwd(x, U, V, b1, W, b2, 0)
