@@ -5,8 +5,8 @@ FLOP/byte counts, shapes, dtype, device and versions that `mimic-fast bench --re
 """
 import pytest
 import torch
-from conftest import (COMPILE_MODE, DEVICE, DTYPE, LOSS_SIZES, MLP_SIZES, ON_GPU, PAPER, ROUNDS, checked,
-                      record, sync_wrap)
+from bench_common import (COMPILE_MODE, DEVICE, DTYPE, LOSS_SIZES, MLP_SIZES, ON_GPU, PAPER, ROUNDS,
+                          checked, record, sync_wrap)
 
 from mimic_fast.bench.providers import LOSS_PROVIDERS, MLP_PROVIDERS, Case, Runner, make_inputs
 from mimic_fast.bench.suites import reset_compiler

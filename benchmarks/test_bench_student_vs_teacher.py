@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, PAPER, ROUNDS, record, sync_wrap
+from bench_common import DEVICE, ON_GPU, PAPER, ROUNDS, record, sync_wrap
 
 from mimic_fast.bench.suites import _model_flops, student_pairs
 from mimic_fast.models import count_parameters
