@@ -276,6 +276,7 @@ def test_kd_teacher_gradient_and_identical_logits():
 @gpu
 def test_loss_kernels_are_deterministic_across_many_blocks():
     s, t, _, _ = _loss_inputs((5000, 183), torch.bfloat16, torch.float16)
+    s, t = s.detach(), t.detach()
     for fn in (lambda: torch.ops.mimic_fast.cuda_logit_mse(s, t, 0, False),
                lambda: torch.ops.mimic_fast.cuda_logit_mse(s, t, 1, True),
                lambda: torch.ops.mimic_fast.cuda_kd_loss(s, t, 4.0)):
@@ -324,7 +325,8 @@ def test_cuda_graph_capture_of_forward_and_backward(monkeypatch):
         p.grad = None
     eager = list(step()) + [p.grad for p in (*inputs, s_logits)]
     for i, (a, b) in enumerate(zip(captured, eager)):
-        assert torch.equal(a, b), f"output {i} differs between graph replay and eager"
+        # cuBLAS may pick other kernels inside a capture: equal up to the dtype's tolerance.
+        assert_close(a, b, f"graph replay vs eager, output {i}")
 
 
 @gpu

@@ -137,8 +137,10 @@ def mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction, chunk_h=None):
 # ---- the loss kernels with autograd ---------------------------------------------------------------
 def loss_kernels_serve(student_logits, teacher_logits):
     """True when logit_mse_loss / kd_loss below run the CUDA kernels for these (validated) inputs."""
-    return (_IMPORT_ERROR is None and student_logits.is_cuda and teacher_logits.is_cuda
-            and student_logits.dtype in SUPPORTED_DTYPES and teacher_logits.dtype in SUPPORTED_DTYPES)
+    if not (_IMPORT_ERROR is None and student_logits.is_cuda and teacher_logits.is_cuda
+            and student_logits.dtype in SUPPORTED_DTYPES and teacher_logits.dtype in SUPPORTED_DTYPES):
+        return False
+    return torch.compiler.is_compiling() or _arch_reason(student_logits.device) is None
 
 
 def _rows(x):
