@@ -57,6 +57,8 @@ DeviceInfo device_info(int device) {
 }
 
 // Columns per chunk: `tiles` live (B, chunk) tiles of `elem_bytes` fit in kTileL2Fraction of L2.
+// A small batch gets one chunk spanning all of H: that tile is the whole hidden layer, but it fits
+// in L2 like any other tile.
 int64_t chunk_columns(int64_t B, int64_t H, int64_t elem_bytes, int64_t tiles, int64_t l2_bytes) {
   const double budget = kTileL2Fraction * static_cast<double>(l2_bytes);
   const double per_column = static_cast<double>(std::max<int64_t>(B, 1) * elem_bytes * tiles);
@@ -154,7 +156,8 @@ std::tuple<Tensor, Tensor> forward_f32(const Tensor& x, const Tensor& U, const T
   const auto f32 = x.options().dtype(at::kFloat);
 
   Tensor z = at::mm(x, U.t());
-  Tensor y32 = b2 ? b2->to(at::kFloat).unsqueeze(0).expand({d.B, d.C}).contiguous() : at::zeros({d.B, d.C}, f32);
+  Tensor y32 = b2 ? b2->to(at::kFloat).unsqueeze(0).expand({d.B, d.C}).contiguous()
+                  : at::zeros({d.B, d.C}, f32);
   if (d.B == 0) return {y32, z};
   const int64_t n = chunk_h > 0 ? std::min(chunk_h, d.H)
                                 : chunk_columns(d.B, d.H, x.element_size(), 1, info.l2_bytes);
@@ -239,7 +242,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   const Tensor dz = dz32.to(x.scalar_type());
   Tensor dU = at::mm(dz.t(), x);
   Tensor dx = at::mm(dz, U);
-  Tensor db2 = has_b2 ? at::sum(dy_in, at::IntArrayRef{0}, false, at::kFloat).to(x.scalar_type()) : at::empty({0}, opts);
+  Tensor db2 = has_b2 ? at::sum(dy_in, at::IntArrayRef{0}, false, at::kFloat).to(x.scalar_type())
+                      : at::empty({0}, opts);
   return {dx, dU, dV, db1, dW, db2};
 }
 

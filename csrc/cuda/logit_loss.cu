@@ -2,10 +2,10 @@
 //   r = s - t  (zero_mean: r -= rowmean(s - t)),  dy = 2 r / (rows cols) [mean] or 2 r,
 //   loss = Σ r² / (rows cols) [mean] | Σ r² [sum] | r² elementwise [none].
 // Limits: reads s and t once (zero_mean: twice per row, the second time from L1/L2) and writes dy
-// once, in float32 whatever the logits' dtype (backward then rounds once, as PyTorch does: 2 more
-// bytes per element than a bf16 dy); the scalar loss is reduced deterministically in two stages (fixed per-block partials, then
-// one block), never with atomics. Student and teacher dtypes are independent (bf16 student with an
-// fp16 teacher reads each in its own dtype). No torch headers: see kernels.h.
+// once, in float32 whatever the logits' dtype (backward then rounds once, as PyTorch does; 2 bytes
+// per element more than a bf16 dy). The scalar loss is reduced deterministically in two stages
+// (fixed per-block partials, then one block), never with atomics. Student and teacher dtypes are
+// independent (a bf16 student with an fp16 teacher reads each in its own dtype). No torch headers.
 #include "common.cuh"
 
 namespace mimic_fast_cuda {
