@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import check_logit_pair, check_mlp, check_positive, check_reduction
+from .ops import cuda as _cuda_ops
 from .ops.autograd import BottleneckMLPFunction, MimicLossFunction
 
 
@@ -68,6 +69,8 @@ def logit_mse_loss(student_logits, teacher_logits, reduction="mean", zero_mean=F
     """
     check_logit_pair(student_logits, teacher_logits)
     check_reduction(reduction)
+    if _cuda_ops.loss_kernels_serve(student_logits, teacher_logits):  # one-pass CUDA kernel
+        return _cuda_ops.logit_mse_loss(student_logits, teacher_logits, reduction, zero_mean)
     s, t = student_logits, teacher_logits
     acc = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
     s32, t32 = s.to(acc), t.to(acc)
@@ -85,6 +88,8 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0):
     """
     check_logit_pair(student_logits, teacher_logits)
     check_positive("temperature", temperature)
+    if _cuda_ops.loss_kernels_serve(student_logits, teacher_logits):  # two-pass CUDA kernel
+        return _cuda_ops.kd_loss(student_logits, teacher_logits, temperature)
     C = student_logits.shape[-1]
     acc = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.reshape(-1, C).to(acc) / temperature
