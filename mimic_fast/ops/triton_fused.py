@@ -39,6 +39,9 @@ class _Settings:
 
     dz_reduction = "split"  # "split": deterministic partial buffers; "atomic": fp32 atomic adds
     split_budget = 0.25  # split buffers <= this fraction of one (B, H) tensor in the input dtype
+    # Widest k block of the dV/dz kernel: 256 keeps k = 250 in one block (no recompute of a and
+    # dh per block) but spills registers (ptxas); 128 halves the spills and recomputes twice.
+    bwd_block_k = 256
 
 
 settings = _Settings()
@@ -264,7 +267,7 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, n_splits=None, mode
         stride_b1 = 0 if b1 is None else b1.stride(0)
 
         # dV, db1, dz
-        block_k = _block(k, 256)
+        block_k = _block(k, settings.bwd_block_k)
         n_kb = triton.cdiv(k, block_k)
         if mode == "atomic":
             h_per_split, S = _split_h(H, triton.cdiv(H, _h_align()))
