@@ -234,9 +234,11 @@ def test_never_allocates_batch_by_hidden():
     """
     from torch.profiler import ProfilerActivity, profile
 
-    # Default chunk at B=256: 1024 columns (1 MiB fp32 tile); one workspace holds a tile per thread.
+    # Default chunk at B=256: 512 or 1024 columns (a 0.5 or 1 MiB fp32 tile, by loop order); a
+    # workspace holds one tile per thread.
     B, D, k, H, C = 256, 8, 4, 16384, 6
-    assert torch.ops.mimic_fast.cpu_chunk_h(B, H) == 1024
+    n = torch.ops.mimic_fast.cpu_chunk_h(B, H)
+    assert n in (512, 1024)
     x, U, V, b1, W, b2 = make_mlp_inputs(B, D, k, H, C)
     t = torch.randn(B, C)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -244,8 +246,8 @@ def test_never_allocates_batch_by_hidden():
         mf.bottleneck_mlp(x, U, V, b1, W, b2, backend="cpu").sum().backward()
     sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     largest = max(sizes, default=0)
-    assert largest >= B * 1024 * 4, f"the profiler missed the hidden tiles (largest {largest} B)"
-    assert largest <= torch.get_num_threads() * B * 1024 * 4 < B * H * 4, \
+    assert largest >= B * n * 4, f"the profiler missed the hidden tiles (largest {largest} B)"
+    assert largest <= torch.get_num_threads() * B * n * 4 < B * H * 4, \
         f"an allocation of {largest} bytes: more than one fp32 tile per thread"
 
 
@@ -256,7 +258,7 @@ def test_auto_picks_cpu_for_cpu_tensors():
     p = dispatch.Problem("mlp", torch.device("cuda", 0), torch.float32, 4, 5, 2, 9, 3, "relu")
     assert any("CPU tensors only" in r for r in cpu.reasons(p))
     info = dispatch.info()["backends"]["cpu"]
-    assert info["available"] and info["threads"] >= 1 and info["chunk_h_at_B256"] == 1024
+    assert info["available"] and info["threads"] >= 1 and info["chunk_h_at_B256"] % 64 == 0
 
 
 def test_direct_op_call_is_checked():
