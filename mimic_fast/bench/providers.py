@@ -247,19 +247,32 @@ class Runner:
 
 
 def _assert(actual, expected, name, dtype, baseline=None):
+    """The dtype's tolerance table (atol relative to the tensor's scale: gradients of a mean loss are
+    tiny); with an eager baseline in the same dtype, the 2x rule instead for half precision, and as
+    the alternative for float32/64, whose error at full size can outgrow the table on long sums."""
     from ..testing import ATOL_2X, TOLERANCES, assert_close, assert_within_2x
 
-    if baseline is not None:
+    def two_x():
         # A lone low-precision scalar (the loss) may round to the neighbour of eager's value: one
         # ulp of slack, or the 2x rule would fail a correct kernel by chance.
         atol = ATOL_2X[dtype] + (torch.finfo(dtype).eps * float(expected.abs().max())
                                  if expected.numel() == 1 else 0.0)
         assert_within_2x(actual, expected, baseline, name=name, atol=atol)
+
+    if baseline is not None and dtype in (torch.float16, torch.bfloat16):
+        two_x()
         return
     rtol, atol = TOLERANCES[dtype]
-    # Gradients of a mean loss are tiny: atol is taken relative to the tensor's own scale.
     scale = max(float(expected.detach().abs().max()), 1e-30) if expected.numel() else 1.0
-    assert_close(actual, expected, name=name, dtype=dtype, rtol=rtol, atol=atol * min(scale, 1.0))
+    try:
+        assert_close(actual, expected, name=name, dtype=dtype, rtol=rtol, atol=atol * min(scale, 1.0))
+    except AssertionError as table_error:
+        if baseline is None:
+            raise
+        try:
+            two_x()
+        except AssertionError as e:
+            raise AssertionError(f"{table_error}; and {e}") from None
 
 
 def check_provider(provider, case, compile_mode=None, small=True, seed=0):

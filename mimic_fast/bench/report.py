@@ -97,7 +97,7 @@ def ops_table(doc):
     for r in rows:
         thr = pct = "-"
         if r.get("median_ms") is not None:
-            if r["op"] in ("bottleneck_mlp", "mimic_loss") and r.get("tflops"):
+            if r["op"] in ("bottleneck_mlp", "mimic_loss", "mm") and r.get("tflops"):
                 thr = f"{r['tflops']:.3g} TFLOP/s"
                 pct = f"{100 * r['tflops'] / peak:.0f}%" if peak else "-"
             elif r.get("gbps"):

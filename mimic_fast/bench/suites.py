@@ -256,6 +256,8 @@ def cpu_targets(doc, H=32768, B=256):
         te = _find(doc, provider="eager", kind=kind, **{"pass": "full"}, **key)
         if tf and te:
             break
+    if tf is None:
+        return []  # this run timed no fused provider (e.g. --providers eager compile)
     if not (tf and te and tf["status"] == te["status"] == "ok" and tf["shape"]["B"] == B):
         return [{"target": "CPU targets", "status": "not measured",
                  "why": f"no ok mimic_loss/full records for {fused} and eager at B={B}, H={H}"}]
