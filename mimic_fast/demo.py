@@ -19,7 +19,7 @@ import torch
 
 from . import train as T
 
-__all__ = ["DemoConfig", "run_demo", "add_arguments", "main"]
+__all__ = ["DemoConfig", "run_demo", "add_arguments", "main", "labelled_split"]
 
 
 @dataclass
@@ -63,8 +63,9 @@ class DemoConfig:
                    mimic_epochs=3, mimic_lr=0.05, n_generated=300, throughput_batch=64, quick=True)
 
 
-def _labelled_split(y, fraction, seed):
-    """Stratified: round(fraction * count) labelled rows per class (at least 1)."""
+def labelled_split(y, fraction, seed):
+    """(labelled, unlabelled) row indices: round(fraction * count) labelled rows per class (at least
+    one), drawn with `seed`; the rest are unlabelled."""
     g = torch.Generator().manual_seed(10_000 + seed)
     labelled = []
     for c in y.unique().tolist():
@@ -94,7 +95,7 @@ def _run_seed(cfg, seed, workdir, progress, log):
 
     splits = load_dataset("digits", seed=seed)
     X, y = splits.train.tensors
-    lab, unl = _labelled_split(y, cfg.label_fraction, seed)
+    lab, unl = labelled_split(y, cfg.label_fraction, seed)
     labelled = TensorDataset(X[lab], y[lab])
     D, C = splits.in_features, splits.num_classes
     common = dict(optimizer="sgd", schedule="cosine", weight_decay=cfg.weight_decay, progress=progress)

@@ -438,7 +438,7 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
                 acc[0] += value.double() * n
                 acc[1] += n
             if show:
-                bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
         bar.close()
         names = sorted(sums)
         if world > 1:  # a name missing on one rank (hard loss, no labelled rows) must not deadlock

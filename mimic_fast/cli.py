@@ -1,0 +1,403 @@
+"""The `mimic-fast` command (also `python -m mimic_fast`): demo, train-teacher, collect-logits,
+distill, bench, info.
+
+The pipeline commands hand files to each other through --out folders (teacher.pt; transfer.pt +
+logits/; student.pt) and run unchanged under `torchrun --nproc_per_node N -m mimic_fast ...`.
+Heavy imports happen inside the commands, so `--help` stays fast.
+"""
+import argparse
+import os
+import sys
+
+DATASETS = ("digits", "cifar10", "npz")
+TRANSFER_FORMAT = "mimic_fast.transfer/1"
+
+
+# ----------------------------------------------------------------------------------------------
+# shared options
+# ----------------------------------------------------------------------------------------------
+def _add_data(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, choices=DATASETS,
+                   help="digits (bundled with scikit-learn), cifar10 (--data: the folder of the python "
+                        "batches) or npz (--data: a file with X, y and optional X_test, y_test, "
+                        "X_unlabelled)")
+    g.add_argument("--data", default=None, help="path of the cifar10 folder or the .npz file")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train/test split (digits, npz without X_test) and of the "
+                        "labelled subset")
+    g.add_argument("--label-fraction", type=float, default=1.0,
+                   help="keep labels on this stratified fraction of the training split; the rest "
+                        "is unlabelled transfer data (default 1.0)")
+
+
+def _add_training(p, epochs, lr, batch_size):
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="global batch (split evenly over torchrun ranks)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="SGD with Nesterov momentum, or Adam")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine",
+                   help="per-batch learning-rate schedule")
+    g.add_argument("--step-epochs", type=int, default=0,
+                   help="step schedule: multiply the lr by --gamma every this many epochs "
+                        "(0: every third of the run)")
+    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    g.add_argument("--seed", type=int, default=0, help="initialisation, sampling and dropout seed")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint.pt is in --out (without it an existing "
+                        "checkpoint is never overwritten)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _training_options(args):
+    return dict(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                step_epochs=args.step_epochs, gamma=args.gamma, grad_clip=args.grad_clip,
+                seed=args.seed, num_workers=args.num_workers)
+
+
+def _parse_ints(text, name):
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers like 512,512, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    return values
+
+
+def _load_data(args):
+    from .data import load_dataset
+
+    if args.dataset in ("cifar10", "npz") and args.data is None:
+        raise ValueError(f"--dataset {args.dataset} needs --data PATH")
+    if not 0 < args.label_fraction <= 1:
+        raise ValueError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
+    return load_dataset(args.dataset, root=args.data, seed=args.split_seed)
+
+
+def _labelled_rows(splits, args):
+    """(labelled indices, unlabelled indices) of the training split."""
+    import torch
+
+    from .demo import labelled_split
+
+    y = splits.train.tensors[1]
+    if args.label_fraction >= 1:
+        return torch.arange(len(y)), torch.empty(0, dtype=torch.long)
+    return labelled_split(y, args.label_fraction, args.split_seed)
+
+
+def _data_record(args, splits):
+    return {"dataset": args.dataset, "data": args.data, "split_seed": args.split_seed,
+            "label_fraction": args.label_fraction, "input_shape": list(splits.input_shape),
+            "num_classes": splits.num_classes}
+
+
+def _is_rank0():
+    from .train import dist_info
+
+    return dist_info()[0] == 0
+
+
+def _say(*a):
+    if _is_rank0():
+        print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+def cmd_info(args):
+    from .dispatch import format_info
+
+    print(format_info())
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import config_from_args, run_demo
+
+    run_demo(args.out, config_from_args(args), progress=args.progress)
+    return 0
+
+
+def _build(name, splits, overrides):
+    from .models import build_model
+
+    kwargs = dict(input_shape=tuple(splits.input_shape), num_classes=splits.num_classes, **overrides)
+    return build_model(name, **kwargs), {"name": name, "kwargs": kwargs}
+
+
+def cmd_train_teacher(args):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from . import train as T
+
+    T.init_distributed()
+    splits = _load_data(args)
+    lab, _ = _labelled_rows(splits, args)
+    X, y = splits.train.tensors
+    overrides = {}
+    if args.hidden:
+        overrides["hidden"] = _parse_ints(args.hidden, "--hidden")
+    if args.channels:
+        overrides["channels"] = _parse_ints(args.channels, "--channels")
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    torch.manual_seed(args.seed)
+    model, spec = _build(args.model, splits, overrides)
+    _say(f"teacher {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+         f"{len(lab)} labelled rows of {len(y)}")
+    res = T.train_teacher(model, TensorDataset(X[lab], y[lab]), splits.test, out_dir=args.out,
+                          resume=args.resume, device=args.device, progress=args.progress, spec=spec,
+                          **_training_options(args))
+    if _is_rank0():
+        path = os.path.join(args.out, "teacher.pt")
+        T.save_model(path, res.model, spec, data=_data_record(args, splits), history=res.history)
+        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {path}")
+    return 0
+
+
+def _load_teachers(paths):
+    from . import train as T
+    from .models import TeacherEnsemble
+
+    models, specs, data = [], [], None
+    for p in paths:
+        m, payload = T.load_model(p)
+        models.append(m)
+        specs.append(payload["spec"])
+        data = data or payload.get("data")
+    if len(models) == 1:
+        return models[0], specs[0], data
+    return TeacherEnsemble(models).eval(), {"class": "TeacherEnsemble", "members": specs}, data
+
+
+def _build_transfer(args, splits):
+    import torch
+
+    from .data import build_transfer_set
+
+    lab, unl = _labelled_rows(splits, args)
+    X, y = splits.train.tensors
+    X_unl = X[unl] if len(unl) else None
+    if splits.unlabelled is not None:
+        extra = splits.unlabelled.reshape(len(splits.unlabelled), *X.shape[1:])
+        X_unl = extra if X_unl is None else torch.cat([X_unl, extra])
+    X_lab = X[lab]
+    image = len(splits.input_shape) == 3
+    if args.method == "shift" and image:  # shifting needs (N, C, H, W); rows go back to X's shape
+        X_lab = X_lab.reshape(len(X_lab), *splits.input_shape)
+        X_unl = None if X_unl is None else X_unl.reshape(len(X_unl), *splits.input_shape)
+    kwargs = {}
+    if args.method == "noise":
+        kwargs["std"] = args.noise_std
+    ts = build_transfer_set(X_lab, X_unl, n_generated=args.n_generated, method=args.method,
+                            seed=args.seed, y_labelled=y[lab], generate_from=args.generate_from,
+                            **kwargs)
+    ts.x = ts.x.reshape(len(ts.x), *X.shape[1:])
+    return ts
+
+
+def cmd_collect_logits(args):
+    import torch
+
+    from . import train as T
+    from .data import TransferSet, collect_logits
+
+    T.init_distributed()
+    splits = _load_data(args)
+    recipe = {**_data_record(args, splits), "n_generated": args.n_generated, "method": args.method,
+              "generate_from": args.generate_from, "seed": args.seed,
+              "noise_std": args.noise_std if args.method == "noise" else None}
+    path = os.path.join(args.out, "transfer.pt")
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=False)
+        if saved.get("format") != TRANSFER_FORMAT or saved.get("recipe") != recipe:
+            raise ValueError(f"{path} was made with other options ({saved.get('recipe')}); "
+                             "use another --out (nothing is overwritten)")
+        transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
+        _say(f"reusing {path}: {transfer}")
+    else:
+        transfer = _build_transfer(args, splits)
+        if _is_rank0():
+            T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
+                                 "sources": transfer.sources, "labels": transfer.labels}, path)
+        _say(f"transfer set {transfer}; wrote {path}")
+    teacher, spec, _ = _load_teachers(args.teacher)
+    device = T.default_device(args.device)
+    teacher.to(device)
+    dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
+    store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
+                           batch_size=args.batch_size, dtype=dtype, device=device,
+                           progress=args.progress and _is_rank0())
+    acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
+    if _is_rank0():
+        T.atomic_write_text(os.path.join(args.out, "teacher.json"),
+                            __import__("json").dumps({"teachers": args.teacher, "spec": spec,
+                                                      "test_accuracy": acc}, indent=2))
+        _say(f"teacher test accuracy {acc:.4f}; logits of {len(transfer)} rows in {store.path}")
+    return 0
+
+
+def cmd_distill(args):
+    import torch
+
+    from . import train as T
+    from .data import LogitDataset, LogitStore, TransferSet
+
+    T.init_distributed()
+    splits = _load_data(args)
+    path = os.path.join(args.logits, "transfer.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: --logits must be the --out folder of "
+                                "`mimic-fast collect-logits`")
+    saved = torch.load(path, weights_only=False)
+    transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
+    store = LogitStore.open(os.path.join(args.logits, "logits"), transfer)
+    dataset = LogitDataset(transfer, store, with_labels=args.alpha > 0)
+    overrides = {}
+    if args.hidden is not None:
+        overrides["hidden"] = args.hidden
+    if args.bottleneck is not None:
+        overrides["bottleneck"] = args.bottleneck
+    if args.activation is not None:
+        overrides["activation"] = args.activation
+    torch.manual_seed(args.seed)
+    student, spec = _build(args.student, splits, overrides)
+    _say(f"student {args.student}: {sum(p.numel() for p in student.parameters()):,} parameters; "
+         f"transfer set {transfer}")
+    res = T.distill(student, dataset, splits.test, loss=args.loss, alpha=args.alpha,
+                    temperature=args.temperature, out_dir=args.out, resume=args.resume,
+                    device=args.device, progress=args.progress, spec=spec, **_training_options(args))
+    if _is_rank0():
+        out = os.path.join(args.out, "student.pt")
+        T.save_model(out, res.model, spec, data=_data_record(args, splits), history=res.history,
+                     loss=args.loss, alpha=args.alpha)
+        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {out}")
+    return 0
+
+
+def cmd_bench(argv):
+    try:
+        from .bench import main as bench_main
+    except ImportError as e:
+        print(f"mimic-fast bench: the benchmark package mimic_fast.bench could not be imported ({e})",
+              file=sys.stderr)
+        return 2
+    return bench_main(argv) or 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="mimic-fast",
+        description="Mimic learning (Ba & Caruana 2014) with fused wide-shallow students.",
+        epilog="Distributed: torchrun --nproc_per_node N -m mimic_fast distill ... (also "
+               "train-teacher, collect-logits); only rank 0 writes.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    from .demo import add_arguments as demo_arguments
+
+    d = sub.add_parser("demo", help="the paper's effect on digits in a few CPU minutes (the README's "
+                                    "main command)",
+                       description="Low-label digits: deep teacher, shallow student on labels, the same "
+                                   "student by mimicry; prints a table, writes demo.json and demo.png.")
+    demo_arguments(d)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train-teacher", help="train a deep teacher on the labelled rows",
+                       description="Train a teacher (cross-entropy) and write --out/teacher.pt, "
+                                   "checkpoint.pt (each epoch) and metrics.jsonl.")
+    _add_data(t)
+    t.add_argument("--model", default="cnn", help="a models.build_model name: cnn (default), dnn-2k, "
+                                                  "snn-8k, ...")
+    t.add_argument("--hidden", default=None, help="fully connected widths, e.g. 512,512")
+    t.add_argument("--channels", default=None, help="cnn: conv channels per stage, e.g. 32,64")
+    t.add_argument("--dropout", type=float, default=None)
+    t.add_argument("--out", required=True, help="output folder")
+    _add_training(t, epochs=30, lr=0.05, batch_size=128)
+    t.set_defaults(func=cmd_train_teacher)
+
+    c = sub.add_parser("collect-logits", help="build the transfer set and store the teacher's logits",
+                       description="Transfer set = labelled rows + unlabelled rows (+ generated rows); "
+                                   "writes --out/transfer.pt and the crash-safe, resumable logit store "
+                                   "--out/logits (rerun the same command to resume).")
+    _add_data(c)
+    c.add_argument("--teacher", required=True, nargs="+",
+                   help="teacher.pt file(s); several are averaged as an ensemble")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--n-generated", type=int, default=0, help="generated rows to add (default 0)")
+    c.add_argument("--method", choices=("munge", "noise", "shift"), default="munge",
+                   help="generator of the extra rows (shift: images only)")
+    c.add_argument("--generate-from", choices=("labelled", "all"), default="labelled",
+                   help="rows the generator starts from")
+    c.add_argument("--noise-std", type=float, default=0.1, help="--method noise: the std")
+    c.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="storage dtype of the logits")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
+    c.add_argument("--device", default=None)
+    c.add_argument("--no-progress", dest="progress", action="store_false")
+    c.set_defaults(func=cmd_collect_logits)
+
+    s = sub.add_parser("distill", help="train a student on the stored logits",
+                       description="Train a student by logit regression (mse) or KD on the logits in "
+                                   "--logits, optionally mixed with hard labels: loss = (1 - alpha) * "
+                                   "soft + alpha * CE on labelled rows. Writes --out/student.pt, "
+                                   "checkpoint.pt and metrics.jsonl.")
+    _add_data(s)
+    s.add_argument("--logits", required=True, help="the --out folder of collect-logits")
+    s.add_argument("--student", default="snn-mimic-8k",
+                   help="a models.build_model name: snn-mimic-8k (default), snn-mimic-400k, snn-8k, "
+                        "conv-student-1..4, ...")
+    s.add_argument("--hidden", type=int, default=None, help="student width H (override)")
+    s.add_argument("--bottleneck", type=int, default=None, help="student bottleneck k (override)")
+    s.add_argument("--activation", default=None, help="relu, sigmoid, tanh or gelu (override)")
+    s.add_argument("--loss", choices=("mse", "kd"), default="mse",
+                   help="mse: logit regression (fused for wide students); kd: Hinton KD")
+    s.add_argument("--alpha", type=float, default=0.0, help="weight of the hard-label loss")
+    s.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
+    s.add_argument("--out", required=True, help="output folder")
+    _add_training(s, epochs=20, lr=0.01, batch_size=256)
+    s.set_defaults(func=cmd_distill)
+
+    b = sub.add_parser("bench", help="benchmarks (see `mimic-fast bench --help`)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    i = sub.add_parser("info", help="backends available here, versions, and why any is missing",
+                       description="Print mimic_fast.info() as a table.")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` (--help too) belongs to the bench parser
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"mimic-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = (f"; completed epochs are kept in {out}/checkpoint.pt: rerun with --resume"
+                if args.command in ("train-teacher", "distill") else
+                "; rerun the same command to resume" if args.command == "collect-logits" else "")
+        print(f"mimic-fast {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
