@@ -185,6 +185,9 @@ def format_table(result):
         r = rows[key]
         acc = f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} %"
         lines.append(f"{name:<44} {r['params']:>9,}  {acc:>27}  {r['samples_per_s']:>20,.0f}")
+    env = result.get("environment", {})
+    lines.append(f"(inference: eval mode, batch {cfg['throughput_batch']}, {env.get('threads')} CPU "
+                 f"thread(s), fused backend {result.get('backend')!r}; accuracy: mean +- std over seeds)")
     return "\n".join(lines)
 
 
@@ -248,7 +251,7 @@ def run_demo(out="runs/demo", config=None, progress=False, log=print):
 def _run(cfg, out, progress, log):
     t_start = time.perf_counter()
     log(f"mimic-fast demo: digits, {100 * cfg.label_fraction:.0f}% of the training split labelled, "
-        f"seeds {list(cfg.seeds)}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        f"seeds {list(cfg.seeds)}, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
     runs = []
     with tempfile.TemporaryDirectory(prefix="mimic-demo-") as workdir:
         for seed in cfg.seeds:
@@ -268,9 +271,9 @@ def _run(cfg, out, progress, log):
     log(format_table(result))
     s = result["summary"]
     gain = 100 * (s["student_mimic"]["accuracy_mean"] - s["student_labels"]["accuracy_mean"])
+    speed = s["student_mimic"]["samples_per_s"] / s["teacher"]["samples_per_s"]
     log(f"\nmimic student vs the same student on labels only: {gain:+.2f} points; "
-        f"student/teacher throughput x{s['student_mimic']['samples_per_s'] / s['teacher']['samples_per_s']:.2f}; "
-        f"total {result['runtime_s']:.0f} s")
+        f"student/teacher inference throughput x{speed:.1f}; total {result['runtime_s']:.0f} s")
     log(f"wrote {os.path.join(out, 'demo.json')} and {os.path.join(out, 'demo.png')}")
     return result
 

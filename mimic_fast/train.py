@@ -68,12 +68,14 @@ def init_distributed(backend=None):
 
 
 def default_device(device=None):
+    """`device`, or cuda if available, else cpu; under torch.distributed a bare "cuda" means this
+    rank's GPU (LOCAL_RANK), so that `--device cuda` works under torchrun."""
+    rank, world = dist_info()
+    local = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else 0
     if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        rank, world = dist_info()
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else 0)
-    return torch.device("cpu")
+        device = torch.device(device)
+        return torch.device("cuda", local) if device.type == "cuda" and device.index is None else device
+    return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def atomic_write_bytes(path, write):
