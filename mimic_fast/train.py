@@ -122,6 +122,13 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _model_device(model, device):
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def unwrap(model):
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -238,9 +245,10 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict_logits(model, dataset, batch_size=1024, device=None):
-    """Logits for every x of a dataset whose items start with x; float32 on CPU."""
+    """Logits for every x of a dataset whose items start with x; float32 on CPU. `device` defaults
+    to the model's."""
     model = unwrap(model)
-    device = default_device(device) if device is None else torch.device(device)
+    device = _model_device(model, device)
     was_training = model.training
     model.eval()
     out = []
@@ -252,9 +260,10 @@ def predict_logits(model, dataset, batch_size=1024, device=None):
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size=1024, device=None):
-    """Top-1 accuracy on a dataset of (x, y, ...) items; sharded over ranks under torch.distributed."""
+    """Top-1 accuracy on a dataset of (x, y, ...) items (on the model's device unless `device`);
+    sharded over ranks under torch.distributed."""
     model = unwrap(model)
-    device = default_device(device) if device is None else torch.device(device)
+    device = _model_device(model, device)
     rank, world = dist_info()
     part = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     was_training = model.training
@@ -583,7 +592,7 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
 def throughput(model, example, batch_size=256, min_time=0.5, device=None):
     """Inference samples per second of model(x) on batches shaped like `example` (one item)."""
     model = unwrap(model).eval()
-    device = default_device(device) if device is None else torch.device(device)
+    device = _model_device(model, device)
     x = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous().to(device)
     model(x)  # warm-up
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
