@@ -6,6 +6,7 @@ logits/; student.pt) and run unchanged under `torchrun --nproc_per_node N -m mim
 Heavy imports happen inside the commands, so `--help` stays fast.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -244,8 +245,8 @@ def cmd_collect_logits(args):
     acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
     if _is_rank0():
         T.atomic_write_text(os.path.join(args.out, "teacher.json"),
-                            __import__("json").dumps({"teachers": args.teacher, "spec": spec,
-                                                      "test_accuracy": acc}, indent=2))
+                            json.dumps({"teachers": args.teacher, "spec": spec, "test_accuracy": acc},
+                                       indent=2))
         _say(f"teacher test accuracy {acc:.4f}; logits of {len(transfer)} rows in {store.path}")
     return 0
 

@@ -13,11 +13,12 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from . import train as T
+from .nn import WideShallowStudent
 
 __all__ = ["DemoConfig", "run_demo", "add_arguments", "main", "labelled_split"]
 
@@ -54,7 +55,6 @@ class DemoConfig:
     # (480 ms vs 7 ms) while waiting for each other
     threads: int = 1
     quick: bool = False
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def quick_preset(cls):
@@ -79,8 +79,8 @@ def labelled_split(y, fraction, seed):
 
 
 def _student(cfg, in_features, num_classes):
-    return __import__("mimic_fast").nn.WideShallowStudent(
-        in_features, num_classes, hidden=cfg.student_hidden, bottleneck=cfg.student_bottleneck)
+    return WideShallowStudent(in_features, num_classes, hidden=cfg.student_hidden,
+                              bottleneck=cfg.student_bottleneck)
 
 
 def _curve(history):
