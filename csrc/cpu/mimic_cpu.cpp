@@ -6,14 +6,13 @@
 // saved), which costs one extra (B,k)x(k,H) GEMM, ~19% of the step's FLOPs at the paper's sizes.
 //
 // Chunk size: each chunk keeps two (B, chunk) compute-dtype tiles live (pre-activation / hidden,
-// and dh / da in backward) plus the V and W column blocks they touch (chunk x (k + C)). When one
-// thread owns a chunk (the "chunks" loop order below) that working set must fit its core's L2
-// (2 MiB on current Xeon / EPYC): the tile is B * chunk * sizeof(float) ~= 512 KiB, so at B = 256,
-// k = 250, C = 183 a chunk of 512 columns needs ~1.9 MiB. When the GEMMs are spread over all threads
-// (the "gemm" order) the tile is split over every core's L2 and may be twice as large (1 MiB).
-// Clamped to [64, 4096] columns, a multiple of 64 (GEMM micro-kernel widths). MIMIC_FAST_CPU_CHUNK_H
-// overrides it (read per call: for tuning and CPUs with very different caches, see
-// benchmarks/tune_cpu.py).
+// and dh / da in backward) plus the V and W column blocks they touch (chunk x (k + C)). The tile is
+// B * chunk * sizeof(float) ~= 1 MiB, half of a 2 MiB per-core L2 (current Xeon / EPYC): at B = 256
+// that is 1024 columns, wide enough for the GEMMs to run near their peak (they lose efficiency
+// below ~256 columns). Measured on a 2-core Xeon (benchmarks/tune_cpu.py): 512 and 1024 columns
+// are equal at best, and 1024 was the steadier under co-tenant load. Clamped to [64, 4096] columns,
+// a multiple of 64 (GEMM micro-kernel widths). MIMIC_FAST_CPU_CHUNK_H overrides it (read per call:
+// for tuning and CPUs with very different caches).
 //
 // Dtypes: float32 and float64 are computed natively; bfloat16 / float16 are upcast to float32 chunk
 // by chunk (float32 accumulation everywhere) and outputs are cast back to the input dtype.
@@ -39,7 +38,7 @@ using at::Tensor;
 enum Activation : int64_t { kRelu = 0, kSigmoid = 1, kTanh = 2, kGelu = 3 };
 enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
 
-constexpr int64_t kTileBytesPerCore = 512 << 10;
+constexpr int64_t kTileBytes = 1 << 20;
 constexpr int64_t kMinChunk = 64;
 constexpr int64_t kMaxChunk = 4096;
 // Elements per at::parallel_for task: below this, thread wake-up costs more than the work.
@@ -230,17 +229,16 @@ constexpr int64_t kPartialBytes = 32 << 20;  // cap on the per-group partials (G
 Plan plan(int64_t B, int64_t H, int64_t partial_cols) {
   Plan p;
   const int64_t T = at::get_num_threads();
+  p.chunk = chunk_h(B, H, kTileBytes);
+  p.nchunks = (H + p.chunk - 1) / p.chunk;
   // Chunks order when there are enough chunks for every thread to take a few.
-  const int64_t per_core = chunk_h(B, H, kTileBytesPerCore);
-  p.loop = (T > 1 && (H + per_core - 1) / per_core >= 2 * T) ? Loop::kChunks : Loop::kGemm;
+  p.loop = (T > 1 && p.nchunks >= 2 * T) ? Loop::kChunks : Loop::kGemm;
   if (const char* env = std::getenv("MIMIC_FAST_CPU_LOOP")) {
     const std::string s(env);
     TORCH_CHECK(s == "gemm" || s == "chunks", "MIMIC_FAST_CPU_LOOP must be 'gemm' or 'chunks', got '",
                 s, "'");
     p.loop = s == "gemm" ? Loop::kGemm : Loop::kChunks;
   }
-  p.chunk = p.loop == Loop::kChunks ? per_core : chunk_h(B, H, 2 * kTileBytesPerCore);
-  p.nchunks = (H + p.chunk - 1) / p.chunk;
   const int64_t by_memory =
       kPartialBytes / std::max<int64_t>(1, B * partial_cols * static_cast<int64_t>(sizeof(float)));
   p.groups = p.loop == Loop::kGemm
