@@ -118,14 +118,19 @@ def test_compile_fullgraph_training_step_matches_eager():
         assert_close(a, b, f"grad {n}")
 
 
-def test_autocast_runs_in_low_precision():
-    m = mf.nn.WideShallowStudent(7, 4, 48, 3)
-    x = torch.randn(5, 7)
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_autocast_runs_in_low_precision(backend):
+    """Inputs are cast once to the autocast dtype; backends run with autocast off, also in a
+    backward called inside the autocast region."""
+    m = mf.nn.WideShallowStudent(7, 4, 48, 3, backend=backend)
+    x, t = torch.randn(5, 7), torch.randn(5, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert m.W.grad.dtype == torch.float32
+        y.float().sum().backward()
+        loss = m.mimic_loss(x, t)
+        loss.backward()
+    assert y.dtype == torch.bfloat16 and loss.dtype == torch.bfloat16
+    assert m.W.grad.dtype == torch.float32 and torch.isfinite(m.W.grad).all()
 
 
 def test_import_is_light_and_info_reports_every_backend():

@@ -9,6 +9,12 @@ import torch
 from .. import dispatch
 
 
+def _no_autocast(t):
+    # functional.py already cast the inputs to the autocast dtype; autocast must not re-cast the
+    # GEMMs inside a backend (their outputs would no longer match the buffers they write into).
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _empty_batch_backend(x, backend):
     # Kernels need not handle B = 0; the reference produces the right empty/NaN results.
     return "reference" if x.shape[0] == 0 else backend
@@ -18,7 +24,8 @@ class BottleneckMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, V, b1, W, b2, activation, backend):
         backend = _empty_batch_backend(x, backend)
-        y, z = dispatch.get(backend).mlp_fwd(x, U, V, b1, W, b2, activation)
+        with _no_autocast(x):
+            y, z = dispatch.get(backend).mlp_fwd(x, U, V, b1, W, b2, activation)
         ctx.save_for_backward(x, z, U, V, b1, W)
         ctx.activation, ctx.backend, ctx.has_b2 = activation, backend, b2 is not None
         return y
@@ -26,8 +33,9 @@ class BottleneckMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, z, U, V, b1, W = ctx.saved_tensors
-        grads = dispatch.get(ctx.backend).mlp_bwd(dy.contiguous(), x, z, U, V, b1, W, ctx.activation,
-                                                  ctx.has_b2)
+        with _no_autocast(x):
+            grads = dispatch.get(ctx.backend).mlp_bwd(dy.contiguous(), x, z, U, V, b1, W,
+                                                      ctx.activation, ctx.has_b2)
         return (*grads, None, None)
 
 
@@ -35,8 +43,9 @@ class MimicLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, V, b1, W, b2, teacher_logits, activation, reduction, backend):
         backend = _empty_batch_backend(x, backend)
-        loss, z, dy_unit = dispatch.get(backend).mimic_fwd(x, U, V, b1, W, b2, teacher_logits,
-                                                           activation, reduction)
+        with _no_autocast(x):
+            loss, z, dy_unit = dispatch.get(backend).mimic_fwd(x, U, V, b1, W, b2, teacher_logits,
+                                                               activation, reduction)
         ctx.save_for_backward(x, z, U, V, b1, W, dy_unit)
         ctx.activation, ctx.backend, ctx.has_b2 = activation, backend, b2 is not None
         return loss
@@ -45,6 +54,7 @@ class MimicLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         x, z, U, V, b1, W, dy_unit = ctx.saved_tensors
         dy = dy_unit * grad_loss.to(dy_unit.dtype)
-        grads = dispatch.get(ctx.backend).mlp_bwd(dy.contiguous(), x, z, U, V, b1, W, ctx.activation,
-                                                  ctx.has_b2)
+        with _no_autocast(x):
+            grads = dispatch.get(ctx.backend).mlp_bwd(dy.contiguous(), x, z, U, V, b1, W,
+                                                      ctx.activation, ctx.has_b2)
         return (*grads, None, None, None, None)
