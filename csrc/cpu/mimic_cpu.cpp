@@ -211,12 +211,12 @@ void epilogue_bwd(Tensor& a, Tensor& d, const c10::optional<Tensor>& bias, T* db
 
 // Two loop orders over the chunks (MIMIC_FAST_CPU_LOOP=gemm|chunks overrides the rule below):
 //  gemm:   chunks in sequence, each GEMM and epilogue spread over all threads (a barrier per GEMM);
-//  chunks: threads take chunks dynamically (an atomic counter, so a thread that the OS preempts on
-//          a shared machine holds up the others by one chunk at most) and run them with
+//  chunks: threads take groups of chunks dynamically (an atomic counter, so a thread that the OS
+//          preempts on a shared machine holds up the others by one group at most) and run them with
 //          single-threaded GEMMs (BLAS runs serially inside an OpenMP parallel region): one
 //          parallel region per op instead of one per GEMM, which is what scales to many cores.
-//          Each group of chunks (one chunk per group unless the partials would pass
-//          kPartialBytes) has its own y / dz partial, summed in group order at the end: bitwise
+//          Chunks are taken in groups (at most 8 per thread, and kPartialBytes of partials); each
+//          group has its own y / dz partial, summed in group order at the end: bitwise
 //          deterministic for a given thread count, whatever the scheduling.
 enum class Loop { kGemm, kChunks };
 
@@ -225,7 +225,8 @@ struct Plan {
   int64_t chunk, nchunks, groups;
 };
 
-constexpr int64_t kPartialBytes = 32 << 20;  // cap on the per-group partials (G x B x (C + k))
+// Cap on the per-group partials (G x B x k for dz): they are workspace like the tiles.
+constexpr int64_t kPartialBytes = 4 << 20;
 
 Plan plan(int64_t B, int64_t H, int64_t partial_cols) {
   Plan p;
@@ -244,7 +245,7 @@ Plan plan(int64_t B, int64_t H, int64_t partial_cols) {
       kPartialBytes / std::max<int64_t>(1, B * partial_cols * static_cast<int64_t>(sizeof(float)));
   p.groups = p.loop == Loop::kGemm
                  ? 1
-                 : std::min(p.nchunks, std::max<int64_t>(T, by_memory));
+                 : std::min({p.nchunks, 8 * T, std::max<int64_t>(T, by_memory)});
   return p;
 }
 
