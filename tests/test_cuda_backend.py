@@ -78,9 +78,38 @@ def test_asking_for_cuda_when_unavailable_raises_with_the_reason():
 
 
 # ---- CPU: autograd wiring of the loss functions (emulated kernels, float64) --------------------------
+def _logit_mse_emulated(s, t, reduction, zero_mean):
+    """The loss kernel's contract in PyTorch: (loss in s's dtype, float32+ dy_unit)."""
+    acc = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
+    r = s.to(acc) - t.to(acc)
+    if zero_mean:
+        r = r - r.mean(dim=-1, keepdim=True)
+    n = r.numel()
+    if reduction == "mean":
+        loss, dy = (r * r).sum() / n, r * (2.0 / max(n, 1))
+    elif reduction == "sum":
+        loss, dy = (r * r).sum(), 2.0 * r
+    else:
+        loss, dy = r * r, 2.0 * r
+    return loss.to(s.dtype), dy
+
+
+def _kd_emulated(s, t, T):
+    """The KD kernel's contract in PyTorch: (loss in s's dtype, float32+ dy_unit)."""
+    lq, lp, loss = cuda._kd_terms(s, t, T)
+    return loss.to(s.dtype), (lq.exp() - lp.exp()) * (T / max(s.shape[0], 1))
+
+
+@pytest.fixture
+def emulated_kernels(monkeypatch):
+    """Replace the two loss kernels by their contract so the autograd wiring runs on CPU tensors."""
+    monkeypatch.setattr(cuda, "_logit_mse_kernel", _logit_mse_emulated)
+    monkeypatch.setattr(cuda, "_kd_kernel", _kd_emulated)
+
+
 @pytest.mark.parametrize("zero_mean", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_logit_mse_wiring_matches_functional(reduction, zero_mean):
+def test_logit_mse_wiring_matches_functional(reduction, zero_mean, emulated_kernels):
     s = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     t = (torch.randn(2, 3, 7, dtype=torch.float64) + 2.0).requires_grad_()
     ours = cuda.logit_mse_loss(s, t, reduction, zero_mean)
@@ -92,14 +121,14 @@ def test_logit_mse_wiring_matches_functional(reduction, zero_mean):
         assert_close(a, b, f"d{name}")
 
 
-def test_logit_mse_wiring_gradcheck_zero_mean_none():
+def test_logit_mse_wiring_gradcheck_zero_mean_none(emulated_kernels):
     s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: cuda.logit_mse_loss(a, b, "none", True), (s, t))
 
 
 @pytest.mark.parametrize("T", [1.0, 4.0])
-def test_kd_wiring_matches_functional_for_both_arguments(T):
+def test_kd_wiring_matches_functional_for_both_arguments(T, emulated_kernels):
     s = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
     ours, want = cuda.kd_loss(s, t, T), functional.kd_loss(s, t, T)
@@ -109,7 +138,7 @@ def test_kd_wiring_matches_functional_for_both_arguments(T):
     assert torch.autograd.gradcheck(lambda a, b: cuda.kd_loss(a, b, T), (s, t))
 
 
-def test_empty_batches_give_nan_like_functional():
+def test_empty_batches_give_nan_like_functional(emulated_kernels):
     s = torch.randn(0, 5, dtype=torch.float64)
     assert torch.isnan(cuda.logit_mse_loss(s, s, "mean")) and torch.isnan(functional.logit_mse_loss(s, s))
     assert cuda.logit_mse_loss(s, s, "sum").item() == 0.0

@@ -148,22 +148,6 @@ def _rows(x):
     return x.reshape(math.prod(x.shape[:-1]), C)
 
 
-def _logit_mse_emulated(s, t, reduction, zero_mean):
-    """The kernel's contract in PyTorch (CPU tensors, tests): (loss in s's dtype, float32 dy_unit)."""
-    acc = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
-    r = s.to(acc) - t.to(acc)
-    if zero_mean:
-        r = r - r.mean(dim=-1, keepdim=True)
-    n = r.numel()
-    if reduction == "mean":
-        loss, dy = (r * r).sum() / n, r * (2.0 / max(n, 1))
-    elif reduction == "sum":
-        loss, dy = (r * r).sum(), 2.0 * r
-    else:
-        loss, dy = r * r, 2.0 * r
-    return loss.to(s.dtype), dy
-
-
 def _kd_terms(s, t, T):
     acc = torch.promote_types(s.dtype, torch.float32)
     lq = F.log_softmax(s.to(acc) / T, dim=-1)
@@ -172,20 +156,20 @@ def _kd_terms(s, t, T):
     return lq, lp, (lp.exp() * (lp - lq)).sum() * (T * T) / s.shape[0]
 
 
-def _kd_emulated(s, t, T):
-    """The kernel's contract in PyTorch (CPU tensors, tests): (loss in s's dtype, float32 dy_unit)."""
-    lq, lp, loss = _kd_terms(s, t, T)
-    return loss.to(s.dtype), (lq.exp() - lp.exp()) * (T / max(s.shape[0], 1))
+def _logit_mse_kernel(s, t, reduction, zero_mean):
+    """(loss in s's dtype, float32 dy_unit) from the one-pass kernel; 2-D inputs."""
+    return torch.ops.mimic_fast.cuda_logit_mse(s, t, REDUCTION_CODES[reduction], zero_mean)
+
+
+def _kd_kernel(s, t, T):
+    """(loss in s's dtype, float32 dy_unit) from the two-pass kernel; 2-D inputs."""
+    return torch.ops.mimic_fast.cuda_kd_loss(s, t, T)
 
 
 class _LogitMSELoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, reduction, zero_mean):
-        s2, t2 = _rows(s), _rows(t)
-        if s.is_cuda:
-            loss, dy = torch.ops.mimic_fast.cuda_logit_mse(s2, t2, REDUCTION_CODES[reduction], zero_mean)
-        else:
-            loss, dy = _logit_mse_emulated(s2, t2, reduction, zero_mean)
+        loss, dy = _logit_mse_kernel(_rows(s), _rows(t), reduction, zero_mean)
         ctx.save_for_backward(dy)
         ctx.reduction, ctx.zero_mean, ctx.shape = reduction, zero_mean, s.shape
         ctx.s_dtype, ctx.t_dtype = s.dtype, t.dtype
@@ -211,10 +195,7 @@ class _KDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, temperature):
         s2, t2 = _rows(s), _rows(t)
-        if s.is_cuda:
-            loss, dy = torch.ops.mimic_fast.cuda_kd_loss(s2, t2, float(temperature))
-        else:
-            loss, dy = _kd_emulated(s2, t2, float(temperature))
+        loss, dy = _kd_kernel(s2, t2, float(temperature))
         ctx.save_for_backward(dy, s2, t2)
         ctx.shape, ctx.T = s.shape, float(temperature)
         return loss
@@ -240,8 +221,7 @@ class _KDLoss(torch.autograd.Function):
 def logit_mse_loss(student_logits, teacher_logits, reduction="mean", zero_mean=False):
     """mimic_fast.functional.logit_mse_loss on the one-pass CUDA kernel (inputs already validated).
 
-    Same value, dtype and gradients (for both arguments). Any leading dims. CPU tensors run a
-    PyTorch emulation of the kernel's contract (for tests).
+    Same value, dtype and gradients (for both arguments). Any leading dims.
     """
     return _LogitMSELoss.apply(student_logits, teacher_logits, reduction, zero_mean)
 
@@ -250,7 +230,7 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0):
     """mimic_fast.functional.kd_loss on the two-pass CUDA kernel (inputs already validated).
 
     Same value, dtype and gradients; the teacher's gradient, if asked for, is computed with PyTorch
-    ops in backward. CPU tensors run a PyTorch emulation of the kernel's contract (for tests).
+    ops in backward.
     """
     return _KDLoss.apply(student_logits, teacher_logits, temperature)
 
