@@ -1,0 +1,42 @@
+"""Without the C++ extension the package still works: one warning, info() says why, auto -> reference."""
+import subprocess
+import sys
+
+SCRIPT = r"""
+import importlib.abc, sys, warnings
+
+class Block(importlib.abc.MetaPathFinder):  # as if mimic_fast._C had failed to build or load
+    def find_spec(self, name, path=None, target=None):
+        if name == "mimic_fast._C":
+            raise ImportError("simulated: _C not built")
+
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    import mimic_fast as mf
+    from mimic_fast import dispatch
+ours = [w for w in caught if "mimic_fast._C" in str(w.message)]
+assert len(ours) == 1, [str(w.message) for w in caught]
+assert "reference" in str(ours[0].message)
+entry = mf.info()["backends"]["cpu"]
+assert not entry["available"] and "simulated: _C not built" in entry["reason"], entry
+x, U, V, W = torch.randn(4, 6), torch.randn(3, 6), torch.randn(10, 3), torch.randn(5, 10)
+p = dispatch.Problem("mlp", x.device, x.dtype, 4, 6, 3, 10, 5, "relu")
+assert dispatch.select("auto", p) == "reference"
+y = mf.bottleneck_mlp(x, U, V, None, W, None)
+torch.testing.assert_close(y, torch.relu(x @ U.T @ V.T) @ W.T)
+try:
+    mf.bottleneck_mlp(x, U, V, None, W, None, backend="cpu")
+except ValueError as e:
+    assert "backend 'cpu' cannot serve" in str(e) and "_C" in str(e), e
+else:
+    raise AssertionError("backend='cpu' did not refuse")
+print("ok")
+"""
+
+
+def test_package_works_without_the_cpu_extension():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
