@@ -40,3 +40,28 @@ def test_package_works_without_the_cpu_extension():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+SETUP_WITHOUT_TORCH = r"""
+import importlib.abc, runpy, sys
+
+class Block(importlib.abc.MetaPathFinder):  # as if torch were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+
+sys.meta_path.insert(0, Block())
+sys.argv = ["setup.py", "--version"]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
+
+def test_setup_py_without_torch_says_to_install_it_first():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", SETUP_WITHOUT_TORCH], capture_output=True, text=True,
+                         cwd=root)
+    assert out.returncode != 0
+    message = out.stderr.strip().splitlines()
+    assert len(message) == 1 and "needs PyTorch to build: install it first" in message[0], out.stderr
