@@ -72,10 +72,24 @@ def default_device(device=None):
     rank's GPU (LOCAL_RANK), so that `--device cuda` works under torchrun."""
     rank, world = dist_info()
     local = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else 0
-    if device is not None:
+    if device is None:
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    try:
         device = torch.device(device)
-        return torch.device("cuda", local) if device.type == "cuda" and device.index is None else device
-    return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:1, got {device!r} "
+                         f"({e})") from None
+    if device.type == "cuda":
+        # checked here: torch would fail later, deep inside model.to(), with an AssertionError
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was requested but CUDA is not available "
+                             f"(torch {torch.__version__}); use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", local)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def atomic_write_bytes(path, write):
@@ -119,7 +133,9 @@ def _set_rng_state(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a checkpoint from a machine with more GPUs than this one: restore the devices present
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def _model_device(model, device):
@@ -164,7 +180,14 @@ def build_from_spec(spec):
 
 def load_model(path, map_location="cpu"):
     """(model, payload) from a file written by save_model; the model is in eval mode."""
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file {path} does not exist: expected a .pt file written by "
+                                f"save_model (e.g. teacher.pt of `mimic-fast train-teacher`)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError... on foreign files
+        raise ValueError(f"{path} is not a mimic_fast model file (torch.load failed: "
+                         f"{type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a mimic_fast model file (expected format {MODEL_FORMAT!r})")
     model = build_from_spec(payload["spec"])
@@ -410,7 +433,11 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
         if changed:
             warnings.warn(f"resuming {resume_path} with different options (saved, now): {changed}; "
                           "the result will differ from an uninterrupted run", stacklevel=3)
-        unwrap(model).load_state_dict(ckpt["model"])
+        try:
+            unwrap(model).load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # another architecture or size (e.g. a changed --hidden)
+            raise ValueError(f"{resume_path} holds a model that does not fit this {kind} model "
+                             f"(saved spec {ckpt.get('spec')!r}, now {spec!r}): {e}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         history, start = list(ckpt["history"]), int(ckpt["epoch"])

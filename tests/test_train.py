@@ -239,3 +239,42 @@ def test_save_and_load_model_roundtrip(tmp_path):
     assert payload["note"] == "x"
     x = torch.randn(5, D)
     assert torch.equal(loaded(x), student(x))
+
+
+def test_bad_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="device must be"):
+        T.default_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            T.train_teacher(_mlp(), _xy(), device="cuda", epochs=1, progress=False)
+    else:
+        with pytest.raises(ValueError, match="does not exist"):
+            T.default_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_resume_with_another_model_size_is_a_clear_error(tmp_path):
+    T.distill(_student(hidden=32), _distill_set(), out_dir=str(tmp_path), epochs=1, batch_size=16,
+              progress=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        T.distill(_student(hidden=48), _distill_set(), out_dir=str(tmp_path), resume=True, epochs=1,
+                  batch_size=16, progress=False)
+
+
+def test_load_model_missing_or_foreign_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.load_model(tmp_path / "nope.pt")
+    (tmp_path / "x.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a mimic_fast model file"):
+        T.load_model(tmp_path / "x.pt")
+
+
+def test_rng_restore_skips_gpus_this_machine_lacks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: calls.append(i))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.extend(range(len(states))))
+    state = {"python": __import__("random").getstate(), "numpy": __import__("numpy").random.get_state(),
+             "torch": torch.get_rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8)] * 2}
+    T._set_rng_state(state)  # saved on 2 GPUs, restored on 1
+    assert calls == [0]
