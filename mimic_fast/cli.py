@@ -82,7 +82,14 @@ def _load_data(args):
         raise ValueError(f"--dataset {args.dataset} needs --data PATH")
     if not 0 < args.label_fraction <= 1:
         raise ValueError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
-    return load_dataset(args.dataset, root=args.data, seed=args.split_seed)
+    splits = load_dataset(args.dataset, root=args.data, seed=args.split_seed)
+    # Rows travel flat (N, D), as digits' do: every models.build_model net unflattens them to
+    # input_shape itself, while a WideShallowStudent (snn-mimic-*) takes only flat rows.
+    for part in (splits.train, splits.test):
+        part.tensors = (part.tensors[0].reshape(len(part.tensors[0]), -1), *part.tensors[1:])
+    if splits.unlabelled is not None:
+        splits.unlabelled = splits.unlabelled.reshape(len(splits.unlabelled), -1)
+    return splits
 
 
 def _labelled_rows(splits, args):
@@ -221,6 +228,8 @@ def cmd_collect_logits(args):
     recipe = {**_data_record(args, splits), "n_generated": args.n_generated, "method": args.method,
               "generate_from": args.generate_from, "seed": args.seed,
               "noise_std": args.noise_std if args.method == "noise" else None}
+    # the teachers first: a bad --teacher must fail before anything is written
+    teacher, spec, _ = _load_teachers(args.teacher)
     path = os.path.join(args.out, "transfer.pt")
     if os.path.exists(path):
         saved = torch.load(path, weights_only=False)
@@ -235,7 +244,6 @@ def cmd_collect_logits(args):
             T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
                                  "sources": transfer.sources, "labels": transfer.labels}, path)
         _say(f"transfer set {transfer}; wrote {path}")
-    teacher, spec, _ = _load_teachers(args.teacher)
     device = T.default_device(args.device)
     teacher.to(device)
     dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
@@ -266,6 +274,14 @@ def cmd_distill(args):
     saved = torch.load(path, weights_only=False)
     transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
     store = LogitStore.open(os.path.join(args.logits, "logits"), transfer)
+    # the student is sized from --dataset: data other than the logits' would fail deep in a kernel
+    rows = transfer.x[0].numel()
+    if rows != splits.in_features or store.num_classes != splits.num_classes:
+        made = saved.get("recipe", {})
+        raise ValueError(f"--logits {args.logits} holds rows of {rows} features and "
+                         f"{store.num_classes} classes (made from --dataset {made.get('dataset')} "
+                         f"--data {made.get('data')}), but --dataset {args.dataset} has "
+                         f"{splits.in_features} features and {splits.num_classes} classes")
     dataset = LogitDataset(transfer, store, with_labels=args.alpha > 0)
     overrides = {}
     if args.hidden is not None:
