@@ -101,6 +101,9 @@ def test_npz_split_given_test_and_unlabelled(tmp_path):
     ({"X": np.zeros((4, 3)), "y": np.zeros(4, np.int64), "X_test": np.zeros((2, 3))}, "together"),
     ({"X": np.zeros((4, 3)), "y": np.zeros(4, np.int64), "X_unlabelled": np.zeros((2, 5))},
      "X_unlabelled rows"),
+    ({"X": np.array([[0, np.nan, 0]] * 4), "y": np.zeros(4, np.int64)}, "X has 4 non-finite"),
+    ({"X": np.zeros((4, 3)), "y": np.zeros(4, np.int64), "X_test": np.full((2, 3), np.inf),
+      "y_test": np.zeros(2, np.int64)}, "X_test has 6 non-finite"),
 ])
 def test_npz_malformed(tmp_path, arrays, match):
     np.savez(tmp_path / "bad.npz", **arrays)

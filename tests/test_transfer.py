@@ -1,4 +1,5 @@
 """Transfer-set generators: reproducible from the seed, right shapes, and doing what they claim."""
+import numpy as np
 import pytest
 import torch
 
@@ -90,5 +91,10 @@ def test_build_transfer_set_errors():
         build_transfer_set(X, y_labelled=torch.zeros(3))
     with pytest.raises(ValueError, match="unknown source"):
         build_transfer_set(X).indices("teacher")
+    with pytest.raises(ValueError, match="integer class ids.*1.7"):  # not silently truncated to 1
+        build_transfer_set(X, y_labelled=torch.tensor([0.0, 1.7, 2.0, 1.0]))
+    assert build_transfer_set(X, y_labelled=np.array([0.0, 1, 2, 1])).labels.tolist() == [0, 1, 2, 1]
+    # numpy integers are integers (e.g. a count computed with numpy)
+    assert len(build_transfer_set(X, n_generated=np.int64(3), method="noise")) == 7
     assert build_transfer_set(X, torch.randn(2, 3), 5, "noise", generate_from="all").counts()[
         "generated"] == 5

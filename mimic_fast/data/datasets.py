@@ -195,7 +195,12 @@ def _load_npz(path, seed, test_fraction):
     def features(a, key):
         if a.dtype.kind not in "fiub" or a.ndim < 2:
             raise ValueError(f"{path}: {key} must be a numeric array (N, D...), got {a.shape} {a.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:  # NaN/Inf (or float64 values beyond float32) would silently poison every loss
+            raise ValueError(f"{path}: {key} has {bad} non-finite value(s) (NaN/Inf, or beyond the "
+                             f"float32 range); clean or impute them first")
+        return t
 
     X, y = features(arrays["X"], "X"), _labels(arrays["y"], f"{path}: y")
     if len(X) != len(y):

@@ -4,6 +4,8 @@ Every generator is a pure function of (X, n, its parameters, seed). Limits: MUNG
 attribute as continuous and needs all of X in memory for its nearest-neighbour search (scikit-learn);
 generated rows are materialised in memory.
 """
+import numbers
+
 import torch
 from torch.utils.data import Dataset
 
@@ -28,9 +30,10 @@ def _as_rows(X, name, min_dim=2):
 
 
 def _check_n(n):
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    # numbers.Integral: numpy ints (e.g. len of an array, n // 2 of an np.int64) are ints too
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
-    return n
+    return int(n)
 
 
 def _base_rows(N, n, g):
@@ -182,7 +185,14 @@ def build_transfer_set(X_labelled, X_unlabelled=None, n_generated=0, method="mun
     x, sources = torch.cat(parts), torch.cat(codes)
     labels = None
     if y_labelled is not None:
-        y = torch.as_tensor(y_labelled, dtype=torch.int64)
+        y = torch.as_tensor(y_labelled)
+        if y.is_floating_point() and not torch.equal(y, y.round()):
+            # a cast would silently truncate (1.7 -> 1): class ids must be whole numbers
+            raise ValueError(f"y_labelled must hold integer class ids, got {y.dtype} values such as "
+                             f"{y[y != y.round()][0].item()}")
+        if y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"y_labelled must hold integer class ids, got dtype {y.dtype}")
+        y = y.to(torch.int64)
         if y.shape != (len(X_l),):
             raise ValueError(f"y_labelled must have shape ({len(X_l)},), got {tuple(y.shape)}")
         labels = torch.full((len(x),), -1, dtype=torch.int64)
