@@ -308,3 +308,13 @@ def test_injected_crash_points_resume_exactly(tmp_path, monkeypatch, where):
                            progress=False)
     assert t2.rows == 45 - 16 and torch.equal(resumed.tensor(), fresh.tensor())
     resumed.verify()
+
+
+def test_teacher_in_another_float_dtype_gets_inputs_in_its_dtype(tmp_path):
+    # e.g. a half-precision teacher on a GPU fed float32 rows; float64 stands in for it on the CPU
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 3).double()
+    x = torch.randn(10, 4)
+    store = collect_logits(teacher, TensorDataset(x), tmp_path / "s", batch_size=4,
+                           dtype=torch.float32, progress=False)
+    assert torch.allclose(store.tensor(), teacher(x.double()).float(), atol=1e-6)

@@ -309,8 +309,17 @@ def _infer_device(teacher, device):
     return torch.device("cpu")
 
 
+def _param_dtype(teacher):
+    for p in teacher.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 def _run_teacher(teacher, x, device, rows, num_classes, where):
-    out = teacher(x.to(device, non_blocking=True))
+    # float inputs follow a half/bfloat16/float64 teacher's dtype (dataset rows are float32)
+    dtype = _param_dtype(teacher) if x.is_floating_point() else None
+    out = teacher(x.to(device, dtype=dtype or x.dtype, non_blocking=True))
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != rows or (
             num_classes is not None and out.shape[1] != num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
