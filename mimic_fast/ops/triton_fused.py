@@ -67,7 +67,11 @@ def dz_reduction(mode):
 
 # ---------------------------------------------------------------------------------------- interface
 def availability():
-    return _IMPORT_ERROR
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if not (K.INTERPRET or torch.cuda.is_available()):
+        return "no CUDA device is visible (and TRITON_INTERPRET=1 is not set for the CPU interpreter)"
+    return None
 
 
 def _interpreting():
