@@ -1,8 +1,9 @@
 """Teachers and students of the mimic-learning papers (Ba & Caruana 2014; Urban et al. 2017).
 
 Design limits: the teachers are plain PyTorch (they run once, to label the transfer set); only the
-students' wide layer is fused (mimic_fast.nn.WideShallowStudent). Every model accepts (N, *input_shape)
-or flat (N, prod(input_shape)) inputs. Parameter counts of `build_model` are computed, not quoted.
+students' wide layer is fused (mimic_fast.nn.WideShallowStudent). The teachers, ShallowNet and
+ConvStudent accept (N, *input_shape) or flat (N, prod(input_shape)) inputs; the snn-mimic students
+(WideShallowStudent, like nn.Linear) take (..., D) rows, so flatten images first. Parameter counts of `build_model` are computed, not quoted.
 """
 import math
 

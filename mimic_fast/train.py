@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, Subset,
                               default_collate)
 
+from ._io import atomic_write_bytes, atomic_write_text  # noqa: F401  (cli/demo use them via train)
 from .functional import kd_loss, logit_mse_loss
 from .nn import WideShallowStudent
 
@@ -92,33 +92,8 @@ def default_device(device=None):
     return device
 
 
-def atomic_write_bytes(path, write):
-    """Call write(fileobj) on a temp file next to `path`, fsync it, then os.replace it onto `path`.
-
-    A crash at any point leaves either the old file or the new one, never a truncated file.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_torch_save(obj, path):
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _rng_state():

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._io import atomic_write_text
+
 __all__ = ["collect_logits", "fingerprint", "LogitStore", "LogitDataset", "teacher_fingerprint"]
 
 HEADER_NAME = "header.json"
@@ -103,27 +105,9 @@ def _read_header(directory):
     return header
 
 
-def _fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory; os.replace is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_header(directory, header):
     """Atomic: readers (and a resumed run) see the old header or the new one, never a torn one."""
-    directory = Path(directory)
-    tmp = directory / (HEADER_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(header, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / HEADER_NAME)
-    _fsync_dir(directory)
+    atomic_write_text(Path(directory) / HEADER_NAME, json.dumps(header, indent=1))
 
 
 def _chunk_bounds(header, k):
