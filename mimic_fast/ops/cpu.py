@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from ..activations import ACTIVATION_CODES
+from .reference import compute_dtype as _compute_dtype  # same upcast rule as the oracle
 
 NAME = "cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -25,10 +26,6 @@ except (ImportError, OSError) as e:  # not built, or built against another torch
                   f"({_IMPORT_ERROR}); the 'reference' backend is used for CPU tensors instead. "
                   f"Build it with `pip install --no-build-isolation -e .`.", RuntimeWarning,
                   stacklevel=2)
-
-
-def _compute_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 if _IMPORT_ERROR is None:
