@@ -11,6 +11,7 @@ import torch
 from .activations import check_activation
 
 REDUCTIONS = ("mean", "sum", "none")
+REDUCTION_CODES = {name: i for i, name in enumerate(REDUCTIONS)}  # the C++/CUDA ops' integer codes
 
 
 class MLPDims(NamedTuple):

@@ -9,12 +9,12 @@ import warnings
 
 import torch
 
+from .._checks import REDUCTION_CODES
 from ..activations import ACTIVATION_CODES
 from .reference import compute_dtype as _compute_dtype  # same upcast rule as the oracle
 
 NAME = "cpu"
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 
 try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.mimic_fast.cpu_*)

@@ -13,11 +13,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .._checks import REDUCTION_CODES
 from ..activations import ACTIVATION_CODES
 
 NAME = "cuda"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 DEFAULT_ARCH_LIST = "8.0;9.0"  # setup.py's default TORCH_CUDA_ARCH_LIST
 # Columns of H per chunk; 0 sizes the tile from the device's L2 (read once, for tuning runs).
 CHUNK_H = int(os.environ.get("MIMIC_FAST_CUDA_CHUNK_H", "0") or 0)

@@ -15,13 +15,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .._checks import check_reduction
 from ..activations import ACTIVATION_CODES
 
 NAME = "triton"
 K_MAX = 1024
 C_MAX = 2048
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_REDUCTIONS = ("mean", "sum", "none")
 
 try:
     import triton
@@ -243,8 +243,7 @@ def fused_mlp_fwd(x, U, V, b1, W, b2, activation, n_splits=None):
 
 def fused_mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction, n_splits=None):
     """(loss, z, dy_unit): the mimic MSE loss of the fused forward, and ∂loss/∂y (fp32) for backward."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}: expected one of {', '.join(_REDUCTIONS)}")
+    check_reduction(reduction)  # the launcher can be called directly, bypassing functional
     with _device_guard(x):
         z = torch.matmul(x, U.t())
         yp = _forward_partials(z, V, b1, W, activation, n_splits)
