@@ -5,6 +5,9 @@ float64 reference may be at most twice plain PyTorch's error in the same dtype, 
 and one report format that names the worst element, the mismatch count and any NaN/Inf.
 """
 import torch
+import torch.nn.functional as F
+
+from .activations import act
 
 # (rtol, atol) for comparing a backend's output in `dtype` against a float64 reference.
 TOLERANCES = {
@@ -71,3 +74,9 @@ def assert_within_2x(actual, reference64, baseline, name="tensor", atol=None):
     if bad.any():
         raise AssertionError(_report(name, a, e, bad, torch.nan_to_num(err, nan=float("inf")),
                                      f"2 x PyTorch's {base_err:.3g} + {atol}"))
+
+
+def eager_mlp(x, U, V, b1, W, b2, activation="relu"):
+    """Plain unfused PyTorch in the inputs' dtype (it stores the (B, H) hidden layer): the baseline
+    of the 2x rule in the tests and the "eager" provider of the benchmarks."""
+    return F.linear(act(F.linear(F.linear(x, U), V, b1), activation), W, b2)

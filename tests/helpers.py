@@ -1,6 +1,8 @@
 """Input factories shared by the tests (tolerances live in mimic_fast.testing)."""
 import torch
 
+from mimic_fast.testing import eager_mlp  # noqa: F401  (re-exported for the tests)
+
 
 def make_mlp_inputs(B, D, k, H, C, dtype=torch.float32, device="cpu", bias=True, lead=None,
                     requires_grad=True, scale=1.0):
@@ -19,16 +21,6 @@ def make_mlp_inputs(B, D, k, H, C, dtype=torch.float32, device="cpu", bias=True,
     b1 = rnd(H, std=0.5) if bias else None
     b2 = rnd(C, std=0.5) if bias else None
     return x, U, V, b1, W, b2
-
-
-def eager_mlp(x, U, V, b1, W, b2, activation):
-    """Plain unfused PyTorch: the baseline of the 2x rule (same dtype as its inputs)."""
-    import torch.nn.functional as F
-
-    from mimic_fast.activations import act
-
-    a = F.linear(F.linear(x, U), V, b1)
-    return F.linear(act(a, activation), W, b2)
 
 
 def to64(tensors):

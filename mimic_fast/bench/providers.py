@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..testing import eager_mlp as _eager_mlp
 from . import counts
 
 MLP_OPS = ("bottleneck_mlp", "mimic_loss")
@@ -104,12 +105,6 @@ def grad_inputs(case, inputs):
     if case.is_mlp:
         return [inputs[n] for n in ("U", "V", "b1", "W", "b2")]
     return [inputs["s"]]
-
-
-def _eager_mlp(x, U, V, b1, W, b2, activation="relu"):
-    from ..activations import act
-
-    return F.linear(act(F.linear(F.linear(x, U), V, b1), activation), W, b2)
 
 
 def _eager_mimic(x, U, V, b1, W, b2, t, activation="relu"):
