@@ -36,6 +36,18 @@ __device__ __forceinline__ void store_cols(T* __restrict__ p, int64_t c0, int64_
   }
 }
 
+// The bias of a thread's 8 columns; zeros when the layer has none.
+template <typename T, bool VEC>
+__device__ __forceinline__ void load_bias(const T* __restrict__ bias, int64_t c0, int64_t cols,
+                                          float (&b)[kVec]) {
+  if (bias != nullptr) {
+    load_cols<T, VEC>(bias, c0, cols, b);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) b[i] = 0.f;
+  }
+}
+
 // A thread owns 8 consecutive columns and walks the rows with stride gridDim.y, so it reads its
 // bias values once. Offsets are int64: a tile may pass 2^31 elements.
 template <typename T, int ACT, bool VEC>
@@ -44,12 +56,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (c0 >= cols) return;
   float b[kVec];
-  if (bias != nullptr) {
-    load_cols<T, VEC>(bias, c0, cols, b);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) b[i] = 0.f;
-  }
+  load_bias<T, VEC>(bias, c0, cols, b);
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     T* row = a + r * cols;
     float v[kVec];
@@ -67,12 +74,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (c0 >= cols) return;
   float b[kVec];
-  if (bias != nullptr) {
-    load_cols<T, VEC>(bias, c0, cols, b);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) b[i] = 0.f;
-  }
+  load_bias<T, VEC>(bias, c0, cols, b);
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     T* arow = a_to_h + r * cols;
     T* grow = dh_to_da + r * cols;
