@@ -305,6 +305,12 @@ def cmd_distill(args):
     return 0
 
 
+def cmd_sweep(args):
+    from .sweep import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_bench(argv):
     try:
         from .bench import main as bench_main
@@ -392,6 +398,16 @@ def build_parser():
     _add_training(s, epochs=20, lr=0.01, batch_size=256)
     s.set_defaults(func=cmd_distill)
 
+    from .sweep import add_arguments as sweep_arguments
+
+    w = sub.add_parser("sweep", help="the compression curve: students of every size on labels and by "
+                                     "mimicry, against the teacher",
+                       description="Train a grid of students (--hidden, --bottleneck, --conv-layers) "
+                                   "on labels and by mimicry of one teacher's stored logits; writes "
+                                   "sweep.json, sweep.png and sweep.md (resumable, --shard i/n).")
+    sweep_arguments(w)
+    w.set_defaults(func=cmd_sweep)
+
     b = sub.add_parser("bench", help="benchmarks (see `mimic-fast bench --help`)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
 
@@ -415,6 +431,6 @@ def main(argv=None):
         out = getattr(args, "out", None)
         hint = (f"; completed epochs are kept in {out}/checkpoint.pt: rerun with --resume"
                 if args.command in ("train-teacher", "distill") else
-                "; rerun the same command to resume" if args.command == "collect-logits" else "")
+                "; rerun the same command to resume" if args.command in ("collect-logits", "sweep") else "")
         print(f"mimic-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
