@@ -361,14 +361,15 @@ def _prepare(cfg, out, log):
             raise ValueError(f"{leaked} transfer-set row(s) equal a test row: the data holds test "
                              "rows in its training split or X_unlabelled; deduplicate it first")
         teacher, teacher_info = _teacher(cfg, splits, lab, out, log)
+        dev = T.default_device(cfg.device)
+        teacher.to(dev)
         store = collect_logits(teacher, transfer, os.path.join(out, "logits"), dtype=torch.float32,
-                               device=T.default_device(cfg.device), progress=False)
+                               device=dev, progress=False)
         teacher_path = os.path.join(out, "teacher.json")
         if os.path.isfile(teacher_path):
-            measured = json.loads(open(teacher_path, encoding="utf-8").read())
+            with open(teacher_path, encoding="utf-8") as f:
+                measured = json.load(f)
         else:
-            dev = T.default_device(cfg.device)
-            teacher.to(dev)
             example = splits.test.tensors[0][0]
             measured = {"test_accuracy": T.evaluate(teacher, splits.test, device=dev),
                         "params": count_parameters(teacher),
@@ -378,8 +379,8 @@ def _prepare(cfg, out, log):
             if len(getattr(teacher, "members", [])) > 1:
                 measured["member_accuracy"] = [T.evaluate(m, splits.test, device=dev)
                                                for m in teacher.members]
-            teacher.cpu()
             T.atomic_write_text(teacher_path, json.dumps(measured, indent=2))
+        teacher.cpu()
     counts = transfer.counts()
     n_extra = 0 if splits.unlabelled is None else len(splits.unlabelled)
     info = {
@@ -402,7 +403,8 @@ def _prepare(cfg, out, log):
 # one run
 # ----------------------------------------------------------------------------------------------
 def _student(run, cfg, splits):
-    """The student of a grid point and its save_model spec."""
+    """The student of a grid point and its save_model spec (conv layers: 2-D on images, 1-D on
+    (channels, length) or flat rows)."""
     from .models import build_model
 
     D, C = splits.in_features, splits.num_classes
@@ -411,9 +413,6 @@ def _student(run, cfg, splits):
 
         kw = {"in_features": D, "num_classes": C, "hidden": run.hidden, "bottleneck": run.bottleneck}
         return WideShallowStudent(**kw), {"class": "WideShallowStudent", "kwargs": kw}
-    if len(splits.input_shape) == 1:
-        raise ValueError(f"conv_layers {run.conv_layers} needs (channels, length) or image rows; this "
-                         f"data has flat rows of {D} features")
     name = f"conv-student-{run.conv_layers}"
     kw = {"input_shape": list(splits.input_shape), "num_classes": C, "channels": cfg.conv_channels,
           "bottleneck": run.bottleneck, "hidden": run.hidden}
@@ -486,7 +485,7 @@ def command_line(cfg):
     d, opt = SweepConfig(), []
     for f in fields(SweepConfig):
         value, default = getattr(cfg, f.name), getattr(d, f.name)
-        if f.name in ("device", "threads", "throughput_time") or value == default or value is None:
+        if f.name in ("device", "threads") or value == default or value is None:
             continue
         if f.name == "label_fraction" and default is None and cfg.dataset == "digits" \
                 and value == _DEMO.label_fraction:
@@ -556,12 +555,25 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
             log(f"{len(mine) - len(todo)} run(s) already done in {out}/points: kept")
         from tqdm.auto import tqdm
 
+        from filelock import FileLock, Timeout
+
+        say = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else log
         bar = tqdm(todo, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
         for r in bar:
             bar.set_postfix_str(r.name, refresh=True)
-            res = _train_run(r, cfg, prep, out)
-            tqdm.write(f"{r.name}: {res['params']:,} params, test accuracy {res['test_accuracy']:.4f}"
-                       f", {res['steps']} steps in {res['train_s']:.2f} s", file=sys.stdout)
+            # a run another process is training (a duplicated shard) is left to it
+            os.makedirs(os.path.dirname(_run_folder(out, r)), exist_ok=True)
+            lock = FileLock(_run_folder(out, r) + ".lock", timeout=0)
+            try:
+                with lock:
+                    if _read_result(out, r) is not None:  # finished meanwhile by another process
+                        continue
+                    res = _train_run(r, cfg, prep, out)
+            except Timeout:
+                say(f"{r.name}: being trained by another process; skipped")
+                continue
+            say(f"{r.name}: {res['params']:,} params, test accuracy {res['test_accuracy']:.4f}, "
+                f"{res['steps']} steps in {res['train_s']:.2f} s")
         bar.close()
     finally:
         torch.set_num_threads(threads_before)
@@ -671,7 +683,12 @@ def _ints(text):
 
 
 def add_arguments(p):
+    """The sweep's options; every SweepConfig field is one flag of the same name."""
     d = SweepConfig()
+
+    def csv(values):
+        return ",".join(map(str, values))
+
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
                    help="digits (bundled, default), cifar10 (--data: the folder of the python batches) "
@@ -688,10 +705,20 @@ def add_arguments(p):
                         "ensemble (default: --train-teacher)")
     g.add_argument("--train-teacher", action="store_true",
                    help="train the teacher here with the demo's recipe (an ensemble of "
-                        f"{d.teacher_members} CNNs, or DNNs for flat rows, on the labelled rows); the "
-                        "default when no --teacher is given")
+                        f"{d.teacher_members} CNNs {csv(d.teacher_channels)}c-{csv(d.teacher_hidden)}, "
+                        f"or DNNs {csv(d.teacher_dnn_hidden)} for flat rows, on the labelled rows, SGD "
+                        "+ cosine); the default when no --teacher is given")
     g.add_argument("--teacher-members", type=int, default=d.teacher_members)
     g.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
+    g.add_argument("--teacher-batch", type=int, default=d.teacher_batch)
+    g.add_argument("--teacher-lr", type=float, default=d.teacher_lr)
+    g.add_argument("--teacher-channels", type=_ints, default=d.teacher_channels,
+                   help=f"CNN teacher (images): conv channels per stage (default {csv(d.teacher_channels)})")
+    g.add_argument("--teacher-hidden", type=_ints, default=d.teacher_hidden,
+                   help=f"CNN teacher: fully connected widths (default {csv(d.teacher_hidden)})")
+    g.add_argument("--teacher-dnn-hidden", type=_ints, default=d.teacher_dnn_hidden,
+                   help=f"DNN teacher (flat rows): widths (default {csv(d.teacher_dnn_hidden)})")
+    g.add_argument("--teacher-dropout", type=float, default=d.teacher_dropout)
     g = p.add_argument_group("transfer set (training split only)")
     g.add_argument("--n-generated", type=int, default=d.n_generated,
                    help=f"rows generated from the labelled rows (default {d.n_generated})")
@@ -699,12 +726,13 @@ def add_arguments(p):
                    help="generator of those rows (shift: images only)")
     g = p.add_argument_group("grid")
     g.add_argument("--hidden", type=_ints, default=d.hidden,
-                   help=f"student widths H (default {','.join(map(str, d.hidden))})")
+                   help=f"student widths H (default {csv(d.hidden)})")
     g.add_argument("--bottleneck", type=_ints, default=d.bottleneck,
-                   help=f"bottleneck sizes k (default {','.join(map(str, d.bottleneck))})")
+                   help=f"bottleneck sizes k (default {csv(d.bottleneck)})")
     g.add_argument("--conv-layers", type=_ints, default=d.conv_layers,
-                   help="conv layers before the wide layer, e.g. 0,1,2 (images; default 0)")
-    g.add_argument("--conv-channels", type=int, default=d.conv_channels)
+                   help="conv layers (conv-ReLU-pool) before the wide layer, e.g. 0,1,2 (default 0)")
+    g.add_argument("--conv-channels", type=int, default=d.conv_channels,
+                   help=f"channels of each conv layer (default {d.conv_channels})")
     g.add_argument("--seeds", type=int, default=d.seeds,
                    help=f"seeds 0..N-1 per point and mode (default {d.seeds})")
     g = p.add_argument_group("student training (the same for labels and mimicry)")
@@ -718,13 +746,17 @@ def add_arguments(p):
     g = p.add_argument_group("running")
     g.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     g.add_argument("--shard", default=None, metavar="I/N",
-                   help="run only every N-th run starting at I (0-based); shards share --out")
+                   help="run only every N-th run of the grid starting at I (0-based); shards share "
+                        "--out; the last one to finish writes the complete report")
     g.add_argument("--report", action="store_true",
-                   help="train nothing: gather the runs in --out into sweep.json, sweep.png, sweep.md")
+                   help="train nothing: gather the runs in --out into sweep.json, sweep.png, sweep.md "
+                        "(only --out is read)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--threads", type=int, default=d.threads,
                    help=f"torch CPU threads (default {d.threads}: the models are small; 0: torch's "
                         "choice)")
+    g.add_argument("--throughput-batches", type=_ints, default=d.throughput_batches,
+                   help=f"batch sizes of the inference timing (default {csv(d.throughput_batches)})")
     g.add_argument("--throughput-time", type=float, default=d.throughput_time,
                    help=f"seconds of inference timed per batch size (default {d.throughput_time})")
     g.add_argument("--no-progress", dest="progress", action="store_false")
@@ -734,15 +766,9 @@ def add_arguments(p):
 def config_from_args(args):
     if args.teacher and args.train_teacher:
         raise ValueError("--teacher and --train-teacher exclude each other")
-    return SweepConfig(
-        dataset=args.dataset, data=args.data, split_seed=args.split_seed,
-        label_fraction=args.label_fraction, teacher=tuple(args.teacher),
-        teacher_members=args.teacher_members, teacher_epochs=args.teacher_epochs,
-        n_generated=args.n_generated, method=args.method, hidden=args.hidden,
-        bottleneck=args.bottleneck, conv_layers=args.conv_layers, conv_channels=args.conv_channels,
-        seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-        lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, device=args.device,
-        threads=args.threads, throughput_time=args.throughput_time)
+    values = {f.name: getattr(args, f.name) for f in fields(SweepConfig)}
+    values["teacher"] = tuple(values["teacher"])
+    return SweepConfig(**values)
 
 
 def run_from_args(args):

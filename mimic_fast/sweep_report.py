@@ -16,10 +16,21 @@ def student_name(p):
     return wide if p["conv_layers"] == 0 else f"{p['conv_layers']}conv-{wide}"
 
 
+def _model_name(spec):
+    kw = spec.get("kwargs", {})
+    name = spec.get("name") or spec.get("class") or "model"
+    if name == "cnn" and "channels" in kw:
+        return "CNN " + "-".join(f"{c}c" for c in kw["channels"]) + "-" + "-".join(
+            map(str, kw.get("hidden", ())))
+    if name == "dnn-2k" and "hidden" in kw:
+        return "DNN " + "-".join(map(str, kw["hidden"]))
+    return name
+
+
 def _teacher_name(t):
     spec = t.get("spec") or {}
     members = spec.get("members", [spec])
-    kind = members[0].get("name") or members[0].get("class") or "model"
+    kind = _model_name(members[0])
     return f"{t['members']} x {kind}" if t["members"] > 1 else kind
 
 

@@ -6,6 +6,7 @@ this file take seconds; the default sweep's own numbers are in the README (measu
 import json
 import math
 import os
+import shlex
 from dataclasses import replace
 
 import numpy as np
@@ -251,6 +252,24 @@ def test_sweep_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage: mimic-fast sweep" in out and "--shard" in out and "--report" in out
+
+
+def test_conv_students_on_images(teacher_file, tmp_path):
+    cfg = _config(teacher_file, hidden=(8,), conv_layers=(1,), conv_channels=4, seeds=1, epochs=1)
+    result = sweep.run(cfg, str(tmp_path / "s"), progress=False, log=_quiet)
+    assert [(p["point"], p["mode"]) for p in result["points"]] == [
+        ("conv1-k32-h8", "labels"), ("conv1-k32-h8", "mimic")]
+    # conv 3x3 (1 -> 4 channels), pool 2: 4 x 4 x 4 = 64 features into the 32L-8 head
+    assert result["points"][0]["params"] == (9 * 4 + 4) + 64 * 32 + 32 * 8 + 8 + 8 * 10 + 10
+
+
+def test_command_line_round_trips(teacher_file):
+    cfg = _config(teacher_file, teacher_channels=(4, 8), label_fraction=0.3, conv_layers=(0, 1),
+                  lr=0.002).resolved()
+    line = sweep.command_line(cfg)
+    parser = cli.build_parser()
+    args = parser.parse_args(shlex.split(line)[1:])
+    assert sweep.config_from_args(args).resolved() == cfg
 
 
 def test_config_recipe_excludes_only_placement():
