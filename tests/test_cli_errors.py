@@ -1,7 +1,6 @@
 """The pipeline commands refuse mistakes that used to pass silently (another split seed or label
 fraction, test rows in the transfer set) and turn every user-side failure into one error line."""
 import errno
-import json
 import os
 import shutil
 
