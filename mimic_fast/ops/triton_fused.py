@@ -16,6 +16,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._checks import check_reduction
 from ..activations import ACTIVATION_CODES
@@ -25,10 +26,10 @@ K_MAX = 256
 C_MAX = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 H_ALIGN = 64  # V, b1 and partial buffers are padded to this many hidden units: >= every BLOCK_H
-SM_COUNT_OFFLINE = 132  # the H200's, for plans made without a GPU (cost model, compile gate)
 
 try:
     import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from . import triton_kernels as K
 
@@ -89,8 +90,8 @@ def _next_pow2(n):
 
 
 def pad_k(k):
-    """The bottleneck's on-chip width: one power of two >= 16 (tl.dot's minimum)."""
-    return max(16, _next_pow2(k))
+    """The bottleneck's on-chip width: one power of two >= 32 (two halves of >= 16, tl.dot's minimum)."""
+    return max(32, _next_pow2(k))
 
 
 def split_c(C):
@@ -108,22 +109,24 @@ def _round_up(n, m):
     return -(-n // m) * m
 
 
-def _waves_cost(programs, units_per_program, sms):
-    """Time in units of one tile's work if each wave lasts as long as its slowest program."""
-    return math.ceil(programs / sms) * units_per_program
+def _efficiency(programs, work, split, sms):
+    """Busy fraction of the GPU when `work` equal units are cut into `split` pieces per row of
+    programs (`programs` in all), each wave lasting as long as its largest piece."""
+    waves = math.ceil(programs / sms)
+    return (programs / (waves * sms)) * (work / split) / math.ceil(work / split)
 
 
-def _best_split(n_rows, n_tiles, sms, max_split):
-    """Fewest H splits reaching >= 2 waves (if the tiles allow) at the least wave-quantised time."""
-    best = None
+def _fill(rows, work, sms, max_split, min_eff=0.9):
+    """The fewest pieces `work` is split into so that rows x pieces programs make >= 2 waves at
+    >= min_eff busy (fewer pieces: fewer partial sums); the most efficient split when none does."""
+    best = (-1.0, 1)
     for s in range(1, max(1, max_split) + 1):
-        programs = n_rows * s
-        cost = _waves_cost(programs, math.ceil(n_tiles / s), sms)
-        full = programs >= 2 * sms
-        key = (not full, cost, s)
-        if best is None or key < best[0]:
-            best = (key, s)
-    return best[1]
+        programs = rows * s
+        eff = _efficiency(programs, work, s, sms)
+        if programs >= 2 * sms and eff >= min_eff:
+            return s
+        best = max(best, (eff, -s))
+    return -best[1]
 
 
 class Plan(NamedTuple):
@@ -138,7 +141,7 @@ class Plan(NamedTuple):
     C2: int
     H_pad: int
     sms: int
-    block_b: int  # forward and dz kernels' batch tile
+    rows: int  # padded batch rows of the forward and dz kernels (a multiple of every BLOCK_B)
     block_h: int  # forward and dz kernels' hidden tile
     fwd_splits: int
     block_b_bwd: int
@@ -151,65 +154,90 @@ class Plan(NamedTuple):
     def CP(self):
         return self.C1 + self.C2
 
+    @property
+    def rows_bwd(self):
+        return self.block_b_bwd * self.bwd_chunks * self.bwd_tiles_per_chunk
+
     def split_tiles(self, n_splits):
         """(full H tiles per split, leftover full tiles) of the forward/dz split loops."""
         n_full = self.H // self.block_h
         return n_full // n_splits, n_full % n_splits
 
-    def rows(self, kernel):
-        """Padded batch rows the kernel's buffers need."""
-        if kernel == "bwd":
-            return self.block_b_bwd * self.bwd_chunks * self.bwd_tiles_per_chunk
-        return _round_up(self.B, self.block_b)
+
+class Device(NamedTuple):
+    sms: int
+    smem: int  # shared memory per block, bytes
+    capability: int  # major * 10 + minor
 
 
-def plan(B, k, H, C, elem=2, sms=None, deterministic=None, interpret=None):
-    """The launch plan for (B, k, H, C) with `elem`-byte operands on a GPU with `sms`
-    multiprocessors (default: this one's).
+OFFLINE_DEVICE = Device(132, 232448, 90)  # the H200, for plans made without a GPU
+_device_override = []
 
-    The backward's splits are chosen against its largest BLOCK_H (64); a config with narrower tiles
-    only has more programs. fp32 operands (TF32) take half-width hidden tiles: twice the bytes.
+
+@contextlib.contextmanager
+def device_override(device):
+    """Plans made inside are for `device` (the offline compile gate and the cost model)."""
+    _device_override.append(device)
+    try:
+        yield
+    finally:
+        _device_override.pop()
+
+
+def _device():
+    if _device_override:
+        return _device_override[-1]
+    if K.INTERPRET:
+        return Device(4, None, 0)
+    if not torch.cuda.is_available():
+        return OFFLINE_DEVICE
+    idx = torch.cuda.current_device()
+    if idx not in _DEVICES:
+        major, minor = torch.cuda.get_device_capability(idx)
+        props = triton.runtime.driver.active.utils.get_device_properties(idx)
+        _DEVICES[idx] = Device(torch.cuda.get_device_properties(idx).multi_processor_count,
+                               props["max_shared_mem"], major * 10 + minor)
+    return _DEVICES[idx]
+
+
+_DEVICES = {}
+
+
+def plan(B, k, H, C, elem=2, deterministic=None):
+    """The launch plan for (B, k, H, C) with `elem`-byte operands on this GPU (or the one of
+    `device_override`): every launch's padded sizes, tiles and grid but the autotuned ones.
+
+    Grids fill the GPU: >= 2 waves where the tiles allow, at the least wave-quantised time. The
+    backward's batch tile is the largest whose pipelined config fits the shared memory.
     """
-    interpret = _interpreting() if interpret is None else interpret
-    if sms is None:
-        sms = _sm_count() if not interpret else 4
+    dev = _device()
+    interpret = K.INTERPRET
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     KP = pad_k(k)
     C1, C2 = split_c(C)
-    bh = 16 if interpret else H_ALIGN
+    CP = C1 + C2
     block_h = 16 if interpret else (64 if elem <= 2 else 32)
-    n_tiles = -(-H // bh)
-    block_b = 16 if interpret else (128 if B > 64 else 64)
-    n_bt = -(-B // block_b)
-    fwd_splits = _best_split(n_bt, n_tiles, sms, min(64, max(1, H // bh)))
-    block_b_bwd = 16 if interpret else 64
+    n_tiles = -(-H // block_h)
+    rows = _round_up(B, 16 if interpret else 128)
+    fwd_bb = 16 if interpret else 128
+    max_split = min(64, max(1, H // block_h))
+    fwd_splits = _fill(-(-B // fwd_bb), n_tiles, dev.sms, max_split)
+    if interpret:
+        block_b_bwd, bwd_bh = 16, 16
+    else:
+        bwd_bh = max(c.kwargs["BLOCK_H"] for c in K.BWD_CONFIGS)
+        # Hopper: 64 rows for wgmma first, pipelined if it fits; elsewhere pipelining first.
+        order = ((64, 2), (64, 1), (32, 2), (32, 1)) if dev.capability >= 90 and elem <= 2 else \
+            ((64, 2), (32, 2), (64, 1), (32, 1))
+        block_b_bwd = next((bb for bb, st in order if K.smem_bytes(
+            "bwd", {"BLOCK_B": bb, "BLOCK_H": bwd_bh}, st, KP, CP, elem, not deterministic)
+            <= dev.smem), 32)
     n_btb = -(-B // block_b_bwd)
-    best = None
-    for chunks in range(1, min(n_btb, 64) + 1):
-        programs = n_tiles * chunks
-        cost = _waves_cost(programs, math.ceil(n_btb / chunks), sms)
-        key = (programs < 2 * sms, cost, chunks)
-        if best is None or key < best[0]:
-            best = (key, chunks)
-        if programs >= 2 * sms and chunks > 1 and key[1] > best[0][1] * 1.5:
-            break
-    chunks = best[1]
-    dz_splits = _best_split(n_bt, n_tiles, sms, min(64, max(1, H // bh))) if deterministic else 0
-    return Plan(B, k, H, C, KP, C1, C2, _round_up(H, H_ALIGN), sms, block_b, block_h, fwd_splits,
+    chunks = _fill(-(-H // bwd_bh), n_btb, dev.sms, min(n_btb, 64))
+    dz_splits = _fill(-(-B // fwd_bb), n_tiles, dev.sms, max_split) if deterministic else 0
+    return Plan(B, k, H, C, KP, C1, C2, _round_up(H, H_ALIGN), dev.sms, rows, block_h, fwd_splits,
                 block_b_bwd, chunks, -(-n_btb // chunks), deterministic, dz_splits)
-
-
-_SM_COUNT = {}
-
-
-def _sm_count():
-    if not torch.cuda.is_available():
-        return SM_COUNT_OFFLINE
-    idx = torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -241,10 +269,28 @@ def _padded(t, rows, cols, dtype):
     return out
 
 
+# V padded to (H_pad, KP), kept per weight tensor while its version (bumped by every in-place
+# update, e.g. optimizer.step) and storage stay the same: one copy per training step, not one per
+# pass (at H = 400k, bf16 that saves ~0.4 GB of HBM traffic a step, for 205 MB kept beside V).
+_PADDED_V = WeakIdKeyDictionary()
+
+
+def _padded_weight(V, p):
+    if V.device.type == "meta" or (V.shape == (p.H_pad, p.KP) and V.is_contiguous()):
+        return _padded(V, p.H_pad, p.KP, V.dtype)
+    key = (V._version, V.data_ptr(), V.dtype, tuple(V.stride()), p.H_pad, p.KP)
+    hit = _PADDED_V.get(V)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    V_pad = _padded(V, p.H_pad, p.KP, V.dtype)
+    _PADDED_V[V] = (key, V_pad)
+    return V_pad
+
+
 def _weights(V, b1, W, p):
     """V (H_pad, KP) and b1 (H_pad,) zero-padded; W with unit stride along H (its rows are read
     as 16-byte vectors)."""
-    V_pad = _padded(V, p.H_pad, p.KP, V.dtype)
+    V_pad = _padded_weight(V, p)
     b1_pad = None if b1 is None else F.pad(b1, (0, p.H_pad - p.H))
     if W.stride(1) != 1:
         W = W.contiguous()
@@ -260,14 +306,14 @@ def _consts(p, dtype, b1, activation):
 # ---------------------------------------------------------------------------------------- launchers
 def _forward_partials(z, V, b1, W, activation, p):
     """YP (S, B_pad, CP) fp32: the partial outputs of each H split (no b2)."""
-    rows = p.rows("fwd")
-    z_pad = _padded(z, rows, p.KP, z.dtype)
+    z_pad = _padded(z, p.rows, p.KP, z.dtype)
     V_pad, b1_pad, W = _weights(V, b1, W, p)
-    yp = torch.empty((p.fwd_splits, rows, p.CP), dtype=torch.float32, device=z.device)
-    K._fused_mlp_fwd_kernel[(rows // p.block_b, p.fwd_splits)](
+    yp = torch.empty((p.fwd_splits, p.rows, p.CP), dtype=torch.float32, device=z.device)
+    grid = lambda META: (p.rows // META["BLOCK_B"], p.fwd_splits)  # noqa: E731
+    K._fused_mlp_fwd_kernel[grid](
         z_pad, V_pad, _dummy(z) if b1 is None else b1_pad, W, yp,
         p.H, p.C, p.fwd_splits, *p.split_tiles(p.fwd_splits), W.stride(0),
-        BLOCK_B=p.block_b, BLOCK_H=p.block_h, **_consts(p, z.dtype, b1, activation))
+        BLOCK_H=p.block_h, **_consts(p, z.dtype, b1, activation))
     return yp
 
 
@@ -347,7 +393,7 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
     dtype = x.dtype
     with _device_guard(x):
         p = _plan_for(z, V, W, deterministic)
-        rows = max(p.rows("bwd"), p.rows("dz") if p.deterministic else 0)
+        rows = max(p.rows_bwd, p.rows if p.deterministic else 0)
         z_pad = _padded(z, rows, p.KP, dtype)
         dy_pad = _padded(dy, rows, p.CP, dtype)  # tensor-core operand; eager's dy has this dtype
         V_pad, b1_pad, W = _weights(V, b1, W, p)
@@ -366,15 +412,23 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
         dz32 = None if p.deterministic else torch.zeros((rows, p.KP), dtype=torch.float32,
                                                        device=dev)
         grid = lambda META: (triton.cdiv(p.H, META["BLOCK_H"]), chunks)  # noqa: E731
+        KH = p.KP // 2
+        bb = p.block_b_bwd
+        z_desc = TensorDescriptor(z_pad, [rows, p.KP], [p.KP, 1], [bb, KH])
+        dy1_desc = TensorDescriptor(dy_pad, [rows, p.CP], [p.CP, 1], [bb, p.C1])
+        dy2_desc = TensorDescriptor(dy_pad, [rows, p.CP], [p.CP, 1], [bb, max(p.C2, 16)])
+        # Without atomics the kernel never touches DZ: any descriptor of the right type will do.
+        dz_desc = z_desc if dz32 is None else TensorDescriptor(dz32, [rows, p.KP], [p.KP, 1],
+                                                                [bb, KH])
         K._fused_mlp_bwd_kernel[grid](
-            z_pad, dy_pad, V_pad, _dummy(z) if b1 is None else b1_pad, W,
+            z_desc, dy1_desc, dy2_desc, V_pad, _dummy(z) if b1 is None else b1_pad, W,
             dv_out, _dummy(z) if db1_out is None else db1_out, dw_out,
-            _dummy(z) if dz32 is None else dz32,
+            _dummy(z) if dz32 is None else dz32, dz_desc,
             p.H, p.C, p.k, p.bwd_tiles_per_chunk, W.stride(0),
             dv_out.stride(-2), dw_out.stride(-2),
             dv_out.stride(0) if chunks > 1 else 0, dw_out.stride(0) if chunks > 1 else 0,
             db1_out.stride(0) if chunks > 1 and db1_out is not None else 0,
-            DZ_ATOMIC=not p.deterministic, BLOCK_B=p.block_b_bwd, **consts)
+            DZ_ATOMIC=not p.deterministic, DZ_TMA=not K.INTERPRET, BLOCK_B=p.block_b_bwd, **consts)
         if chunks > 1:
             _reduce_splits(dv_out, p.H, p.k, p.KP, out=dV)
             _reduce_splits(dw_out, p.C, p.H, p.H_pad, out=dW)
@@ -382,11 +436,12 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
                 _reduce_splits(db1_out.view(chunks, 1, p.H_pad), 1, p.H, p.H_pad,
                                out=db1.view(1, p.H))
         if p.deterministic:
-            dzp = torch.empty((p.dz_splits, p.rows("dz"), p.KP), dtype=torch.float32, device=dev)
-            K._fused_mlp_dz_kernel[(p.rows("dz") // p.block_b, p.dz_splits)](
+            dzp = torch.empty((p.dz_splits, p.rows, p.KP), dtype=torch.float32, device=dev)
+            dz_grid = lambda META: (p.rows // META["BLOCK_B"], p.dz_splits)  # noqa: E731
+            K._fused_mlp_dz_kernel[dz_grid](
                 z_pad, dy_pad, V_pad, _dummy(z) if b1 is None else b1_pad, W, dzp,
                 p.H, p.C, p.dz_splits, *p.split_tiles(p.dz_splits), W.stride(0),
-                BLOCK_B=p.block_b, BLOCK_H=p.block_h, **consts)
+                BLOCK_H=p.block_h, **consts)
             dz = _reduce_splits(dzp, p.B, p.k, p.KP,
                                 out=torch.empty((p.B, p.k), dtype=dtype, device=dev))
         else:

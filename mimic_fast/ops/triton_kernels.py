@@ -43,68 +43,96 @@ CP_MAX = 256  # C1 + C2: dW_j (CP x BLOCK_H) and y (BLOCK_B x CP) stay in regist
 
 
 def _configs(gpu, interp):
-    """Autotune configs; kernels' BLOCK_B is the launcher's (it shapes the padded buffers)."""
+    """Autotune configs. The forward and dz kernels take BLOCK_H from the launcher's plan (their split
+    loops need its tile counts, and the interpreter cannot divide runtime values); the backward takes
+    BLOCK_B from it (it shapes the batch chunks and the TMA descriptors)."""
     if INTERPRET:
         return [triton.Config(interp, num_warps=1, num_stages=1)]
     return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu]
 
 
-# Every entry compiles with 0 spills for sm_90a and sm_80 at KP = 256, C1 + C2 = 192 in bf16/fp16
-# (tests/test_triton_compile.py); shared memory per config is pruned against the device by the
-# launcher (triton_fused.smem_bytes). Why each exists is in benchmarks/NOTES.md ("Triton v2").
-# The forward and dz kernels take BLOCK_H from the launcher's plan (their split loops need its tile
-# counts, and the interpreter cannot divide runtime values), so they tune warps and stages only.
-FWD_CONFIGS = _configs([({}, 8, 2), ({}, 8, 3), ({}, 4, 2)], {})
-BWD_CONFIGS = _configs(
-    [({"BLOCK_H": 64}, 8, 2), ({"BLOCK_H": 32}, 8, 2), ({"BLOCK_H": 32}, 4, 2)],
-    {"BLOCK_H": 16},
+# Every config compiles with 0 spills for sm_90a and sm_80 at KP = 256, C1 + C2 = 192 in bf16, fp16
+# and TF32 (tests/test_triton_compile.py). `_prune` keeps, for the GPU at hand, the configs whose
+# shared memory fits, no sub-64-row batch tile on Hopper (wgmma needs M >= 64) and no unpipelined
+# (1-stage) config when a pipelined one fits. benchmarks/NOTES.md ("Triton v2") says why each exists.
+FWD_CONFIGS = _configs(
+    [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 64}, 4, 2),
+     ({"BLOCK_B": 32}, 4, 2)],
+    {"BLOCK_B": 16},
 )
-DZ_CONFIGS = _configs([({}, 8, 2), ({}, 4, 2)], {})
+# BLOCK_H 64 spills at every warp count (dV_j, dW_j and the transients pass 255 registers).
+BWD_CONFIGS = _configs([({"BLOCK_H": 32}, 8, 2), ({"BLOCK_H": 32}, 8, 1)], {"BLOCK_H": 16})
+DZ_CONFIGS = _configs(
+    [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 32}, 4, 2)],
+    {"BLOCK_B": 16},
+)
 
 
-def smem_bytes(kernel, block_h, num_stages, KP, CP, elem, block_b):
-    """Upper bound of a config's shared memory in bytes: resident tiles, pipelined tiles x stages,
-    staging of register operands; tests/test_triton_compile.py checks it against the compiler."""
-    bb, bh = block_b, block_h
-    if kernel == "fwd":
-        resident, streamed, staging = bb * KP, bh * (KP + CP), bb * bh
-    elif kernel == "bwd":
-        resident, streamed, staging = bh * (KP + CP), bb * (KP + CP), 2 * bb * bh
-    elif kernel == "dz":
-        resident, streamed, staging = bb * (KP + CP), bh * (KP + CP), bb * bh
+def smem_bytes(kernel, meta, num_stages, KP, CP, elem, dz_atomic=True):
+    """Shared memory of a config in bytes (what Triton allocates, checked against the compiler in
+    tests/test_triton_compile.py): resident tiles + stages x pipelined tiles + staged operands."""
+    bb, bh = meta["BLOCK_B"], meta["BLOCK_H"]
+    if kernel == "fwd":  # z resident; V_j, W_j pipelined; h is a register operand
+        total = elem * (bb * KP + num_stages * bh * (KP + CP))
+    elif kernel == "bwd":  # V_j, W_j resident; z, dy pipelined; h, da staged; dz staged for TMA
+        total = elem * (bh * (KP + CP) + num_stages * bb * (KP + CP) + 2 * bb * bh)
+        total += 4 * bb * (KP // 2) if dz_atomic else 0
+    elif kernel == "dz":  # z, dy resident; V_j, W_j pipelined
+        total = elem * (bb * (KP + CP) + num_stages * bh * (KP + CP))
     else:
         raise ValueError(f"unknown kernel {kernel!r}: expected 'fwd', 'bwd' or 'dz'")
-    return elem * (resident + num_stages * streamed + staging) + 1024
+    return total + 1024  # barriers and reduction scratch
 
 
-def fitting_configs(kernel, configs, KP, CP, elem, block_b, limit, block_h=None):
-    """The configs whose shared memory fits `limit` bytes (all of them when limit is None)."""
+def fitting_configs(kernel, configs, args, limit, capability):
+    """The configs `_prune` keeps for a launch with these arguments on a GPU with `limit` bytes of
+    shared memory per block and compute `capability` (major * 10 + minor); all when limit is None."""
     if limit is None:
         return list(configs)
-    return [c for c in configs
-            if smem_bytes(kernel, c.kwargs.get("BLOCK_H", block_h), c.num_stages, KP, CP, elem,
-                          block_b) <= limit]
+    z = args["Z"]
+    elem = getattr(z, "base", z).element_size()
+    KP, CP = args["KP"], args["C1"] + args["C2"]
+
+    def fits(c):
+        meta = {**args, **c.kwargs}
+        atomic = args.get("DZ_ATOMIC", True)
+        return smem_bytes(kernel, meta, c.num_stages, KP, CP, elem, atomic) <= limit
+
+    def wgmma_rows(c):
+        # TF32 backward is the exception (benchmarks/NOTES.md): its batch-reducing GEMMs need
+        # K-major copies of 64-row tiles that do not fit, so it runs 32 rows on mma.sync.
+        if capability < 90 or (kernel == "bwd" and elem == 4):
+            return True
+        return c.kwargs.get("BLOCK_B", args.get("BLOCK_B", 64)) >= 64
+
+    kept = [c for c in configs if fits(c) and wgmma_rows(c)]
+    if any(c.num_stages > 1 for c in kept):
+        kept = [c for c in kept if c.num_stages > 1]
+    return kept
 
 
-def _device_smem():
+def _device():
+    """(max shared memory per block, capability) of the current GPU; (None, None) without one."""
     import torch
 
     if INTERPRET or not torch.cuda.is_available():
-        return None
+        return None, None
     dev = torch.cuda.current_device()
-    return triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
+    major, minor = torch.cuda.get_device_capability(dev)
+    props = triton.runtime.driver.active.utils.get_device_properties(dev)
+    return props["max_shared_mem"], major * 10 + minor
 
 
 def _prune(kernel):
-    """Autotune never benchmarks a config that cannot launch on this GPU (shared memory)."""
+    """Autotune never benchmarks a config that cannot launch (or cannot use the tensor cores well)."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        elem, cp = args["Z"].element_size(), args["C1"] + args["C2"]
-        kept = fitting_configs(kernel, configs, args["KP"], cp, elem, args["BLOCK_B"], _device_smem(),
-                               args.get("BLOCK_H"))
+        limit, capability = _device()
+        kept = fitting_configs(kernel, configs, args, limit, capability)
         if not kept:
-            raise RuntimeError(f"no {kernel} config of the triton backend fits this GPU's shared "
-                               f"memory at k_pad={args['KP']}, C_pad={cp}, {elem}-byte operands")
+            raise RuntimeError(f"no {kernel} config of the triton backend fits this GPU's "
+                               f"{limit} bytes of shared memory at k_pad={args['KP']}, "
+                               f"C_pad={args['C1'] + args['C2']}")
         return kept
     return prune
 
@@ -276,12 +304,12 @@ def _reduce_splits_kernel(
                  reset_to_zero=["DZ"], prune_configs_by={"early_config_prune": _prune("bwd")})
 @triton.jit
 def _fused_mlp_bwd_kernel(
-    Z, DY, V, B1, W, DV, DB1, DW, DZ,
+    Z, DY1, DY2, V, B1, W, DV, DB1, DW, DZ, DZ_DESC,
     H, C, k, tiles_per_chunk: constexpr, stride_wc, stride_dvh, stride_dwc, chunk_dv, chunk_dw,
     chunk_db1,
     KP: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, MASK_C1: tl.constexpr,
     MASK_C2: tl.constexpr, HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr,
-    DZ_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DZ_ATOMIC: tl.constexpr, DZ_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """dW_j, dV_j, db1_j (and dz) of H tile j over batch chunk c; grid (H tiles, batch chunks).
@@ -296,47 +324,65 @@ def _fused_mlp_bwd_kernel(
     pid_h = tl.program_id(0)
     pid_c = tl.program_id(1)
     CP: tl.constexpr = C1 + C2
+    KH: tl.constexpr = KP // 2  # z, V, dV and dz travel as two k halves: half the live registers
     offs_h = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, KP)
-    v = tl.load(V + offs_h[:, None] * KP + offs_k[None, :])
+    offs_ka = tl.arange(0, KH)
+    offs_kb = KH + tl.arange(0, KH)
+    va = tl.load(V + offs_h[:, None] * KP + offs_ka[None, :])
+    vb = tl.load(V + offs_h[:, None] * KP + offs_kb[None, :])
     if HAS_B1:
         b1 = tl.load(B1 + offs_h).to(tl.float32)
     # W_j is read once per program: mask the ragged H tile here rather than peel the loop.
     w1 = _load_w(W, tl.arange(0, C1), offs_h, H, C, stride_wc, MASK_C1, True)
     if C2 > 0:
         w2 = _load_w(W, C1 + tl.arange(0, C2), offs_h, H, C, stride_wc, MASK_C2, True)
-    dv = tl.zeros((BLOCK_H, KP), dtype=tl.float32)
+    dva = tl.zeros((KH, BLOCK_H), dtype=tl.float32)  # dV_jᵀ: wgmma needs M >= 64, BLOCK_H may be 32
+    dvb = tl.zeros((KH, BLOCK_H), dtype=tl.float32)
     dw1 = tl.zeros((C1, BLOCK_H), dtype=tl.float32)
     dw2 = tl.zeros((C2 if C2 > 0 else 16, BLOCK_H), dtype=tl.float32)
     db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
     b_begin = pid_c.to(tl.int64) * tiles_per_chunk * BLOCK_B
     for i in range(0, tiles_per_chunk):
+        row = (b_begin + i * BLOCK_B).to(tl.int32)
         offs_b = b_begin + i * BLOCK_B + tl.arange(0, BLOCK_B)
-        z = tl.load(Z + offs_b[:, None] * KP + offs_k[None, :])
-        dy1 = tl.load(DY + offs_b[:, None] * CP + tl.arange(0, C1)[None, :])
-        a = tl.dot(z, tl.trans(v), input_precision=DOT_PRECISION)
+        za = Z.load([row, 0])
+        zb = Z.load([row, KH])
+        dy1 = DY1.load([row, 0])
+        a = tl.dot(za, tl.trans(va), input_precision=DOT_PRECISION)
+        a = tl.dot(zb, tl.trans(vb), a, input_precision=DOT_PRECISION)
         if HAS_B1:
             a += b1[None, :]
-        h = _act(a, ACTIVATION).to(z.dtype)
+        h = _act(a, ACTIVATION).to(za.dtype)
         dw1 = tl.dot(tl.trans(dy1), h, dw1, input_precision=DOT_PRECISION)
         dh = tl.dot(dy1, w1, input_precision=DOT_PRECISION)
         if C2 > 0:
-            dy2 = tl.load(DY + offs_b[:, None] * CP + C1 + tl.arange(0, C2)[None, :])
+            dy2 = DY2.load([row, C1])
             dw2 = tl.dot(tl.trans(dy2), h, dw2, input_precision=DOT_PRECISION)
             dh = tl.dot(dy2, w2, dh, input_precision=DOT_PRECISION)
         # Padded batch rows have dy = 0 and padded H columns W = 0, so da is 0 there.
         da = dh * _act_grad(a, ACTIVATION)
         db1 += tl.sum(da, 0)
-        da_op = da.to(z.dtype)
-        dv = tl.dot(tl.trans(da_op), z, dv, input_precision=DOT_PRECISION)
+        da_op = da.to(za.dtype)
+        dva = tl.dot(tl.trans(za), da_op, dva, input_precision=DOT_PRECISION)
+        dvb = tl.dot(tl.trans(zb), da_op, dvb, input_precision=DOT_PRECISION)
         if DZ_ATOMIC:
-            dz = tl.dot(da_op, v, input_precision=DOT_PRECISION)
-            tl.atomic_add(DZ + offs_b[:, None] * KP + offs_k[None, :], dz, sem="relaxed")
+            if DZ_TMA:
+                DZ_DESC.atomic_add([row, 0], tl.dot(da_op, va, input_precision=DOT_PRECISION))
+                DZ_DESC.atomic_add([row, KH], tl.dot(da_op, vb, input_precision=DOT_PRECISION))
+            else:
+                dz_ptrs = DZ + offs_b[:, None] * KP
+                dz = tl.dot(da_op, va, input_precision=DOT_PRECISION)
+                tl.atomic_add(dz_ptrs + offs_ka[None, :], dz, sem="relaxed")
+                dz = tl.dot(da_op, vb, input_precision=DOT_PRECISION)
+                tl.atomic_add(dz_ptrs + offs_kb[None, :], dz, sem="relaxed")
     # PARTIAL: the launcher points DV/DW/DB1 at fp32 per-chunk buffers (chunk c at c · chunk_*).
     c = pid_c.to(tl.int64)
     mask_h = offs_h < H
-    tl.store(DV + c * chunk_dv + offs_h[:, None] * stride_dvh + offs_k[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask_h[:, None] & (offs_k < k)[None, :])
+    dv_ptrs = DV + c * chunk_dv + offs_h[:, None] * stride_dvh
+    tl.store(dv_ptrs + offs_ka[None, :], tl.trans(dva).to(DV.dtype.element_ty),
+             mask=mask_h[:, None] & (offs_ka < k)[None, :])
+    tl.store(dv_ptrs + offs_kb[None, :], tl.trans(dvb).to(DV.dtype.element_ty),
+             mask=mask_h[:, None] & (offs_kb < k)[None, :])
     offs_c1 = tl.arange(0, C1)
     tl.store(DW + c * chunk_dw + offs_c1[:, None].to(tl.int64) * stride_dwc + offs_h[None, :],
              dw1.to(DW.dtype.element_ty), mask=(offs_c1 < C)[:, None] & mask_h[None, :])
