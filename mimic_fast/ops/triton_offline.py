@@ -61,7 +61,7 @@ class Launch(NamedTuple):
         kwargs = dict(self.kwargs)
         if config is not None:
             kwargs.update(config.kwargs)
-        b = sig.bind_partial(*self.args, **kwargs)
+        b = sig.bind_partial(*self.args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
         return dict(b.arguments)
 
 
