@@ -70,7 +70,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm", "scikit-learn", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "expecttest", "hypothesis"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["mimic-fast = mimic_fast.cli:main"]},
