@@ -91,9 +91,10 @@ class SweepConfig:
         if cfg.label_fraction is None:
             cfg.label_fraction = _DEMO.label_fraction if cfg.dataset == "digits" else 1.0
         cfg.teacher = tuple(str(p) for p in cfg.teacher)
-        for name in ("teacher_channels", "teacher_hidden", "teacher_dnn_hidden", "hidden",
-                     "bottleneck", "conv_layers", "throughput_batches"):
+        for name in ("teacher_channels", "teacher_hidden", "teacher_dnn_hidden"):
             setattr(cfg, name, tuple(int(v) for v in getattr(cfg, name)))
+        for name in ("hidden", "bottleneck", "conv_layers", "throughput_batches"):  # sets: no repeats
+            setattr(cfg, name, tuple(dict.fromkeys(int(v) for v in getattr(cfg, name))))
         return cfg
 
     def validate(self):

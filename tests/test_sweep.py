@@ -254,9 +254,13 @@ def test_sweep_help(capsys):
     assert "usage: mimic-fast sweep" in out and "--shard" in out and "--report" in out
 
 
-def test_conv_students_on_images(teacher_file, tmp_path):
-    cfg = _config(teacher_file, hidden=(8,), conv_layers=(1,), conv_channels=4, seeds=1, epochs=1)
+def test_conv_students_on_images_with_an_ensemble_teacher(teacher_file, tmp_path):
+    cfg = _config(teacher_file, hidden=(8, 8), conv_layers=(1,), conv_channels=4, seeds=1, epochs=1,
+                  teacher=(teacher_file, teacher_file))
     result = sweep.run(cfg, str(tmp_path / "s"), progress=False, log=_quiet)
+    single = T.load_model(teacher_file)[0]
+    assert result["teacher"]["members"] == 2 and result["teacher"]["kind"] == "checkpoint"
+    assert result["teacher"]["params"] == 2 * sum(p.numel() for p in single.parameters())
     assert [(p["point"], p["mode"]) for p in result["points"]] == [
         ("conv1-k32-h8", "labels"), ("conv1-k32-h8", "mimic")]
     # conv 3x3 (1 -> 4 channels), pool 2: 4 x 4 x 4 = 64 features into the 32L-8 head
