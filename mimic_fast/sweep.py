@@ -261,55 +261,72 @@ def _teacher_member(cfg, splits):
         "in_features": splits.in_features, "num_classes": C, **kw}}
 
 
-def _teacher(cfg, splits, lab, out, log):
+def _ensemble(members, specs, info):
     from .models import TeacherEnsemble
 
-    wanted = _data_record(cfg, splits)
-    members, specs, checks = [], [], []
-    if cfg.teacher:
-        for p in cfg.teacher:
-            model, payload = T.load_model(p)
-            checks.append(_check_teacher_data(p, payload.get("data"), wanted))
-            members.append(model)
-            specs.append(payload["spec"])
-        source = {"kind": "checkpoint", "paths": list(cfg.teacher)}
-    else:
-        X, y = splits.train.tensors
-        labelled = TensorDataset(X[lab], y[lab])
-        for m in range(cfg.teacher_members):
-            folder = os.path.join(out, "teacher", f"member-{m}")
-            path = os.path.join(folder, "teacher.pt")
-            if os.path.isfile(path):
-                model, payload = T.load_model(path)
-                spec = payload["spec"]
-            else:
-                seed = 1000 * cfg.split_seed + m  # the demo's member seeds
-                torch.manual_seed(seed)
-                model, spec = _teacher_member(cfg, splits)
-                log(f"teacher member {m + 1}/{cfg.teacher_members}: {spec['name']} on "
-                    f"{len(lab)} labelled rows")
-                res = T.train_teacher(
-                    model, labelled, None, out_dir=folder,
-                    resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)), device=cfg.device,
-                    progress=False, spec=spec, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
-                    optimizer="sgd", lr=cfg.teacher_lr, weight_decay=cfg.weight_decay,
-                    schedule="cosine", seed=seed)
-                model = res.model.cpu().eval()
-                T.save_model(path, model, spec, data=wanted, history=res.history)
-            members.append(model)
-            specs.append(spec)
-            checks.append("trained here on the students' labelled rows")
-        source = {"kind": "trained", "recipe": "the demo's: " + ("CNN" if specs[0]["name"] == "cnn"
-                                                                  else "DNN") + " members on the "
-                  "labelled rows, SGD + cosine, logits averaged"}
     teacher = TeacherEnsemble(members).eval() if len(members) > 1 else members[0].eval()
     spec = specs[0] if len(specs) == 1 else {"class": "TeacherEnsemble", "members": specs}
-    return teacher, {**source, "spec": spec, "members": len(members), "data_check": checks}
+    return teacher, {**info, "spec": spec, "members": len(members)}
+
+
+def _given_teacher(cfg, wanted):
+    """The --teacher files as one teacher (an ensemble of several), each checked against the data."""
+    members, specs, checks = [], [], []
+    for p in cfg.teacher:
+        model, payload = T.load_model(p)
+        checks.append(_check_teacher_data(p, payload.get("data"), wanted))
+        members.append(model)
+        specs.append(payload["spec"])
+    return _ensemble(members, specs, {"kind": "checkpoint", "paths": list(cfg.teacher),
+                                      "data_check": checks})
+
+
+def _trained_teacher(cfg, splits, lab, out, log, wanted):
+    """The demo's teacher recipe, one resumable folder per member under out/teacher/."""
+    X, y = splits.train.tensors
+    labelled = TensorDataset(X[lab], y[lab])
+    members, specs = [], []
+    for m in range(cfg.teacher_members):
+        folder = os.path.join(out, "teacher", f"member-{m}")
+        path = os.path.join(folder, "teacher.pt")
+        if os.path.isfile(path):
+            model, payload = T.load_model(path)
+            spec = payload["spec"]
+        else:
+            seed = 1000 * cfg.split_seed + m  # the demo's member seeds
+            torch.manual_seed(seed)
+            model, spec = _teacher_member(cfg, splits)
+            log(f"teacher member {m + 1}/{cfg.teacher_members}: {spec['name']} on {len(lab)} labelled "
+                "rows")
+            res = T.train_teacher(
+                model, labelled, None, out_dir=folder,
+                resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)), device=cfg.device,
+                progress=False, spec=spec, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
+                optimizer="sgd", lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, schedule="cosine",
+                seed=seed)
+            model = res.model.cpu().eval()
+            T.save_model(path, model, spec, data=wanted, history=res.history)
+        members.append(model)
+        specs.append(spec)
+    kind = "CNN" if specs[0]["name"] == "cnn" else "DNN"
+    return _ensemble(members, specs, {
+        "kind": "trained", "recipe": f"the demo's: {kind} members on the labelled rows, SGD + cosine, "
+                                     "logits averaged",
+        "data_check": ["trained here on the students' labelled rows"] * len(members)})
+
+
+def _refuse_test_rows(transfer, splits, path):
+    """The number of transfer rows equal to a test row, measured: 0, or a ValueError."""
+    leaked = count_shared_rows(transfer.x, splits.test.tensors[0])
+    if leaked:  # impossible by construction unless the data itself repeats test rows
+        raise ValueError(f"{leaked} transfer-set row(s) of {path} equal a test row: the data holds "
+                         "test rows in its training split or X_unlabelled; deduplicate it first")
+    return leaked
 
 
 def _transfer(cfg, splits, lab, unl, out):
     """Labelled + unlabelled rows of the training split (+ the npz's X_unlabelled) + generated rows
-    from the labelled ones. The test split is never read here."""
+    from the labelled ones; none may equal a test row. The test split is read only for that check."""
     from .data import TransferSet, build_transfer_set
 
     recipe = {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
@@ -321,7 +338,8 @@ def _transfer(cfg, splits, lab, unl, out):
         if saved.get("format") != TRANSFER_FORMAT or saved.get("recipe") != recipe:
             raise ValueError(f"{path} was made with other options ({saved.get('recipe')}); use "
                              "another --out")
-        return TransferSet(saved["x"], saved["sources"], saved["labels"]), recipe
+        ts = TransferSet(saved["x"], saved["sources"], saved["labels"])
+        return ts, {**recipe, "test_rows": _refuse_test_rows(ts, splits, path)}
     X, y = splits.train.tensors
     X_lab, X_unl = X[lab], (X[unl] if len(unl) else None)
     if splits.unlabelled is not None:
@@ -335,9 +353,10 @@ def _transfer(cfg, splits, lab, unl, out):
     ts = build_transfer_set(X_lab, X_unl, n_generated=cfg.n_generated, method=cfg.method,
                             seed=cfg.split_seed, y_labelled=y[lab])
     ts.x = ts.x.reshape(len(ts.x), -1)
+    test_rows = _refuse_test_rows(ts, splits, path)
     T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": ts.x,
                          "sources": ts.sources, "labels": ts.labels}, path)
-    return ts, recipe
+    return ts, {**recipe, "test_rows": test_rows}
 
 
 def count_shared_rows(x, other):
@@ -356,12 +375,11 @@ def _prepare(cfg, out, log):
     os.makedirs(out, exist_ok=True)
     # shards sharing OUT: the first one trains the teacher and fills the store, the others wait
     with FileLock(os.path.join(out, ".prepare.lock")):
-        transfer, transfer_recipe = _transfer(cfg, splits, lab, unl, out)
-        leaked = count_shared_rows(transfer.x, splits.test.tensors[0])
-        if leaked:  # impossible by construction unless the data itself repeats test rows
-            raise ValueError(f"{leaked} transfer-set row(s) equal a test row: the data holds test "
-                             "rows in its training split or X_unlabelled; deduplicate it first")
-        teacher, teacher_info = _teacher(cfg, splits, lab, out, log)
+        wanted = _data_record(cfg, splits)
+        # refusals first: a teacher of other data, then test rows in the transfer set
+        given = _given_teacher(cfg, wanted) if cfg.teacher else None
+        transfer, transfer_info = _transfer(cfg, splits, lab, unl, out)
+        teacher, teacher_info = given or _trained_teacher(cfg, splits, lab, out, log, wanted)
         dev = T.default_device(cfg.device)
         teacher.to(dev)
         store = collect_logits(teacher, transfer, os.path.join(out, "logits"), dtype=torch.float32,
@@ -388,8 +406,7 @@ def _prepare(cfg, out, log):
         "data": {**_data_record(cfg, splits), "n_train": len(splits.train),
                  "n_labelled": len(lab), "n_unlabelled_train": len(unl),
                  "n_unlabelled_extra": n_extra, "n_test": len(splits.test), "meta": splits.meta},
-        "transfer": {"rows": len(transfer), "composition": counts, **transfer_recipe,
-                     "test_rows": leaked,
+        "transfer": {"rows": len(transfer), "composition": counts, **transfer_info,
                      "note": "training split only: its labelled and unlabelled rows"
                              + (", the file's X_unlabelled" if n_extra else "")
                              + (f", {cfg.n_generated} {cfg.method} rows generated from the labelled "
@@ -430,6 +447,12 @@ def state_hash(model):
     return h.hexdigest()
 
 
+def _steps(ckpt):
+    """Optimizer steps taken, as the checkpoint records them (its step count, or, in checkpoints that
+    keep a scheduler, the scheduler's: it steps once per batch)."""
+    return int(ckpt["step"] if "step" in ckpt else ckpt["scheduler"]["last_epoch"])
+
+
 def _run_folder(out, run):
     return os.path.join(out, "points", run.point, f"{run.mode}-seed{run.seed}")
 
@@ -455,7 +478,7 @@ def _train_run(run, cfg, prep, out):
         "format": RESULT_FORMAT, "run": asdict(run), "point": run.point, "spec": spec,
         "params": count_parameters(res.model), "init_sha256": init,
         "test_accuracy": T.evaluate(res.model, prep.splits.test, device=dev),
-        "train_rows": len(prep.transfer), "steps": int(ckpt["scheduler"]["last_epoch"]),
+        "train_rows": len(prep.transfer), "steps": _steps(ckpt),
         "training": {k: ckpt["config"][k] for k in ("optimizer", "lr", "momentum", "weight_decay",
                                                     "schedule", "epochs", "batch_size", "seed")},
         "final_loss": res.final.get("loss"),
@@ -483,13 +506,12 @@ def _read_result(out, run):
 # ----------------------------------------------------------------------------------------------
 def command_line(cfg):
     """The `mimic-fast sweep` command that reproduces this sweep (every recipe option spelled out)."""
-    d, opt = SweepConfig(), []
+    # what the options left unset resolve to for this data and teacher is not spelled out
+    d, opt = SweepConfig(dataset=cfg.dataset, data=cfg.data, teacher=cfg.teacher).resolved(), []
     for f in fields(SweepConfig):
-        value, default = getattr(cfg, f.name), getattr(d, f.name)
+        value = getattr(cfg, f.name)
+        default = getattr(SweepConfig if f.name in ("dataset", "data", "teacher") else d, f.name)
         if f.name in ("device", "threads") or value == default or value is None:
-            continue
-        if f.name == "label_fraction" and default is None and cfg.dataset == "digits" \
-                and value == _DEMO.label_fraction:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name == "teacher":

@@ -243,7 +243,8 @@ def test_sweep_on_a_user_npz_trains_its_own_teacher(tmp_path, capsys):
     bad = str(tmp_path / "leaky.npz")
     np.savez(bad, X=X, y=y, X_test=X_test, y_test=y_test, X_unlabelled=np.concatenate([X_unl, X_test[:4]]))
     assert cli.main([*argv[:4], bad, *argv[5:-3], "--out", str(tmp_path / "leak"), "--no-progress"]) == 2
-    assert "4 transfer-set row(s) equal a test row" in capsys.readouterr().err
+    assert "4 transfer-set row(s) of" in capsys.readouterr().err
+    assert not os.path.exists(str(tmp_path / "leak" / "transfer.pt"))  # nothing kept from it
 
 
 def test_sweep_help(capsys):
