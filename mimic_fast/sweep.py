@@ -46,8 +46,9 @@ class SweepConfig:
     # data
     dataset: str = "digits"
     data: str = None
-    split_seed: int = 0
-    label_fraction: float = None  # None: the demo's 0.15 on digits, 1.0 on other data
+    split_seed: int = None  # None: the --teacher's recorded one, else 0
+    label_fraction: float = None  # None: the --teacher's recorded one, else 0.15 on digits (the
+    # demo's), 1.0 on other data
     # teacher: checkpoint(s) written by save_model (several: an ensemble); () trains one here
     teacher: tuple = ()
     teacher_members: int = _DEMO.teacher_members
@@ -86,8 +87,16 @@ class SweepConfig:
                  "throughput_time", "device", "threads")
 
     def resolved(self):
-        """A copy with label_fraction resolved and sequences as tuples of ints (JSON-stable)."""
+        """A copy with the split seed and label fraction resolved (unset: as recorded in the first
+        --teacher file, as the cli's pipeline commands do) and sequences as tuples of ints."""
         cfg = SweepConfig(**asdict(self))
+        if cfg.teacher and (cfg.split_seed is None or cfg.label_fraction is None):
+            recorded = T.load_model(cfg.teacher[0])[1].get("data") or {}
+            for name in ("split_seed", "label_fraction"):
+                if getattr(cfg, name) is None:
+                    setattr(cfg, name, recorded.get(name))
+        if cfg.split_seed is None:
+            cfg.split_seed = 0
         if cfg.label_fraction is None:
             cfg.label_fraction = _DEMO.label_fraction if cfg.dataset == "digits" else 1.0
         cfg.teacher = tuple(str(p) for p in cfg.teacher)
@@ -226,26 +235,22 @@ def _load(cfg):
 
 
 def _data_record(cfg, splits):
-    # the fields of cli._data_record, so teacher.pt files of both compare
-    return {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
-            "label_fraction": cfg.label_fraction, "input_shape": list(splits.input_shape),
-            "num_classes": splits.num_classes}
+    from .data.recipe import data_recipe
+
+    return data_recipe(splits, cfg.dataset, cfg.split_seed, cfg.label_fraction, cfg.data)
 
 
 def _check_teacher_data(path, recorded, wanted):
-    """A teacher trained on another split may have seen this sweep's test rows: refuse it."""
+    """A teacher made from another recipe may have trained on this sweep's test rows (another split)
+    or on other labels (another fraction): refused, as collect-logits does."""
+    from .data.recipe import DATA_FIELDS, check_recipe
+
     if recorded is None:
-        return "not recorded in the teacher file: its training rows cannot be checked"
-    keys = ("dataset", "data", "split_seed", "input_shape", "num_classes")
-    diff = {k: (recorded.get(k), wanted[k]) for k in keys if recorded.get(k) != wanted[k]}
-    if diff:
-        text = ", ".join(f"{k} {a!r} (sweep: {b!r})" for k, (a, b) in diff.items())
-        raise ValueError(f"teacher {path} was trained on other data: {text}; its training rows may "
-                         "include this sweep's test rows")
-    if recorded.get("label_fraction") != wanted["label_fraction"]:
-        return (f"trained with label_fraction {recorded.get('label_fraction')} (the students' labelled "
-                f"rows: {wanted['label_fraction']})")
-    return "same dataset, split and labelled rows as the students"
+        return "unchecked: the teacher file records no data recipe"
+    check_recipe(recorded, wanted, path, DATA_FIELDS,
+                 hint="sweep with the teacher's recipe (leave --split-seed and --label-fraction unset "
+                      "to inherit it)")
+    return "checked: the same dataset, split and labelled rows as the students"
 
 
 def _teacher_member(cfg, splits):
@@ -317,7 +322,7 @@ def _trained_teacher(cfg, splits, lab, out, log, wanted):
 
 def _refuse_test_rows(transfer, splits, path):
     """The number of transfer rows equal to a test row, measured: 0, or a ValueError."""
-    leaked = count_shared_rows(transfer.x, splits.test.tensors[0])
+    leaked = count_test_rows(transfer, splits.test)
     if leaked:  # impossible by construction unless the data itself repeats test rows
         raise ValueError(f"{leaked} transfer-set row(s) of {path} equal a test row: the data holds "
                          "test rows in its training split or X_unlabelled; deduplicate it first")
@@ -359,10 +364,14 @@ def _transfer(cfg, splits, lab, unl, out):
     return ts, {**recipe, "test_rows": test_rows}
 
 
-def count_shared_rows(x, other):
-    """How many rows of x are byte-equal to a row of `other` (the test split: 0 when held out)."""
-    seen = {bytes(r) for r in other.reshape(len(other), -1).contiguous().numpy()}
-    return sum(bytes(r) in seen for r in x.reshape(len(x), -1).contiguous().numpy())
+def count_test_rows(dataset, test):
+    """How many rows of `dataset` have the input of a row of `test` (by the logit store's per-row
+    input digests: the rule collect-logits applies)."""
+    import numpy as np
+
+    from .data.store import input_digests
+
+    return int(np.isin(input_digests(dataset), input_digests(test)).sum())
 
 
 def _prepare(cfg, out, log):
@@ -447,12 +456,6 @@ def state_hash(model):
     return h.hexdigest()
 
 
-def _steps(ckpt):
-    """Optimizer steps taken, as the checkpoint records them (its step count, or, in checkpoints that
-    keep a scheduler, the scheduler's: it steps once per batch)."""
-    return int(ckpt["step"] if "step" in ckpt else ckpt["scheduler"]["last_epoch"])
-
-
 def _run_folder(out, run):
     return os.path.join(out, "points", run.point, f"{run.mode}-seed{run.seed}")
 
@@ -478,7 +481,7 @@ def _train_run(run, cfg, prep, out):
         "format": RESULT_FORMAT, "run": asdict(run), "point": run.point, "spec": spec,
         "params": count_parameters(res.model), "init_sha256": init,
         "test_accuracy": T.evaluate(res.model, prep.splits.test, device=dev),
-        "train_rows": len(prep.transfer), "steps": _steps(ckpt),
+        "train_rows": len(prep.transfer), "steps": int(ckpt["step"]),
         "training": {k: ckpt["config"][k] for k in ("optimizer", "lr", "momentum", "weight_decay",
                                                     "schedule", "epochs", "batch_size", "seed")},
         "final_loss": res.final.get("loss"),
@@ -717,11 +720,13 @@ def add_arguments(p):
                    help="digits (bundled, default), cifar10 (--data: the folder of the python batches) "
                         "or npz (--data: a file with X, y and optional X_test, y_test, X_unlabelled)")
     g.add_argument("--data", default=None, help="path of the cifar10 folder or the .npz file")
-    g.add_argument("--split-seed", type=int, default=d.split_seed,
-                   help="seed of the train/test split and of the labelled subset (default 0)")
+    g.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the train/test split and of the labelled subset (default: the "
+                        "--teacher's recorded one, else 0)")
     g.add_argument("--label-fraction", type=float, default=None,
                    help="stratified fraction of the training split that keeps its labels; the rest is "
-                        "unlabelled transfer data (default: 0.15 on digits, 1.0 otherwise)")
+                        "unlabelled transfer data (default: the --teacher's recorded one, else 0.15 "
+                        "on digits, 1.0 otherwise)")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", nargs="+", default=(),
                    help="teacher.pt file(s) of `mimic-fast train-teacher`; several are averaged as an "
