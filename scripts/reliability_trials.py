@@ -1,7 +1,7 @@
 """Randomised reliability trials of the logit store and the training loop (a few CPU minutes).
 
     python scripts/reliability_trials.py [--kills 30] [--train-kills 15] [--flips 60] [--perturb 30]
-                                         [--pairs 8] [--seed 0]
+                                         [--pairs 8] [--same-pairs 4] [--seed 0]
 
 - kills: SIGKILL a collecting process at a random instant, resume it, compare with a clean store
   (bit-exact rows, checksums, verify);
@@ -10,8 +10,9 @@
 - flips: flip one random bit of a random store file; opening it must refuse, or (a flip in a field
   that carries no data, e.g. the header's timestamp) serve exactly the clean rows;
 - perturb: swap, shuffle or change dataset rows; opening the store against them must refuse;
-- pairs: start two collections of different teachers into one store together; the store must end
-  complete, verified and holding exactly one teacher's rows, the other run refused.
+- pairs / same-pairs: start two collections (different teachers / the same one) into one store
+  together; the store must end complete, verified and holding one teacher's rows, and a run that
+  did not write it must have been refused (lock held, or the store made by another teacher).
 Prints one line per kind with the counts; exits 1 if any trial failed.
 """
 import argparse
@@ -207,27 +208,34 @@ def perturbations(work, w, n, rng):
     return f"dataset swaps/shuffles/changes: {n} trials, {refused} refused", refused == n
 
 
-def writer_pairs(work, w, script, n):
+def writer_pairs(work, w, script, n, same=False):
+    """Two collections into one store started together: different teachers (one must win, the
+    other be refused) or the same one (both may succeed; the store must be whole)."""
     good = 0
-    teachers = [w.Teacher(0.0), w.Teacher(1.0)]
-    refs = [t(w.data().tensors[0]).detach().half().float() for t in teachers]
+    shifts = (0.0, 0.0) if same else (0.0, 1.0)
+    refs = [w.Teacher(s)(w.data().tensors[0]).detach().half().float() for s in (0.0, 1.0)]
     for i in range(n):
         path = work / f"pair{i}"
-        procs = [_spawn(script, "collect", path, shift, 0.02) for shift in (0.0, 1.0)]
+        procs = [_spawn(script, "collect", path, shift, 0.02) for shift in shifts]
         codes = [p.wait(timeout=300) for p in procs]
         errs = [p.stderr.read().decode() for p in procs]
         try:
             s = LogitStore.open(path, dataset=w.data())
-            holds = [torch.equal(s.tensor(), r) for r in refs]
+            holds = [s.complete and torch.equal(s.tensor(), r) for r in refs]
         except (ValueError, OSError):
             holds = [False, False]
-        winner_ok = sum(holds) == 1 and codes[holds.index(True)] == 0
-        loser = 1 - holds.index(True) if sum(holds) == 1 else None
-        loser_refused = loser is not None and codes[loser] != 0 and (
-            "being written by another process" in errs[loser] or "was made with teacher" in errs[loser])
-        good += winner_ok and loser_refused
+        refused = ["being written by another process" in e or "was made with teacher" in e for e in errs]
+        if same:
+            ok = holds[0] and all(c == 0 or r for c, r in zip(codes, refused))
+        else:
+            winner = holds.index(True) if sum(holds) == 1 else None
+            ok = winner is not None and codes[winner] == 0 and codes[1 - winner] != 0 and refused[1 - winner]
+        good += ok
         shutil.rmtree(path)
-    return f"two writers, different teachers: {n} pairs, {good} with one teacher's rows and the other refused", good == n
+    what = "the same teacher" if same else "different teachers"
+    outcome = ("a whole store, any loser refused" if same else
+               "one teacher's rows and the other refused")
+    return f"two writers, {what}: {n} pairs, {good} with {outcome}", good == n
 
 
 def main():
@@ -237,6 +245,7 @@ def main():
     p.add_argument("--flips", type=int, default=60)
     p.add_argument("--perturb", type=int, default=30)
     p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--same-pairs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     rng = random.Random(args.seed)
@@ -255,7 +264,8 @@ def main():
                           ("perturb", lambda: perturbations(work, w, args.perturb, rng)),
                           ("kills", lambda: collection_kills(work, w, script, args.kills, rng)),
                           ("train-kills", lambda: training_kills(work, w, script, args.train_kills, rng)),
-                          ("pairs", lambda: writer_pairs(work, w, script, args.pairs))):
+                          ("pairs", lambda: writer_pairs(work, w, script, args.pairs)),
+                          ("same_pairs", lambda: writer_pairs(work, w, script, args.same_pairs, True))):
             if getattr(args, label.replace("-", "_")):
                 t0 = time.perf_counter()
                 line, passed = fn()
