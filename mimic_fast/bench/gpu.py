@@ -334,6 +334,8 @@ def short_table(doc):
         busy = full.get("busy_share")
         st = full.get("status", "?")
         err = "" if st == "ok" else f" {(full.get('error') or '')[:60]}"
+        if full.get("graph_bytes"):
+            err += f" (+{full['graph_bytes'] / 2**20:.0f} MiB held by its CUDA graphs)"
         mem = full.get("peak_mem_bytes")
         lines.append(f"{label:<18}{prov:<10}{num(f.get('median_ms'), 8, '.2f')}"
                      f"{num(full.get('median_ms'), 9, '.2f')}{num(full.get('min_ms'), 8, '.2f')}"
