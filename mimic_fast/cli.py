@@ -1,5 +1,5 @@
 """The `mimic-fast` command (also `python -m mimic_fast`): demo, train-teacher, collect-logits,
-distill, bench, info.
+import-logits, distill, export, bench, info.
 
 The pipeline commands hand files to each other through --out folders (teacher.pt; transfer.pt +
 logits/; student.pt) and run unchanged under `torchrun --nproc_per_node N -m mimic_fast ...`.
@@ -176,19 +176,20 @@ def cmd_train_teacher(args):
     return 0
 
 
-def _load_teachers(paths):
-    from . import train as T
+def _load_teachers(specs, output=None):
+    """(teacher module, spec for teacher.json, teacher_id or None) from --teacher values."""
     from .models import TeacherEnsemble
+    from .teachers import load_teacher
 
-    models, specs, data = [], [], None
-    for p in paths:
-        m, payload = T.load_model(p)
-        models.append(m)
-        specs.append(payload["spec"])
-        data = data or payload.get("data")
-    if len(models) == 1:
-        return models[0], specs[0], data
-    return TeacherEnsemble(models).eval(), {"class": "TeacherEnsemble", "members": specs}, data
+    models, kinds = [], []
+    for spec in specs:
+        model, kind = load_teacher(spec, output=output)
+        models.append(model)
+        kinds.append({"teacher": spec, "kind": kind, "output": output})
+    teacher = models[0] if len(models) == 1 else TeacherEnsemble(models).eval()
+    # a plain function has no weights to fingerprint: the store knows it by its specs
+    teacher_id = None if any(True for _ in teacher.parameters()) else f"functions {list(specs)}"
+    return teacher, kinds[0] if len(kinds) == 1 else {"ensemble": kinds}, teacher_id
 
 
 def _build_transfer(args, splits):
@@ -217,19 +218,16 @@ def _build_transfer(args, splits):
     return ts
 
 
-def cmd_collect_logits(args):
+def _transfer_set(args, splits):
+    """The transfer set of these options: reused from --out/transfer.pt, or built and written."""
     import torch
 
     from . import train as T
-    from .data import TransferSet, collect_logits
+    from .data import TransferSet
 
-    T.init_distributed()
-    splits = _load_data(args)
     recipe = {**_data_record(args, splits), "n_generated": args.n_generated, "method": args.method,
               "generate_from": args.generate_from, "seed": args.seed,
               "noise_std": args.noise_std if args.method == "noise" else None}
-    # the teachers first: a bad --teacher must fail before anything is written
-    teacher, spec, _ = _load_teachers(args.teacher)
     path = os.path.join(args.out, "transfer.pt")
     if os.path.exists(path):
         saved = torch.load(path, weights_only=False)
@@ -244,18 +242,77 @@ def cmd_collect_logits(args):
             T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
                                  "sources": transfer.sources, "labels": transfer.labels}, path)
         _say(f"transfer set {transfer}; wrote {path}")
+    return transfer
+
+
+def cmd_collect_logits(args):
+    import torch
+
+    from . import train as T
+    from .data import collect_logits
+
+    T.init_distributed()
+    splits = _load_data(args)
+    # the teachers first: a bad --teacher must fail before anything is written
+    teacher, spec, teacher_id = _load_teachers(args.teacher, args.teacher_output)
+    transfer = _transfer_set(args, splits)
     device = T.default_device(args.device)
     teacher.to(device)
     dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
     store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
                            batch_size=args.batch_size, dtype=dtype, device=device,
-                           progress=args.progress and _is_rank0())
+                           progress=args.progress and _is_rank0(), teacher_id=teacher_id)
     acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
     if _is_rank0():
         T.atomic_write_text(os.path.join(args.out, "teacher.json"),
                             json.dumps({"teachers": args.teacher, "spec": spec, "test_accuracy": acc},
                                        indent=2))
         _say(f"teacher test accuracy {acc:.4f}; logits of {len(transfer)} rows in {store.path}")
+    return 0
+
+
+def cmd_import_logits(args):
+    import numpy as np
+    import torch
+
+    from .data import LogitStore
+
+    splits = _load_data(args)
+    try:
+        logits = np.load(args.logits, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--logits {args.logits} is not a readable .npy file ({e})") from None
+    transfer = _transfer_set(args, splits)
+    if len(logits) != len(transfer):
+        raise ValueError(f"--logits {args.logits} has {len(logits)} rows but the transfer set of "
+                         f"--dataset {args.dataset} has {len(transfer)} ({transfer}): row i must be "
+                         "the teacher's logits for row i (the training split in load order, "
+                         "labelled rows first when --label-fraction < 1, then X_unlabelled)")
+    if logits.ndim != 2 or logits.shape[1] != splits.num_classes:
+        raise ValueError(f"--logits {args.logits} has shape {logits.shape}: expected "
+                         f"({len(transfer)}, {splits.num_classes}) for --dataset {args.dataset}")
+    dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
+    store = LogitStore.from_array(os.path.join(args.out, "logits"), logits, transfer, dtype=dtype,
+                                  overwrite=args.overwrite, source=os.path.basename(args.logits))
+    _say(f"imported {store.n} rows of {store.num_classes} logits into {store.path} (verified)")
+    return 0
+
+
+def cmd_export(args):
+    from .export import export_student, latency
+    from .teachers import load_module
+
+    model, _ = load_module(args.model)
+    shape = _parse_ints(args.input_shape, "--input-shape") if args.input_shape else None
+    export_student(model, args.out, args.format, input_shape=shape)
+    _say(f"wrote {args.out} ({args.format}, plain ops, dynamic batch; checked against the model)")
+    if args.latency:
+        import torch
+
+        _say(f"median CPU latency per batch ({torch.get_num_threads()} torch threads):")
+        for row in latency(model, args.out, args.format, input_shape=shape):
+            _say(f"  batch {row['batch']:>4}: fused {row['fused_s'] * 1e3:8.3f} ms   exported "
+                 f"{row['exported_s'] * 1e3:8.3f} ms")
     return 0
 
 
@@ -355,7 +412,13 @@ def build_parser():
                                    "--out/logits (rerun the same command to resume).")
     _add_data(c)
     c.add_argument("--teacher", required=True, nargs="+",
-                   help="teacher.pt file(s); several are averaged as an ensemble")
+                   help="teacher(s), averaged when several: a mimic_fast teacher.pt, a TorchScript "
+                        "file, a torch.export .pt2, a torch.save(module) file (loading it runs "
+                        "pickle: trusted files only), or package.module:factory (a callable "
+                        "returning a module or a function)")
+    c.add_argument("--teacher-output", default=None,
+                   help="where the logits are in the teacher's output: a dict key or attribute "
+                        "(logits), a tuple index (0), or a dotted path (0.logits)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--n-generated", type=int, default=0, help="generated rows to add (default 0)")
     c.add_argument("--method", choices=("munge", "noise", "shift"), default="munge",
@@ -370,6 +433,32 @@ def build_parser():
     c.add_argument("--device", default=None)
     c.add_argument("--no-progress", dest="progress", action="store_false")
     c.set_defaults(func=cmd_collect_logits)
+
+    m = sub.add_parser("import-logits", help="store logits computed elsewhere for distill",
+                       description="Write --out/transfer.pt (the rows of --dataset) and a verified "
+                                   "logit store --out/logits from an (N, C) .npy file whose row i "
+                                   "holds the teacher's logits for transfer row i.")
+    _add_data(m)
+    m.add_argument("--logits", required=True, help="the (N, C) .npy file of teacher logits")
+    m.add_argument("--out", required=True, help="output folder (then: distill --logits OUT)")
+    m.add_argument("--dtype", choices=("float16", "float32"), default="float32",
+                   help="storage dtype of the logits")
+    m.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
+    m.set_defaults(func=cmd_import_logits, n_generated=0, method="munge", generate_from="labelled",
+                   seed=0, noise_std=None)
+
+    e = sub.add_parser("export", help="write a trained student as plain ONNX / torch.export ops",
+                       description="Unfuse the model's fused layers (on a copy) and write it with a "
+                                   "dynamic batch as ONNX (needs mimic_fast[export]) or a "
+                                   "torch.export .pt2; the file is checked against the model.")
+    e.add_argument("--model", required=True, help="student.pt (or any file --teacher accepts)")
+    e.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    e.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    e.add_argument("--input-shape", default=None,
+                   help="one row's shape, e.g. 64 or 3,32,32 (default: from the model)")
+    e.add_argument("--latency", action="store_true",
+                   help="also print batch-1 and batch-256 CPU latency, fused vs exported")
+    e.set_defaults(func=cmd_export)
 
     s = sub.add_parser("distill", help="train a student on the stored logits",
                        description="Train a student by logit regression (mse) or KD on the logits in "
