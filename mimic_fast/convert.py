@@ -431,7 +431,8 @@ def _notes(record, modules):
         notes.append(f"{first}'s bias is folded into b1 (b1' = b1 + V c): the two bias Parameters "
                      "are replaced by one new Parameter (re-create optimizers holding them)")
     for role, path, fn in record["steps"]:
-        if role == "pass" and (path is None or isinstance(modules.get(path), _DROPOUTS)):
+        if role == "pass" and (path is None or isinstance(modules.get(path), _DROPOUTS)
+                               and modules[path].p > 0):
             notes.append(f"{path or 'F.dropout'} was a no-op here (inference) and is not applied by "
                          "the fused model")
     return notes
@@ -625,8 +626,9 @@ def mimic_loss_of(model):
     student = model.get_submodule(node.target)
     out.args = (node.args[0],)
     graph.erase_node(node)
-    graph.eliminate_dead_code()
     body = fx.GraphModule(model, graph)
+    body.graph.eliminate_dead_code()
+    body.recompile()
 
     def loss(x, teacher_logits, reduction="mean"):
         return student.mimic_loss(body(x), teacher_logits, reduction)
