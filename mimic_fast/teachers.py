@@ -154,8 +154,9 @@ def _from_file(path, map_location):
             # Runs pickle: the file may execute code (documented; load only trusted files).
             payload = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as e:
-            raise ValueError(f"teacher {path} could not be loaded (torch.load: {type(e).__name__}: "
-                             f"{e})") from None
+            raise ValueError(f"teacher {path} is not a mimic_fast model file, TorchScript, "
+                             f"torch.export .pt2 or torch.save(module) file (torch.load: "
+                             f"{type(e).__name__}: {e})") from None
     if isinstance(payload, Mapping) and payload.get("format") == MODEL_FORMAT:
         model = build_from_spec(payload["spec"])
         model.load_state_dict(payload["state_dict"])
