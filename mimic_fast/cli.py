@@ -304,6 +304,10 @@ def cmd_export(args):
 
     model, _ = load_module(args.model)
     shape = _parse_ints(args.input_shape, "--input-shape") if args.input_shape else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     export_student(model, args.out, args.format, input_shape=shape)
     _say(f"wrote {args.out} ({args.format}, plain ops, dynamic batch; checked against the model)")
     if args.latency:
@@ -458,6 +462,8 @@ def build_parser():
                    help="one row's shape, e.g. 64 or 3,32,32 (default: from the model)")
     e.add_argument("--latency", action="store_true",
                    help="also print batch-1 and batch-256 CPU latency, fused vs exported")
+    e.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the latency runs (torch and onnxruntime; 0: torch's default)")
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser("distill", help="train a student on the stored logits",

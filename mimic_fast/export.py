@@ -106,7 +106,9 @@ def load_exported(path, format):
         return torch.export.load(path).module()
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # same threads as torch: a fair race
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def run(x):
@@ -148,19 +150,22 @@ def _check(model, path, format, example):
         raise ValueError(f"{path} ({format}) differs from the model by {err:.3g} (> {tol:.3g})")
 
 
-def _median_seconds(fn, x, min_time=0.3):
-    fn(x)  # warm-up
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times) < 5:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _median_seconds(fns, x, min_time=0.5):
+    """Median seconds per call of each function, calls interleaved (a busy machine slows all alike)."""
+    for fn in fns:
+        fn(x)  # warm-up
+    times, start = [[] for _ in fns], time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times[0]) < 10:
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn(x)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def latency(model, path, format, batch_sizes=(1, 256), input_shape=None):
     """Median CPU seconds per batch of the fused `model` and of the exported file, per batch size:
-    [{"batch": b, "fused_s": ..., "exported_s": ...}, ...] (one thread setting: torch's current)."""
+    [{"batch": b, "fused_s": ..., "exported_s": ...}, ...], both on torch's current thread count."""
     run = load_exported(path, format)
     example = _example(model, input_shape)
     rows = []
@@ -168,6 +173,6 @@ def latency(model, path, format, batch_sizes=(1, 256), input_shape=None):
     with torch.no_grad():
         for b in batch_sizes:
             x = torch.randn(b, *example.shape[1:], dtype=example.dtype)
-            rows.append({"batch": b, "fused_s": _median_seconds(model, x),
-                         "exported_s": _median_seconds(run, x)})
+            fused_s, exported_s = _median_seconds((model, run), x)
+            rows.append({"batch": b, "fused_s": fused_s, "exported_s": exported_s})
     return rows
