@@ -68,7 +68,7 @@ setup(
     description="Fast mimic learning: fused kernels for wide shallow students with a linear bottleneck",
     packages=find_packages(include=["mimic_fast", "mimic_fast.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "scikit-learn", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "scikit-learn", "matplotlib", "filelock"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis"],
         "triton": ["triton"],

@@ -17,29 +17,34 @@ TRANSFER_FORMAT = "mimic_fast.transfer/1"
 # ----------------------------------------------------------------------------------------------
 # shared options
 # ----------------------------------------------------------------------------------------------
-def _add_data(p):
+def _add_data(p, recorded=None):
+    """recorded: the file whose data recipe --split-seed and --label-fraction default to (a later
+    step of the pipeline must use the recipe of the files it reads; a different value is refused)."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, choices=DATASETS,
                    help="digits (bundled with scikit-learn), cifar10 (--data: the folder of the python "
                         "batches) or npz (--data: a file with X, y and optional X_test, y_test, "
                         "X_unlabelled)")
     g.add_argument("--data", default=None, help="path of the cifar10 folder or the .npz file")
-    g.add_argument("--split-seed", type=int, default=0,
+    also = f" (default: the value recorded in {recorded}; another value is refused)" if recorded else ""
+    g.add_argument("--split-seed", type=int, default=None if recorded else 0,
                    help="seed of the train/test split (digits, npz without X_test) and of the "
-                        "labelled subset")
-    g.add_argument("--label-fraction", type=float, default=1.0,
+                        "labelled subset" + (also or " (default 0)"))
+    g.add_argument("--label-fraction", type=float, default=None if recorded else 1.0,
                    help="keep labels on this stratified fraction of the training split; the rest "
-                        "is unlabelled transfer data (default 1.0)")
+                        "is unlabelled transfer data" + (also or " (default 1.0)"))
 
 
-def _add_training(p, epochs, lr, batch_size):
+def _add_training(p, epochs, kind, batch_size):
+    from .train import DEFAULT_LR  # one default per loop, shared with the Python API
+
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help="global batch (split evenly over torchrun ranks)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="SGD with Nesterov momentum, or Adam")
-    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEFAULT_LR[kind]})")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine",
@@ -105,9 +110,43 @@ def _labelled_rows(splits, args):
 
 
 def _data_record(args, splits):
-    return {"dataset": args.dataset, "data": args.data, "split_seed": args.split_seed,
-            "label_fraction": args.label_fraction, "input_shape": list(splits.input_shape),
-            "num_classes": splits.num_classes}
+    from .data.recipe import data_recipe
+
+    return data_recipe(splits, args.dataset, args.split_seed, args.label_fraction, args.data)
+
+
+def _inherit_recipe(args, recorded, source):
+    """Fill --split-seed / --label-fraction left unset from the recipe recorded in `source`."""
+    for name, default in (("split_seed", 0), ("label_fraction", 1.0)):
+        if getattr(args, name) is None:
+            value = (recorded or {}).get(name)
+            setattr(args, name, default if value is None else value)
+            if recorded and value is not None:
+                _say(f"--{name.replace('_', '-')} {value} (recorded in {source})")
+
+
+def _lock_folder(folder, what):
+    """The writer lock of an output folder, taken by rank 0 (errors raised on every rank)."""
+    import contextlib
+
+    from . import train as T
+
+    stack = contextlib.ExitStack()
+    T._on_rank0(lambda: stack.enter_context(T.writer_lock(folder, what)), T.dist_info()[1])
+    return stack
+
+
+def _test_overlap(test_digests, digests, allowed, where):
+    """Refuse transfer rows that are test rows (by input digest) unless explicitly allowed."""
+    import numpy as np
+
+    hits = np.flatnonzero(np.isin(digests, test_digests))
+    if len(hits) and not allowed:
+        raise ValueError(f"{len(hits)} rows of {where} are test rows (first: row {int(hits[0])}): the "
+                         "student would train on the teacher's answers for the rows it is tested on. "
+                         "Fix the data (X_unlabelled must not contain test rows), or pass "
+                         "--allow-test-rows to collect-logits to keep them, knowingly")
+    return len(hits)
 
 
 def _is_rank0():
@@ -166,30 +205,39 @@ def cmd_train_teacher(args):
     model, spec = _build(args.model, splits, overrides)
     _say(f"teacher {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
          f"{len(lab)} labelled rows of {len(y)}")
-    res = T.train_teacher(model, TensorDataset(X[lab], y[lab]), splits.test, out_dir=args.out,
-                          resume=args.resume, device=args.device, progress=args.progress, spec=spec,
-                          **_training_options(args))
-    if _is_rank0():
-        path = os.path.join(args.out, "teacher.pt")
-        T.save_model(path, res.model, spec, data=_data_record(args, splits), history=res.history)
-        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {path}")
+    with _lock_folder(args.out, "train-teacher output folder"):  # the run and teacher.pt
+        res = T.train_teacher(model, TensorDataset(X[lab], y[lab]), splits.test, out_dir=args.out,
+                              resume=args.resume, device=args.device, progress=args.progress,
+                              spec=spec, **_training_options(args))
+        if _is_rank0():
+            path = os.path.join(args.out, "teacher.pt")
+            T.save_model(path, res.model, spec, data=_data_record(args, splits), history=res.history)
+            _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {path}")
     return 0
 
 
-def _load_teachers(specs, output=None):
-    """(teacher module, spec for teacher.json, teacher_id or None) from --teacher values."""
+def _load_teachers(paths, output=None):
+    """(teacher, spec for teacher.json, data recipe or None, teacher_id or None) of --teacher."""
+    from .data.recipe import check_recipe
     from .models import TeacherEnsemble
     from .teachers import load_teacher
 
-    models, kinds = [], []
-    for spec in specs:
-        model, kind = load_teacher(spec, output=output)
-        models.append(model)
-        kinds.append({"teacher": spec, "kind": kind, "output": output})
-    teacher = models[0] if len(models) == 1 else TeacherEnsemble(models).eval()
-    # a plain function has no weights to fingerprint: the store knows it by its specs
-    teacher_id = None if any(True for _ in teacher.parameters()) else f"functions {list(specs)}"
-    return teacher, kinds[0] if len(kinds) == 1 else {"ensemble": kinds}, teacher_id
+    models, specs, data = [], [], []
+    for p in paths:
+        m, info = load_teacher(p, output=output)
+        models.append(m)
+        specs.append(info["spec"] or {"teacher": p, "kind": info["kind"], "output": output})
+        data.append(info["data"])
+    for p, d in zip(paths[1:], data[1:]):  # an ensemble's members must come from one recipe
+        if d is not None and data[0] is not None:
+            check_recipe(data[0], d, paths[0], hint=f"the ensemble member {p} was trained on other data")
+    if len(models) == 1:
+        teacher, spec = models[0], specs[0]
+    else:
+        teacher, spec = TeacherEnsemble(models).eval(), {"class": "TeacherEnsemble", "members": specs}
+    # a plain function has no weights to fingerprint: the store knows it by the --teacher values
+    teacher_id = None if any(True for _ in teacher.parameters()) else f"functions {list(paths)}"
+    return teacher, spec, data[0], teacher_id
 
 
 def _build_transfer(args, splits):
@@ -218,29 +266,39 @@ def _build_transfer(args, splits):
     return ts
 
 
-def _transfer_set(args, splits):
-    """The transfer set of these options: reused from --out/transfer.pt, or built and written."""
-    import torch
-
+def _transfer_set(args, splits, recipe, path):
+    """The transfer set of `recipe`: reused from `path` (refused if made otherwise) or built and
+    written there; rows equal to test rows are refused unless --allow-test-rows."""
     from . import train as T
-    from .data import TransferSet
+    from .data import TransferSet, input_digests
+    from .data.recipe import check_recipe
 
-    recipe = {**_data_record(args, splits), "n_generated": args.n_generated, "method": args.method,
-              "generate_from": args.generate_from, "seed": args.seed,
-              "noise_std": args.noise_std if args.method == "noise" else None}
-    path = os.path.join(args.out, "transfer.pt")
-    if os.path.exists(path):
-        saved = torch.load(path, weights_only=False)
-        if saved.get("format") != TRANSFER_FORMAT or saved.get("recipe") != recipe:
-            raise ValueError(f"{path} was made with other options ({saved.get('recipe')}); "
-                             "use another --out (nothing is overwritten)")
+    if os.path.exists(path) and not args.overwrite:
+        saved = T.load_torch_file(path, "mimic_fast transfer set",
+                                  "rerun with --overwrite to rebuild it")
+        if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
+            raise ValueError(f"{path} is not a mimic_fast transfer set (format "
+                             f"{saved.get('format') if isinstance(saved, dict) else None!r}); "
+                             "use another --out, or --overwrite to replace it")
+        check_recipe(saved.get("recipe"), recipe, path,
+                     hint="use another --out, the options it was made with, or --overwrite to "
+                          "rebuild it and its logits (nothing is overwritten without it)")
         transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
+        allowed = bool(saved.get("allow_test_rows"))
         _say(f"reusing {path}: {transfer}")
     else:
         transfer = _build_transfer(args, splits)
-        if _is_rank0():
-            T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
-                                 "sources": transfer.sources, "labels": transfer.labels}, path)
+        allowed = args.allow_test_rows
+    n_test = _test_overlap(input_digests(splits.test), input_digests(transfer), allowed,
+                           "the transfer set")
+    if n_test:
+        print(f"mimic-fast {args.command}: WARNING: {n_test} transfer rows are test rows "
+              "(--allow-test-rows): test accuracies of students trained on them are not "
+              "held-out results", file=sys.stderr)
+    if _is_rank0() and (args.overwrite or not os.path.exists(path)):
+        T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
+                             "sources": transfer.sources, "labels": transfer.labels,
+                             "allow_test_rows": allowed, "test_rows_in_transfer": n_test}, path)
         _say(f"transfer set {transfer}; wrote {path}")
     return transfer
 
@@ -250,24 +308,40 @@ def cmd_collect_logits(args):
 
     from . import train as T
     from .data import collect_logits
+    from .data.recipe import DATA_FIELDS, check_recipe
 
     T.init_distributed()
-    splits = _load_data(args)
     # the teachers first: a bad --teacher must fail before anything is written
-    teacher, spec, teacher_id = _load_teachers(args.teacher, args.teacher_output)
-    transfer = _transfer_set(args, splits)
-    device = T.default_device(args.device)
-    teacher.to(device)
-    dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
-    store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
-                           batch_size=args.batch_size, dtype=dtype, device=device,
-                           progress=args.progress and _is_rank0(), teacher_id=teacher_id)
-    acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
-    if _is_rank0():
-        T.atomic_write_text(os.path.join(args.out, "teacher.json"),
-                            json.dumps({"teachers": args.teacher, "spec": spec, "test_accuracy": acc},
-                                       indent=2))
-        _say(f"teacher test accuracy {acc:.4f}; logits of {len(transfer)} rows in {store.path}")
+    teacher, spec, teacher_data, teacher_id = _load_teachers(args.teacher, args.teacher_output)
+    _inherit_recipe(args, teacher_data, args.teacher[0])
+    splits = _load_data(args)
+    data = _data_record(args, splits)
+    if teacher_data is None:
+        print(f"mimic-fast collect-logits: warning: {args.teacher[0]} records no data recipe: it "
+              "cannot be checked to have never seen the test rows", file=sys.stderr)
+    else:  # another split would put the teacher's training rows in the test set it is scored on
+        check_recipe(teacher_data, data, args.teacher[0], DATA_FIELDS,
+                     hint="collect with the teacher's recipe (leave --split-seed and --label-fraction "
+                          "unset to inherit it) or train a teacher on this one")
+    recipe = {**data, "n_generated": args.n_generated, "method": args.method,
+              "generate_from": args.generate_from, "seed": args.seed,
+              "noise_std": args.noise_std if args.method == "noise" else None}
+    path = os.path.join(args.out, "transfer.pt")
+    with _lock_folder(args.out, "collect-logits output folder"):
+        transfer = _transfer_set(args, splits, recipe, path)
+        device = T.default_device(args.device)
+        teacher.to(device)
+        dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
+        store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
+                               batch_size=args.batch_size, dtype=dtype, device=device,
+                               progress=args.progress and _is_rank0(), overwrite=args.overwrite,
+                               teacher_id=teacher_id)
+        acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
+        if _is_rank0():
+            T.atomic_write_text(os.path.join(args.out, "teacher.json"),
+                                json.dumps({"teachers": args.teacher, "spec": spec,
+                                            "test_accuracy": acc}, indent=2))
+            _say(f"teacher test accuracy {acc:.4f}; logits of {len(transfer)} rows in {store.path}")
     return 0
 
 
@@ -282,18 +356,21 @@ def cmd_import_logits(args):
         logits = np.load(args.logits, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise ValueError(f"--logits {args.logits} is not a readable .npy file ({e})") from None
-    transfer = _transfer_set(args, splits)
-    if len(logits) != len(transfer):
-        raise ValueError(f"--logits {args.logits} has {len(logits)} rows but the transfer set of "
-                         f"--dataset {args.dataset} has {len(transfer)} ({transfer}): row i must be "
-                         "the teacher's logits for row i (the training split in load order, "
-                         "labelled rows first when --label-fraction < 1, then X_unlabelled)")
-    if logits.ndim != 2 or logits.shape[1] != splits.num_classes:
-        raise ValueError(f"--logits {args.logits} has shape {logits.shape}: expected "
-                         f"({len(transfer)}, {splits.num_classes}) for --dataset {args.dataset}")
-    dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
-    store = LogitStore.from_array(os.path.join(args.out, "logits"), logits, transfer, dtype=dtype,
-                                  overwrite=args.overwrite, source=os.path.basename(args.logits))
+    recipe = {**_data_record(args, splits), "n_generated": 0, "method": args.method,
+              "generate_from": args.generate_from, "seed": args.seed, "noise_std": None}
+    with _lock_folder(args.out, "import-logits output folder"):
+        transfer = _transfer_set(args, splits, recipe, os.path.join(args.out, "transfer.pt"))
+        if logits.dtype.kind != "f":
+            raise ValueError(f"--logits {args.logits} holds {logits.dtype}: expected float logits")
+        if logits.ndim != 2 or len(logits) != len(transfer) or logits.shape[1] != splits.num_classes:
+            raise ValueError(f"--logits {args.logits} has shape {logits.shape} but the transfer set "
+                             f"of --dataset {args.dataset} ({transfer}) needs ({len(transfer)}, "
+                             f"{splits.num_classes}): row i must be the teacher's logits for row i "
+                             "(the training split in load order, labelled rows first when "
+                             "--label-fraction < 1, then X_unlabelled)")
+        dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
+        store = LogitStore.from_array(os.path.join(args.out, "logits"), logits, transfer, dtype=dtype,
+                                      overwrite=args.overwrite, source=os.path.basename(args.logits))
     _say(f"imported {store.n} rows of {store.num_classes} logits into {store.path} (verified)")
     return 0
 
@@ -324,25 +401,41 @@ def cmd_distill(args):
     import torch
 
     from . import train as T
-    from .data import LogitDataset, LogitStore, TransferSet
+    from .data import LogitDataset, LogitStore, TransferSet, input_digests
+    from .data.recipe import DATA_FIELDS, check_recipe
 
     T.init_distributed()
-    splits = _load_data(args)
     path = os.path.join(args.logits, "transfer.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: --logits must be the --out folder of "
                                 "`mimic-fast collect-logits`")
-    saved = torch.load(path, weights_only=False)
+    saved = T.load_torch_file(path, "mimic_fast transfer set",
+                              "rebuild it with `mimic-fast collect-logits ... --overwrite`")
+    if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
+        raise ValueError(f"{path} is not a mimic_fast transfer set (expected format "
+                         f"{TRANSFER_FORMAT!r}); rebuild it with `mimic-fast collect-logits`")
+    made = saved.get("recipe") or {}
+    _inherit_recipe(args, made, path)
+    splits = _load_data(args)
     transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
-    store = LogitStore.open(os.path.join(args.logits, "logits"), transfer)
     # the student is sized from --dataset: data other than the logits' would fail deep in a kernel
     rows = transfer.x[0].numel()
-    if rows != splits.in_features or store.num_classes != splits.num_classes:
-        made = saved.get("recipe", {})
-        raise ValueError(f"--logits {args.logits} holds rows of {rows} features and "
-                         f"{store.num_classes} classes (made from --dataset {made.get('dataset')} "
-                         f"--data {made.get('data')}), but --dataset {args.dataset} has "
-                         f"{splits.in_features} features and {splits.num_classes} classes")
+    if rows != splits.in_features:
+        raise ValueError(f"--logits {args.logits} holds rows of {rows} features (made from --dataset "
+                         f"{made.get('dataset')} --data {made.get('data')}), but --dataset "
+                         f"{args.dataset} has {splits.in_features} features")
+    # the transfer set's labels and its exclusion of test rows hold only for the recipe it was made
+    # with: another split seed or label fraction here would put test rows into training
+    data = _data_record(args, splits)
+    check_recipe(made, data, path, DATA_FIELDS,
+                 hint="distill with the recipe of the logits (leave --split-seed and --label-fraction "
+                      "unset to inherit it) or collect logits for this one")
+    store = LogitStore.open(os.path.join(args.logits, "logits"), transfer)
+    if store.num_classes != splits.num_classes:
+        raise ValueError(f"--logits {args.logits} holds {store.num_classes} classes but --dataset "
+                         f"{args.dataset} has {splits.num_classes}")
+    _test_overlap(input_digests(splits.test), store.inputs, saved.get("allow_test_rows"),
+                  f"the transfer set {path}")
     dataset = LogitDataset(transfer, store, with_labels=args.alpha > 0)
     overrides = {}
     if args.hidden is not None:
@@ -355,15 +448,23 @@ def cmd_distill(args):
     student, spec = _build(args.student, splits, overrides)
     _say(f"student {args.student}: {sum(p.numel() for p in student.parameters()):,} parameters; "
          f"transfer set {transfer}")
-    res = T.distill(student, dataset, splits.test, loss=args.loss, alpha=args.alpha,
-                    temperature=args.temperature, out_dir=args.out, resume=args.resume,
-                    device=args.device, progress=args.progress, spec=spec, **_training_options(args))
-    if _is_rank0():
-        out = os.path.join(args.out, "student.pt")
-        T.save_model(out, res.model, spec, data=_data_record(args, splits), history=res.history,
-                     loss=args.loss, alpha=args.alpha)
-        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {out}")
+    with _lock_folder(args.out, "distill output folder"):  # the run and student.pt
+        res = T.distill(student, dataset, splits.test, loss=args.loss, alpha=args.alpha,
+                        temperature=args.temperature, out_dir=args.out, resume=args.resume,
+                        device=args.device, progress=args.progress, spec=spec,
+                        **_training_options(args))
+        if _is_rank0():
+            out = os.path.join(args.out, "student.pt")
+            T.save_model(out, res.model, spec, data=data, history=res.history, loss=args.loss,
+                         alpha=args.alpha, transfer=made)
+            _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {out}")
     return 0
+
+
+def cmd_sweep(args):
+    from .sweep import run_from_args
+
+    return run_from_args(args)
 
 
 def cmd_bench(argv):
@@ -407,14 +508,14 @@ def build_parser():
     t.add_argument("--channels", default=None, help="cnn: conv channels per stage, e.g. 32,64")
     t.add_argument("--dropout", type=float, default=None)
     t.add_argument("--out", required=True, help="output folder")
-    _add_training(t, epochs=30, lr=0.05, batch_size=128)
+    _add_training(t, epochs=30, kind="teacher", batch_size=128)
     t.set_defaults(func=cmd_train_teacher)
 
     c = sub.add_parser("collect-logits", help="build the transfer set and store the teacher's logits",
                        description="Transfer set = labelled rows + unlabelled rows (+ generated rows); "
                                    "writes --out/transfer.pt and the crash-safe, resumable logit store "
                                    "--out/logits (rerun the same command to resume).")
-    _add_data(c)
+    _add_data(c, recorded="the (first) --teacher file")
     c.add_argument("--teacher", required=True, nargs="+",
                    help="teacher(s), averaged when several: a mimic_fast teacher.pt, a TorchScript "
                         "file, a torch.export .pt2, a torch.save(module) file (loading it runs "
@@ -436,6 +537,12 @@ def build_parser():
     c.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
     c.add_argument("--device", default=None)
     c.add_argument("--no-progress", dest="progress", action="store_false")
+    c.add_argument("--overwrite", action="store_true",
+                   help="rebuild transfer.pt and the logit store in --out even if they exist (without "
+                        "it a store made with other options or data, or a damaged one, is refused)")
+    c.add_argument("--allow-test-rows", action="store_true",
+                   help="keep transfer rows that equal test rows (refused by default: students would "
+                        "then be scored on rows they were trained on); recorded in transfer.pt")
     c.set_defaults(func=cmd_collect_logits)
 
     m = sub.add_parser("import-logits", help="store logits computed elsewhere for distill",
@@ -447,7 +554,10 @@ def build_parser():
     m.add_argument("--out", required=True, help="output folder (then: distill --logits OUT)")
     m.add_argument("--dtype", choices=("float16", "float32"), default="float32",
                    help="storage dtype of the logits")
-    m.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace transfer.pt and the store already in --out")
+    m.add_argument("--allow-test-rows", action="store_true",
+                   help="keep transfer rows that equal test rows (refused by default)")
     m.set_defaults(func=cmd_import_logits, n_generated=0, method="munge", generate_from="labelled",
                    seed=0, noise_std=None)
 
@@ -471,7 +581,7 @@ def build_parser():
                                    "--logits, optionally mixed with hard labels: loss = (1 - alpha) * "
                                    "soft + alpha * CE on labelled rows. Writes --out/student.pt, "
                                    "checkpoint.pt and metrics.jsonl.")
-    _add_data(s)
+    _add_data(s, recorded="--logits/transfer.pt")
     s.add_argument("--logits", required=True, help="the --out folder of collect-logits")
     s.add_argument("--student", default="snn-mimic-8k",
                    help="a models.build_model name: snn-mimic-8k (default), snn-mimic-400k, snn-8k, "
@@ -484,8 +594,18 @@ def build_parser():
     s.add_argument("--alpha", type=float, default=0.0, help="weight of the hard-label loss")
     s.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
     s.add_argument("--out", required=True, help="output folder")
-    _add_training(s, epochs=20, lr=0.01, batch_size=256)
+    _add_training(s, epochs=20, kind="distill", batch_size=256)
     s.set_defaults(func=cmd_distill)
+
+    from .sweep import add_arguments as sweep_arguments
+
+    w = sub.add_parser("sweep", help="the compression curve: students of every size on labels and by "
+                                     "mimicry, against the teacher",
+                       description="Train a grid of students (--hidden, --bottleneck, --conv-layers) "
+                                   "on labels and by mimicry of one teacher's stored logits; writes "
+                                   "sweep.json, sweep.png and sweep.md (resumable, --shard i/n).")
+    sweep_arguments(w)
+    w.set_defaults(func=cmd_sweep)
 
     b = sub.add_parser("bench", help="benchmarks (see `mimic-fast bench --help`)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -496,20 +616,62 @@ def build_parser():
     return p
 
 
+ENV_INTS = ("MIMIC_FAST_CPU_CHUNK_H", "MIMIC_FAST_CUDA_CHUNK_H")  # positive ints when set
+
+
+def _check_environment():
+    for name in ENV_INTS:
+        value = os.environ.get(name, "")
+        if value.strip() and not (value.strip().isdigit() and int(value) > 0):
+            raise ValueError(f"environment variable {name}={value!r} must be a positive integer (a "
+                             f"chunk width); unset it to let mimic_fast choose")
+
+
+def _os_error_line(e):
+    """One line for an OSError: the file, what the OS said, and what to do."""
+    if e.filename is None or e.strerror is None:  # our own messages (FileExistsError, LockedError...)
+        return str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    import errno
+
+    hint = {errno.EACCES: "check the permissions of the file and its folder",
+            errno.EPERM: "check the permissions of the file and its folder",
+            errno.EROFS: "the file system is read-only: choose an output folder on a writable one",
+            errno.ENOSPC: "the disk is full: free space or choose another output folder",
+            errno.ENOENT: "check the path (relative paths are taken from the current folder)",
+            errno.EISDIR: "a folder is in the way: pass a file path"}.get(e.errno, "")
+    return f"{where}: {e.strerror}" + (f" ({hint})" if hint else "")
+
+
+def _error(command, e):
+    text = _os_error_line(e) if isinstance(e, OSError) else str(e)
+    print(f"mimic-fast {command}: error: {' '.join(text.split())}", file=sys.stderr)
+    return 2
+
+
+# what a command turns into one error line (anything else is a bug and keeps its traceback)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # everything after `bench` (--help too) belongs to the bench parser
-        return cmd_bench(argv[1:])
+    command = argv[0] if argv else None
+    if command == "bench":  # everything after `bench` (--help too) belongs to the bench parser
+        try:
+            _check_environment()
+            return cmd_bench(argv[1:])
+        except USER_ERRORS as e:
+            return _error("bench", e)
     args = build_parser().parse_args(argv)
     try:
+        _check_environment()
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"mimic-fast {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return _error(args.command, e)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         hint = (f"; completed epochs are kept in {out}/checkpoint.pt: rerun with --resume"
                 if args.command in ("train-teacher", "distill") else
-                "; rerun the same command to resume" if args.command == "collect-logits" else "")
+                "; rerun the same command to resume" if args.command in ("collect-logits", "sweep") else "")
         print(f"mimic-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

@@ -78,6 +78,11 @@ class WideShallowStudent(nn.Module):
         self.in_features, self.num_classes = in_features, num_classes
         self.hidden, self.bottleneck = hidden, bottleneck
         self.activation = check_activation(activation)
+        from .dispatch import BACKENDS
+
+        if backend != "auto" and backend not in BACKENDS:  # refused now, not at the first forward
+            raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of "
+                             f"{', '.join(BACKENDS)}")
         self.backend = backend
         bias1, bias2 = _bias_pair(bias)
         kw = {"device": device, "dtype": dtype}

@@ -138,13 +138,14 @@ def _archive_kind(path):
 
 
 def _from_file(path, map_location):
-    from .train import MODEL_FORMAT, build_from_spec
+    """(model, kind, payload of a mimic_fast model file or None)."""
+    from .train import MODEL_FORMAT, load_model
 
     kind = _archive_kind(path)
     if kind == "export":
-        return torch.export.load(path).module(), "torch.export program"
+        return torch.export.load(path).module(), "torch.export program", None
     if kind == "torchscript":
-        return torch.jit.load(path, map_location=map_location), "TorchScript"
+        return torch.jit.load(path, map_location=map_location), "TorchScript", None
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:  # not plain tensors and containers: a pickled object (a whole module)
@@ -158,11 +159,10 @@ def _from_file(path, map_location):
                              f"torch.export .pt2 or torch.save(module) file (torch.load: "
                              f"{type(e).__name__}: {e})") from None
     if isinstance(payload, Mapping) and payload.get("format") == MODEL_FORMAT:
-        model = build_from_spec(payload["spec"])
-        model.load_state_dict(payload["state_dict"])
-        return model, "mimic_fast model file"
+        model, payload = load_model(path, map_location)  # the project's own checks and messages
+        return model, "mimic_fast model file", payload
     if callable(payload):
-        return payload, "pickled module"
+        return payload, "pickled module", None
     if isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor)
                                                         for v in payload.values()):
         raise ValueError(f"teacher {path} holds a state dict ({len(payload)} tensors, e.g. "
@@ -172,32 +172,39 @@ def _from_file(path, map_location):
                      "mimic_fast model file, torch.save(module), TorchScript or a torch.export .pt2")
 
 
-def load_module(spec, map_location="cpu"):
-    """(the module or function as loaded, what kind it was) from a path or "package.module:factory"."""
+def _load(spec, map_location):
     if not isinstance(spec, str):
         raise TypeError(f"teacher spec must be a path or 'package.module:factory', got "
                         f"{type(spec).__name__}")
     if os.path.exists(spec):
         if os.path.isdir(spec):
             raise ValueError(f"teacher {spec} is a folder: expected a model file")
-        model, kind = _from_file(spec, map_location)
-    elif ":" in spec and not spec.startswith((".", "/")):
-        model, kind = _from_factory(spec), "factory"
-    else:
-        raise FileNotFoundError(f"teacher {spec} does not exist (expected a model file or "
-                                "package.module:factory)")
+        return _from_file(spec, map_location)
+    if ":" in spec and not spec.startswith((".", "/")):
+        return _from_factory(spec), "factory", None
+    raise FileNotFoundError(f"teacher {spec} does not exist (expected a model file or "
+                            "package.module:factory)")
+
+
+def load_module(spec, map_location="cpu"):
+    """(the module or function as loaded, what kind it was) from a path or "package.module:factory"."""
+    model, kind, _ = _load(spec, map_location)
     return model, kind
 
 
 def load_teacher(spec, output=None, map_location="cpu"):
-    """(teacher module in eval mode, what was loaded) from a file path or "package.module:factory".
+    """(teacher in eval mode, info) from a file path or "package.module:factory".
 
-    `output` selects the logits (see pick_output) for every teacher kind. Pickled modules and
-    factories run code: use only files and packages you trust.
+    The teacher is a mimic_fast model file's module itself, else a Teacher wrapper whose output is
+    checked to be a logits tensor (`output` selects it: see pick_output). info: {"kind", "spec", "data"} with the build spec and
+    data recipe of a mimic_fast model file (else None). Pickled modules and factories run code:
+    use only files and packages you trust.
     """
-    model, kind = load_module(spec, map_location)
-    teacher = as_teacher(model, output)
-    if not isinstance(teacher, Teacher):
-        teacher = Teacher(teacher, None, spec)
-    teacher.name = spec
-    return teacher.eval(), kind
+    model, kind, payload = _load(spec, map_location)
+    if kind == "mimic_fast model file" and output is None:
+        teacher = model  # unwrapped: its logit stores keep the identity they always had
+    else:  # checks the output is a logits tensor (and says how to pick one); handles eval()
+        teacher = Teacher(model, output, name=spec)
+    info = {"kind": kind, "spec": payload["spec"] if payload else None,
+            "data": payload.get("data") if payload else None}
+    return teacher.eval(), info

@@ -1,10 +1,14 @@
 """Training loops: a teacher on hard labels (train_teacher), a student on stored logits (distill).
 
 Both share one loop: epoch order from a DistributedSampler seeded by (seed, epoch), also in one
-process; after each epoch an atomic checkpoint (model, optimizer, scheduler, every rank's RNG states,
+process; after each epoch an atomic checkpoint (model, optimizer, step, every rank's RNG states,
 history) and one JSONL metrics line, so a resumed run reproduces an uninterrupted one bit for bit.
-Under torch.distributed (torchrun) the model is wrapped in DDP, only rank 0 writes and evaluation
-is sharded. Limits: map-style datasets only; the learning-rate schedule steps once per batch.
+A resume with a changed lr, momentum, weight decay or longer --epochs applies it (the schedule is a
+closed-form function of the step, rebuilt for the new length); other changes are refused. A
+non-finite loss or weight stops the run before anything is written from it. One writer per output
+folder (a lock file). Under torch.distributed (torchrun) the model is wrapped in DDP, only rank 0
+writes and evaluation is sharded. Limits: map-style datasets only; the learning-rate schedule steps
+once per batch.
 """
 import json
 import math
@@ -22,7 +26,9 @@ from torch import nn
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, Subset,
                               default_collate)
 
-from ._io import atomic_write_bytes, atomic_write_text  # noqa: F401  (cli/demo use them via train)
+import contextlib
+
+from ._io import atomic_write_bytes, atomic_write_text, writer_lock  # noqa: F401 (cli/demo use them)
 from .functional import kd_loss, logit_mse_loss
 from .nn import WideShallowStudent
 
@@ -33,6 +39,15 @@ MODEL_FORMAT = "mimic_fast.model/1"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
 DISTILL_LOSSES = ("mse", "kd")
+# One default learning rate per loop, for the Python API and the CLI alike. Logit regression needs a
+# far smaller SGD step than cross-entropy: the squared error is unbounded and the gradient of W sums
+# over the whole width H (0.05 diverges to NaN on the digits pipeline in its first epoch).
+DEFAULT_LR = {"teacher": 0.05, "distill": 0.01}
+# Options a resume applies (the rest change the data order, the model or the optimizer's state and
+# are refused when they differ from the checkpoint's).
+RESUMABLE_CHANGES = ("epochs", "lr", "momentum", "weight_decay", "grad_clip", "eval_batch_size",
+                     "num_workers", "world_size")
+NONFINITE_CHECK_EVERY = 16  # steps between host syncs that look for a non-finite loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +109,19 @@ def default_device(device=None):
 
 def atomic_torch_save(obj, path):
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def load_torch_file(path, what, hint, map_location="cpu"):
+    """torch.load(path) for files this package wrote, refusing a truncated or foreign file with a
+    ValueError that names it (torch raises RuntimeError/UnpicklingError/EOFError... instead)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # the OS's own error, naming the file
+    except Exception as e:  # a truncated zip even surfaces as OSError(EINVAL)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} is not a {what}, or it is truncated or damaged (torch.load failed: "
+                         f"{type(e).__name__}: {first}); {hint}") from None
 
 
 def _rng_state():
@@ -158,22 +186,23 @@ def load_model(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} does not exist: expected a .pt file written by "
                                 f"save_model (e.g. teacher.pt of `mimic-fast train-teacher`)")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError... on foreign files
-        raise ValueError(f"{path} is not a mimic_fast model file (torch.load failed: "
-                         f"{type(e).__name__}: {e})") from None
+    payload = load_torch_file(path, "mimic_fast model file", "train or save it again", map_location)
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a mimic_fast model file (expected format {MODEL_FORMAT!r})")
-    model = build_from_spec(payload["spec"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model = build_from_spec(payload["spec"])
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path} holds a model that cannot be rebuilt from its spec "
+                         f"({type(e).__name__}: {e})") from None
     return model.eval(), payload
 
 
 # ----------------------------------------------------------------------------------------------
 # optimisers and schedules
 # ----------------------------------------------------------------------------------------------
-def make_optimizer(params, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, nesterov=True):
+def make_optimizer(params, optimizer="sgd", lr=DEFAULT_LR["teacher"], momentum=0.9, weight_decay=0.0,
+                   nesterov=True):
     """SGD with (Nesterov) momentum, or Adam."""
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -183,16 +212,28 @@ def make_optimizer(params, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
 
 
-def make_scheduler(optimizer, schedule="cosine", total_steps=1, step_every=None, gamma=0.1):
-    """A per-batch schedule: cosine to 0 over total_steps, step (x gamma every step_every), or none."""
+def lr_factor(schedule, step, total_steps, step_every=None, gamma=0.1):
+    """The per-batch schedule as a closed form of the step (so a resume can rebuild it for another
+    length): cosine from 1 to 0 over total_steps (0 past the end, never rising again), step (x gamma
+    every step_every steps; default a third of the run), or none."""
     if schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+        total = max(1, total_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     if schedule == "step":
-        step_every = step_every or max(1, total_steps // 3)
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_every, gamma=gamma)
+        return gamma ** (step // (step_every or max(1, total_steps // 3)))
     if schedule == "none":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        return 1.0
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def _set_hyperparameters(optimizer, config, lr):
+    """Write lr, momentum and weight decay into every param group (also over a loaded state)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = config.weight_decay
+        if config.optimizer == "sgd":
+            group["momentum"] = config.momentum
+            group["nesterov"] = config.momentum > 0
 
 
 @dataclass
@@ -202,7 +243,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"
-    lr: float = 0.05
+    lr: float = None  # None: DEFAULT_LR of the loop (teacher 0.05, distill 0.01)
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -214,16 +255,35 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm, 0: off
 
     def validate(self):
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        """Refuse nonsense before anything runs (ValueError naming the option and the range)."""
+        for name, lo in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("step_epochs", 0),
+                         ("num_workers", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            return v
+        if not number("lr") > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= number("momentum") < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r} (SGD diverges at >= 1)")
+        if not number("weight_decay") >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 < number("gamma") <= 1:
+            raise ValueError(f"gamma must be in (0, 1] (the step schedule's decay factor), got "
+                             f"{self.gamma!r}")
+        if not number("grad_clip") >= 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip!r}")
 
 
 @dataclass
@@ -343,13 +403,22 @@ def _check_out_dir(out_dir, resume):
     return None
 
 
+def _jsonable(line):
+    # JSON has no NaN/Infinity: a non-finite value (e.g. the accuracy of an empty test set) is null
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}
+
+
+def _json_line(line):
+    return json.dumps(_jsonable(line), allow_nan=False) + "\n"
+
+
 def _write_metrics(out_dir, history):
-    atomic_write_text(os.path.join(out_dir, METRICS), "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_text(os.path.join(out_dir, METRICS), "".join(_json_line(h) for h in history))
 
 
 def _append_metrics(out_dir, line):
     with open(os.path.join(out_dir, METRICS), "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+        f.write(_json_line(line))
         f.flush()
         os.fsync(f.fileno())
 
@@ -364,15 +433,88 @@ def _gather_rng():
     return states
 
 
+def _on_rank0(fn, world):
+    """Run fn() on rank 0 and raise its error (ValueError/OSError) on every rank: a lone raise on
+    rank 0 would leave the others waiting at the next collective."""
+    rank = dist_info()[0]
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except (ValueError, OSError) as e:
+            outcome = ("error", e)
+    if world > 1:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def _load_checkpoint(path, kind):
+    hint = ("delete it to start the run over, or restore it from a backup "
+            "(resume never overwrites it with a fresh run)")
+    ckpt = load_torch_file(path, "mimic_fast training checkpoint", hint)
+    needed = ("format", "epoch", "config", "model", "optimizer", "rng", "history")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a mimic_fast training checkpoint (expected format "
+                         f"{CHECKPOINT_FORMAT!r}); {hint}")
+    missing = [k for k in needed if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint; {hint}")
+    if ckpt["config"].get("kind") != kind:
+        raise ValueError(f"{path} is a {ckpt['config'].get('kind')!r} checkpoint, not a {kind} one: "
+                         "use another output directory")
+    return ckpt
+
+
+def _resume_changes(ckpt, run_config, path):
+    """{option: (saved, now)} of the changes a resume applies; refuses (ValueError, every difference
+    listed) the ones it cannot apply honestly."""
+    saved = ckpt["config"]
+    changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
+    refused = {k: d for k, d in changed.items() if k not in RESUMABLE_CHANGES}
+    if refused:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(f"cannot resume {path} with changed {', '.join(refused)} ({listed}): they "
+                         f"change the data order, the model or the optimizer state, so the run would "
+                         f"match neither the saved one nor a fresh one. Resume with the saved values, "
+                         f"or start a new run in another output directory")
+    done = int(ckpt["epoch"])
+    if run_config["epochs"] < done:
+        raise ValueError(f"{path} has {done} epochs done but epochs={run_config['epochs']} asks for "
+                         f"fewer: resume with epochs >= {done}")
+    return changed
+
+
+def _first_nonfinite(values, world):
+    """Index of the first non-finite value (0-d device tensors), the same on all ranks, or None.
+    One host sync."""
+    bad = (~torch.isfinite(torch.stack(values))).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    hit = bad.nonzero()
+    return int(hit[0, 0]) if len(hit) else None
+
+
 def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, device,
          progress, extra_config, spec):
     config.validate()
     rank, world = dist_info()
     device = default_device(device)
+    with contextlib.ExitStack() as held:
+        if out_dir is not None:
+            # one writer per output folder: a second run would interleave checkpoints and metrics
+            _on_rank0(lambda: held.enter_context(writer_lock(out_dir, f"{kind} run folder")), world)
+        return _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, resume,
+                           device, progress, extra_config, spec, rank, world)
+
+
+def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, resume, device,
+                progress, extra_config, spec, rank, world):
     model.to(device)
     resume_path = _check_out_dir(out_dir, resume)
-    if out_dir is not None and rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
 
     # the model is seeded (initialised) by the caller; this seed drives dropout, sampler and RNG draws
     set_seed(config.seed + rank)
@@ -391,31 +533,38 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
                         sampler=BatchSampler(sampler, local_batch, drop_last=False),
                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
+    total_steps = config.epochs * steps_per_epoch
+    step_every = config.step_epochs * steps_per_epoch or None
+
+    def lr_at(step):
+        return config.lr * lr_factor(config.schedule, step, total_steps, step_every, config.gamma)
+
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum,
                                config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.schedule, config.epochs * steps_per_epoch,
-                               config.step_epochs * steps_per_epoch or None, config.gamma)
 
     run_config = {"kind": kind, **asdict(config), **extra_config, "world_size": world}
-    history, start = [], 0
+    history, start, resumes = [], 0, []
     if resume_path is not None:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("config", {}).get("kind") != kind:
-            raise ValueError(f"{resume_path} is not a {kind} checkpoint of this format "
-                             f"(found kind {ckpt.get('config', {}).get('kind')!r})")
-        changed = {k: (ckpt["config"].get(k), v) for k, v in run_config.items()
-                   if ckpt["config"].get(k) != v}
-        if changed:
-            warnings.warn(f"resuming {resume_path} with different options (saved, now): {changed}; "
-                          "the result will differ from an uninterrupted run", stacklevel=3)
+        ckpt = _on_rank0(lambda: _load_checkpoint(resume_path, kind), 1)  # every rank reads the file
+        changed = _resume_changes(ckpt, run_config, resume_path)
         try:
             unwrap(model).load_state_dict(ckpt["model"])
         except RuntimeError as e:  # another architecture or size (e.g. a changed --hidden)
             raise ValueError(f"{resume_path} holds a model that does not fit this {kind} model "
                              f"(saved spec {ckpt.get('spec')!r}, now {spec!r}): {e}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         history, start = list(ckpt["history"]), int(ckpt["epoch"])
+        resumes = list(ckpt.get("resumes", []))
+        if changed:
+            resumes.append({"epoch": start, "changed": {k: list(v) for k, v in changed.items()}})
+            notes = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()]
+            if "epochs" in changed and start and (config.schedule == "cosine" or
+                                                  (config.schedule == "step" and not config.step_epochs)):
+                notes.append(f"the {config.schedule} schedule is rebuilt for {config.epochs} epochs: "
+                             f"epochs {start + 1}.. follow it, epochs 1..{start} followed the "
+                             f"{changed['epochs'][0]}-epoch one")
+            warnings.warn(f"resuming {resume_path} at epoch {start} with: {'; '.join(notes)}",
+                          stacklevel=4)
         rng = ckpt["rng"]
         if len(rng) == world:
             _set_rng_state(rng[rank])
@@ -425,27 +574,41 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
             _write_metrics(out_dir, history)  # drop lines of any epoch that never got its checkpoint
     elif rank == 0 and out_dir is not None:
         _write_metrics(out_dir, [])
+    # lr, momentum and weight decay of this call, also over a loaded optimizer state
+    _set_hyperparameters(optimizer, config, lr_at(start * steps_per_epoch))
 
     from tqdm.auto import tqdm
 
     show = progress and rank == 0
+    params = [p for p in model.parameters()]
     for epoch in range(start + 1, config.epochs + 1):
         sampler.set_epoch(epoch)
         objective.train()
         t0 = time.perf_counter()
-        sums = {}
+        sums, losses = {}, []
+        step = (epoch - 1) * steps_per_epoch
         bar = tqdm(loader, desc=f"{kind} epoch {epoch}/{config.epochs}", leave=False, disable=not show,
                    dynamic_ncols=True)
-        for batch in bar:
+        for i, batch in enumerate(bar):
             batch = [b.to(device, non_blocking=True) for b in batch]
             batch[1:] = [b if b.is_floating_point() else b.long() for b in batch[1:]]
             loss, stats = objective(*batch)
+            # the loss stays on the device and is looked at every few steps: no host sync per step
+            losses.append(loss.detach().float())
+            if len(losses) == NONFINITE_CHECK_EVERY or i + 1 == steps_per_epoch:
+                bad = _first_nonfinite(losses, world)
+                if bad is not None:
+                    _diverged(kind, epoch, i + 1 - len(losses) + bad, steps_per_epoch, config, out_dir,
+                              f"the loss is {losses[bad].item()}")
+                losses = []
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            scheduler.step()
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
             for name, (value, n) in stats.items():
                 acc = sums.setdefault(name, torch.zeros(2, dtype=torch.float64, device=device))
                 acc[0] += value.double() * n
@@ -453,6 +616,11 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
             if show:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
         bar.close()
+        # the last step's update can overflow the weights while its loss was still finite
+        weights = torch.stack([p.detach().sum(dtype=torch.float64) for p in params]).sum()  # NaN/Inf propagate
+        if _first_nonfinite([weights], world) is not None:
+            _diverged(kind, epoch, steps_per_epoch - 1, steps_per_epoch, config, out_dir,
+                      "the weights became non-finite")
         names = sorted(sums)
         if world > 1:  # a name missing on one rank (hard loss, no labelled rows) must not deadlock
             present = [None] * world
@@ -469,15 +637,16 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
             line["test_accuracy"] = evaluate(model, test_set, config.eval_batch_size, device)
         line["lr"] = optimizer.param_groups[0]["lr"]
         line["time"] = time.perf_counter() - t0
+        line = _jsonable(line)
         history.append(line)
         rng = _gather_rng()
         if rank == 0 and out_dir is not None:
             # checkpoint first, then the metrics line: a crash in between is repaired on resume from
             # the checkpoint's own history
-            atomic_torch_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": run_config,
-                               "spec": spec, "model": unwrap(model).state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "rng": rng, "history": history}, os.path.join(out_dir, CHECKPOINT))
+            atomic_torch_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
+                               "config": run_config, "spec": spec, "model": unwrap(model).state_dict(),
+                               "optimizer": optimizer.state_dict(), "rng": rng, "history": history,
+                               "resumes": resumes}, os.path.join(out_dir, CHECKPOINT))
             _append_metrics(out_dir, line)
         if show:
             tqdm.write(_format_line(kind, line))
@@ -485,6 +654,16 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
         dist.barrier()
     model.eval()
     return TrainResult(model=unwrap(model), history=history, out_dir=out_dir, resumed_from=start)
+
+
+def _diverged(kind, epoch, bad, steps_per_epoch, config, out_dir, what):
+    kept = (f"the checkpoint of epoch {epoch - 1} in {out_dir} is kept" if out_dir and epoch > 1 else
+            "nothing was written")
+    raise FloatingPointError(
+        f"{kind} training diverged: {what} at epoch {epoch}, step {bad + 1} of {steps_per_epoch} "
+        f"(global step {(epoch - 1) * steps_per_epoch + bad + 1}); no checkpoint or model is written "
+        f"from it ({kept}). Lower the learning rate (lr={config.lr:g}, momentum={config.momentum:g}) "
+        f"or clip gradients (grad_clip, --grad-clip)")
 
 
 def _format_line(kind, line):
@@ -496,12 +675,14 @@ def _format_line(kind, line):
     return " | ".join(parts)
 
 
-def _config(config, overrides):
+def _config(config, overrides, kind):
     config = TrainConfig() if config is None else TrainConfig(**asdict(config))
     for k, v in overrides.items():
         if not hasattr(config, k):
             raise TypeError(f"unknown training option {k!r}: expected one of {list(asdict(config))}")
         setattr(config, k, v)
+    if config.lr is None:
+        config.lr = DEFAULT_LR[kind]
     return config
 
 
@@ -535,12 +716,15 @@ def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False
                   progress=True, config=None, spec=None, **options):
     """Train `model` with cross-entropy on a dataset of (x, y) items.
 
-    options: any TrainConfig field (epochs, batch_size, optimizer "sgd"|"adam", lr, momentum,
-    weight_decay, schedule "cosine"|"step"|"none", seed, ...). With out_dir: checkpoint.pt after each
-    epoch and metrics.jsonl; resume=True continues from the checkpoint (an existing checkpoint is
-    never overwritten without it). Returns a TrainResult.
+    options: any TrainConfig field (epochs, batch_size, optimizer "sgd"|"adam", lr (default 0.05),
+    momentum, weight_decay, schedule "cosine"|"step"|"none", seed, ...). With out_dir: checkpoint.pt
+    after each epoch and metrics.jsonl, one writer at a time (a lock file); resume=True continues
+    from the checkpoint (an existing checkpoint is never overwritten without it), applying a changed
+    lr, momentum, weight_decay, grad_clip or a longer epochs and refusing (ValueError) any other
+    change. A non-finite loss raises FloatingPointError naming the epoch and step before anything is
+    written from it. Returns a TrainResult.
     """
-    config = _config(config, options)
+    config = _config(config, options, "teacher")
     return _fit("teacher", model, _TeacherObjective(model), _Batches(train_set, (0, 1)), test_set,
                 config, out_dir, resume, device, progress, {}, spec)
 
@@ -579,7 +763,7 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
     mimic_loss method (WideShallowStudent, models.ConvStudent) or one whose output is a
     WideShallowStudent's (e.g. a model after mimic_fast.convert.fuse_student) trains through the
     fused forward+loss op (fused=False forces the unfused path).
-    Other options as in train_teacher. Returns a TrainResult.
+    Other options as in train_teacher (lr default 0.01). Returns a TrainResult.
     """
     if loss not in DISTILL_LOSSES:
         raise ValueError(f"loss must be one of {DISTILL_LOSSES}, got {loss!r}")
@@ -605,7 +789,7 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
         raise ValueError("fused=True needs a student with mimic_loss (WideShallowStudent, ConvStudent) "
                          "or whose output is a WideShallowStudent's, and loss='mse' "
                          f"(got {type(student).__name__}, loss={loss!r})")
-    config = _config(config, options)
+    config = _config(config, options, "distill")
     objective = _DistillObjective(student, loss, alpha, temperature, fused_loss if fused else None)
     extra = {"loss": loss, "alpha": alpha, "temperature": temperature, "fused": fused}
     fields = (0, 1, label) if alpha > 0 else (0, 1)

@@ -90,7 +90,8 @@ def test_pipeline_train_collect_distill(tmp_path, capsys):
     # a transfer set made with other options is refused, not overwritten
     assert cli.main(["collect-logits", *data, "--teacher", os.path.join(teacher, "teacher.pt"),
                      "--out", logits, "--n-generated", "7", "--no-progress"]) == 2
-    assert "other options" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "made from another data recipe (n_generated: 100 in" in err and "7 here" in err
 
 
 def test_missing_data_path_is_a_clear_error(capsys):

@@ -99,7 +99,7 @@ def test_cli_import_logits_then_distill(tmp_path, capsys):
     np.save(tmp_path / "short.npy", logits[:10])
     assert cli.main([*args[:3], "--logits", str(tmp_path / "short.npy"), "--out",
                      str(tmp_path / "x")]) == 2
-    assert "has 10 rows but the transfer set" in capsys.readouterr().err
+    assert "has shape (10, 10) but the transfer set" in capsys.readouterr().err
     student = tmp_path / "student"
     assert cli.main(["distill", "--dataset", "digits", "--logits", str(out), "--hidden", "32",
                      "--bottleneck", "4", "--epochs", "1", "--out", str(student),

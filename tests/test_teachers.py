@@ -84,8 +84,9 @@ def _files(tmp_path):
 def test_every_file_kind_loads_and_gives_the_same_logits(tmp_path):
     x = torch.randn(5, D)
     for kind, (path, ref) in _files(tmp_path).items():
-        teacher, got_kind = load_teacher(str(path))
-        assert got_kind == kind and not teacher.training
+        teacher, info = load_teacher(str(path))
+        assert info["kind"] == kind and not teacher.training
+        assert (info["spec"] is not None) == (kind == "mimic_fast model file")
         with torch.no_grad():
             assert_close(teacher(x), ref(x), f"{kind} logits")
         assert sum(p.numel() for p in teacher.parameters()) > 0, kind  # fingerprintable
@@ -93,8 +94,8 @@ def test_every_file_kind_loads_and_gives_the_same_logits(tmp_path):
 
 def test_factory_and_output_selection():
     x = torch.randn(3, D)
-    teacher, kind = load_teacher("test_teachers:make_dict_teacher", output="logits")
-    assert kind == "factory"
+    teacher, info = load_teacher("test_teachers:make_dict_teacher", output="logits")
+    assert info["kind"] == "factory"
     ref = make_dict_teacher()
     with torch.no_grad():
         assert_close(teacher(x), ref(x)["logits"], "dict key")

@@ -1,30 +1,35 @@
 """Triton backend: fused bottleneck-MLP forward, mimic loss and recompute backward (never a (B, H) tensor).
 
 Limits: CUDA tensors (CPU only under TRITON_INTERPRET=1, for tests); float16 / bfloat16 / float32
-operands with fp32 accumulation (float32 dots use TF32 only when torch allows it for matmuls);
-k <= K_MAX, C <= C_MAX (the kernels loop any size, but recompute grows with ceil(k/256), ceil(C/256)).
-The cross-H reduction of dz is deterministic by default: a (n_splits, B, k) fp32 partial buffer,
-n_splits capped so the buffer stays under `split_budget` x the bytes of one (B, H) tensor in the input
-dtype (default 1/4); fewer splits mean fewer backward programs. `dz_reduction("atomic")` (a context
-manager, or `set_dz_reduction`) trades bit-reproducibility for one (B, k) fp32 buffer and one program
-per 128 hidden units; it is read when the backward runs, so wrap `loss.backward()` too.
+operands with fp32 accumulation (float32 dots use TF32 when torch allows it for matmuls, IEEE
+otherwise, which is slow); k <= 256 and C <= 256, so that the bottleneck and the outputs are each one
+on-chip block (wider shapes would recompute z Vᵀ per block: the cuda and reference backends serve them).
+Where every launch's tiles and grid come from is `plan()`, shared with the cost model
+(ops/triton_cost.py). dz, the cross-H reduction of the backward, is accumulated by fp32 atomics in
+one (B, k) buffer that stays in L2; when `torch.are_deterministic_algorithms_enabled()` a separate dz
+kernel with a fixed reduction order replaces them (+k+C MACs per (sample, hidden): ~28% more backward
+work at the paper's shape, and an (S, B, k) fp32 partial buffer).
 """
 import contextlib
-import os
-from typing import List, Optional, Tuple
+import math
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._checks import check_reduction
 from ..activations import ACTIVATION_CODES
 
 NAME = "triton"
-K_MAX = 1024
-C_MAX = 2048
+K_MAX = 256
+C_MAX = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+H_ALIGN = 64  # V, b1 and partial buffers are padded to this many hidden units: >= every BLOCK_H
 
 try:
     import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from . import triton_kernels as K
 
@@ -32,37 +37,6 @@ try:
 except ImportError as e:  # the module still imports so dispatch can report why triton is missing
     triton, K = None, None
     _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
-
-
-class _Settings:
-    """Backend knobs (module state, never read from the environment at import)."""
-
-    dz_reduction = "split"  # "split": deterministic partial buffers; "atomic": fp32 atomic adds
-    split_budget = 0.25  # split buffers <= this fraction of one (B, H) tensor in the input dtype
-    # Widest k block of the dV/dz kernel: 256 keeps k = 250 in one block (no recompute of a and
-    # dh per block) but spills registers (ptxas); 128 halves the spills and recomputes twice.
-    bwd_block_k = 256
-
-
-settings = _Settings()
-
-
-def set_dz_reduction(mode):
-    """'split' (default, bit-identical across runs) or 'atomic' (less memory, more parallelism)."""
-    if mode not in ("split", "atomic"):
-        raise ValueError(f"dz reduction mode must be 'split' or 'atomic', got {mode!r}")
-    settings.dz_reduction = mode
-
-
-@contextlib.contextmanager
-def dz_reduction(mode):
-    """`with dz_reduction("atomic"): loss = ...; loss.backward()` — the mode in force at backward."""
-    previous = settings.dz_reduction
-    set_dz_reduction(mode)
-    try:
-        yield
-    finally:
-        settings.dz_reduction = previous
 
 
 # ---------------------------------------------------------------------------------------- interface
@@ -91,11 +65,11 @@ def reasons(problem):
     elif problem.dtype == torch.bfloat16 and dev == "cpu":
         out.append("bfloat16 arithmetic is wrong in the Triton interpreter: run bfloat16 on a GPU")
     if problem.k > K_MAX:
-        out.append(f"bottleneck k={problem.k} exceeds {K_MAX}: the backward recomputes z Vᵀ per "
-                   f"k block, so an unfused path is faster there")
+        out.append(f"bottleneck k={problem.k} exceeds {K_MAX}: the kernels keep z, dz and dV_j as one "
+                   f"on-chip block of k (the cuda backend serves wider bottlenecks)")
     if problem.C > C_MAX:
-        out.append(f"C={problem.C} outputs exceed {C_MAX}: the forward and dW kernels recompute "
-                   f"z Vᵀ per C block, so an unfused path is faster there")
+        out.append(f"C={problem.C} outputs exceed {C_MAX}: the kernels keep y and dW_j as one on-chip "
+                   f"block of C (the cuda backend serves more outputs)")
     if problem.op == "mimic" and problem.teacher_dtype is not None and \
             not problem.teacher_dtype.is_floating_point:
         out.append(f"teacher_logits dtype {problem.teacher_dtype} is not floating point")
@@ -106,33 +80,173 @@ def describe():
     if K is None:
         return {}
     return {"triton": triton.__version__, "interpreter": K.INTERPRET,
-            "dz_reduction": settings.dz_reduction, "k_max": K_MAX, "c_max": C_MAX}
+            "dz": "deterministic kernel" if torch.are_deterministic_algorithms_enabled()
+            else "fp32 atomics", "k_max": K_MAX, "c_max": C_MAX}
+
+
+# --------------------------------------------------------------------------------------------- plan
+def _next_pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pad_k(k):
+    """The bottleneck's on-chip width: one power of two >= 32 (two halves of >= 16, tl.dot's minimum)."""
+    return max(32, _next_pow2(k))
+
+
+def split_c(C):
+    """(C1, C2): C padded to at most two power-of-two blocks (>= 16 each, C2 = 0 for one block),
+    the smallest such cover: 183 -> (128, 64) = 192 rather than 256."""
+    c1 = max(16, _next_pow2(C))
+    if c1 == 16 or c1 == C:
+        return c1, 0
+    lo = c1 // 2
+    c2 = max(16, _next_pow2(C - lo))
+    return (lo, c2) if lo + c2 < c1 else (c1, 0)
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+def _efficiency(programs, work, split, sms):
+    """Busy fraction of the GPU when `work` equal units are cut into `split` pieces per row of
+    programs (`programs` in all), each wave lasting as long as its largest piece."""
+    waves = math.ceil(programs / sms)
+    return (programs / (waves * sms)) * (work / split) / math.ceil(work / split)
+
+
+def _fill(rows, work, sms, max_split, min_eff=0.9):
+    """The fewest pieces `work` is split into so that rows x pieces programs make >= 2 waves at
+    >= min_eff busy (fewer pieces: fewer partial sums); the most efficient split when none does."""
+    best = (-1.0, 1)
+    for s in range(1, max(1, max_split) + 1):
+        programs = rows * s
+        eff = _efficiency(programs, work, s, sms)
+        if programs >= 2 * sms and eff >= min_eff:
+            return s
+        best = max(best, (eff, -s))
+    return -best[1]
+
+
+class Plan(NamedTuple):
+    """Tiles, padded sizes and grids of one call; the launchers and the cost model read this."""
+
+    B: int
+    k: int
+    H: int
+    C: int
+    KP: int
+    C1: int
+    C2: int
+    H_pad: int
+    sms: int
+    rows: int  # padded batch rows of the forward and dz kernels (a multiple of every BLOCK_B)
+    block_h: int  # forward and dz kernels' hidden tile
+    fwd_splits: int
+    block_b_bwd: int
+    bwd_chunks: int  # batch chunks of the backward (> 1 only when H tiles alone cannot fill the GPU)
+    bwd_tiles_per_chunk: int
+    deterministic: bool
+    dz_splits: int
+
+    @property
+    def CP(self):
+        return self.C1 + self.C2
+
+    @property
+    def rows_bwd(self):
+        return self.block_b_bwd * self.bwd_chunks * self.bwd_tiles_per_chunk
+
+    def split_tiles(self, n_splits):
+        """(full H tiles per split, leftover full tiles) of the forward/dz split loops."""
+        n_full = self.H // self.block_h
+        return n_full // n_splits, n_full % n_splits
+
+
+class Device(NamedTuple):
+    sms: int
+    smem: int  # shared memory per block, bytes
+    capability: int  # major * 10 + minor
+
+
+OFFLINE_DEVICE = Device(132, 232448, 90)  # the H200, for plans made without a GPU
+_device_override = []
+
+
+@contextlib.contextmanager
+def device_override(device):
+    """Plans made inside are for `device` (the offline compile gate and the cost model)."""
+    _device_override.append(device)
+    try:
+        yield
+    finally:
+        _device_override.pop()
+
+
+def _device():
+    if _device_override:
+        return _device_override[-1]
+    if K.INTERPRET:
+        return Device(4, None, 0)
+    if not torch.cuda.is_available():
+        return OFFLINE_DEVICE
+    idx = torch.cuda.current_device()
+    if idx not in _DEVICES:
+        major, minor = torch.cuda.get_device_capability(idx)
+        props = triton.runtime.driver.active.utils.get_device_properties(idx)
+        _DEVICES[idx] = Device(torch.cuda.get_device_properties(idx).multi_processor_count,
+                               props["max_shared_mem"], major * 10 + minor)
+    return _DEVICES[idx]
+
+
+_DEVICES = {}
+
+
+def plan(B, k, H, C, elem=2, deterministic=None):
+    """The launch plan for (B, k, H, C) with `elem`-byte operands on this GPU (or the one of
+    `device_override`): every launch's padded sizes, tiles and grid but the autotuned ones.
+
+    Grids fill the GPU: >= 2 waves where the tiles allow, at the least wave-quantised time. The
+    backward's batch tile is the largest whose pipelined config fits the shared memory.
+    """
+    dev = _device()
+    interpret = K.INTERPRET
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    KP = pad_k(k)
+    C1, C2 = split_c(C)
+    CP = C1 + C2
+    block_h = 16 if interpret else (64 if elem <= 2 else 32)
+    n_tiles = -(-H // block_h)
+    rows = _round_up(B, 16 if interpret else 128)
+    fwd_bb = 16 if interpret else 128
+    max_split = min(64, max(1, H // block_h))
+    fwd_splits = _fill(-(-B // fwd_bb), n_tiles, dev.sms, max_split)
+    if interpret:
+        block_b_bwd, bwd_bh = 16, 16
+    else:
+        bwd_bh = max(c.kwargs["BLOCK_H"] for c in K.BWD_CONFIGS)
+        # Hopper: 64 rows for wgmma first, pipelined if it fits; elsewhere pipelining first.
+        order = ((64, 2), (64, 1), (32, 2), (32, 1)) if dev.capability >= 90 and elem <= 2 else \
+            ((64, 2), (32, 2), (64, 1), (32, 1))
+        block_b_bwd = next((bb for bb, st in order if K.smem_bytes(
+            "bwd", {"BLOCK_B": bb, "BLOCK_H": bwd_bh}, st, KP, CP, elem, not deterministic)
+            <= dev.smem), 32)
+    n_btb = -(-B // block_b_bwd)
+    chunks = _fill(-(-H // bwd_bh), n_btb, dev.sms, min(n_btb, 64))
+    dz_splits = _fill(-(-B // fwd_bb), n_tiles, dev.sms, max_split) if deterministic else 0
+    return Plan(B, k, H, C, KP, C1, C2, _round_up(H, H_ALIGN), dev.sms, rows, block_h, fwd_splits,
+                block_b_bwd, chunks, -(-n_btb // chunks), deterministic, dz_splits)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-_SM_COUNT = {}
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _target_programs(device):
-    """Programs per launch that fill the machine (2 waves); small under the interpreter."""
-    if K.INTERPRET or device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2 * _SM_COUNT[idx]
-
-
-def _h_align():
-    # Split boundaries on multiples of every config's BLOCK_H, so no tile straddles two splits.
-    return 16 if K.INTERPRET else 128
-
-
-def _block(n, cap):
-    """Power-of-two block covering n (>= 16 for tl.dot), at most cap; 16 under the interpreter."""
-    if K.INTERPRET:
-        return 16
-    return max(16, min(cap, triton.next_power_of_2(n)))
+def _dummy(t):
+    return t.new_empty(1)
 
 
 def _dot_precision(dtype):
@@ -145,62 +259,73 @@ def _dot_precision(dtype):
     return "tf32" if tf32 or torch.get_float32_matmul_precision() != "highest" else "ieee"
 
 
-def _split_h(H, n_splits):
-    """(h_per_split, n_splits) with split boundaries on the H alignment."""
-    align = _h_align()
-    n_splits = max(1, min(n_splits, triton.cdiv(H, align)))
-    h_per_split = triton.cdiv(triton.cdiv(H, n_splits), align) * align
-    return h_per_split, triton.cdiv(H, h_per_split)
+def _padded(t, rows, cols, dtype):
+    """t (r, c) zero-padded to (rows, cols), contiguous, in dtype; t itself when it already is."""
+    r, c = t.shape
+    if (r, c) == (rows, cols) and t.dtype == dtype and t.is_contiguous():
+        return t
+    out = t.new_zeros((rows, cols), dtype=dtype)
+    out[:r, :c] = t
+    return out
 
 
-def _budget_splits(B, H, width, dtype):
-    """Most (B, width) fp32 partial buffers within settings.split_budget x one (B, H) tensor."""
-    budget = settings.split_budget * B * H * torch.empty((), dtype=dtype).element_size()
-    return max(1, int(budget // (B * width * 4)))
+# V padded to (H_pad, KP), kept per weight tensor while its version (bumped by every in-place
+# update, e.g. optimizer.step) and storage stay the same: one copy per training step, not one per
+# pass (at H = 400k, bf16 that saves ~0.4 GB of HBM traffic a step, for 205 MB kept beside V).
+_PADDED_V = WeakIdKeyDictionary()
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def _padded_weight(V, p):
+    if V.device.type == "meta" or (V.shape == (p.H_pad, p.KP) and V.is_contiguous()):
+        return _padded(V, p.H_pad, p.KP, V.dtype)
+    key = (V._version, V.data_ptr(), V.dtype, tuple(V.stride()), p.H_pad, p.KP)
+    hit = _PADDED_V.get(V)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    V_pad = _padded(V, p.H_pad, p.KP, V.dtype)
+    _PADDED_V[V] = (key, V_pad)
+    return V_pad
 
 
-def _dummy(t):
-    return t.new_empty(1)
+def _weights(V, b1, W, p):
+    """V (H_pad, KP) and b1 (H_pad,) zero-padded; W with unit stride along H (its rows are read
+    as 16-byte vectors)."""
+    V_pad = _padded_weight(V, p)
+    b1_pad = None if b1 is None else F.pad(b1, (0, p.H_pad - p.H))
+    if W.stride(1) != 1:
+        W = W.contiguous()
+    return V_pad, b1_pad, W
+
+
+def _consts(p, dtype, b1, activation):
+    return dict(KP=p.KP, C1=p.C1, C2=p.C2, MASK_C1=p.C < p.C1, MASK_C2=p.C < p.CP,
+                HAS_B1=b1 is not None, ACTIVATION=ACTIVATION_CODES[activation],
+                DOT_PRECISION=_dot_precision(dtype))
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _forward_partials(z, V, b1, W, activation, n_splits=None):
-    """YP (S, B, C) fp32: the partial outputs of each H split (no b2)."""
-    B, k = z.shape
-    H, C = V.shape[0], W.shape[0]
-    block_c = _block(C, 256)
-    n_cb = triton.cdiv(C, block_c)
-    if n_splits is None:
-        # Enough splits to fill the machine counting batch tiles of 64 rows, within the budget.
-        tiles = triton.cdiv(B, 16 if K.INTERPRET else 64) * n_cb
-        n_splits = min(triton.cdiv(_target_programs(z.device), tiles),
-                       _budget_splits(B, H, C, z.dtype))
-    h_per_split, n_splits = _split_h(H, n_splits)
-    yp = torch.empty((n_splits, B, C), dtype=torch.float32, device=z.device)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_B"]), n_cb, n_splits)  # noqa: E731
+def _forward_partials(z, V, b1, W, activation, p):
+    """YP (S, B_pad, CP) fp32: the partial outputs of each H split (no b2)."""
+    z_pad = _padded(z, p.rows, p.KP, z.dtype)
+    V_pad, b1_pad, W = _weights(V, b1, W, p)
+    yp = torch.empty((p.fwd_splits, p.rows, p.CP), dtype=torch.float32, device=z.device)
+    grid = lambda META: (p.rows // META["BLOCK_B"], p.fwd_splits)  # noqa: E731
     K._fused_mlp_fwd_kernel[grid](
-        z, V, _dummy(z) if b1 is None else b1, W, yp,
-        B, k, H, C, h_per_split,
-        z.stride(0), z.stride(1), V.stride(0), V.stride(1), 0 if b1 is None else b1.stride(0),
-        W.stride(0), W.stride(1),
-        HAS_B1=b1 is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        DOT_PRECISION=_dot_precision(z.dtype), BLOCK_C=block_c)
+        z_pad, V_pad, _dummy(z) if b1 is None else b1_pad, W, yp,
+        p.H, p.C, p.fwd_splits, *p.split_tiles(p.fwd_splits), W.stride(0),
+        BLOCK_H=p.block_h, **_consts(p, z.dtype, b1, activation))
     return yp
 
 
-def _reduce_splits(parts, bias=None, out_dtype=None, t=None, reduction=None):
-    """Σ over the split axis of parts (S, M, N) fp32 (+ bias) -> (M, N) in out_dtype, or, with
-    teacher logits t, the mimic-loss epilogue -> (loss, dy_unit)."""
-    S, M, N = parts.shape
+def _reduce_splits(parts, M, N, row_stride, bias=None, out=None, t=None, reduction=None,
+                   out_dtype=None):
+    """Σ over the split axis of fp32 parts (S, rows, row_stride)[:, :M, :N] (+ bias) into out, or,
+    with teacher logits t, the mimic-loss epilogue -> (loss, dy_unit (M, N) fp32)."""
+    S = parts.shape[0]
     dev = parts.device
     bm, bn = (16, 16) if K.INTERPRET else (32, 128)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     mimic = t is not None
-    out = None if mimic else torch.empty((M, N), dtype=out_dtype, device=dev)
     dy = torch.empty((M, N), dtype=torch.float32, device=dev) if mimic else None
     if mimic and reduction == "none":
         loss = torch.empty((M, N), dtype=out_dtype, device=dev)
@@ -213,11 +338,11 @@ def _reduce_splits(parts, bias=None, out_dtype=None, t=None, reduction=None):
     K._reduce_splits_kernel[grid](
         parts, d if bias is None else bias, d if out is None else out, d if t is None else t,
         d if dy is None else dy, d if loss is None else loss,
-        S, M, N, scale,
+        S, M, N, scale, parts.stride(0), row_stride,
         0 if bias is None else bias.stride(0),
         *(out.stride() if out is not None else (0, 0)),
         *(t.stride() if t is not None else (0, 0)),
-        *(dy.stride() if dy is not None else (0, 0)),
+        0 if dy is None else dy.stride(0),
         HAS_BIAS=bias is not None, STORE_OUT=out is not None, MIMIC=mimic,
         LOSS_ELEMENTWISE=reduction == "none", BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     if not mimic:
@@ -232,78 +357,95 @@ def _reduce_splits(parts, bias=None, out_dtype=None, t=None, reduction=None):
     return loss, dy
 
 
-def fused_mlp_fwd(x, U, V, b1, W, b2, activation, n_splits=None):
+def _plan_for(z, V, W, deterministic=None):
+    return plan(z.shape[0], z.shape[1], V.shape[0], W.shape[0], z.element_size(),
+                deterministic=deterministic)
+
+
+def fused_mlp_fwd(x, U, V, b1, W, b2, activation):
     """y = act((x Uᵀ) Vᵀ + b1) Wᵀ + b2 in x's dtype, and z = x Uᵀ (saved for backward)."""
     with _device_guard(x):
         z = torch.matmul(x, U.t())
-        yp = _forward_partials(z, V, b1, W, activation, n_splits)
-        y = _reduce_splits(yp, b2, x.dtype)
+        p = _plan_for(z, V, W)
+        yp = _forward_partials(z, V, b1, W, activation, p)
+        y = torch.empty((p.B, p.C), dtype=x.dtype, device=x.device)
+        _reduce_splits(yp, p.B, p.C, p.CP, b2, out=y)
     return y, z
 
 
-def fused_mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction, n_splits=None):
+def fused_mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction):
     """(loss, z, dy_unit): the mimic MSE loss of the fused forward, and ∂loss/∂y (fp32) for backward."""
     check_reduction(reduction)  # the launcher can be called directly, bypassing functional
     with _device_guard(x):
         z = torch.matmul(x, U.t())
-        yp = _forward_partials(z, V, b1, W, activation, n_splits)
-        loss, dy = _reduce_splits(yp, b2, x.dtype, t=t, reduction=reduction)
+        p = _plan_for(z, V, W)
+        yp = _forward_partials(z, V, b1, W, activation, p)
+        loss, dy = _reduce_splits(yp, p.B, p.C, p.CP, b2, t=t, reduction=reduction,
+                                  out_dtype=x.dtype)
     return loss, z, dy
 
 
-def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, n_splits=None, mode=None):
+def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None):
     """(dx, dU, dV, db1, dW, db2) by recompute; db1/db2 are None without biases.
 
-    mode: "split" | "atomic" (default: settings.dz_reduction); n_splits overrides the heuristic.
+    deterministic: None follows torch.are_deterministic_algorithms_enabled().
     """
-    mode = settings.dz_reduction if mode is None else mode
-    if mode not in ("split", "atomic"):
-        raise ValueError(f"dz reduction mode must be 'split' or 'atomic', got {mode!r}")
     dtype = x.dtype
-    B, k = z.shape
-    H, C = V.shape[0], W.shape[0]
-    code = ACTIVATION_CODES[activation]
-    prec = _dot_precision(dtype)
     with _device_guard(x):
-        dy_op = dy.to(dtype)  # tensor-core operand; eager's dy is in this dtype too
-        b1_arg = _dummy(z) if b1 is None else b1
-        stride_b1 = 0 if b1 is None else b1.stride(0)
-
-        # dV, db1, dz
-        block_k = _block(k, settings.bwd_block_k)
-        n_kb = triton.cdiv(k, block_k)
-        if mode == "atomic":
-            h_per_split, S = _split_h(H, triton.cdiv(H, _h_align()))
-            dz_buf = torch.zeros((B, k), dtype=torch.float32, device=z.device)
+        p = _plan_for(z, V, W, deterministic)
+        rows = max(p.rows_bwd, p.rows if p.deterministic else 0)
+        z_pad = _padded(z, rows, p.KP, dtype)
+        dy_pad = _padded(dy, rows, p.CP, dtype)  # tensor-core operand; eager's dy has this dtype
+        V_pad, b1_pad, W = _weights(V, b1, W, p)
+        consts = _consts(p, dtype, b1, activation)
+        dev = z.device
+        dV = torch.empty((p.H, p.k), dtype=dtype, device=dev)
+        dW = torch.empty((p.C, p.H), dtype=dtype, device=dev)
+        db1 = torch.empty((p.H,), dtype=dtype, device=dev) if b1 is not None else None
+        chunks = p.bwd_chunks
+        if chunks > 1:  # fp32 partials per batch chunk in padded layouts, summed below in order
+            dv_out = torch.empty((chunks, p.H_pad, p.KP), dtype=torch.float32, device=dev)
+            dw_out = torch.empty((chunks, p.CP, p.H_pad), dtype=torch.float32, device=dev)
+            db1_out = torch.empty((chunks, p.H_pad), dtype=torch.float32, device=dev)
         else:
-            if n_splits is None:
-                n_splits = min(triton.cdiv(_target_programs(z.device), n_kb),
-                               _budget_splits(B, H, k, dtype))
-            h_per_split, S = _split_h(H, n_splits)
-            dz_buf = torch.empty((S, B, k), dtype=torch.float32, device=z.device)
-        dV = torch.empty((H, k), dtype=dtype, device=z.device)
-        db1 = torch.empty((H,), dtype=dtype, device=z.device) if b1 is not None else None
-        K._fused_mlp_bwd_dv_kernel[(S, n_kb)](
-            dy_op, z, V, b1_arg, W, dV, _dummy(z) if db1 is None else db1, dz_buf,
-            B, k, H, C, h_per_split,
-            dy_op.stride(0), dy_op.stride(1), z.stride(0), z.stride(1), V.stride(0), V.stride(1),
-            stride_b1, W.stride(0), W.stride(1), dV.stride(0), dV.stride(1),
-            HAS_B1=b1 is not None, ACTIVATION=code, ATOMIC_DZ=mode == "atomic",
-            DOT_PRECISION=prec, BLOCK_K=block_k)
-
-        # dW
-        block_c = _block(C, 256)
-        dW = torch.empty((C, H), dtype=dtype, device=z.device)
-        grid = lambda META: (triton.cdiv(H, META["BLOCK_H"]), triton.cdiv(C, block_c))  # noqa: E731
-        K._fused_mlp_bwd_dw_kernel[grid](
-            dy_op, z, V, b1_arg, dW,
-            B, k, H, C,
-            dy_op.stride(0), dy_op.stride(1), z.stride(0), z.stride(1), V.stride(0), V.stride(1),
-            stride_b1, dW.stride(0), dW.stride(1),
-            HAS_B1=b1 is not None, ACTIVATION=code, DOT_PRECISION=prec, BLOCK_C=block_c)
-
-        dz = dz_buf.to(dtype) if mode == "atomic" else _reduce_splits(dz_buf, None, dtype)
-        del dz_buf
+            dv_out, dw_out, db1_out = dV, dW, db1
+        dz32 = None if p.deterministic else torch.zeros((rows, p.KP), dtype=torch.float32,
+                                                       device=dev)
+        grid = lambda META: (triton.cdiv(p.H, META["BLOCK_H"]), chunks)  # noqa: E731
+        KH = p.KP // 2
+        bb = p.block_b_bwd
+        z_desc = TensorDescriptor(z_pad, [rows, p.KP], [p.KP, 1], [bb, KH])
+        dy1_desc = TensorDescriptor(dy_pad, [rows, p.CP], [p.CP, 1], [bb, p.C1])
+        dy2_desc = TensorDescriptor(dy_pad, [rows, p.CP], [p.CP, 1], [bb, max(p.C2, 16)])
+        # Without atomics the kernel never touches DZ: any descriptor of the right type will do.
+        dz_desc = z_desc if dz32 is None else TensorDescriptor(dz32, [rows, p.KP], [p.KP, 1],
+                                                                [bb, KH])
+        K._fused_mlp_bwd_kernel[grid](
+            z_desc, dy1_desc, dy2_desc, V_pad, _dummy(z) if b1 is None else b1_pad, W,
+            dv_out, _dummy(z) if db1_out is None else db1_out, dw_out,
+            _dummy(z) if dz32 is None else dz32, dz_desc,
+            p.H, p.C, p.k, p.bwd_tiles_per_chunk, W.stride(0),
+            dv_out.stride(-2), dw_out.stride(-2),
+            dv_out.stride(0) if chunks > 1 else 0, dw_out.stride(0) if chunks > 1 else 0,
+            db1_out.stride(0) if chunks > 1 and db1_out is not None else 0,
+            DZ_ATOMIC=not p.deterministic, DZ_TMA=not K.INTERPRET, BLOCK_B=p.block_b_bwd, **consts)
+        if chunks > 1:
+            _reduce_splits(dv_out, p.H, p.k, p.KP, out=dV)
+            _reduce_splits(dw_out, p.C, p.H, p.H_pad, out=dW)
+            if db1 is not None:
+                _reduce_splits(db1_out.view(chunks, 1, p.H_pad), 1, p.H, p.H_pad,
+                               out=db1.view(1, p.H))
+        if p.deterministic:
+            dzp = torch.empty((p.dz_splits, p.rows, p.KP), dtype=torch.float32, device=dev)
+            dz_grid = lambda META: (p.rows // META["BLOCK_B"], p.dz_splits)  # noqa: E731
+            K._fused_mlp_dz_kernel[dz_grid](
+                z_pad, dy_pad, V_pad, _dummy(z) if b1 is None else b1_pad, W, dzp,
+                p.H, p.C, p.dz_splits, *p.split_tiles(p.dz_splits), W.stride(0),
+                BLOCK_H=p.block_h, **consts)
+            dz = _reduce_splits(dzp, p.B, p.k, p.KP,
+                                out=torch.empty((p.B, p.k), dtype=dtype, device=dev))
+        else:
+            dz = dz32[:p.B, :p.k].to(dtype)
         dx = torch.matmul(dz, U)
         dU = torch.matmul(dz.t(), x)
         db2 = dy.sum(0, dtype=torch.float32).to(dtype) if has_b2 else None

@@ -1,20 +1,19 @@
-"""Triton kernels of the fused bottleneck MLP (forward, loss epilogue, recompute backward).
+"""Triton kernels of the fused bottleneck MLP: forward, dz, and one recompute backward per H tile.
 
-Limits: the hidden tile (BLOCK_B x BLOCK_H) lives only in registers; k and C are looped in
-BLOCK_K / BLOCK_C blocks, and a kernel that must hold a k- or C-wide accumulator is gridded over
-those blocks instead, recomputing a = z V_jᵀ per block (extra k MACs per (sample, hidden) per block).
+Limits: the bottleneck is one power-of-two block KP <= 256 (k = 250 -> 256) and the outputs at most
+two power-of-two blocks C1 + C2 <= 256 (C = 183 -> 128 + 64 = 192), so every hidden tile is computed
+once per pass and never leaves the chip. The launcher pads z and dy (small) and V (H x k) into
+aligned, zero-padded buffers, so the loads of the main loops are unmasked 16-byte vectors that the
+compiler pipelines (cp.async / wgmma); only W's rows past C and the last ragged H tile are masked.
 
-Backward, as three launches (chosen over one kernel holding dW_j (C x BLOCK_H) and dV_j
-(BLOCK_H x k) fp32 at once: at k = 512, C = 1024 that is 1.5M fp32 per program, far past any
-register file, and a dW tile in global memory would be read and written once per batch tile):
-  _fused_mlp_bwd_dv_kernel   grid (H splits, k blocks): dV, db1 and partial dz
-                             MACs per (sample, hidden): n_kb·(k + C) + 2k  (recompute a, dh, dV, dz)
-  _fused_mlp_bwd_dw_kernel   grid (H tiles, C blocks): dW
-                             MACs per (sample, hidden): n_cb·k + C          (recompute a, dW)
-  _reduce_splits_kernel      dz = Σ_splits partial dz, in a fixed order (deterministic)
-The minimum is 3k + 2C; at the paper's k = 250, C = 183 with BLOCK_K = 256, BLOCK_C = 256 these
-kernels do 4k + 2C (22 % more), at k = 512, C = 1024 with 256-blocks 2x the minimum.
-Offsets of rows (batch, H) are int64: B·C, H·k and n_splits·B·k may pass 2³¹.
+  _fused_mlp_fwd_kernel   grid (batch tiles, H splits)  y_s = Σ_j act(z V_jᵀ + b1_j) W_jᵀ (fp32 partials)
+  _fused_mlp_bwd_kernel   grid (H tiles, batch chunks)  per H tile, looping over batch tiles:
+                          a = z V_jᵀ + b1_j, h = act(a), dW_j += dyᵀ h, dh = dy W_j, da = dh ⊙ act'(a),
+                          dV_j += daᵀ z, db1_j += Σ da and, with DZ_ATOMIC, dz += da V_j (fp32 atomics)
+  _fused_mlp_dz_kernel    grid (batch tiles, H splits)  dz_s = Σ_j da_j V_j (deterministic mode only:
+                          recomputes a and dh, +k+C MACs per (sample, hidden))
+  _reduce_splits_kernel   Σ_s P[s] in split order (+ bias; the mimic-loss epilogue)
+Offsets that can pass 2³¹ (rows x strides of B, H, C·H) are int64.
 """
 import os
 
@@ -26,65 +25,116 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # numpy >= 2.4 refuses int() of the 1-element arrays in which the Triton 3.6 interpreter wraps runtime
-# ints, so `range(0, B, ...)` with a runtime B fails there. Under the interpreter the sizes that bound
+# ints, so `range(0, n)` with a runtime n fails there. Under the interpreter the sizes that bound
 # loops are therefore constexpr (free: nothing is compiled); on a GPU they stay runtime values (no
-# recompile per batch size): `B: constexpr` below is tl.constexpr only when interpreting. The
+# recompile per batch size): `n: constexpr` below is tl.constexpr only when interpreting. The
 # interpreter re-reads annotations as source text, so the alias is spelled exactly `constexpr`; the
 # compiler looks the annotation up as a global, so on a GPU it is a falsy constexpr instance, which
-# Triton reads as "no annotation". Loop bounds never come from program_id, for the same reason.
+# Triton reads as "no annotation". Loop bounds never come from program_id, for the same reason: each
+# program runs the same trip count, and the leftover tiles are peeled after the loop.
 constexpr = tl.constexpr if INTERPRET else tl.constexpr(None)
 
 ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_GELU = 0, 1, 2, 3  # == mimic_fast.activations.ACTIVATION_CODES
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)  # globals used in kernels must be constexpr
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
+KP_MAX = 256  # one k block: dV_j (BLOCK_H x KP) and dz (BLOCK_B x KP) stay in registers
+CP_MAX = 256  # C1 + C2: dW_j (CP x BLOCK_H) and y (BLOCK_B x CP) stay in registers
+
 
 def _configs(gpu, interp):
-    return [triton.Config(*interp)] if INTERPRET else [triton.Config(*c) for c in gpu]
+    """Autotune configs. The forward and dz kernels take BLOCK_H from the launcher's plan (their split
+    loops need its tile counts, and the interpreter cannot divide runtime values); the backward takes
+    BLOCK_B from it (it shapes the batch chunks and the TMA descriptors)."""
+    if INTERPRET:
+        return [triton.Config(interp, num_warps=1, num_stages=1)]
+    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu]
 
 
-# GPU configs: untested (no GPU was available when these were written). Each entry says why it exists.
-_FWD_CONFIGS = _configs(
-    [
-        # Wide batch tile: V/W tiles reused by 128 rows; y accumulator 128 x 256 fp32 needs 8 warps.
-        ({"BLOCK_B": 128, "BLOCK_H": 64, "BLOCK_K": 64}, 8, 3),
-        # Same with a deeper k step: fewer loop trips at k = 250 (4 -> 2), more registers per stage.
-        ({"BLOCK_B": 128, "BLOCK_H": 64, "BLOCK_K": 128}, 8, 2),
-        # Small batches (B <= 64) or large C: a 64-row tile halves the y accumulator.
-        ({"BLOCK_B": 64, "BLOCK_H": 64, "BLOCK_K": 64}, 4, 3),
-        # Narrow H tile for C = 1024-class outputs (BLOCK_C 256): keeps h + y under the register budget.
-        ({"BLOCK_B": 64, "BLOCK_H": 32, "BLOCK_K": 128}, 4, 3),
-    ],
-    ({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16}, 1, 1),
+# Every config compiles with 0 spills for sm_90a and sm_80 at KP = 256, C1 + C2 = 192 in bf16, fp16
+# and TF32 (tests/test_triton_compile.py). `_prune` keeps, for the GPU at hand, the configs whose
+# shared memory fits, no sub-64-row batch tile on Hopper (wgmma needs M >= 64) and no unpipelined
+# (1-stage) config when a pipelined one fits. benchmarks/NOTES.md ("Triton v2") says why each exists.
+FWD_CONFIGS = _configs(
+    [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 64}, 4, 2),
+     ({"BLOCK_B": 32}, 4, 2)],
+    {"BLOCK_B": 16},
+)
+# BLOCK_H 64 spills at every warp count (dV_j, dW_j and the transients pass 255 registers).
+BWD_CONFIGS = _configs([({"BLOCK_H": 32}, 8, 2), ({"BLOCK_H": 32}, 8, 1)], {"BLOCK_H": 16})
+DZ_CONFIGS = _configs(
+    [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 32}, 4, 2)],
+    {"BLOCK_B": 16},
 )
 
-_BWD_DV_CONFIGS = _configs(
-    [
-        # FlashAttention-2-like: dV_j (64 x 128) fp32 in registers, 64-row batch tiles streamed.
-        ({"BLOCK_B": 64, "BLOCK_H": 64, "BLOCK_C": 64}, 8, 2),
-        # Larger batch tile: fewer dz read-modify-writes per H tile (dz traffic / 2).
-        ({"BLOCK_B": 128, "BLOCK_H": 64, "BLOCK_C": 64}, 8, 2),
-        # Narrow H tile: halves the dV accumulator when BLOCK_K is 256 (k = 250 in one block).
-        ({"BLOCK_B": 64, "BLOCK_H": 32, "BLOCK_C": 64}, 4, 2),
-        # ptxas -v (sm_90a, bf16, offline): 16 warps halve the spills of the first entry at
-        # BLOCK_K 256 (2378 -> 1344 bytes stored), 32-row batch tiles at 8 warps too (1272).
-        ({"BLOCK_B": 64, "BLOCK_H": 64, "BLOCK_C": 64}, 16, 2),
-        ({"BLOCK_B": 32, "BLOCK_H": 64, "BLOCK_C": 64}, 8, 2),
-    ],
-    ({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_C": 16}, 1, 1),
-)
 
-_BWD_DW_CONFIGS = _configs(
-    [
-        # dW_j (BLOCK_C x 64) fp32 accumulator; 64-row batch tiles.
-        ({"BLOCK_B": 64, "BLOCK_H": 64, "BLOCK_K": 64}, 8, 3),
-        # Deeper k step for k >= 128 (fewer trips recomputing a).
-        ({"BLOCK_B": 64, "BLOCK_H": 64, "BLOCK_K": 128}, 8, 2),
-        # Wider H tile: more dW columns per recompute of the z tile loads.
-        ({"BLOCK_B": 32, "BLOCK_H": 128, "BLOCK_K": 64}, 8, 3),
-    ],
-    ({"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16}, 1, 1),
-)
+def smem_bytes(kernel, meta, num_stages, KP, CP, elem, dz_atomic=True):
+    """Shared memory of a config in bytes (what Triton allocates, checked against the compiler in
+    tests/test_triton_compile.py): resident tiles + stages x pipelined tiles + staged operands."""
+    bb, bh = meta["BLOCK_B"], meta["BLOCK_H"]
+    if kernel == "fwd":  # z resident; V_j, W_j pipelined; h is a register operand
+        total = elem * (bb * KP + num_stages * bh * (KP + CP))
+    elif kernel == "bwd":  # V_j, W_j resident; z, dy pipelined; h, da staged; dz staged for TMA
+        total = elem * (bh * (KP + CP) + num_stages * bb * (KP + CP) + 2 * bb * bh)
+        total += 4 * bb * (KP // 2) if dz_atomic else 0
+    elif kernel == "dz":  # z, dy resident; V_j, W_j pipelined
+        total = elem * (bb * (KP + CP) + num_stages * bh * (KP + CP))
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}: expected 'fwd', 'bwd' or 'dz'")
+    return total + 1024  # barriers and reduction scratch
+
+
+def fitting_configs(kernel, configs, args, limit, capability):
+    """The configs `_prune` keeps for a launch with these arguments on a GPU with `limit` bytes of
+    shared memory per block and compute `capability` (major * 10 + minor); all when limit is None."""
+    if limit is None:
+        return list(configs)
+    z = args["Z"]
+    elem = getattr(z, "base", z).element_size()
+    KP, CP = args["KP"], args["C1"] + args["C2"]
+
+    def fits(c):
+        meta = {**args, **c.kwargs}
+        atomic = args.get("DZ_ATOMIC", True)
+        return smem_bytes(kernel, meta, c.num_stages, KP, CP, elem, atomic) <= limit
+
+    def wgmma_rows(c):
+        # TF32 backward is the exception (benchmarks/NOTES.md): its batch-reducing GEMMs need
+        # K-major copies of 64-row tiles that do not fit, so it runs 32 rows on mma.sync.
+        if capability < 90 or (kernel == "bwd" and elem == 4):
+            return True
+        return c.kwargs.get("BLOCK_B", args.get("BLOCK_B", 64)) >= 64
+
+    kept = [c for c in configs if fits(c) and wgmma_rows(c)]
+    if any(c.num_stages > 1 for c in kept):
+        kept = [c for c in kept if c.num_stages > 1]
+    return kept
+
+
+def _device():
+    """(max shared memory per block, capability) of the current GPU; (None, None) without one."""
+    import torch
+
+    if INTERPRET or not torch.cuda.is_available():
+        return None, None
+    dev = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(dev)
+    props = triton.runtime.driver.active.utils.get_device_properties(dev)
+    return props["max_shared_mem"], major * 10 + minor
+
+
+def _prune(kernel):
+    """Autotune never benchmarks a config that cannot launch (or cannot use the tensor cores well)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        limit, capability = _device()
+        kept = fitting_configs(kernel, configs, args, limit, capability)
+        if not kept:
+            raise RuntimeError(f"no {kernel} config of the triton backend fits this GPU's "
+                               f"{limit} bytes of shared memory at k_pad={args['KP']}, "
+                               f"C_pad={args['C1'] + args['C2']}")
+        return kept
+    return prune
 
 
 @triton.jit
@@ -119,78 +169,109 @@ def _act_grad(a, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _hidden_pre(Z, V, B1, offs_b, offs_h, mask_b, mask_h, k, stride_zb, stride_zk, stride_vh,
-                stride_vk, stride_b1, HAS_B1: tl.constexpr, BLOCK_B: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """a = z[offs_b] V[offs_h]ᵀ + b1[offs_h]: (BLOCK_B, BLOCK_H) fp32, k looped in BLOCK_K steps."""
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k
-        zt = tl.load(Z + offs_b[:, None] * stride_zb + offs_k[None, :] * stride_zk,
-                     mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        vt = tl.load(V + offs_k[:, None] * stride_vk + offs_h[None, :] * stride_vh,
-                     mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-        acc = tl.dot(zt, vt, acc, input_precision=DOT_PRECISION)
+def _load_w(W, offs_c, offs_h, H, C, stride_wc, MASK_C: tl.constexpr, MASK_H: tl.constexpr):
+    """W[offs_c, offs_h] as a (len(offs_c), len(offs_h)) tile; W rows are contiguous along H."""
+    ptrs = W + offs_c[:, None].to(tl.int64) * stride_wc + offs_h[None, :]
+    if MASK_C and MASK_H:
+        w = tl.load(ptrs, mask=(offs_c < C)[:, None] & (offs_h < H)[None, :], other=0.0)
+    elif MASK_C:
+        w = tl.load(ptrs, mask=(offs_c < C)[:, None], other=0.0)
+    elif MASK_H:
+        w = tl.load(ptrs, mask=(offs_h < H)[None, :], other=0.0)
+    else:
+        w = tl.load(ptrs)
+    return w
+
+
+@triton.jit
+def _hidden_pre(z, V, B1, offs_h, KP: tl.constexpr, HAS_B1: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """(a, v): a = z V[offs_h]ᵀ + b1[offs_h] (fp32) and the V tile; V, b1 are zero-padded to H_pad."""
+    v = tl.load(V + offs_h[:, None] * KP + tl.arange(0, KP)[None, :])
+    a = tl.dot(z, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_B1:
-        acc += tl.load(B1 + offs_h * stride_b1, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-    return acc
+        a += tl.load(B1 + offs_h).to(tl.float32)[None, :]
+    return a, v
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["k", "C", "h_per_split"])
+# ------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_tile(z, V, B1, W, h0, H, C, stride_wc, y1, y2, KP: tl.constexpr, C1: tl.constexpr,
+              C2: tl.constexpr, MASK_C1: tl.constexpr, MASK_C2: tl.constexpr, MASK_H: tl.constexpr,
+              HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_H: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    offs_h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+    a, v = _hidden_pre(z, V, B1, offs_h, KP, HAS_B1, DOT_PRECISION)
+    # Padded H columns give h = act(0 or b1) != 0; the masked W columns (0) cancel them.
+    h = _act(a, ACTIVATION).to(v.dtype)
+    w1 = _load_w(W, tl.arange(0, C1), offs_h, H, C, stride_wc, MASK_C1, MASK_H)
+    y1 = tl.dot(h, tl.trans(w1), y1, input_precision=DOT_PRECISION)
+    if C2 > 0:
+        w2 = _load_w(W, C1 + tl.arange(0, C2), offs_h, H, C, stride_wc, MASK_C2, MASK_H)
+        y2 = tl.dot(h, tl.trans(w2), y2, input_precision=DOT_PRECISION)
+    return y1, y2
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["H", "C", "KP", "ACTIVATION", "HAS_B1"],
+                 prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _fused_mlp_fwd_kernel(
     Z, V, B1, W, YP,
-    B: constexpr, k: constexpr, H, C: constexpr, h_per_split: constexpr,
-    stride_zb, stride_zk, stride_vh, stride_vk, stride_b1, stride_wc, stride_wh,
-    HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    H, C, n_splits, per: constexpr, rest, stride_wc,
+    KP: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, MASK_C1: tl.constexpr,
+    MASK_C2: tl.constexpr, HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Partial outputs YP[s] = act(z V_sᵀ + b1_s) W_sᵀ over H split s (no b2): YP (S, B, C) fp32.
+    """YP[s, b, :] = Σ_{j in split s} act(z_b V_jᵀ + b1_j) W_jᵀ (no b2): YP (S, B_pad, C1 + C2) fp32.
 
-    Grid (batch tiles, C blocks, H splits); each program streams its split's H tiles through
-    registers: a = z V_jᵀ + b1_j, h = act(a), y += h W_jᵀ (design.md "Fused kernel math").
+    Z (B_pad, KP) and V (H_pad, KP), b1 (H_pad) are zero-padded; each program keeps its z tile on
+    chip and streams its split's V/W tiles (design.md "Fused kernel math"). Split s runs `per` full
+    tiles in one loop; the leftover full tiles go one each to the first splits and the ragged last
+    tile to the next one, after the loop, so the loop itself has no branch.
     """
     pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s = tl.program_id(1)
     offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_b = offs_b < B
-    mask_c = offs_c < C
-    h_begin = pid_s * h_per_split
-    h_end = tl.minimum(h_begin + h_per_split, H)
-    y = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-    for h_rel in range(0, h_per_split, BLOCK_H):
-        h0 = h_begin + h_rel
-        if h0 < h_end:  # the last split may be shorter
-            offs_h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
-            mask_h = offs_h < h_end
-            a = _hidden_pre(Z, V, B1, offs_b, offs_h, mask_b, mask_h, k, stride_zb, stride_zk,
-                            stride_vh, stride_vk, stride_b1, HAS_B1, BLOCK_B, BLOCK_H, BLOCK_K,
-                            DOT_PRECISION)
-            h = _act(a, ACTIVATION)
-            # Padded H columns give h = act(b1 or 0) != 0; the masked W rows (0) cancel them.
-            wt = tl.load(W + offs_h[:, None] * stride_wh + offs_c[None, :] * stride_wc,
-                         mask=mask_h[:, None] & mask_c[None, :], other=0.0)
-            y = tl.dot(h.to(wt.dtype), wt, y, input_precision=DOT_PRECISION)
-    out = YP + (pid_s.to(tl.int64) * B + offs_b)[:, None] * C + offs_c[None, :]
-    tl.store(out, y, mask=mask_b[:, None] & mask_c[None, :])
+    z = tl.load(Z + offs_b[:, None] * KP + tl.arange(0, KP)[None, :])
+    y1 = tl.zeros((BLOCK_B, C1), dtype=tl.float32)
+    y2 = tl.zeros((BLOCK_B, C2 if C2 > 0 else 16), dtype=tl.float32)
+    # Equal loops per split (the bound is no function of program_id), leftovers peeled below.
+    n_full = per * n_splits + rest  # full tiles: H // BLOCK_H
+    h_begin = pid_s.to(tl.int64) * per * BLOCK_H
+    for i in range(0, per):
+        y1, y2 = _fwd_tile(z, V, B1, W, h_begin + i * BLOCK_H, H, C, stride_wc, y1, y2, KP, C1, C2,
+                           MASK_C1, MASK_C2, False, HAS_B1, ACTIVATION, BLOCK_H, DOT_PRECISION)
+    if pid_s < rest:
+        y1, y2 = _fwd_tile(z, V, B1, W, (per * n_splits + pid_s) * BLOCK_H, H, C,
+                           stride_wc, y1, y2, KP, C1, C2, MASK_C1, MASK_C2, False, HAS_B1,
+                           ACTIVATION, BLOCK_H, DOT_PRECISION)
+    if (n_full * BLOCK_H < H) & (pid_s == rest):
+        y1, y2 = _fwd_tile(z, V, B1, W, n_full * BLOCK_H, H, C, stride_wc, y1, y2,
+                           KP, C1, C2, MASK_C1, MASK_C2, True, HAS_B1, ACTIVATION, BLOCK_H,
+                           DOT_PRECISION)
+    CP: tl.constexpr = C1 + C2
+    n_rows = tl.num_programs(0) * BLOCK_B
+    out = YP + (pid_s.to(tl.int64) * n_rows + offs_b)[:, None] * CP
+    tl.store(out + tl.arange(0, C1)[None, :], y1)
+    if C2 > 0:
+        tl.store(out + C1 + tl.arange(0, C2)[None, :], y2)
 
 
+# ------------------------------------------------------------------------------------------- reduce
 @triton.jit
 def _reduce_splits_kernel(
     P, BIAS, OUT, T, DY, LOSS,
     n_splits: constexpr, M, N, dy_scale,
-    stride_bias, stride_om, stride_on, stride_tm, stride_tn, stride_dym, stride_dyn,
+    stride_ps, stride_pm, stride_bias, stride_om, stride_on, stride_tm, stride_tn, stride_dym,
     HAS_BIAS: tl.constexpr, STORE_OUT: tl.constexpr, MIMIC: tl.constexpr,
     LOSS_ELEMENTWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """y = Σ_s P[s] + bias over P (S, M, N) fp32, summed in split order (deterministic).
+    """y = Σ_s P[s, :M, :N] + bias over fp32 partials P (rows of stride_pm, unit column stride),
+    summed in split order (deterministic).
 
     STORE_OUT: OUT = y (cast to OUT's dtype). MIMIC (the mimic-loss epilogue): r = y − T,
-    DY = dy_scale · r (fp32), and LOSS = r² elementwise (LOSS_ELEMENTWISE) or, per program,
-    LOSS[pid] = Σ r² (fp32; the launcher sums the per-program partials in a fixed order).
+    DY[:, :N] = dy_scale · r (DY's padding columns are the launcher's), and LOSS = r² elementwise
+    (LOSS_ELEMENTWISE) or, per program, LOSS[pid] = Σ r² (fp32; summed by the launcher in a fixed order).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -199,7 +280,8 @@ def _reduce_splits_kernel(
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(0, n_splits):
-        y += tl.load(P + (s * M + offs_m)[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        y += tl.load(P + s * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :], mask=mask,
+                     other=0.0)
     if HAS_BIAS:
         y += tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if STORE_OUT:
@@ -209,8 +291,7 @@ def _reduce_splits_kernel(
         t = tl.load(T + offs_m[:, None] * stride_tm + offs_n[None, :] * stride_tn, mask=mask,
                     other=0.0).to(tl.float32)
         r = tl.where(mask, y - t, 0.0)
-        tl.store(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, r * dy_scale,
-                 mask=mask)
+        tl.store(DY + offs_m[:, None] * stride_dym + offs_n[None, :], r * dy_scale, mask=mask)
         if LOSS_ELEMENTWISE:
             tl.store(LOSS + offs_m[:, None] * N + offs_n[None, :], (r * r).to(LOSS.dtype.element_ty),
                      mask=mask)
@@ -218,112 +299,157 @@ def _reduce_splits_kernel(
             tl.store(LOSS + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(r * r, 1), 0))
 
 
-@triton.autotune(configs=_BWD_DV_CONFIGS, key=["k", "C", "h_per_split", "BLOCK_K"],
-                 reset_to_zero=["DZ"])
+# ----------------------------------------------------------------------------------------- backward
+@triton.autotune(configs=BWD_CONFIGS, key=["H", "C", "KP", "ACTIVATION", "HAS_B1", "DZ_ATOMIC"],
+                 reset_to_zero=["DZ"], prune_configs_by={"early_config_prune": _prune("bwd")})
 @triton.jit
-def _fused_mlp_bwd_dv_kernel(
-    DY, Z, V, B1, W, DV, DB1, DZ,
-    B: constexpr, k: constexpr, H, C: constexpr, h_per_split: constexpr,
-    stride_dyb, stride_dyc, stride_zb, stride_zk, stride_vh, stride_vk, stride_b1,
-    stride_wc, stride_wh, stride_dvh, stride_dvk,
-    HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr, ATOMIC_DZ: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+def _fused_mlp_bwd_kernel(
+    Z, DY1, DY2, V, B1, W, DV, DB1, DW, DZ, DZ_DESC,
+    H, C, k, tiles_per_chunk: constexpr, stride_wc, stride_dvh, stride_dwc, chunk_dv, chunk_dw,
+    chunk_db1,
+    KP: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, MASK_C1: tl.constexpr,
+    MASK_C2: tl.constexpr, HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr,
+    DZ_ATOMIC: tl.constexpr, DZ_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """dV, db1 and dz for H split s and k block kb; grid (H splits, k blocks).
+    """dW_j, dV_j, db1_j (and dz) of H tile j over batch chunk c; grid (H tiles, batch chunks).
 
-    Per H tile j of the split, looping over batch tiles with recompute (FlashAttention-2 style):
-    a = z V_jᵀ + b1_j, dh = dy W_j, da = dh ⊙ act'(a); dV_j += daᵀ z, db1_j += Σ_b da;
-    dz += da V_j. dV_j[:, kb] stays in registers (fp32). dz goes to DZ[s] (S, B, k) fp32,
-    owned by this program (first tile stores, later tiles add: deterministic), or with
-    ATOMIC_DZ to DZ (B, k) fp32 by atomic adds (order-dependent rounding).
+    FlashAttention-2's dK/dV kernel with z as Q, V as K and Wᵀ as the values: V_j, W_j stay on chip,
+    batch tiles of Z (B_pad, KP) and DY (B_pad, C1 + C2) (zero-padded: padded rows add nothing)
+    stream through, `a` is recomputed once per (batch tile, H tile) and dW_j, dV_j, db1_j accumulate
+    in fp32 registers. DZ_ATOMIC: dz += da V_j into DZ (B_pad, KP) fp32 by atomic adds (it stays in
+    L2). Outputs dV (H, k), dW (C, H), db1 (H) in their dtype or, with several batch chunks (small
+    H), fp32 partials per chunk at DV/DW/DB1 + c · chunk_*, summed in order by the launcher.
     """
-    pid_s = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_kb = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_kb = offs_kb < k
-    h_begin = pid_s * h_per_split
-    h_end = tl.minimum(h_begin + h_per_split, H)
-    if ATOMIC_DZ:
-        dz_base = DZ
-    else:
-        dz_base = DZ + pid_s.to(tl.int64) * B * k
-    for h_rel in range(0, h_per_split, BLOCK_H):
-        h0 = h_begin + h_rel
-        if h0 < h_end:  # the last split may be shorter
-            offs_h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
-            mask_h = offs_h < h_end
-            v_kb = tl.load(V + offs_h[:, None] * stride_vh + offs_kb[None, :] * stride_vk,
-                           mask=mask_h[:, None] & mask_kb[None, :], other=0.0)
-            dv = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
-            db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
-            for b0 in range(0, B, BLOCK_B):
-                offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-                mask_b = offs_b < B
-                a = _hidden_pre(Z, V, B1, offs_b, offs_h, mask_b, mask_h, k, stride_zb, stride_zk,
-                                stride_vh, stride_vk, stride_b1, HAS_B1, BLOCK_B, BLOCK_H, BLOCK_K,
-                                DOT_PRECISION)
-                dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                for c0 in range(0, C, BLOCK_C):
-                    offs_c = c0 + tl.arange(0, BLOCK_C)
-                    mask_c = offs_c < C
-                    dyt = tl.load(DY + offs_b[:, None] * stride_dyb
-                                  + offs_c[None, :] * stride_dyc,
-                                  mask=mask_b[:, None] & mask_c[None, :], other=0.0)
-                    wt = tl.load(W + offs_c[:, None] * stride_wc + offs_h[None, :] * stride_wh,
-                                 mask=mask_c[:, None] & mask_h[None, :], other=0.0)
-                    dh = tl.dot(dyt, wt, dh, input_precision=DOT_PRECISION)
-                # Padded batch rows have dy = 0 and padded H columns W = 0, so da is 0 there.
-                da = dh * _act_grad(a, ACTIVATION)
-                db1 += tl.sum(da, 0)
-                z_kb = tl.load(Z + offs_b[:, None] * stride_zb + offs_kb[None, :] * stride_zk,
-                               mask=mask_b[:, None] & mask_kb[None, :], other=0.0)
-                da_op = da.to(z_kb.dtype)
-                dv = tl.dot(tl.trans(da_op), z_kb, dv, input_precision=DOT_PRECISION)
-                dz = tl.dot(da_op, v_kb, input_precision=DOT_PRECISION)
-                dz_ptrs = dz_base + offs_b[:, None] * k + offs_kb[None, :]
-                dz_mask = mask_b[:, None] & mask_kb[None, :]
-                if ATOMIC_DZ:
-                    tl.atomic_add(dz_ptrs, dz, mask=dz_mask)
-                else:
-                    # The split's first tile initialises its slice: no zero-fill needed.
-                    prev = tl.load(dz_ptrs, mask=dz_mask & (h_rel > 0), other=0.0)
-                    tl.store(dz_ptrs, prev + dz, mask=dz_mask)
-            tl.store(DV + offs_h[:, None] * stride_dvh + offs_kb[None, :] * stride_dvk,
-                     dv.to(DV.dtype.element_ty), mask=mask_h[:, None] & mask_kb[None, :])
-            if HAS_B1:
-                if pid_k == 0:
-                    tl.store(DB1 + offs_h, db1.to(DB1.dtype.element_ty), mask=mask_h)
-
-
-@triton.autotune(configs=_BWD_DW_CONFIGS, key=["k", "C", "BLOCK_C"])
-@triton.jit
-def _fused_mlp_bwd_dw_kernel(
-    DY, Z, V, B1, DW,
-    B: constexpr, k: constexpr, H, C: constexpr,
-    stride_dyb, stride_dyc, stride_zb, stride_zk, stride_vh, stride_vk, stride_b1,
-    stride_dwc, stride_dwh,
-    HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """dW[cb, j] = Σ_b dy[b, cb]ᵀ act(z_b V_jᵀ + b1_j); grid (H tiles, C blocks), fp32 accumulator."""
     pid_h = tl.program_id(0)
     pid_c = tl.program_id(1)
+    CP: tl.constexpr = C1 + C2
+    KH: tl.constexpr = KP // 2  # z, V, dV and dz travel as two k halves: half the live registers
     offs_h = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_ka = tl.arange(0, KH)
+    offs_kb = KH + tl.arange(0, KH)
+    va = tl.load(V + offs_h[:, None] * KP + offs_ka[None, :])
+    vb = tl.load(V + offs_h[:, None] * KP + offs_kb[None, :])
+    if HAS_B1:
+        b1 = tl.load(B1 + offs_h).to(tl.float32)
+    # W_j is read once per program: mask the ragged H tile here rather than peel the loop.
+    w1 = _load_w(W, tl.arange(0, C1), offs_h, H, C, stride_wc, MASK_C1, True)
+    if C2 > 0:
+        w2 = _load_w(W, C1 + tl.arange(0, C2), offs_h, H, C, stride_wc, MASK_C2, True)
+    dva = tl.zeros((KH, BLOCK_H), dtype=tl.float32)  # dV_jᵀ: wgmma needs M >= 64, BLOCK_H may be 32
+    dvb = tl.zeros((KH, BLOCK_H), dtype=tl.float32)
+    dw1 = tl.zeros((C1, BLOCK_H), dtype=tl.float32)
+    dw2 = tl.zeros((C2 if C2 > 0 else 16, BLOCK_H), dtype=tl.float32)
+    db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    b_begin = pid_c.to(tl.int64) * tiles_per_chunk * BLOCK_B
+    for i in range(0, tiles_per_chunk):
+        row = (b_begin + i * BLOCK_B).to(tl.int32)
+        offs_b = b_begin + i * BLOCK_B + tl.arange(0, BLOCK_B)
+        za = Z.load([row, 0])
+        zb = Z.load([row, KH])
+        dy1 = DY1.load([row, 0])
+        a = tl.dot(za, tl.trans(va), input_precision=DOT_PRECISION)
+        a = tl.dot(zb, tl.trans(vb), a, input_precision=DOT_PRECISION)
+        if HAS_B1:
+            a += b1[None, :]
+        h = _act(a, ACTIVATION).to(za.dtype)
+        dw1 = tl.dot(tl.trans(dy1), h, dw1, input_precision=DOT_PRECISION)
+        dh = tl.dot(dy1, w1, input_precision=DOT_PRECISION)
+        if C2 > 0:
+            dy2 = DY2.load([row, C1])
+            dw2 = tl.dot(tl.trans(dy2), h, dw2, input_precision=DOT_PRECISION)
+            dh = tl.dot(dy2, w2, dh, input_precision=DOT_PRECISION)
+        # Padded batch rows have dy = 0 and padded H columns W = 0, so da is 0 there.
+        da = dh * _act_grad(a, ACTIVATION)
+        db1 += tl.sum(da, 0)
+        da_op = da.to(za.dtype)
+        dva = tl.dot(tl.trans(za), da_op, dva, input_precision=DOT_PRECISION)
+        dvb = tl.dot(tl.trans(zb), da_op, dvb, input_precision=DOT_PRECISION)
+        if DZ_ATOMIC:
+            if DZ_TMA:
+                DZ_DESC.atomic_add([row, 0], tl.dot(da_op, va, input_precision=DOT_PRECISION))
+                DZ_DESC.atomic_add([row, KH], tl.dot(da_op, vb, input_precision=DOT_PRECISION))
+            else:
+                dz_ptrs = DZ + offs_b[:, None] * KP
+                dz = tl.dot(da_op, va, input_precision=DOT_PRECISION)
+                tl.atomic_add(dz_ptrs + offs_ka[None, :], dz, sem="relaxed")
+                dz = tl.dot(da_op, vb, input_precision=DOT_PRECISION)
+                tl.atomic_add(dz_ptrs + offs_kb[None, :], dz, sem="relaxed")
+    # PARTIAL: the launcher points DV/DW/DB1 at fp32 per-chunk buffers (chunk c at c · chunk_*).
+    c = pid_c.to(tl.int64)
     mask_h = offs_h < H
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    dw = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        mask_b = offs_b < B
-        a = _hidden_pre(Z, V, B1, offs_b, offs_h, mask_b, mask_h, k, stride_zb, stride_zk,
-                        stride_vh, stride_vk, stride_b1, HAS_B1, BLOCK_B, BLOCK_H, BLOCK_K,
-                        DOT_PRECISION)
-        # Padded batch rows: h = act(b1) != 0, but their dy rows load as 0.
-        dyt = tl.load(DY + offs_b[:, None] * stride_dyb + offs_c[None, :] * stride_dyc,
-                      mask=mask_b[:, None] & mask_c[None, :], other=0.0)
-        h = _act(a, ACTIVATION).to(dyt.dtype)
-        dw = tl.dot(tl.trans(dyt), h, dw, input_precision=DOT_PRECISION)
-    tl.store(DW + offs_c[:, None] * stride_dwc + offs_h[None, :] * stride_dwh,
-             dw.to(DW.dtype.element_ty), mask=mask_c[:, None] & mask_h[None, :])
+    dv_ptrs = DV + c * chunk_dv + offs_h[:, None] * stride_dvh
+    tl.store(dv_ptrs + offs_ka[None, :], tl.trans(dva).to(DV.dtype.element_ty),
+             mask=mask_h[:, None] & (offs_ka < k)[None, :])
+    tl.store(dv_ptrs + offs_kb[None, :], tl.trans(dvb).to(DV.dtype.element_ty),
+             mask=mask_h[:, None] & (offs_kb < k)[None, :])
+    offs_c1 = tl.arange(0, C1)
+    tl.store(DW + c * chunk_dw + offs_c1[:, None].to(tl.int64) * stride_dwc + offs_h[None, :],
+             dw1.to(DW.dtype.element_ty), mask=(offs_c1 < C)[:, None] & mask_h[None, :])
+    if C2 > 0:
+        offs_c2 = C1 + tl.arange(0, C2)
+        tl.store(DW + c * chunk_dw + offs_c2[:, None].to(tl.int64) * stride_dwc + offs_h[None, :],
+                 dw2.to(DW.dtype.element_ty), mask=(offs_c2 < C)[:, None] & mask_h[None, :])
+    if HAS_B1:
+        tl.store(DB1 + c * chunk_db1 + offs_h, db1.to(DB1.dtype.element_ty), mask=mask_h)
+
+
+@triton.jit
+def _dz_tile(z, dy1, dy2, V, B1, W, h0, H, C, stride_wc, dz, KP: tl.constexpr, C1: tl.constexpr,
+             C2: tl.constexpr, MASK_C1: tl.constexpr, MASK_C2: tl.constexpr,
+             MASK_H: tl.constexpr, HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr,
+             BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+    a, v = _hidden_pre(z, V, B1, offs_h, KP, HAS_B1, DOT_PRECISION)
+    w1 = _load_w(W, tl.arange(0, C1), offs_h, H, C, stride_wc, MASK_C1, MASK_H)
+    dh = tl.dot(dy1, w1, input_precision=DOT_PRECISION)
+    if C2 > 0:
+        w2 = _load_w(W, C1 + tl.arange(0, C2), offs_h, H, C, stride_wc, MASK_C2, MASK_H)
+        dh = tl.dot(dy2, w2, dh, input_precision=DOT_PRECISION)
+    da = (dh * _act_grad(a, ACTIVATION)).to(v.dtype)
+    return tl.dot(da, v, dz, input_precision=DOT_PRECISION)
+
+
+@triton.autotune(configs=DZ_CONFIGS, key=["H", "C", "KP", "ACTIVATION", "HAS_B1"],
+                 prune_configs_by={"early_config_prune": _prune("dz")})
+@triton.jit
+def _fused_mlp_dz_kernel(
+    Z, DY, V, B1, W, DZP,
+    H, C, n_splits, per: constexpr, rest, stride_wc,
+    KP: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, MASK_C1: tl.constexpr,
+    MASK_C2: tl.constexpr, HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """DZP[s, b, :] = Σ_{j in split s} (dy_b W_j ⊙ act'(z_b V_jᵀ + b1_j)) V_j: (S, B_pad, KP) fp32.
+
+    The deterministic replacement of the backward kernel's atomic dz (FlashAttention's separate dQ
+    kernel): the forward's split layout, with z and dy tiles resident instead of y.
+    """
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    CP: tl.constexpr = C1 + C2
+    offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, KP)
+    z = tl.load(Z + offs_b[:, None] * KP + offs_k[None, :])
+    dy1 = tl.load(DY + offs_b[:, None] * CP + tl.arange(0, C1)[None, :])
+    if C2 > 0:
+        dy2 = tl.load(DY + offs_b[:, None] * CP + C1 + tl.arange(0, C2)[None, :])
+    else:
+        dy2 = dy1
+    dz = tl.zeros((BLOCK_B, KP), dtype=tl.float32)
+    # Equal loops per split (the bound is no function of program_id), leftovers peeled below.
+    n_full = per * n_splits + rest  # full tiles: H // BLOCK_H
+    h_begin = pid_s.to(tl.int64) * per * BLOCK_H
+    for i in range(0, per):
+        dz = _dz_tile(z, dy1, dy2, V, B1, W, h_begin + i * BLOCK_H, H, C, stride_wc, dz, KP, C1,
+                      C2, MASK_C1, MASK_C2, False, HAS_B1, ACTIVATION, BLOCK_H, DOT_PRECISION)
+    if pid_s < rest:
+        dz = _dz_tile(z, dy1, dy2, V, B1, W, (per * n_splits + pid_s) * BLOCK_H, H,
+                      C, stride_wc, dz, KP, C1, C2, MASK_C1, MASK_C2, False, HAS_B1, ACTIVATION,
+                      BLOCK_H, DOT_PRECISION)
+    if (n_full * BLOCK_H < H) & (pid_s == rest):
+        dz = _dz_tile(z, dy1, dy2, V, B1, W, n_full * BLOCK_H, H, C, stride_wc, dz,
+                      KP, C1, C2, MASK_C1, MASK_C2, True, HAS_B1, ACTIVATION, BLOCK_H,
+                      DOT_PRECISION)
+    n_rows = tl.num_programs(0) * BLOCK_B
+    tl.store(DZP + (pid_s.to(tl.int64) * n_rows + offs_b)[:, None] * KP + offs_k[None, :], dz)

@@ -1,0 +1,789 @@
+"""`mimic-fast sweep`: the compression curve — test accuracy against size and speed of students
+trained on labels and by mimicry, beside their teacher (Ba & Caruana 2014; Urban et al. 2017).
+
+One teacher (a checkpoint, an ensemble of them, or trained here with the demo's recipe) labels one
+transfer set (training split only: labelled + unlabelled + generated rows) once; every grid point
+(conv layers x bottleneck x width) is then trained twice per seed, on the labelled rows and on the
+stored logits, with the same architecture, initial weights, optimiser, schedule, batch size and
+number of optimizer steps (the labelled rows are cycled up to the transfer set's length).
+Each such run is a folder under OUT/points/ built on train.py's atomic checkpoints, so a killed sweep
+resumes with the same command and `--shard i/n` runs every n-th run; the report (sweep.json, .png,
+.md) gathers whatever runs exist. Limits: the teacher and the transfer set live in memory; shards
+must share OUT on one file system (the first one prepares the teacher and logits under a lock).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from . import train as T
+from .demo import DemoConfig, labelled_split
+
+__all__ = ["SweepConfig", "Run", "grid", "shard", "run", "report", "add_arguments",
+           "config_from_args", "main"]
+
+FORMAT = "mimic_fast.sweep/1"
+RESULT_FORMAT = "mimic_fast.sweep_run/1"
+CONFIG_NAME = "sweep-config.json"
+TRANSFER_FORMAT = "mimic_fast.transfer/1"
+MODES = ("labels", "mimic")
+DATASETS = ("digits", "cifar10", "npz")
+METHODS = ("munge", "noise", "shift")
+_DEMO = DemoConfig()  # the teacher recipe and the student defaults are the demo's: one place
+
+
+@dataclass
+class SweepConfig:
+    # data
+    dataset: str = "digits"
+    data: str = None
+    split_seed: int = 0
+    label_fraction: float = None  # None: the demo's 0.15 on digits, 1.0 on other data
+    # teacher: checkpoint(s) written by save_model (several: an ensemble); () trains one here
+    teacher: tuple = ()
+    teacher_members: int = _DEMO.teacher_members
+    teacher_epochs: int = _DEMO.teacher_epochs
+    teacher_batch: int = _DEMO.teacher_batch
+    teacher_lr: float = _DEMO.teacher_lr
+    teacher_channels: tuple = _DEMO.teacher_channels  # images: the demo's CNN
+    teacher_hidden: tuple = _DEMO.teacher_hidden
+    teacher_dnn_hidden: tuple = (512, 512)  # flat rows (an npz of vectors): a DNN of this shape
+    teacher_dropout: float = _DEMO.teacher_dropout
+    # transfer set
+    n_generated: int = _DEMO.n_generated
+    method: str = "munge"
+    # the grid
+    hidden: tuple = (32, 128, 512, 2048, 8192)
+    bottleneck: tuple = (_DEMO.student_bottleneck,)
+    conv_layers: tuple = (0,)
+    conv_channels: int = 32
+    seeds: int = 2
+    # student training, shared by both modes. Adam: it is invariant to the scale of the loss, so one
+    # lr serves cross-entropy and logit regression alike (SGD would need a different lr per loss)
+    epochs: int = _DEMO.mimic_epochs
+    batch_size: int = _DEMO.mimic_batch
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = _DEMO.weight_decay
+    schedule: str = "cosine"
+    # measurement and placement (not part of the recipe)
+    throughput_batches: tuple = (1, 256)
+    throughput_time: float = 0.2
+    device: str = None
+    threads: int = _DEMO.threads
+
+    # fields that do not change what a run computes: they may differ between invocations on one OUT
+    PLACEMENT = ("hidden", "bottleneck", "conv_layers", "seeds", "throughput_batches",
+                 "throughput_time", "device", "threads")
+
+    def resolved(self):
+        """A copy with label_fraction resolved and sequences as tuples of ints (JSON-stable)."""
+        cfg = SweepConfig(**asdict(self))
+        if cfg.label_fraction is None:
+            cfg.label_fraction = _DEMO.label_fraction if cfg.dataset == "digits" else 1.0
+        cfg.teacher = tuple(str(p) for p in cfg.teacher)
+        for name in ("teacher_channels", "teacher_hidden", "teacher_dnn_hidden", "hidden",
+                     "bottleneck", "conv_layers", "throughput_batches"):
+            setattr(cfg, name, tuple(int(v) for v in getattr(cfg, name)))
+        return cfg
+
+    def validate(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.dataset != "digits" and self.data is None:
+            raise ValueError(f"dataset {self.dataset} needs --data PATH")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("hidden", "bottleneck", "throughput_batches"):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values):
+                raise ValueError(f"{name} must be a non-empty list of ints >= 1, got {list(values)}")
+        if not self.conv_layers or any(not 0 <= c <= 4 for c in self.conv_layers):
+            raise ValueError(f"conv_layers must be a non-empty list of ints in 0..4, got "
+                             f"{list(self.conv_layers)}")
+        for name in ("seeds", "epochs", "batch_size", "teacher_members", "teacher_epochs",
+                     "teacher_batch", "conv_channels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_generated < 0:
+            raise ValueError(f"n_generated must be >= 0, got {self.n_generated}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not self.throughput_time > 0:
+            raise ValueError(f"throughput_time must be > 0 seconds, got {self.throughput_time}")
+        for p in self.teacher:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"teacher file {p} does not exist: expected a .pt written by "
+                                        "`mimic-fast train-teacher` (or save_model)")
+        T.TrainConfig(**self.training()).validate()
+
+    def recipe(self):
+        """Everything that decides what the runs compute (the grid may change between invocations)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.PLACEMENT}
+
+    def training(self, seed=0):
+        return dict(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
+                    lr=self.lr, weight_decay=self.weight_decay, schedule=self.schedule, seed=seed)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One student training: a grid point (conv layers, bottleneck, width) x mode x seed."""
+
+    conv_layers: int
+    bottleneck: int
+    hidden: int
+    mode: str
+    seed: int
+
+    @property
+    def point(self):
+        return f"conv{self.conv_layers}-k{self.bottleneck}-h{self.hidden}"
+
+    @property
+    def name(self):
+        return f"{self.point}/{self.mode}-seed{self.seed}"
+
+
+def grid(cfg):
+    """Every run of the grid, in a fixed order (labels and mimic of one seed next to each other)."""
+    return [Run(c, k, h, mode, s) for c in cfg.conv_layers for k in cfg.bottleneck
+            for h in cfg.hidden for s in range(cfg.seeds) for mode in MODES]
+
+
+def shard(runs, spec):
+    """The runs of shard "i/n" (every n-th run starting at i); None: all of them."""
+    if spec is None:
+        return list(runs)
+    try:
+        i, n = (int(v) for v in str(spec).split("/"))
+    except ValueError:
+        raise ValueError(f"shard must be i/n with integers 0 <= i < n, e.g. 0/4, got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {spec!r}")
+    return list(runs)[i::n]
+
+
+# ----------------------------------------------------------------------------------------------
+# the shared stage: data, teacher, transfer set, logit store
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    splits: object
+    labelled: TensorDataset
+    transfer: object
+    store: object
+    info: dict  # data, transfer and teacher records of the report
+
+
+class _Cycled(Dataset):
+    """`base` (a TensorDataset) cycled to `length` rows: row i is base row i mod len(base). The
+    labels-only student sees as many rows per epoch as the mimic student, so both take the same
+    number of optimizer steps under the same schedule."""
+
+    def __init__(self, base, length):
+        self.base, self.length = base, int(length)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.base[int(i) % len(self.base)]
+
+    def get_batch(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long) % len(self.base)
+        return tuple(t[idx] for t in self.base.tensors)
+
+
+def _load(cfg):
+    from .data import load_dataset
+
+    splits = load_dataset(cfg.dataset, root=cfg.data, seed=cfg.split_seed)
+    # rows travel flat (N, D) as in the cli: the conv models unflatten them, the wide students
+    # take flat rows only
+    for part in (splits.train, splits.test):
+        part.tensors = (part.tensors[0].reshape(len(part.tensors[0]), -1), *part.tensors[1:])
+    if splits.unlabelled is not None:
+        splits.unlabelled = splits.unlabelled.reshape(len(splits.unlabelled), -1)
+    y = splits.train.tensors[1]
+    if cfg.label_fraction >= 1:
+        lab, unl = torch.arange(len(y)), torch.empty(0, dtype=torch.long)
+    else:
+        lab, unl = labelled_split(y, cfg.label_fraction, cfg.split_seed)
+    return splits, lab, unl
+
+
+def _data_record(cfg, splits):
+    # the fields of cli._data_record, so teacher.pt files of both compare
+    return {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
+            "label_fraction": cfg.label_fraction, "input_shape": list(splits.input_shape),
+            "num_classes": splits.num_classes}
+
+
+def _check_teacher_data(path, recorded, wanted):
+    """A teacher trained on another split may have seen this sweep's test rows: refuse it."""
+    if recorded is None:
+        return "not recorded in the teacher file: its training rows cannot be checked"
+    keys = ("dataset", "data", "split_seed", "input_shape", "num_classes")
+    diff = {k: (recorded.get(k), wanted[k]) for k in keys if recorded.get(k) != wanted[k]}
+    if diff:
+        text = ", ".join(f"{k} {a!r} (sweep: {b!r})" for k, (a, b) in diff.items())
+        raise ValueError(f"teacher {path} was trained on other data: {text}; its training rows may "
+                         "include this sweep's test rows")
+    if recorded.get("label_fraction") != wanted["label_fraction"]:
+        return (f"trained with label_fraction {recorded.get('label_fraction')} (the students' labelled "
+                f"rows: {wanted['label_fraction']})")
+    return "same dataset, split and labelled rows as the students"
+
+
+def _teacher_member(cfg, splits):
+    from .models import CNN, DNN
+
+    C = splits.num_classes
+    if len(splits.input_shape) == 3:
+        kw = dict(channels=cfg.teacher_channels, hidden=cfg.teacher_hidden, dropout=cfg.teacher_dropout)
+        return CNN(splits.input_shape, C, **kw), {"name": "cnn", "kwargs": {
+            "input_shape": list(splits.input_shape), "num_classes": C, **kw}}
+    kw = dict(hidden=cfg.teacher_dnn_hidden, dropout=cfg.teacher_dropout)
+    return DNN(splits.in_features, C, **kw), {"name": "dnn-2k", "kwargs": {
+        "in_features": splits.in_features, "num_classes": C, **kw}}
+
+
+def _teacher(cfg, splits, lab, out, log):
+    from .models import TeacherEnsemble
+
+    wanted = _data_record(cfg, splits)
+    members, specs, checks = [], [], []
+    if cfg.teacher:
+        for p in cfg.teacher:
+            model, payload = T.load_model(p)
+            checks.append(_check_teacher_data(p, payload.get("data"), wanted))
+            members.append(model)
+            specs.append(payload["spec"])
+        source = {"kind": "checkpoint", "paths": list(cfg.teacher)}
+    else:
+        X, y = splits.train.tensors
+        labelled = TensorDataset(X[lab], y[lab])
+        for m in range(cfg.teacher_members):
+            folder = os.path.join(out, "teacher", f"member-{m}")
+            path = os.path.join(folder, "teacher.pt")
+            if os.path.isfile(path):
+                model, payload = T.load_model(path)
+                spec = payload["spec"]
+            else:
+                seed = 1000 * cfg.split_seed + m  # the demo's member seeds
+                torch.manual_seed(seed)
+                model, spec = _teacher_member(cfg, splits)
+                log(f"teacher member {m + 1}/{cfg.teacher_members}: {spec['name']} on "
+                    f"{len(lab)} labelled rows")
+                res = T.train_teacher(
+                    model, labelled, None, out_dir=folder,
+                    resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)), device=cfg.device,
+                    progress=False, spec=spec, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
+                    optimizer="sgd", lr=cfg.teacher_lr, weight_decay=cfg.weight_decay,
+                    schedule="cosine", seed=seed)
+                model = res.model.cpu().eval()
+                T.save_model(path, model, spec, data=wanted, history=res.history)
+            members.append(model)
+            specs.append(spec)
+            checks.append("trained here on the students' labelled rows")
+        source = {"kind": "trained", "recipe": "the demo's: " + ("CNN" if specs[0]["name"] == "cnn"
+                                                                  else "DNN") + " members on the "
+                  "labelled rows, SGD + cosine, logits averaged"}
+    teacher = TeacherEnsemble(members).eval() if len(members) > 1 else members[0].eval()
+    spec = specs[0] if len(specs) == 1 else {"class": "TeacherEnsemble", "members": specs}
+    return teacher, {**source, "spec": spec, "members": len(members), "data_check": checks}
+
+
+def _transfer(cfg, splits, lab, unl, out):
+    """Labelled + unlabelled rows of the training split (+ the npz's X_unlabelled) + generated rows
+    from the labelled ones. The test split is never read here."""
+    from .data import TransferSet, build_transfer_set
+
+    recipe = {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
+              "label_fraction": cfg.label_fraction, "n_generated": cfg.n_generated,
+              "method": cfg.method, "generate_from": "labelled", "seed": cfg.split_seed}
+    path = os.path.join(out, "transfer.pt")
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=False)
+        if saved.get("format") != TRANSFER_FORMAT or saved.get("recipe") != recipe:
+            raise ValueError(f"{path} was made with other options ({saved.get('recipe')}); use "
+                             "another --out")
+        return TransferSet(saved["x"], saved["sources"], saved["labels"]), recipe
+    X, y = splits.train.tensors
+    X_lab, X_unl = X[lab], (X[unl] if len(unl) else None)
+    if splits.unlabelled is not None:
+        X_unl = splits.unlabelled if X_unl is None else torch.cat([X_unl, splits.unlabelled])
+    if cfg.method == "shift":
+        if len(splits.input_shape) != 3:
+            raise ValueError(f"method shift needs images (C, H, W); this data has rows of shape "
+                             f"{tuple(splits.input_shape)}")
+        X_lab = X_lab.reshape(len(X_lab), *splits.input_shape)
+        X_unl = None if X_unl is None else X_unl.reshape(len(X_unl), *splits.input_shape)
+    ts = build_transfer_set(X_lab, X_unl, n_generated=cfg.n_generated, method=cfg.method,
+                            seed=cfg.split_seed, y_labelled=y[lab])
+    ts.x = ts.x.reshape(len(ts.x), -1)
+    T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": ts.x,
+                         "sources": ts.sources, "labels": ts.labels}, path)
+    return ts, recipe
+
+
+def count_shared_rows(x, other):
+    """How many rows of x are byte-equal to a row of `other` (the test split: 0 when held out)."""
+    seen = {bytes(r) for r in other.reshape(len(other), -1).contiguous().numpy()}
+    return sum(bytes(r) in seen for r in x.reshape(len(x), -1).contiguous().numpy())
+
+
+def _prepare(cfg, out, log):
+    from filelock import FileLock
+
+    from .data import collect_logits
+    from .models import count_parameters
+
+    splits, lab, unl = _load(cfg)
+    os.makedirs(out, exist_ok=True)
+    # shards sharing OUT: the first one trains the teacher and fills the store, the others wait
+    with FileLock(os.path.join(out, ".prepare.lock")):
+        transfer, transfer_recipe = _transfer(cfg, splits, lab, unl, out)
+        leaked = count_shared_rows(transfer.x, splits.test.tensors[0])
+        if leaked:  # impossible by construction unless the data itself repeats test rows
+            raise ValueError(f"{leaked} transfer-set row(s) equal a test row: the data holds test "
+                             "rows in its training split or X_unlabelled; deduplicate it first")
+        teacher, teacher_info = _teacher(cfg, splits, lab, out, log)
+        dev = T.default_device(cfg.device)
+        teacher.to(dev)
+        store = collect_logits(teacher, transfer, os.path.join(out, "logits"), dtype=torch.float32,
+                               device=dev, progress=False)
+        teacher_path = os.path.join(out, "teacher.json")
+        if os.path.isfile(teacher_path):
+            with open(teacher_path, encoding="utf-8") as f:
+                measured = json.load(f)
+        else:
+            example = splits.test.tensors[0][0]
+            measured = {"test_accuracy": T.evaluate(teacher, splits.test, device=dev),
+                        "params": count_parameters(teacher),
+                        "throughput": {str(b): T.throughput(teacher, example, b, cfg.throughput_time)
+                                       for b in cfg.throughput_batches},
+                        "device": str(dev)}
+            if len(getattr(teacher, "members", [])) > 1:
+                measured["member_accuracy"] = [T.evaluate(m, splits.test, device=dev)
+                                               for m in teacher.members]
+            T.atomic_write_text(teacher_path, json.dumps(measured, indent=2))
+        teacher.cpu()
+    counts = transfer.counts()
+    n_extra = 0 if splits.unlabelled is None else len(splits.unlabelled)
+    info = {
+        "data": {**_data_record(cfg, splits), "n_train": len(splits.train),
+                 "n_labelled": len(lab), "n_unlabelled_train": len(unl),
+                 "n_unlabelled_extra": n_extra, "n_test": len(splits.test), "meta": splits.meta},
+        "transfer": {"rows": len(transfer), "composition": counts, **transfer_recipe,
+                     "test_rows": leaked,
+                     "note": "training split only: its labelled and unlabelled rows"
+                             + (", the file's X_unlabelled" if n_extra else "")
+                             + (f", {cfg.n_generated} {cfg.method} rows generated from the labelled "
+                                "rows" if cfg.n_generated else "")},
+        "teacher": {**teacher_info, **measured},
+    }
+    return _Prepared(splits, TensorDataset(*[t[lab] for t in splits.train.tensors]), transfer, store,
+                     info)
+
+
+# ----------------------------------------------------------------------------------------------
+# one run
+# ----------------------------------------------------------------------------------------------
+def _student(run, cfg, splits):
+    """The student of a grid point and its save_model spec (conv layers: 2-D on images, 1-D on
+    (channels, length) or flat rows)."""
+    from .models import build_model
+
+    D, C = splits.in_features, splits.num_classes
+    if run.conv_layers == 0:
+        from .nn import WideShallowStudent
+
+        kw = {"in_features": D, "num_classes": C, "hidden": run.hidden, "bottleneck": run.bottleneck}
+        return WideShallowStudent(**kw), {"class": "WideShallowStudent", "kwargs": kw}
+    name = f"conv-student-{run.conv_layers}"
+    kw = {"input_shape": list(splits.input_shape), "num_classes": C, "channels": cfg.conv_channels,
+          "bottleneck": run.bottleneck, "hidden": run.hidden}
+    return build_model(name, **kw), {"name": name, "kwargs": kw}
+
+
+def state_hash(model):
+    """sha256 of every parameter and buffer (names, shapes, bytes): equal iff the weights are."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run_folder(out, run):
+    return os.path.join(out, "points", run.point, f"{run.mode}-seed{run.seed}")
+
+
+def _train_run(run, cfg, prep, out):
+    from .data import LogitDataset
+    from .models import count_parameters
+
+    folder = _run_folder(out, run)
+    torch.manual_seed(run.seed)  # the same initial weights for both modes of a seed
+    model, spec = _student(run, cfg, prep.splits)
+    init = state_hash(model)
+    common = dict(out_dir=folder, resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)),
+                  device=cfg.device, progress=False, spec=spec, **cfg.training(run.seed))
+    if run.mode == "labels":
+        res = T.train_teacher(model, _Cycled(prep.labelled, len(prep.transfer)), None, **common)
+    else:
+        res = T.distill(model, LogitDataset(prep.transfer, prep.store), None, loss="mse", **common)
+    ckpt = torch.load(os.path.join(folder, T.CHECKPOINT), map_location="cpu", weights_only=False)
+    dev = T.default_device(cfg.device)
+    example = prep.splits.test.tensors[0][0]
+    result = {
+        "format": RESULT_FORMAT, "run": asdict(run), "point": run.point, "spec": spec,
+        "params": count_parameters(res.model), "init_sha256": init,
+        "test_accuracy": T.evaluate(res.model, prep.splits.test, device=dev),
+        "train_rows": len(prep.transfer), "steps": int(ckpt["scheduler"]["last_epoch"]),
+        "training": {k: ckpt["config"][k] for k in ("optimizer", "lr", "momentum", "weight_decay",
+                                                    "schedule", "epochs", "batch_size", "seed")},
+        "final_loss": res.final.get("loss"),
+        "train_s": sum(h["time"] for h in res.history),
+        "throughput": {str(b): T.throughput(res.model, example, b, cfg.throughput_time)
+                       for b in cfg.throughput_batches},
+        "device": str(dev),
+    }
+    T.save_model(os.path.join(folder, "student.pt"), res.model, spec, mode=run.mode)
+    # result.json last: its presence marks the run done
+    T.atomic_write_text(os.path.join(folder, "result.json"), json.dumps(result, indent=2))
+    return result
+
+
+def _read_result(out, run):
+    path = os.path.join(_run_folder(out, run), "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# the sweep
+# ----------------------------------------------------------------------------------------------
+def command_line(cfg):
+    """The `mimic-fast sweep` command that reproduces this sweep (every recipe option spelled out)."""
+    d, opt = SweepConfig(), []
+    for f in fields(SweepConfig):
+        value, default = getattr(cfg, f.name), getattr(d, f.name)
+        if f.name in ("device", "threads") or value == default or value is None:
+            continue
+        if f.name == "label_fraction" and default is None and cfg.dataset == "digits" \
+                and value == _DEMO.label_fraction:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "teacher":
+            opt += [flag, *value]
+        elif isinstance(value, tuple):
+            opt += [flag, ",".join(map(str, value))]
+        else:
+            opt += [flag, str(value)]
+    return " ".join(["mimic-fast", "sweep", *map(shlex.quote, opt)])
+
+
+def _versions():
+    import numpy as np
+
+    from . import __version__
+
+    return {"mimic_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _write_config(cfg, out, info):
+    path = os.path.join(out, CONFIG_NAME)
+    saved = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    recipe = json.loads(json.dumps(cfg.recipe()))  # tuples as lists, as stored
+    if saved is not None and saved["recipe"] != recipe:
+        diff = {k: (saved["recipe"].get(k), v) for k, v in recipe.items() if saved["recipe"].get(k) != v}
+        text = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{out} holds a sweep made with other options (saved -> now): {text}; use "
+                         "another --out (only the grid, seeds, device and threads may change)")
+    T.atomic_write_text(path, json.dumps({"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
+                                          "command": command_line(cfg), "info": info}, indent=2))
+
+
+def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print, invocation=None):
+    """Train every run of this shard that is not done yet, then write out/sweep.json, sweep.png and
+    sweep.md from all the runs that exist (see report). Returns the report dict."""
+    cfg = (config or SweepConfig()).resolved()
+    cfg.validate()
+    runs = grid(cfg)
+    mine = shard(runs, shard_spec)
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        os.makedirs(out, exist_ok=True)
+        # refuse a changed recipe before any work (the stored info is refreshed once prepared)
+        if os.path.isfile(os.path.join(out, CONFIG_NAME)):
+            with open(os.path.join(out, CONFIG_NAME), encoding="utf-8") as f:
+                _write_config(cfg, out, json.load(f).get("info"))
+        log(f"mimic-fast sweep: {cfg.dataset}, {len(runs)} runs ({len(runs) // (2 * cfg.seeds)} points"
+            f" x {' / '.join(MODES)} x {cfg.seeds} seeds)"
+            + (f", shard {shard_spec}: {len(mine)} runs" if shard_spec else "")
+            + f"; torch {torch.__version__}, {torch.get_num_threads()} thread(s); out {out}")
+        prep = _prepare(cfg, out, log)
+        _write_config(cfg, out, prep.info)
+        t = prep.info["teacher"]
+        log(f"teacher: {t['params']:,} parameters, test accuracy {t['test_accuracy']:.4f}; transfer "
+            f"set {prep.info['transfer']['rows']} rows {prep.info['transfer']['composition']}")
+        todo = [r for r in mine if _read_result(out, r) is None]
+        if len(todo) < len(mine):
+            log(f"{len(mine) - len(todo)} run(s) already done in {out}/points: kept")
+        from tqdm.auto import tqdm
+
+        from filelock import FileLock, Timeout
+
+        say = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else log
+        bar = tqdm(todo, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+        for r in bar:
+            bar.set_postfix_str(r.name, refresh=True)
+            # a run another process is training (a duplicated shard) is left to it
+            os.makedirs(os.path.dirname(_run_folder(out, r)), exist_ok=True)
+            lock = FileLock(_run_folder(out, r) + ".lock", timeout=0)
+            try:
+                with lock:
+                    if _read_result(out, r) is not None:  # finished meanwhile by another process
+                        continue
+                    res = _train_run(r, cfg, prep, out)
+            except Timeout:
+                say(f"{r.name}: being trained by another process; skipped")
+                continue
+            say(f"{r.name}: {res['params']:,} params, test accuracy {res['test_accuracy']:.4f}, "
+                f"{res['steps']} steps in {res['train_s']:.2f} s")
+        bar.close()
+    finally:
+        torch.set_num_threads(threads_before)
+    return report(out, log=log, invocation=invocation)
+
+
+def _summary(results, key):
+    values = torch.tensor([r[key] for r in results], dtype=torch.float64)
+    return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
+
+
+def _check_pairs(results):
+    """Labels and mimic runs of one point and seed must differ only in what they learn from."""
+    by = {}
+    for r in results:
+        by.setdefault((r["point"], r["run"]["seed"]), {})[r["run"]["mode"]] = r
+    for (point, seed), pair in sorted(by.items()):
+        if len(pair) < 2:
+            continue
+        a, b = pair["labels"], pair["mimic"]
+        for key in ("spec", "init_sha256", "steps", "training", "train_rows"):
+            if a[key] != b[key]:
+                raise ValueError(f"{point} seed {seed}: the labels and mimic runs differ in {key} "
+                                 f"({a[key]!r} vs {b[key]!r}); the comparison would not be fair")
+
+
+def report(out="runs/sweep", log=print, invocation=None):
+    """Gather every finished run under out/points into out/sweep.json, sweep.png and sweep.md."""
+    from . import sweep_report
+
+    path = os.path.join(out, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no sweep in {out}: {path} is missing (run `mimic-fast sweep --out "
+                                f"{out}` first)")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+    results = []
+    points_dir = os.path.join(out, "points")
+    for point in sorted(os.listdir(points_dir)) if os.path.isdir(points_dir) else []:
+        for name in sorted(os.listdir(os.path.join(points_dir, point))):
+            p = os.path.join(points_dir, point, name, "result.json")
+            if os.path.isfile(p):
+                with open(p, encoding="utf-8") as f:
+                    results.append(json.load(f))
+    _check_pairs(results)
+    groups, arch = {}, {}
+    for r in results:
+        groups.setdefault((r["point"], r["run"]["mode"]), []).append(r)
+        arch.setdefault(r["point"], []).append(r)
+    # one architecture has one speed: the median over all its runs, both modes
+    speed = {point: {b: sorted(r["throughput"][b] for r in rs)[len(rs) // 2]
+                     for b in rs[0]["throughput"]} for point, rs in arch.items()}
+    points = []
+    for (point, mode), rs in groups.items():
+        rs.sort(key=lambda r: r["run"]["seed"])
+        run0 = rs[0]["run"]
+        acc, acc_std = _summary(rs, "test_accuracy")
+        points.append({
+            "point": point, "mode": mode, "conv_layers": run0["conv_layers"],
+            "bottleneck": run0["bottleneck"], "hidden": run0["hidden"], "params": rs[0]["params"],
+            "seeds": [r["run"]["seed"] for r in rs], "accuracy": [r["test_accuracy"] for r in rs],
+            "accuracy_mean": acc, "accuracy_std": acc_std, "final_loss": [r["final_loss"] for r in rs],
+            "steps": rs[0]["steps"],
+            "train_s_mean": _summary(rs, "train_s")[0],
+            "throughput": speed[point],
+            "device": rs[0]["device"]})
+    points.sort(key=lambda p: (p["conv_layers"], p["bottleneck"], p["params"], MODES.index(p["mode"])))
+    done = {(r["point"], r["run"]["mode"], r["run"]["seed"]) for r in results}
+    missing = [r.name for r in grid(cfg) if (r.point, r.mode, r.seed) not in done]
+    result = {
+        "format": FORMAT, "command": saved["command"],
+        "invocation": list(invocation) if invocation is not None else None,
+        "versions": _versions(),
+        "environment": {"machine": platform.machine(), "processor": platform.processor() or None,
+                        "cpu_count": os.cpu_count(), "threads": cfg.threads or torch.get_num_threads()},
+        "config": saved["config"], **saved["info"],
+        "training": {**cfg.training(), "seeds": list(range(cfg.seeds)),
+                     "steps": points[0]["steps"] if points else None,
+                     "shared": "labels and mimic runs of a point and seed share architecture, initial "
+                               "weights, optimiser, schedule, batch size and optimizer steps (checked)"},
+        "points": points, "missing": missing,
+    }
+    T.atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(result, indent=2))
+    T.atomic_write_text(os.path.join(out, "sweep.md"), sweep_report.markdown(result))
+    sweep_report.plot(result, os.path.join(out, "sweep.png"))
+    log("")
+    log(sweep_report.markdown(result))
+    log(f"wrote {os.path.join(out, 'sweep.json')}, sweep.md and sweep.png"
+        + (f" ({len(missing)} run(s) of the grid missing: run the other shards, then --report)"
+           if missing else ""))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def _ints(text):
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,512,4096, "
+                                         f"got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_arguments(p):
+    """The sweep's options; every SweepConfig field is one flag of the same name."""
+    d = SweepConfig()
+
+    def csv(values):
+        return ",".join(map(str, values))
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help="digits (bundled, default), cifar10 (--data: the folder of the python batches) "
+                        "or npz (--data: a file with X, y and optional X_test, y_test, X_unlabelled)")
+    g.add_argument("--data", default=None, help="path of the cifar10 folder or the .npz file")
+    g.add_argument("--split-seed", type=int, default=d.split_seed,
+                   help="seed of the train/test split and of the labelled subset (default 0)")
+    g.add_argument("--label-fraction", type=float, default=None,
+                   help="stratified fraction of the training split that keeps its labels; the rest is "
+                        "unlabelled transfer data (default: 0.15 on digits, 1.0 otherwise)")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", nargs="+", default=(),
+                   help="teacher.pt file(s) of `mimic-fast train-teacher`; several are averaged as an "
+                        "ensemble (default: --train-teacher)")
+    g.add_argument("--train-teacher", action="store_true",
+                   help="train the teacher here with the demo's recipe (an ensemble of "
+                        f"{d.teacher_members} CNNs {csv(d.teacher_channels)}c-{csv(d.teacher_hidden)}, "
+                        f"or DNNs {csv(d.teacher_dnn_hidden)} for flat rows, on the labelled rows, SGD "
+                        "+ cosine); the default when no --teacher is given")
+    g.add_argument("--teacher-members", type=int, default=d.teacher_members)
+    g.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
+    g.add_argument("--teacher-batch", type=int, default=d.teacher_batch)
+    g.add_argument("--teacher-lr", type=float, default=d.teacher_lr)
+    g.add_argument("--teacher-channels", type=_ints, default=d.teacher_channels,
+                   help=f"CNN teacher (images): conv channels per stage (default {csv(d.teacher_channels)})")
+    g.add_argument("--teacher-hidden", type=_ints, default=d.teacher_hidden,
+                   help=f"CNN teacher: fully connected widths (default {csv(d.teacher_hidden)})")
+    g.add_argument("--teacher-dnn-hidden", type=_ints, default=d.teacher_dnn_hidden,
+                   help=f"DNN teacher (flat rows): widths (default {csv(d.teacher_dnn_hidden)})")
+    g.add_argument("--teacher-dropout", type=float, default=d.teacher_dropout)
+    g = p.add_argument_group("transfer set (training split only)")
+    g.add_argument("--n-generated", type=int, default=d.n_generated,
+                   help=f"rows generated from the labelled rows (default {d.n_generated})")
+    g.add_argument("--method", choices=METHODS, default=d.method,
+                   help="generator of those rows (shift: images only)")
+    g = p.add_argument_group("grid")
+    g.add_argument("--hidden", type=_ints, default=d.hidden,
+                   help=f"student widths H (default {csv(d.hidden)})")
+    g.add_argument("--bottleneck", type=_ints, default=d.bottleneck,
+                   help=f"bottleneck sizes k (default {csv(d.bottleneck)})")
+    g.add_argument("--conv-layers", type=_ints, default=d.conv_layers,
+                   help="conv layers (conv-ReLU-pool) before the wide layer, e.g. 0,1,2 (default 0)")
+    g.add_argument("--conv-channels", type=int, default=d.conv_channels,
+                   help=f"channels of each conv layer (default {d.conv_channels})")
+    g.add_argument("--seeds", type=int, default=d.seeds,
+                   help=f"seeds 0..N-1 per point and mode (default {d.seeds})")
+    g = p.add_argument_group("student training (the same for labels and mimicry)")
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help=f"epochs over the transfer set's length (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--optimizer", choices=T.OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", choices=T.SCHEDULES, default=d.schedule)
+    g = p.add_argument_group("running")
+    g.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only every N-th run of the grid starting at I (0-based); shards share "
+                        "--out; the last one to finish writes the complete report")
+    g.add_argument("--report", action="store_true",
+                   help="train nothing: gather the runs in --out into sweep.json, sweep.png, sweep.md "
+                        "(only --out is read)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=d.threads,
+                   help=f"torch CPU threads (default {d.threads}: the models are small; 0: torch's "
+                        "choice)")
+    g.add_argument("--throughput-batches", type=_ints, default=d.throughput_batches,
+                   help=f"batch sizes of the inference timing (default {csv(d.throughput_batches)})")
+    g.add_argument("--throughput-time", type=float, default=d.throughput_time,
+                   help=f"seconds of inference timed per batch size (default {d.throughput_time})")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def config_from_args(args):
+    if args.teacher and args.train_teacher:
+        raise ValueError("--teacher and --train-teacher exclude each other")
+    values = {f.name: getattr(args, f.name) for f in fields(SweepConfig)}
+    values["teacher"] = tuple(values["teacher"])
+    return SweepConfig(**values)
+
+
+def run_from_args(args):
+    # the process's own command line; `python -m mimic_fast` runs __main__.py
+    prog = sys.argv[0] if sys.argv else ""
+    prog = "python -m mimic_fast" if prog.endswith("__main__.py") else os.path.basename(prog)
+    invocation = [prog, *sys.argv[1:]]
+    if args.report:
+        report(args.out, invocation=invocation)
+    else:
+        run(config_from_args(args), args.out, args.shard, progress=args.progress,
+            invocation=invocation)
+    return 0
+
+
+def main(argv=None):
+    parser = add_arguments(argparse.ArgumentParser(prog="mimic-fast sweep", description=__doc__))
+    return run_from_args(parser.parse_args(argv))

@@ -1,0 +1,280 @@
+"""`mimic-fast sweep`: resumable runs, shards, the report, honest comparisons, user npz files.
+
+Tiny grids (widths 8 and 16, 2 epochs) on digits with a small given teacher, so that the sweeps of
+this file take seconds; the default sweep's own numbers are in the README (measured separately).
+"""
+import json
+import math
+import os
+import shlex
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from mimic_fast import cli, sweep
+from mimic_fast import train as T
+from mimic_fast.data import load_dataset
+from mimic_fast.demo import labelled_split
+from mimic_fast.models import DNN
+
+TIMINGS = {"train_s", "train_s_mean", "throughput", "invocation"}
+
+
+def _quiet(*a):
+    pass
+
+
+def _timeless(obj):
+    """The report without anything measured in seconds (or the command line of the process)."""
+    if isinstance(obj, dict):
+        return {k: _timeless(v) for k, v in obj.items() if k not in TIMINGS}
+    if isinstance(obj, list):
+        return [_timeless(v) for v in obj]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A small DNN teacher trained on the sweep's labelled digits rows (split seed 0, 15%)."""
+    splits = load_dataset("digits", seed=0)
+    X, y = splits.train.tensors
+    lab, _ = labelled_split(y, 0.15, 0)
+    torch.manual_seed(0)
+    model = DNN(64, 10, hidden=(64,), dropout=0.0)
+    res = T.train_teacher(model, TensorDataset(X[lab], y[lab]), None, epochs=30, batch_size=32,
+                          lr=0.05, progress=False)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+    spec = {"name": "dnn-2k", "kwargs": {"in_features": 64, "num_classes": 10, "hidden": (64,),
+                                         "dropout": 0.0}}
+    data = {"dataset": "digits", "data": None, "split_seed": 0, "label_fraction": 0.15,
+            "input_shape": [1, 8, 8], "num_classes": 10}
+    T.save_model(path, res.model, spec, data=data)
+    return path
+
+
+def _config(teacher_file, **kw):
+    base = dict(teacher=(teacher_file,), hidden=(8, 16), seeds=2, epochs=2, n_generated=200,
+                throughput_time=0.01, throughput_batches=(1, 16))
+    return sweep.SweepConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def full_run(teacher_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sweep-full"))
+    return out, sweep.run(_config(teacher_file), out, progress=False, log=_quiet)
+
+
+def test_shards_partition_the_grid():
+    runs = sweep.grid(sweep.SweepConfig(hidden=(8, 16, 32), bottleneck=(4, 8), seeds=3))
+    assert len(runs) == len(set(runs)) == 3 * 2 * 3 * 2
+    parts = [sweep.shard(runs, f"{i}/4") for i in range(4)]
+    assert sorted(r.name for p in parts for r in p) == sorted(r.name for r in runs)
+    assert sum(len(p) for p in parts) == len(runs)
+    for bad in ("4/4", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(ValueError, match="shard"):
+            sweep.shard(runs, bad)
+
+
+def test_full_run_writes_every_point_table_and_figure(full_run):
+    out, result = full_run
+    assert result["missing"] == []
+    points = {(p["hidden"], p["mode"]): p for p in result["points"]}
+    assert set(points) == {(h, m) for h in (8, 16) for m in ("labels", "mimic")}
+    for p in points.values():
+        assert p["seeds"] == [0, 1] and len(p["accuracy"]) == 2
+        assert 0 <= p["accuracy_mean"] <= 1 and p["accuracy_std"] >= 0
+        assert p["throughput"]["1"] > 0 and p["throughput"]["16"] > 0
+    assert points[(8, "labels")]["params"] == 64 * 32 + 32 * 8 + 8 + 8 * 10 + 10
+    on_disk = json.loads(open(os.path.join(out, "sweep.json")).read())
+    assert on_disk["command"].startswith("mimic-fast sweep ") and "--teacher" in on_disk["command"]
+    assert on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["teacher"]["params"] > 0 and 0 < on_disk["teacher"]["test_accuracy"] <= 1
+    assert open(os.path.join(out, "sweep.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = open(os.path.join(out, "sweep.md")).read()
+    assert "| 32L-8 |" in table and "| 32L-16 |" in table and "by mimicry" in table
+    assert "4,000" not in table and "200 generated" in table  # the composition is the real one
+
+
+def test_honest_comparison_labels_and_mimic_share_everything_but_the_targets(full_run, teacher_file):
+    out, result = full_run
+    splits = load_dataset("digits", seed=0)
+    rows = result["transfer"]["rows"]
+    for h in (8, 16):
+        for seed in (0, 1):
+            folder = os.path.join(out, "points", f"conv0-k32-h{h}")
+            lab = json.loads(open(os.path.join(folder, f"labels-seed{seed}", "result.json")).read())
+            mim = json.loads(open(os.path.join(folder, f"mimic-seed{seed}", "result.json")).read())
+            for key in ("spec", "init_sha256", "steps", "training", "train_rows", "params"):
+                assert lab[key] == mim[key], key
+            assert lab["steps"] == 2 * math.ceil(rows / 128)  # epochs x batches of the transfer set
+            assert lab["training"]["optimizer"] == "adam" and lab["training"]["schedule"] == "cosine"
+            # the recorded init hash is the seed's fresh student, and training moved away from it
+            torch.manual_seed(seed)
+            fresh, _ = sweep._student(sweep.Run(0, 32, h, "labels", seed), sweep.SweepConfig(), splits)
+            assert lab["init_sha256"] == sweep.state_hash(fresh)
+            trained = [T.load_model(os.path.join(folder, f"{m}-seed{seed}", "student.pt"))[0]
+                       for m in ("labels", "mimic")]
+            assert len({sweep.state_hash(m) for m in trained} | {lab["init_sha256"]}) == 3
+
+
+def test_the_test_split_never_enters_the_transfer_set(full_run):
+    out, result = full_run
+    splits = load_dataset("digits", seed=0)
+    saved = torch.load(os.path.join(out, "transfer.pt"), weights_only=False)
+    X_train, X_test = splits.train.tensors[0], splits.test.tensors[0]
+    assert sweep.count_shared_rows(saved["x"], X_test) == 0
+    assert result["transfer"]["test_rows"] == 0
+    # the non-generated rows are exactly the training split, each once
+    real = saved["x"][saved["sources"] < 2]
+    assert len(real) == len(X_train)
+    assert sorted(map(bytes, real.numpy())) == sorted(map(bytes, X_train.numpy()))
+    assert result["transfer"]["composition"] == {"labelled": 216, "unlabelled": 1221, "generated": 200}
+    # the check does count rows it is given
+    assert sweep.count_shared_rows(torch.cat([saved["x"][:5], X_test[3:5]]), X_test) == 2
+
+
+def test_killed_sweep_resumes_to_the_same_report(full_run, teacher_file, tmp_path, monkeypatch):
+    out = str(tmp_path / "sweep")
+    calls = {"n": 0}
+    append = T._append_metrics
+
+    def dies_on_third_epoch(out_dir, line):
+        append(out_dir, line)  # the checkpoint of this epoch is already written
+        calls["n"] += 1
+        if calls["n"] == 3:  # run 1 done (2 epochs), run 2 stopped after its first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_append_metrics", dies_on_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(_config(teacher_file), out, progress=False, log=_quiet)
+    epochs_after = {"n": 0}
+
+    def counts(out_dir, line):
+        append(out_dir, line)
+        epochs_after["n"] += 1
+
+    monkeypatch.setattr(T, "_append_metrics", counts)
+    points = os.path.join(out, "points", "conv0-k32-h8")
+    assert os.path.isfile(os.path.join(points, "labels-seed0", "result.json"))
+    assert os.path.isfile(os.path.join(points, "mimic-seed0", T.CHECKPOINT))
+    assert not os.path.exists(os.path.join(points, "mimic-seed0", "result.json"))
+    resumed = sweep.run(_config(teacher_file), out, progress=False, log=_quiet)
+    assert _timeless(resumed) == _timeless(full_run[1])
+    assert epochs_after["n"] == 8 * 2 - 3  # nothing done before the kill was trained again
+    history = [json.loads(line) for line in open(os.path.join(points, "mimic-seed0", T.METRICS))]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_shards_together_equal_one_run(full_run, teacher_file, tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    first = sweep.run(_config(teacher_file), out, "0/3", progress=False, log=_quiet)
+    assert len(first["missing"]) == 8 - 3
+    sweep.run(_config(teacher_file), out, "1/3", progress=False, log=_quiet)
+    sweep.run(_config(teacher_file), out, "2/3", progress=False, log=_quiet)
+    assert cli.main(["sweep", "--report", "--out", out]) == 0
+    gathered = json.loads(open(os.path.join(out, "sweep.json")).read())
+    assert gathered["missing"] == []
+    assert _timeless(gathered) == _timeless(full_run[1])
+    assert "| 32L-16 |" in capsys.readouterr().out
+
+
+def test_changed_recipe_or_unfair_runs_are_refused(full_run, teacher_file, tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    sweep.run(_config(teacher_file, hidden=(8,), seeds=1), out, progress=False, log=_quiet)
+    argv = ["sweep", "--out", out, "--teacher", teacher_file, "--hidden", "8", "--seeds", "1",
+            "--epochs", "2", "--n-generated", "200", "--no-progress"]
+    assert cli.main(argv + ["--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mimic-fast sweep: error:") and "lr 0.001 -> 0.01" in err
+    assert len(err.splitlines()) == 1
+    # a result whose mimic run took other steps than its labels run cannot enter a report
+    path = os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json")
+    result = json.loads(open(path).read())
+    result["steps"] += 1
+    open(path, "w").write(json.dumps(result))
+    assert cli.main(["sweep", "--report", "--out", out]) == 2
+    assert "differ in steps" in capsys.readouterr().err
+    assert cli.main(["sweep", "--report", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no sweep in" in capsys.readouterr().err
+    assert cli.main(["sweep", "--out", out, "--shard", "2/2"]) == 2
+    assert "shard" in capsys.readouterr().err
+
+
+def test_teacher_of_another_split_is_refused(teacher_file, tmp_path):
+    with pytest.raises(ValueError, match="split_seed 0 .sweep: 1."):
+        sweep.run(_config(teacher_file, split_seed=1), str(tmp_path / "s"), progress=False, log=_quiet)
+
+
+def _blobs(n, g, centres):
+    y = torch.randint(0, len(centres), (n,), generator=g)
+    return (centres[y] + 0.7 * torch.randn(n, centres.shape[1], generator=g)).numpy(), y.numpy()
+
+
+def test_sweep_on_a_user_npz_trains_its_own_teacher(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    centres = 2 * torch.randn(3, 12, generator=g)
+    X, y = _blobs(240, g, centres)
+    X_test, y_test = _blobs(90, g, centres)
+    X_unl, _ = _blobs(120, g, centres)
+    path = str(tmp_path / "mine.npz")
+    np.savez(path, X=X, y=y, X_test=X_test, y_test=y_test, X_unlabelled=X_unl)
+    out = str(tmp_path / "sweep")
+    argv = ["sweep", "--dataset", "npz", "--data", path, "--train-teacher", "--teacher-members", "2",
+            "--teacher-epochs", "3", "--hidden", "8,32", "--seeds", "1", "--epochs", "1",
+            "--n-generated", "60", "--throughput-time", "0.01", "--out", out, "--no-progress"]
+    assert cli.main(argv) == 0
+    result = json.loads(open(os.path.join(out, "sweep.json")).read())
+    assert result["data"]["dataset"] == "npz" and result["data"]["label_fraction"] == 1.0
+    assert result["transfer"]["composition"] == {"labelled": 240, "unlabelled": 120, "generated": 60}
+    assert result["transfer"]["test_rows"] == 0
+    assert result["teacher"]["kind"] == "trained" and result["teacher"]["members"] == 2
+    assert result["teacher"]["spec"]["members"][0]["name"] == "dnn-2k"  # flat rows: a DNN teacher
+    assert len(result["teacher"]["member_accuracy"]) == 2
+    assert {(p["hidden"], p["mode"]) for p in result["points"]} == {
+        (h, m) for h in (8, 32) for m in ("labels", "mimic")}
+    assert all(p["params"] == 12 * 32 + 32 * p["hidden"] + p["hidden"] + p["hidden"] * 3 + 3
+               for p in result["points"])
+    assert "--dataset npz" in result["command"] and "mine.npz" in result["command"]
+    capsys.readouterr()
+    # a file whose unlabelled rows repeat test rows is refused: they would leak into the transfer set
+    bad = str(tmp_path / "leaky.npz")
+    np.savez(bad, X=X, y=y, X_test=X_test, y_test=y_test, X_unlabelled=np.concatenate([X_unl, X_test[:4]]))
+    assert cli.main([*argv[:4], bad, *argv[5:-3], "--out", str(tmp_path / "leak"), "--no-progress"]) == 2
+    assert "4 transfer-set row(s) equal a test row" in capsys.readouterr().err
+
+
+def test_sweep_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: mimic-fast sweep" in out and "--shard" in out and "--report" in out
+
+
+def test_conv_students_on_images(teacher_file, tmp_path):
+    cfg = _config(teacher_file, hidden=(8,), conv_layers=(1,), conv_channels=4, seeds=1, epochs=1)
+    result = sweep.run(cfg, str(tmp_path / "s"), progress=False, log=_quiet)
+    assert [(p["point"], p["mode"]) for p in result["points"]] == [
+        ("conv1-k32-h8", "labels"), ("conv1-k32-h8", "mimic")]
+    # conv 3x3 (1 -> 4 channels), pool 2: 4 x 4 x 4 = 64 features into the 32L-8 head
+    assert result["points"][0]["params"] == (9 * 4 + 4) + 64 * 32 + 32 * 8 + 8 + 8 * 10 + 10
+
+
+def test_command_line_round_trips(teacher_file):
+    cfg = _config(teacher_file, teacher_channels=(4, 8), label_fraction=0.3, conv_layers=(0, 1),
+                  lr=0.002).resolved()
+    line = sweep.command_line(cfg)
+    parser = cli.build_parser()
+    args = parser.parse_args(shlex.split(line)[1:])
+    assert sweep.config_from_args(args).resolved() == cfg
+
+
+def test_config_recipe_excludes_only_placement():
+    cfg = sweep.SweepConfig().resolved()
+    assert cfg.label_fraction == 0.15
+    assert replace(cfg, hidden=(1,), seeds=5, device="cpu").recipe() == cfg.recipe()
+    assert replace(cfg, lr=0.5).recipe() != cfg.recipe()
+    assert sweep.command_line(cfg) == "mimic-fast sweep"
