@@ -388,6 +388,7 @@ def _rewrite(module, graph, chains, prefix):
     for chain, path in records:
         _set_submodule(gm, path, chain.student)
         record = _record(chain, prefix, path)
+        record["graph"], record["target"] = prefix, path  # the GraphModule and its call_module target
         record["graph_modules"] = {_join(prefix, n.target): module.get_submodule(n.target)
                                    for n, r in zip(chain.nodes, chain.roles)
                                    if n.op == "call_module" and r in ("act", "pass")}
@@ -551,8 +552,7 @@ def _restore(model, record):
 
 
 def _restore_graph(model, record):
-    path = record["student"]
-    prefix, _, local = path.rpartition(".")
+    prefix, local = record["graph"], record["target"]
     gm = model.get_submodule(prefix) if prefix else model
     student = gm.get_submodule(local)
     node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == local)

@@ -316,3 +316,29 @@ def test_unfuse_a_plain_student_and_distill_a_fused_model(monkeypatch):
     res = T.distill(model, data, epochs=2, batch_size=16, lr=0.05, progress=False)
     assert len(calls) == 4 and res.history[1]["loss"] < res.history[0]["loss"]
     assert mf.convert.mimic_loss_of(nn.Sequential(nn.Linear(D, C))) is None
+
+
+def test_functional_chain_in_nested_modules_round_trips():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(D, K, bias=False), nn.Linear(K, H))
+            self.out = nn.Linear(H, C)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block.out(torch.tanh(self.block.inner(x)))
+
+    model = Net().double()
+    x = torch.randn(3, D, dtype=torch.float64)
+    before, saved = model(x), model.state_dict()
+    fused, report = _fuse(model)
+    assert report.graph_module and [c.student for c in report.fused] == ["block.inner.0"]
+    assert_close(fused(x), before, "fused")
+    plain = mf.convert.unfuse(fused)
+    assert not _students(plain) and set(plain.state_dict()) == set(saved)
+    assert_close(plain(x), before, "unfused")
