@@ -62,10 +62,12 @@ def sync_wrap(fn):
 
 def record(benchmark, **info):
     """extra_info: the case, its FLOP/byte counts, and the throughput they give at the median time."""
-    median = benchmark.stats.stats.median  # seconds; the run is over when record() is called
-    if info.get("flops"):
+    # Under --benchmark-disable (a smoke run) the function ran once untimed and there are no stats.
+    stats = getattr(benchmark, "stats", None)
+    median = stats.stats.median if stats is not None else None  # seconds; the run is over here
+    if median and info.get("flops"):
         info["achieved_tflops"] = info["flops"] / median / 1e12
-    if info.get("bytes"):
+    if median and info.get("bytes"):
         info["achieved_gbps"] = info["bytes"] / median / 1e9
     benchmark.extra_info.update(info)
     benchmark.extra_info["env"] = env()

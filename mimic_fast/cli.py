@@ -1,5 +1,5 @@
 """The `mimic-fast` command (also `python -m mimic_fast`): demo, train-teacher, collect-logits,
-import-logits, distill, export, bench, info.
+import-logits, distill, export, sweep, bench, info.
 
 The pipeline commands hand files to each other through --out folders (teacher.pt; transfer.pt +
 logits/; student.pt) and run unchanged under `torchrun --nproc_per_node N -m mimic_fast ...`.

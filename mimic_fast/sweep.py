@@ -46,8 +46,9 @@ class SweepConfig:
     # data
     dataset: str = "digits"
     data: str = None
-    split_seed: int = 0
-    label_fraction: float = None  # None: the demo's 0.15 on digits, 1.0 on other data
+    split_seed: int = None  # None: the --teacher's recorded one, else 0
+    label_fraction: float = None  # None: the --teacher's recorded one, else 0.15 on digits (the
+    # demo's), 1.0 on other data
     # teacher: checkpoint(s) written by save_model (several: an ensemble); () trains one here
     teacher: tuple = ()
     teacher_members: int = _DEMO.teacher_members
@@ -86,14 +87,23 @@ class SweepConfig:
                  "throughput_time", "device", "threads")
 
     def resolved(self):
-        """A copy with label_fraction resolved and sequences as tuples of ints (JSON-stable)."""
+        """A copy with the split seed and label fraction resolved (unset: as recorded in the first
+        --teacher file, as the cli's pipeline commands do) and sequences as tuples of ints."""
         cfg = SweepConfig(**asdict(self))
+        if cfg.teacher and (cfg.split_seed is None or cfg.label_fraction is None):
+            recorded = T.load_model(cfg.teacher[0])[1].get("data") or {}
+            for name in ("split_seed", "label_fraction"):
+                if getattr(cfg, name) is None:
+                    setattr(cfg, name, recorded.get(name))
+        if cfg.split_seed is None:
+            cfg.split_seed = 0
         if cfg.label_fraction is None:
             cfg.label_fraction = _DEMO.label_fraction if cfg.dataset == "digits" else 1.0
         cfg.teacher = tuple(str(p) for p in cfg.teacher)
-        for name in ("teacher_channels", "teacher_hidden", "teacher_dnn_hidden", "hidden",
-                     "bottleneck", "conv_layers", "throughput_batches"):
+        for name in ("teacher_channels", "teacher_hidden", "teacher_dnn_hidden"):
             setattr(cfg, name, tuple(int(v) for v in getattr(cfg, name)))
+        for name in ("hidden", "bottleneck", "conv_layers", "throughput_batches"):  # sets: no repeats
+            setattr(cfg, name, tuple(dict.fromkeys(int(v) for v in getattr(cfg, name))))
         return cfg
 
     def validate(self):
@@ -225,26 +235,22 @@ def _load(cfg):
 
 
 def _data_record(cfg, splits):
-    # the fields of cli._data_record, so teacher.pt files of both compare
-    return {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
-            "label_fraction": cfg.label_fraction, "input_shape": list(splits.input_shape),
-            "num_classes": splits.num_classes}
+    from .data.recipe import data_recipe
+
+    return data_recipe(splits, cfg.dataset, cfg.split_seed, cfg.label_fraction, cfg.data)
 
 
 def _check_teacher_data(path, recorded, wanted):
-    """A teacher trained on another split may have seen this sweep's test rows: refuse it."""
+    """A teacher made from another recipe may have trained on this sweep's test rows (another split)
+    or on other labels (another fraction): refused, as collect-logits does."""
+    from .data.recipe import DATA_FIELDS, check_recipe
+
     if recorded is None:
-        return "not recorded in the teacher file: its training rows cannot be checked"
-    keys = ("dataset", "data", "split_seed", "input_shape", "num_classes")
-    diff = {k: (recorded.get(k), wanted[k]) for k in keys if recorded.get(k) != wanted[k]}
-    if diff:
-        text = ", ".join(f"{k} {a!r} (sweep: {b!r})" for k, (a, b) in diff.items())
-        raise ValueError(f"teacher {path} was trained on other data: {text}; its training rows may "
-                         "include this sweep's test rows")
-    if recorded.get("label_fraction") != wanted["label_fraction"]:
-        return (f"trained with label_fraction {recorded.get('label_fraction')} (the students' labelled "
-                f"rows: {wanted['label_fraction']})")
-    return "same dataset, split and labelled rows as the students"
+        return "unchecked: the teacher file records no data recipe"
+    check_recipe(recorded, wanted, path, DATA_FIELDS,
+                 hint="sweep with the teacher's recipe (leave --split-seed and --label-fraction unset "
+                      "to inherit it)")
+    return "checked: the same dataset, split and labelled rows as the students"
 
 
 def _teacher_member(cfg, splits):
@@ -260,55 +266,72 @@ def _teacher_member(cfg, splits):
         "in_features": splits.in_features, "num_classes": C, **kw}}
 
 
-def _teacher(cfg, splits, lab, out, log):
+def _ensemble(members, specs, info):
     from .models import TeacherEnsemble
 
-    wanted = _data_record(cfg, splits)
-    members, specs, checks = [], [], []
-    if cfg.teacher:
-        for p in cfg.teacher:
-            model, payload = T.load_model(p)
-            checks.append(_check_teacher_data(p, payload.get("data"), wanted))
-            members.append(model)
-            specs.append(payload["spec"])
-        source = {"kind": "checkpoint", "paths": list(cfg.teacher)}
-    else:
-        X, y = splits.train.tensors
-        labelled = TensorDataset(X[lab], y[lab])
-        for m in range(cfg.teacher_members):
-            folder = os.path.join(out, "teacher", f"member-{m}")
-            path = os.path.join(folder, "teacher.pt")
-            if os.path.isfile(path):
-                model, payload = T.load_model(path)
-                spec = payload["spec"]
-            else:
-                seed = 1000 * cfg.split_seed + m  # the demo's member seeds
-                torch.manual_seed(seed)
-                model, spec = _teacher_member(cfg, splits)
-                log(f"teacher member {m + 1}/{cfg.teacher_members}: {spec['name']} on "
-                    f"{len(lab)} labelled rows")
-                res = T.train_teacher(
-                    model, labelled, None, out_dir=folder,
-                    resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)), device=cfg.device,
-                    progress=False, spec=spec, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
-                    optimizer="sgd", lr=cfg.teacher_lr, weight_decay=cfg.weight_decay,
-                    schedule="cosine", seed=seed)
-                model = res.model.cpu().eval()
-                T.save_model(path, model, spec, data=wanted, history=res.history)
-            members.append(model)
-            specs.append(spec)
-            checks.append("trained here on the students' labelled rows")
-        source = {"kind": "trained", "recipe": "the demo's: " + ("CNN" if specs[0]["name"] == "cnn"
-                                                                  else "DNN") + " members on the "
-                  "labelled rows, SGD + cosine, logits averaged"}
     teacher = TeacherEnsemble(members).eval() if len(members) > 1 else members[0].eval()
     spec = specs[0] if len(specs) == 1 else {"class": "TeacherEnsemble", "members": specs}
-    return teacher, {**source, "spec": spec, "members": len(members), "data_check": checks}
+    return teacher, {**info, "spec": spec, "members": len(members)}
+
+
+def _given_teacher(cfg, wanted):
+    """The --teacher files as one teacher (an ensemble of several), each checked against the data."""
+    members, specs, checks = [], [], []
+    for p in cfg.teacher:
+        model, payload = T.load_model(p)
+        checks.append(_check_teacher_data(p, payload.get("data"), wanted))
+        members.append(model)
+        specs.append(payload["spec"])
+    return _ensemble(members, specs, {"kind": "checkpoint", "paths": list(cfg.teacher),
+                                      "data_check": checks})
+
+
+def _trained_teacher(cfg, splits, lab, out, log, wanted):
+    """The demo's teacher recipe, one resumable folder per member under out/teacher/."""
+    X, y = splits.train.tensors
+    labelled = TensorDataset(X[lab], y[lab])
+    members, specs = [], []
+    for m in range(cfg.teacher_members):
+        folder = os.path.join(out, "teacher", f"member-{m}")
+        path = os.path.join(folder, "teacher.pt")
+        if os.path.isfile(path):
+            model, payload = T.load_model(path)
+            spec = payload["spec"]
+        else:
+            seed = 1000 * cfg.split_seed + m  # the demo's member seeds
+            torch.manual_seed(seed)
+            model, spec = _teacher_member(cfg, splits)
+            log(f"teacher member {m + 1}/{cfg.teacher_members}: {spec['name']} on {len(lab)} labelled "
+                "rows")
+            res = T.train_teacher(
+                model, labelled, None, out_dir=folder,
+                resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)), device=cfg.device,
+                progress=False, spec=spec, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
+                optimizer="sgd", lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, schedule="cosine",
+                seed=seed)
+            model = res.model.cpu().eval()
+            T.save_model(path, model, spec, data=wanted, history=res.history)
+        members.append(model)
+        specs.append(spec)
+    kind = "CNN" if specs[0]["name"] == "cnn" else "DNN"
+    return _ensemble(members, specs, {
+        "kind": "trained", "recipe": f"the demo's: {kind} members on the labelled rows, SGD + cosine, "
+                                     "logits averaged",
+        "data_check": ["trained here on the students' labelled rows"] * len(members)})
+
+
+def _refuse_test_rows(transfer, splits, path):
+    """The number of transfer rows equal to a test row, measured: 0, or a ValueError."""
+    leaked = count_test_rows(transfer, splits.test)
+    if leaked:  # impossible by construction unless the data itself repeats test rows
+        raise ValueError(f"{leaked} transfer-set row(s) of {path} equal a test row: the data holds "
+                         "test rows in its training split or X_unlabelled; deduplicate it first")
+    return leaked
 
 
 def _transfer(cfg, splits, lab, unl, out):
     """Labelled + unlabelled rows of the training split (+ the npz's X_unlabelled) + generated rows
-    from the labelled ones. The test split is never read here."""
+    from the labelled ones; none may equal a test row. The test split is read only for that check."""
     from .data import TransferSet, build_transfer_set
 
     recipe = {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
@@ -320,7 +343,8 @@ def _transfer(cfg, splits, lab, unl, out):
         if saved.get("format") != TRANSFER_FORMAT or saved.get("recipe") != recipe:
             raise ValueError(f"{path} was made with other options ({saved.get('recipe')}); use "
                              "another --out")
-        return TransferSet(saved["x"], saved["sources"], saved["labels"]), recipe
+        ts = TransferSet(saved["x"], saved["sources"], saved["labels"])
+        return ts, {**recipe, "test_rows": _refuse_test_rows(ts, splits, path)}
     X, y = splits.train.tensors
     X_lab, X_unl = X[lab], (X[unl] if len(unl) else None)
     if splits.unlabelled is not None:
@@ -334,15 +358,20 @@ def _transfer(cfg, splits, lab, unl, out):
     ts = build_transfer_set(X_lab, X_unl, n_generated=cfg.n_generated, method=cfg.method,
                             seed=cfg.split_seed, y_labelled=y[lab])
     ts.x = ts.x.reshape(len(ts.x), -1)
+    test_rows = _refuse_test_rows(ts, splits, path)
     T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": ts.x,
                          "sources": ts.sources, "labels": ts.labels}, path)
-    return ts, recipe
+    return ts, {**recipe, "test_rows": test_rows}
 
 
-def count_shared_rows(x, other):
-    """How many rows of x are byte-equal to a row of `other` (the test split: 0 when held out)."""
-    seen = {bytes(r) for r in other.reshape(len(other), -1).contiguous().numpy()}
-    return sum(bytes(r) in seen for r in x.reshape(len(x), -1).contiguous().numpy())
+def count_test_rows(dataset, test):
+    """How many rows of `dataset` have the input of a row of `test` (by the logit store's per-row
+    input digests: the rule collect-logits applies)."""
+    import numpy as np
+
+    from .data.store import input_digests
+
+    return int(np.isin(input_digests(dataset), input_digests(test)).sum())
 
 
 def _prepare(cfg, out, log):
@@ -355,12 +384,11 @@ def _prepare(cfg, out, log):
     os.makedirs(out, exist_ok=True)
     # shards sharing OUT: the first one trains the teacher and fills the store, the others wait
     with FileLock(os.path.join(out, ".prepare.lock")):
-        transfer, transfer_recipe = _transfer(cfg, splits, lab, unl, out)
-        leaked = count_shared_rows(transfer.x, splits.test.tensors[0])
-        if leaked:  # impossible by construction unless the data itself repeats test rows
-            raise ValueError(f"{leaked} transfer-set row(s) equal a test row: the data holds test "
-                             "rows in its training split or X_unlabelled; deduplicate it first")
-        teacher, teacher_info = _teacher(cfg, splits, lab, out, log)
+        wanted = _data_record(cfg, splits)
+        # refusals first: a teacher of other data, then test rows in the transfer set
+        given = _given_teacher(cfg, wanted) if cfg.teacher else None
+        transfer, transfer_info = _transfer(cfg, splits, lab, unl, out)
+        teacher, teacher_info = given or _trained_teacher(cfg, splits, lab, out, log, wanted)
         dev = T.default_device(cfg.device)
         teacher.to(dev)
         store = collect_logits(teacher, transfer, os.path.join(out, "logits"), dtype=torch.float32,
@@ -387,8 +415,7 @@ def _prepare(cfg, out, log):
         "data": {**_data_record(cfg, splits), "n_train": len(splits.train),
                  "n_labelled": len(lab), "n_unlabelled_train": len(unl),
                  "n_unlabelled_extra": n_extra, "n_test": len(splits.test), "meta": splits.meta},
-        "transfer": {"rows": len(transfer), "composition": counts, **transfer_recipe,
-                     "test_rows": leaked,
+        "transfer": {"rows": len(transfer), "composition": counts, **transfer_info,
                      "note": "training split only: its labelled and unlabelled rows"
                              + (", the file's X_unlabelled" if n_extra else "")
                              + (f", {cfg.n_generated} {cfg.method} rows generated from the labelled "
@@ -454,7 +481,7 @@ def _train_run(run, cfg, prep, out):
         "format": RESULT_FORMAT, "run": asdict(run), "point": run.point, "spec": spec,
         "params": count_parameters(res.model), "init_sha256": init,
         "test_accuracy": T.evaluate(res.model, prep.splits.test, device=dev),
-        "train_rows": len(prep.transfer), "steps": int(ckpt["scheduler"]["last_epoch"]),
+        "train_rows": len(prep.transfer), "steps": int(ckpt["step"]),
         "training": {k: ckpt["config"][k] for k in ("optimizer", "lr", "momentum", "weight_decay",
                                                     "schedule", "epochs", "batch_size", "seed")},
         "final_loss": res.final.get("loss"),
@@ -482,13 +509,12 @@ def _read_result(out, run):
 # ----------------------------------------------------------------------------------------------
 def command_line(cfg):
     """The `mimic-fast sweep` command that reproduces this sweep (every recipe option spelled out)."""
-    d, opt = SweepConfig(), []
+    # what the options left unset resolve to for this data and teacher is not spelled out
+    d, opt = SweepConfig(dataset=cfg.dataset, data=cfg.data, teacher=cfg.teacher).resolved(), []
     for f in fields(SweepConfig):
-        value, default = getattr(cfg, f.name), getattr(d, f.name)
+        value = getattr(cfg, f.name)
+        default = getattr(SweepConfig if f.name in ("dataset", "data", "teacher") else d, f.name)
         if f.name in ("device", "threads") or value == default or value is None:
-            continue
-        if f.name == "label_fraction" and default is None and cfg.dataset == "digits" \
-                and value == _DEMO.label_fraction:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name == "teacher":
@@ -694,11 +720,13 @@ def add_arguments(p):
                    help="digits (bundled, default), cifar10 (--data: the folder of the python batches) "
                         "or npz (--data: a file with X, y and optional X_test, y_test, X_unlabelled)")
     g.add_argument("--data", default=None, help="path of the cifar10 folder or the .npz file")
-    g.add_argument("--split-seed", type=int, default=d.split_seed,
-                   help="seed of the train/test split and of the labelled subset (default 0)")
+    g.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the train/test split and of the labelled subset (default: the "
+                        "--teacher's recorded one, else 0)")
     g.add_argument("--label-fraction", type=float, default=None,
                    help="stratified fraction of the training split that keeps its labels; the rest is "
-                        "unlabelled transfer data (default: 0.15 on digits, 1.0 otherwise)")
+                        "unlabelled transfer data (default: the --teacher's recorded one, else 0.15 "
+                        "on digits, 1.0 otherwise)")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", nargs="+", default=(),
                    help="teacher.pt file(s) of `mimic-fast train-teacher`; several are averaged as an "

@@ -1,56 +1,206 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, for the lent GPU machine (device tool), in stages that each fit
-# one 10-minute command (the build stays on a warm machine between calls):
-#   OUT=/dir bash scripts/gpu_check.sh build   # CPU + CUDA extensions (setup.py build_ext --inplace)
-#   OUT=/dir bash scripts/gpu_check.sh test    # the whole test suite on the GPU (bf16 checks included)
-#   OUT=/dir bash scripts/gpu_check.sh bench   # benchmarks/gpu_bench.py -> $OUT/gpu_bench.json
-#   OUT=/dir bash scripts/gpu_check.sh all     # the three in a row (build is skipped when up to date)
-# Logs and raw JSON go under $OUT; a short table is printed last.
+# Everything only a GPU can show, as ONE command of at most 8.5 minutes (the lent GPU machine takes
+# commands of 10 minutes and is bare each time), most important facts first:
+#
+#   OUT=/dir bash scripts/gpu_check.sh            # on the GPU machine
+#   bash scripts/gpu_check.sh --dry-run           # on any CPU (CI): the script cannot rot between runs
+#
+# stage (cap, s)          what                                                      writes under $OUT
+#  1 probe      (20)      GPU name/SMs/L2/clocks, versions, the ATen calls csrc/cuda  env.json
+#                         relies on (mm/addmm out_dtype, _addmm_activation, graphs)
+#  2 build      (bg, 240) setup.py build_ext --inplace, sm_90 only, all cores, in the build.log
+#                         background while stage 3 runs
+#  3 triton     (110)     Triton bf16 correctness, mimic_loss + bottleneck_mlp fwd/bwd tests.log
+#                         at the mid and paper shapes (2x rule vs float64): -k gpu_check
+#  4 bench      (170)     triton/cuda/reference/eager interleaved, then torch.compile bench.json, bench.log
+#                         max-autotune; forward + full step at B=4096 H=8000/400000;
+#                         profiler per-kernel split, peak memory, cost model and
+#                         roofline beside each figure, mm peak + copy bandwidth before/after
+#  5 student    (60)      250L-8k vs DNN 2k-2k-2k, 250L-400k vs the CNN ensemble     student.json, bench.log
+#  6 cuda       (80)      tests/test_cuda_backend.py (once the build is done)       tests.log
+#  7 rest       (left)    the remaining Triton GPU tests, then the rest of tests/,  tests.log
+#                         60 s per test, until the 8.5 minutes are spent
+#  summary.txt: the stage table and the benchmark's short table, rewritten after every stage and
+#  printed last. 7 files in all (the GPU machine returns at most 8, two folders deep).
+# Each stage has its own timeout, so a hung stage costs only itself; the pytest stages run without
+# -x so every failure shows. The dry run checks, on CPU: every test file / -k selector / pytest
+# option named here selects at least one test (pytest --collect-only), the probe and the benchmark
+# harness run end to end at tiny shapes, and $OUT holds at most 8 files, at most two folders deep.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+ROOT=$PWD
 PY=${PYTHON:-python3}
-STAGE=${1:-all}
-shift || true
-rc_build=- rc_test=- rc_bench=-
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+if [ $# -gt 0 ] && [ "$DRY" = 0 ]; then
+  echo "usage: OUT=DIR bash scripts/gpu_check.sh [--dry-run]" >&2
+  exit 2
+fi
+if [ "$DRY" = 1 ]; then
+  OUT=${OUT:-$(mktemp -d)}
+else
+  OUT=${OUT:-$ROOT/gpu_out}
+fi
+mkdir -p "$OUT"
+WORK=$(mktemp -d)  # scratch (build status) kept out of $OUT: its file count is limited
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+[ "$DRY" = 1 ] || unset TRITON_INTERPRET
 
-build() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia_smi.txt"
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  local start=$(date +%s)
-  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-    $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
-  rc_build=$?
-  echo "build rc=$rc_build in $(( $(date +%s) - start )) s (log: build.log)"
-  [ "$rc_build" -eq 0 ] || tail -40 "$OUT/build.log"
-  $PY -c "import mimic_fast as mf; print(mf.dispatch.format_info())" | tee "$OUT/info.txt"
+DEADLINE=${GPU_CHECK_SECONDS:-510}
+PER_TEST_TIMEOUT=60
+# ---- what the stages select (the dry run proves each one matches at least one test) -------------
+TRITON_FILES=(tests/test_triton_gpu.py tests/test_triton_backend.py)
+TRITON_K="gpu_check and bf16"
+# the dry run also wants each of these word pairs together in one test id of stage 3, so that no op
+# or shape silently drops out of it (ids as in test_gpu_check_mimic_loss[bf16-paper])
+TRITON_EACH=("mimic_loss mid" "mimic_loss paper" "bottleneck_mlp mid" "bottleneck_mlp paper")
+CUDA_FILES=(tests/test_cuda_backend.py)
+REST_TRITON_K="not gpu_check"
+REST_ARGS=(tests --ignore=tests/test_triton_gpu.py --ignore=tests/test_triton_backend.py
+           --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_compile.py)
+PYTEST=($PY -m pytest -q -p no:cacheprovider -rfE --timeout=$PER_TEST_TIMEOUT)
+
+STAGES=()   # "name|rc|seconds|result" rows of summary.txt
+FAILED=0
+
+left() { echo $((DEADLINE - SECONDS)); }
+# cap for a stage: its own cap, but never eating the `reserve` seconds later stages need
+cap() { local c=$1 r=$2 l; l=$(( $(left) - r )); [ "$l" -lt "$c" ] && c=$l; echo $c; }
+
+write_summary() {
+  {
+    printf '%-9s %5s %6s  %s\n' stage rc secs result
+    local row
+    for row in "${STAGES[@]}"; do
+      IFS='|' read -r n rc s res <<<"$row"
+      printf '%-9s %5s %6s  %s\n' "$n" "$rc" "$s" "$res"
+    done
+    echo "elapsed ${SECONDS} s of ${DEADLINE} s$([ "$DRY" = 1 ] && echo ' (dry run)')"
+    if [ -s "$OUT/bench.json" ] || [ -s "$OUT/student.json" ]; then
+      $PY benchmarks/gpu_bench.py --summarize "$OUT/bench.json" "$OUT/student.json" 2>&1 | tail -40
+    fi
+  } >"$OUT/summary.txt"
 }
 
-run_tests() {
-  local start=$(date +%s)
-  timeout "${TEST_TIMEOUT:-540}" $PY -m pytest tests -q -p no:cacheprovider --maxfail=30 \
-    --junitxml="$OUT/tests.xml" "$@" > "$OUT/tests.log" 2>&1
-  rc_test=$?
-  echo "tests rc=$rc_test in $(( $(date +%s) - start )) s (log: tests.log)"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
-  tail -3 "$OUT/tests.log"
+record() {  # name rc seconds result
+  STAGES+=("$1|$2|$3|$4")
+  # rc 124 in the last stages is the deadline doing its job ("as far as the time allows")
+  case "$1:$2" in *:0 | *:skip | rest*:124) ;; *) FAILED=1 ;; esac
+  write_summary
+  echo "== stage $1: rc=$2 in $3 s: $4"
 }
 
-run_bench() {
-  timeout "${BENCH_TIMEOUT:-540}" $PY benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" "$@" \
-    > "$OUT/bench.log" 2>&1
-  rc_bench=$?
-  echo "bench rc=$rc_bench (log: bench.log)"
-  tail -60 "$OUT/bench.log"
+pytest_result() { grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran|^ERROR|error:" "$1" | tail -1 | sed 's/=//g; s/^ *//'; }
+
+run_pytest() {  # stage cap reserve -- pytest args
+  local name=$1 c; c=$(cap "$2" "$3"); shift 4
+  if [ "$c" -lt 10 ]; then record "$name" skip 0 "no time left"; return; fi
+  echo "=== stage $name: pytest $* (timeout ${c}s)" >>"$OUT/tests.log"
+  local t0=$SECONDS
+  if [ "$DRY" = 1 ]; then
+    timeout -k 5 "$c" "${PYTEST[@]}" --collect-only "$@" >"$WORK/collect.log" 2>&1
+    local rc=$?
+    cat "$WORK/collect.log" >>"$OUT/tests.log"
+    cp "$WORK/collect.log" "$WORK/${name}_collect.log"
+    local n; n=$(grep -cE "::" "$WORK/collect.log")
+    record "$name" "$rc" $((SECONDS - t0)) "$n tests selected (collect-only)"
+  else
+    timeout -k 5 "$c" "${PYTEST[@]}" "$@" >>"$OUT/tests.log" 2>&1
+    local rc=$?
+    [ "$rc" = 124 ] && echo "stage $name: timed out after ${c}s" >>"$OUT/tests.log"
+    record "$name" "$rc" $((SECONDS - t0)) "$(tail -5 "$OUT/tests.log" | pytest_result /dev/stdin)"
+  fi
 }
 
-case "$STAGE" in
-  build) build ;;
-  test) run_tests "$@" ;;
-  bench) run_bench "$@" ;;
-  all) build; run_tests; run_bench ;;
-  *) echo "usage: OUT=DIR bash scripts/gpu_check.sh build|test|bench|all [extra args]" >&2; exit 2 ;;
-esac
-echo "== summary: build rc=$rc_build, tests rc=$rc_test, bench rc=$rc_bench"
+check_selectors() {  # dry run only: stage 3 covers each op at each shape (from its collect-only list)
+  local want missing=() w ok
+  for want in "${TRITON_EACH[@]}"; do
+    ok=$(grep "::" "$WORK/triton_collect.log" | while read -r id; do
+      for w in $want; do case "$id" in *"$w"*) ;; *) continue 2 ;; esac; done; echo "$id"; done | head -1)
+    [ -n "$ok" ] || missing+=("'$want'")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    record selectors 0 0 "stage 3 covers each of: ${TRITON_EACH[*]}"
+  else
+    record selectors 1 0 "no test id of stage 3 (${TRITON_FILES[*]} -k '$TRITON_K') has: ${missing[*]}"
+  fi
+}
+
+build_start() {
+  if [ "$DRY" = 1 ]; then
+    BUILD_T0=$SECONDS
+    $PY setup.py --version >"$OUT/build.log" 2>&1
+    echo $? >"$WORK/build.rc"
+    return
+  fi
+  nvidia-smi >>"$OUT/build.log" 2>&1
+  BUILD_T0=$SECONDS
+  ( start=$SECONDS
+    MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+      timeout -k 5 240 $PY setup.py -q build_ext --inplace >>"$OUT/build.log" 2>&1
+    rc=$?
+    echo "build rc=$rc in $((SECONDS - start)) s" >>"$OUT/build.log"
+    echo $rc >"$WORK/build.rc" ) &
+  BUILD_PID=$!
+}
+
+build_wait() {  # at most $1 s
+  local t0=$SECONDS
+  while [ ! -f "$WORK/build.rc" ] && [ $((SECONDS - t0)) -lt "$1" ]; do sleep 2; done
+  if [ -f "$WORK/build.rc" ]; then
+    local rc; rc=$(cat "$WORK/build.rc")
+    record build "$rc" $((SECONDS - BUILD_T0)) "$([ "$DRY" = 1 ] && echo 'setup.py loads (no build in a dry run)' ||
+      (grep -E '^build rc' "$OUT/build.log" | tail -1; [ "$rc" = 0 ] || grep -m3 -E 'error' "$OUT/build.log"))"
+  else
+    record build running $((SECONDS - BUILD_T0)) "not finished yet; the cuda provider may be unavailable"
+  fi
+}
+
+bench() {  # stage part cap reserve out
+  local name=$1 part=$2 c; c=$(cap "$3" "$4")
+  if [ "$c" -lt 20 ]; then record "$name" skip 0 "no time left"; return; fi
+  local t0=$SECONDS args=(--part "$part" --out "$OUT/$5" --budget-s $((c - 15)))
+  [ "$DRY" = 1 ] && args+=(--dry-run)
+  echo "=== stage $name: gpu_bench.py ${args[*]}" >>"$OUT/bench.log"
+  timeout -k 5 "$c" $PY benchmarks/gpu_bench.py "${args[@]}" >>"$OUT/bench.log" 2>&1
+  local rc=$?
+  record "$name" "$rc" $((SECONDS - t0)) "$(grep -c '"status": "ok"' "$OUT/$5" 2>/dev/null || echo 0) ok records in $5"
+}
+
+# ---- the stages -----------------------------------------------------------------------------------
+t0=$SECONDS
+timeout -k 5 "$(cap 20 480)" $PY -m mimic_fast.bench.probe --out "$OUT/env.json" >"$WORK/probe.log" 2>&1
+rc=$?
+cat "$WORK/probe.log"
+record probe "$rc" $((SECONDS - t0)) "$(head -1 "$WORK/probe.log" | cut -c1-90)"
+
+build_start
+run_pytest triton 110 300 -- "${TRITON_FILES[@]}" -k "$TRITON_K"
+if [ "$DRY" = 1 ]; then check_selectors; fi
+build_wait "$(cap 60 200)"
+bench bench ops 170 130 bench.json
+bench student student 60 80 student.json
+if [ -f "$WORK/build.rc" ] || [ "$DRY" = 1 ]; then
+  run_pytest cuda 80 20 -- "${CUDA_FILES[@]}"
+else
+  record cuda skip 0 "the build did not finish in time"
+fi
+run_pytest rest-tri "$(cap 600 20)" 20 -- "${TRITON_FILES[@]}" -k "$REST_TRITON_K"
+run_pytest rest 600 0 -- "${REST_ARGS[@]}"
+[ -n "${BUILD_PID:-}" ] && kill "$BUILD_PID" 2>/dev/null
+
+if [ "$DRY" = 1 ]; then  # the outputs must come back from the GPU machine as they are
+  nfiles=$(find "$OUT" -type f | wc -l)
+  deep=$(find "$OUT" -mindepth 4 | head -3)
+  bad=$(find "$OUT" -mindepth 1 | sed "s|^$OUT/||" | grep -vE '^[A-Za-z0-9._/-]+$' | head -3)
+  if [ "$nfiles" -le 8 ] && [ -z "$deep" ] && [ -z "$bad" ]; then
+    record outputs 0 0 "$nfiles files under \$OUT (at most 8), none deeper than two folders"
+  else
+    record outputs 1 0 "$nfiles files (max 8); too deep: ${deep:-none}; odd names: ${bad:-none}"
+  fi
+fi
+rm -rf "$WORK"
+echo
+echo "== results under $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+cat "$OUT/summary.txt"
+exit $FAILED

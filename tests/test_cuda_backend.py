@@ -3,8 +3,11 @@
 On CPU: what the backend reports when it cannot run, and the autograd wiring of its loss functions
 (run on a PyTorch emulation of the kernels' contract, float64, against mimic_fast.functional).
 On a GPU with the extension built: kernels against the float64 reference (float32 within the
-tolerance table, bf16/fp16 by the 2x rule), loss kernels against functional, determinism, CUDA-graph
-capture, opcheck, torch.compile, and the peak-memory proof that no (B, H) tensor exists.
+tolerance table, bf16/fp16 by the 2x rule) at aligned and misaligned narrow dims (k=250, C=183),
+loss kernels against functional, determinism, the chunk loops' own graph replay against the same
+step uncaptured (outputs never aliased, in-place parameter updates seen, no host sync in steady
+state under set_sync_debug_mode("error")), a caller's own capture, rejected activation/reduction
+codes, opcheck, torch.compile, and the peak-memory proof that no (B, H) tensor exists.
 """
 import pytest
 import torch
@@ -53,6 +56,13 @@ def test_availability_says_why_not():
     assert report["reason"] == reason
     assert report["built"] is (cuda._IMPORT_ERROR is None)
     assert isinstance(report["arch_list"], str) and report["arch_list"]
+
+
+def test_info_says_auto_keeps_a_fixed_order_until_measured():
+    auto = mf.info()["auto"]
+    assert auto["order"]["cuda"] == list(dispatch.AUTO_ORDER["cuda"]) == ["triton", "cuda", "reference"]
+    assert "not measured" in auto["why"]
+    assert "auto: cuda: triton > cuda > reference" in dispatch.format_info()
 
 
 def test_reasons_name_device_dtype_and_teacher_dtype():
@@ -313,6 +323,125 @@ def test_loss_kernels_are_deterministic_across_many_blocks():
         for _ in range(3):
             again = fn()
             assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@gpu
+@pytest.mark.parametrize("activation", ["relu", "gelu"])  # relu: cuBLASLt's fused bias+ReLU path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_narrow_dims_and_ragged_chunks(dtype, activation, monkeypatch):
+    # k=250, C=183 (the paper's: rows of 500 / 366 bytes) and H=1001 (W's rows misaligned too): every
+    # operand goes through the padded buffers, the last chunk is ragged and not a multiple of 8.
+    monkeypatch.setattr(cuda, "CHUNK_H", 384)
+    inputs = make_mlp_inputs(40, 24, 250, 1001, 183, dtype=dtype, device="cuda")
+    inputs64 = to64(inputs)
+    t = torch.randn(40, 183, device="cuda").to(dtype)
+    with cuda.graphs(False):
+        loss = mf.mimic_loss(*inputs, t, activation, backend="cuda")
+        grads = _grads(loss, inputs)
+    loss64 = F.mse_loss(eager_mlp(*inputs64, activation), t.double())
+    base = F.mse_loss(eager_mlp(*inputs, activation), t) if dtype != torch.float32 else None
+    _check(loss, loss64, base, "loss")
+    base_grads = _grads(base, inputs) if base is not None else [None] * len(inputs)
+    for name, got, want, b in zip(PARAMS, grads, _grads(loss64, inputs64), base_grads):
+        _check(got, want, b, f"d{name}")
+
+
+def _training_step(inputs, t, activation):
+    for p in inputs:
+        if p is not None:
+            p.grad = None
+    loss = mf.mimic_loss(*inputs, t, activation, backend="cuda")
+    loss.backward()
+    return [loss.detach()] + [p.grad for p in inputs]
+
+
+@gpu
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_captured_chunk_loops_replay_like_the_uncaptured_step(activation, monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_H", 256)  # 4 chunks: a loop worth capturing
+    inputs = make_mlp_inputs(32, 24, 250, 1000, 183, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batches = [(torch.randn(32, 24, device="cuda", generator=g).to(torch.bfloat16),
+                torch.randn(32, 183, device="cuda", generator=g).to(torch.bfloat16)) for _ in range(4)]
+    x = inputs[0]
+    with cuda.graphs(True):
+        before = cuda.graph_stats()
+        got = []
+        for xb, tb in batches:  # a fresh batch each step, as from a data loader
+            with torch.no_grad():
+                x.copy_(xb)
+            got.append(_training_step([x, *inputs[1:]], tb, activation))
+        after = cuda.graph_stats()
+    # call 1 eager, call 2 captures (forward and backward loop), calls 3 and 4 replay
+    assert after["captures"] - before["captures"] == 2, (before, after)
+    assert after["replays"] - before["replays"] == 4, (before, after)
+    assert after["failures"] == before["failures"]
+    with cuda.graphs(False):
+        for (xb, tb), step in zip(batches, got):
+            with torch.no_grad():
+                x.copy_(xb)
+            want = _training_step([x, *inputs[1:]], tb, activation)
+            # every earlier step's results are intact: outputs are copied out of the graph, never aliased
+            for i, (a, b) in enumerate(zip(step, want)):
+                if a is None:
+                    assert b is None
+                    continue
+                assert_close(a, b, f"replayed vs uncaptured, output {i}", dtype=torch.bfloat16)
+
+
+@gpu
+def test_replay_sees_parameters_updated_in_place(monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_H", 128)
+    x, U, V, b1, W, b2 = make_mlp_inputs(16, 12, 8, 512, 10, dtype=torch.float32, device="cuda")
+    with cuda.graphs(True):
+        for _ in range(3):
+            y = mf.bottleneck_mlp(x, U, V, b1, W, b2, backend="cuda")
+        assert cuda.graph_stats()["graphs"] >= 1
+        with torch.no_grad():  # what an optimizer step does
+            V.mul_(-0.5)
+            b1.add_(1.0)
+            W.add_(0.01)
+        y_replayed = mf.bottleneck_mlp(x, U, V, b1, W, b2, backend="cuda")
+    y64 = eager_mlp(*to64([x, U, V, b1, W, b2]), "relu")
+    assert not torch.allclose(y, y_replayed)
+    assert_close(y_replayed, y64, "y after an in-place update", dtype=torch.float32)
+
+
+@gpu
+def test_steady_state_step_never_synchronises_the_host(monkeypatch):
+    monkeypatch.setattr(cuda, "CHUNK_H", 256)
+    inputs = make_mlp_inputs(64, 32, 250, 1024, 183, dtype=torch.bfloat16, device="cuda")
+    t = torch.randn(64, 183, device="cuda", dtype=torch.bfloat16)
+    for enabled in (True, False):
+        with cuda.graphs(enabled):
+            for _ in range(2):  # first call eager, second captures (a capture may synchronise)
+                _training_step(inputs, t, "gelu")
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3):
+                    _training_step(inputs, t, "gelu")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+
+
+@gpu
+def test_unknown_activation_and_reduction_codes_are_rejected():
+    x, U, V, b1, W, b2 = make_mlp_inputs(4, 6, 3, 40, 5, dtype=torch.float32, device="cuda",
+                                         requires_grad=False)
+    t = torch.randn(4, 5, device="cuda")
+    ops = torch.ops.mimic_fast
+    with pytest.raises(RuntimeError, match="activation code must be"):
+        ops.cuda_mlp_fwd(x, U, V, b1, W, b2, 4, 0)
+    with pytest.raises(RuntimeError, match="activation code must be"):
+        ops.cuda_mlp_bwd(t, x, x @ U.t(), U, V, b1, W, -1, True, 0)
+    with pytest.raises(RuntimeError, match="activation code must be"):
+        ops.cuda_bias_act(t, None, 9)
+    with pytest.raises(RuntimeError, match="reduction code must be"):
+        ops.cuda_mimic_fwd(x, U, V, b1, W, b2, t, 0, 3, 0)
+    with pytest.raises(RuntimeError, match="reduction code must be"):
+        ops.cuda_logit_mse(t, t, -1, False)
 
 
 # ---- GPU: graphs, opcheck, compile --------------------------------------------------------------------

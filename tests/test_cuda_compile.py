@@ -5,6 +5,7 @@ itself is syntax-checked against torch's headers when torch is CPU-only, with a 
 generated header (c10/cuda/impl/cuda_cmake_macros.h) that a CPU wheel does not ship; a CUDA torch
 builds it for real in setup.py. ~30 s of CPU in all.
 """
+import ast
 import glob
 import os
 import re
@@ -36,7 +37,17 @@ def _cuda_include_dir(nvcc):
     return None
 
 
+def _setup_nvcc_flags():
+    """NVCC_FLAGS as setup.py builds the extension with them (read, not imported: setup.py runs setup())."""
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["NVCC_FLAGS"]:
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no NVCC_FLAGS list")
+
+
 NVCC = _find_nvcc()
+NVCC_FLAGS = _setup_nvcc_flags()
 no_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (neither $CUDA_HOME/bin/nvcc nor on "
                                                    "PATH): the CUDA kernels cannot be compile-checked")
 
@@ -45,6 +56,12 @@ def _run(cmd):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"`{' '.join(cmd)}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-6000:]}"
     return proc
+
+
+def test_setup_builds_without_fast_math():
+    # common.cuh's numerics (exact expf/logf, denormals kept) assume it; see setup.py's comment.
+    assert "--use_fast_math" not in NVCC_FLAGS and "-use_fast_math" not in NVCC_FLAGS
+    assert "-std=c++17" in NVCC_FLAGS
 
 
 def test_kernel_sources_do_not_include_torch():
@@ -62,7 +79,7 @@ def test_kernel_sources_do_not_include_torch():
 def test_kernel_compiles_with_plain_nvcc(source, tmp_path):
     obj = tmp_path / (os.path.basename(source) + ".o")
     # -Werror all-warnings: a warning in our kernels (narrowing, unused results) is a bug here.
-    _run([NVCC, "-c", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings", source, "-o", str(obj)])
+    _run([NVCC, "-c", "-arch=sm_90", *NVCC_FLAGS, "-Werror", "all-warnings", source, "-o", str(obj)])
     assert obj.stat().st_size > 0
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 from mimic_fast import cli, sweep
 from mimic_fast import train as T
 from mimic_fast.data import load_dataset
+from mimic_fast.data.recipe import data_recipe
 from mimic_fast.demo import labelled_split
 from mimic_fast.models import DNN
 
@@ -49,8 +50,7 @@ def teacher_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
     spec = {"name": "dnn-2k", "kwargs": {"in_features": 64, "num_classes": 10, "hidden": (64,),
                                          "dropout": 0.0}}
-    data = {"dataset": "digits", "data": None, "split_seed": 0, "label_fraction": 0.15,
-            "input_shape": [1, 8, 8], "num_classes": 10}
+    data = data_recipe(splits, "digits", 0, 0.15)
     T.save_model(path, res.model, spec, data=data)
     return path
 
@@ -125,7 +125,7 @@ def test_the_test_split_never_enters_the_transfer_set(full_run):
     splits = load_dataset("digits", seed=0)
     saved = torch.load(os.path.join(out, "transfer.pt"), weights_only=False)
     X_train, X_test = splits.train.tensors[0], splits.test.tensors[0]
-    assert sweep.count_shared_rows(saved["x"], X_test) == 0
+    assert sweep.count_test_rows(TensorDataset(saved["x"]), splits.test) == 0
     assert result["transfer"]["test_rows"] == 0
     # the non-generated rows are exactly the training split, each once
     real = saved["x"][saved["sources"] < 2]
@@ -133,7 +133,8 @@ def test_the_test_split_never_enters_the_transfer_set(full_run):
     assert sorted(map(bytes, real.numpy())) == sorted(map(bytes, X_train.numpy()))
     assert result["transfer"]["composition"] == {"labelled": 216, "unlabelled": 1221, "generated": 200}
     # the check does count rows it is given
-    assert sweep.count_shared_rows(torch.cat([saved["x"][:5], X_test[3:5]]), X_test) == 2
+    mixed = TensorDataset(torch.cat([saved["x"][:5], X_test[3:5]]))
+    assert sweep.count_test_rows(mixed, splits.test) == 2
 
 
 def test_killed_sweep_resumes_to_the_same_report(full_run, teacher_file, tmp_path, monkeypatch):
@@ -203,9 +204,21 @@ def test_changed_recipe_or_unfair_runs_are_refused(full_run, teacher_file, tmp_p
     assert "shard" in capsys.readouterr().err
 
 
-def test_teacher_of_another_split_is_refused(teacher_file, tmp_path):
-    with pytest.raises(ValueError, match="split_seed 0 .sweep: 1."):
+def test_teacher_of_another_recipe_is_refused_and_unset_options_inherit_its_own(teacher_file,
+                                                                                 tmp_path):
+    with pytest.raises(ValueError, match="split_seed: 0 in .*teacher.pt, 1 here"):
         sweep.run(_config(teacher_file, split_seed=1), str(tmp_path / "s"), progress=False, log=_quiet)
+    with pytest.raises(ValueError, match="label_fraction: 0.15 in .*teacher.pt, 0.5 here"):
+        sweep.run(_config(teacher_file, label_fraction=0.5), str(tmp_path / "s"), progress=False,
+                  log=_quiet)
+    assert not os.path.exists(str(tmp_path / "s" / "transfer.pt"))  # refused before writing
+    model, payload = T.load_model(teacher_file)
+    other = str(tmp_path / "t30.pt")
+    T.save_model(other, model, payload["spec"],
+                 data=data_recipe(load_dataset("digits", seed=2), "digits", 2, 0.3))
+    cfg = sweep.SweepConfig(teacher=(other,)).resolved()
+    assert (cfg.split_seed, cfg.label_fraction) == (2, 0.3)
+    assert sweep.command_line(cfg) == f"mimic-fast sweep --teacher {other}"
 
 
 def _blobs(n, g, centres):
@@ -243,7 +256,8 @@ def test_sweep_on_a_user_npz_trains_its_own_teacher(tmp_path, capsys):
     bad = str(tmp_path / "leaky.npz")
     np.savez(bad, X=X, y=y, X_test=X_test, y_test=y_test, X_unlabelled=np.concatenate([X_unl, X_test[:4]]))
     assert cli.main([*argv[:4], bad, *argv[5:-3], "--out", str(tmp_path / "leak"), "--no-progress"]) == 2
-    assert "4 transfer-set row(s) equal a test row" in capsys.readouterr().err
+    assert "4 transfer-set row(s) of" in capsys.readouterr().err
+    assert not os.path.exists(str(tmp_path / "leak" / "transfer.pt"))  # nothing kept from it
 
 
 def test_sweep_help(capsys):
@@ -254,9 +268,13 @@ def test_sweep_help(capsys):
     assert "usage: mimic-fast sweep" in out and "--shard" in out and "--report" in out
 
 
-def test_conv_students_on_images(teacher_file, tmp_path):
-    cfg = _config(teacher_file, hidden=(8,), conv_layers=(1,), conv_channels=4, seeds=1, epochs=1)
+def test_conv_students_on_images_with_an_ensemble_teacher(teacher_file, tmp_path):
+    cfg = _config(teacher_file, hidden=(8, 8), conv_layers=(1,), conv_channels=4, seeds=1, epochs=1,
+                  teacher=(teacher_file, teacher_file))
     result = sweep.run(cfg, str(tmp_path / "s"), progress=False, log=_quiet)
+    single = T.load_model(teacher_file)[0]
+    assert result["teacher"]["members"] == 2 and result["teacher"]["kind"] == "checkpoint"
+    assert result["teacher"]["params"] == 2 * sum(p.numel() for p in single.parameters())
     assert [(p["point"], p["mode"]) for p in result["points"]] == [
         ("conv1-k32-h8", "labels"), ("conv1-k32-h8", "mimic")]
     # conv 3x3 (1 -> 4 channels), pool 2: 4 x 4 x 4 = 64 features into the 32L-8 head

@@ -1,9 +1,10 @@
 // Device helpers shared by the kernels: dtype conversion, 8-element vector loads/stores, warp and
 // block reductions in a fixed order (deterministic), and the activations with their derivatives.
 //
-// Numerics do not depend on --use_fast_math: with it nvcc turns tanhf into tanh.approx.f32
-// (relative error ~2^-11) and `/` into an approximate division, so tanh and sigmoid are written
-// with expm1f / expf and __fdiv_rn instead; erff is not affected by the flag.
+// Built without --use_fast_math (setup.py NVCC_FLAGS): these kernels are memory-bound, and the flag
+// would make expf/logf approximate (__expf's error grows with |x|: KD's softmax, sigmoid, GELU') and
+// flush denormals. tanh and sigmoid are still written with expm1f / expf and __fdiv_rn, so that
+// a build that adds the flag keeps tanh off tanh.approx.f32 (relative error ~2^-11).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -145,13 +146,16 @@ __host__ inline void dispatch_dtype(DType dt, F&& f) {
   }
 }
 
+// Calls f(std::integral_constant<int, ACT>{}); false (nothing called) for an unknown code, which the
+// launchers report as cudaErrorInvalidValue instead of silently running some other activation.
 template <typename F>
-__host__ inline void dispatch_activation(int act, F&& f) {
+__host__ inline bool dispatch_activation(int act, F&& f) {
   switch (act) {
-    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
-    case kSigmoid: f(std::integral_constant<int, kSigmoid>{}); break;
-    case kTanh: f(std::integral_constant<int, kTanh>{}); break;
-    default: f(std::integral_constant<int, kGelu>{}); break;
+    case kRelu: f(std::integral_constant<int, kRelu>{}); return true;
+    case kSigmoid: f(std::integral_constant<int, kSigmoid>{}); return true;
+    case kTanh: f(std::integral_constant<int, kTanh>{}); return true;
+    case kGelu: f(std::integral_constant<int, kGelu>{}); return true;
+    default: return false;
   }
 }
 

@@ -29,13 +29,16 @@ inline int dtype_bytes(DType dt) { return dt == DType::kF32 ? 4 : 2; }
 inline int64_t loss_max_blocks(int num_sms) { return static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * 8; }
 
 // ---- epilogue.cu -------------------------------------------------------------------------------
-// h = act(a + bias[col]) in place over a contiguous (rows, cols) tile; bias may be null.
-cudaError_t bias_act_fwd(DType dt, void* a, const void* bias, int64_t rows, int64_t cols, int act,
-                         int num_sms, cudaStream_t stream);
+// h = act(a + bias[col]) in place over a (rows, cols) tile whose rows are `ld` elements apart (ld >= cols);
+// bias may be null. An activation code other than those of Activation launches nothing and returns
+// cudaErrorInvalidValue.
+cudaError_t bias_act_fwd(DType dt, void* a, const void* bias, int64_t rows, int64_t cols, int64_t ld,
+                         int act, int num_sms, cudaStream_t stream);
 
-// With a = a_in + bias[col]: a_in <- act(a) (the hidden tile, for dW) and dh <- dh * act'(a) (da).
+// With a = a_in + bias[col]: a_in <- act(a) (the hidden tile, for dW) and dh <- dh * act'(a) (da); both
+// tiles have leading dimension ld.
 cudaError_t bias_act_bwd(DType dt, void* a_in_to_h, void* dh_to_da, const void* bias, int64_t rows,
-                         int64_t cols, int act, int num_sms, cudaStream_t stream);
+                         int64_t cols, int64_t ld, int act, int num_sms, cudaStream_t stream);
 
 // ---- logit_loss.cu -----------------------------------------------------------------------------
 // Logit regression, one pass: r = s - t (zero_mean: minus the row mean of s - t), dy = 2 r (times

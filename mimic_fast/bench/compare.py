@@ -2,7 +2,10 @@
 
 Only records that are "ok" in both files are compared (median time). A record that was ok in the
 baseline and fails now (error, incorrect, oom) is a regression too; one missing from the run is
-listed but, since a run may choose fewer cases, does not fail unless strict=True.
+listed but, since a run may choose fewer cases, does not fail unless strict=True. A run in which no
+baseline record found its counterpart fails. For two pytest-benchmark runs of benchmarks/ prefer
+pytest-benchmark's own `--benchmark-compare` / `--benchmark-compare-fail=median:10%`; this compares
+our suites' JSON (and pytest-benchmark JSON against it).
 """
 from .report import load
 
@@ -40,7 +43,16 @@ def compare(baseline, current, threshold=0.10, strict=False):
     rows += [{"name": n, "baseline_ms": None, "current_ms": r.get("median_ms"), "ratio": None,
               "verdict": "new"} for n, r in c.items() if n not in b and r.get("median_ms") is not None]
     bad = {"slower", "broken"} | ({"missing"} if strict else set())
-    return rows, any(r["verdict"] in bad for r in rows)
+    # A run that matched no baseline record proves nothing: that is a failure, not "0 slower".
+    return rows, any(r["verdict"] in bad for r in rows) or matched(rows) == 0
+
+
+MATCHED = ("same", "slower", "faster", "broken")
+
+
+def matched(rows):
+    """How many baseline records found their counterpart in the run."""
+    return sum(r["verdict"] in MATCHED for r in rows)
 
 
 def device_mismatch(baseline, current):
@@ -63,7 +75,10 @@ def format_rows(rows, threshold):
     n_slow = sum(r["verdict"] == "slower" for r in rows)
     n_broken = sum(r["verdict"] == "broken" for r in rows)
     out.append(f"{n_slow} slower than {1 + threshold:.2f}x the baseline, {n_broken} broken, "
-               f"{len(rows)} compared")
+               f"{matched(rows)} matched of {len(rows)} rows")
+    if matched(rows) == 0:
+        out.append("error: no record of the run matched a record of the baseline (other names, shapes "
+                   "or devices?): nothing was compared")
     return "\n".join(out)
 
 

@@ -1,10 +1,15 @@
-"""The GPU benchmark (benchmarks/gpu_bench.py, `mimic-fast bench gpu`): one command, a time budget.
+"""The GPU benchmark (benchmarks/gpu_bench.py, `mimic-fast bench gpu`): one process, a time budget.
 
-mimic_loss forward / backward / full step at the paper's sizes for triton, cuda, the chunked reference,
-eager and torch.compile(max-autotune) in bf16; the CUDA loss kernels' bandwidth against a copy; the
-student-vs-teacher pairs. Peaks (bf16 mm, copy) are measured in the same run. Cases run cheapest and
-most important first; whatever the budget cannot reach is recorded as skipped, and the JSON is
-rewritten after every case so a killed run still leaves its figures.
+--part ops: mimic_loss forward and full step at B=4096, D=1845, k=250, C=183, H in {8000, 400000}
+(bf16) for triton, cuda, the chunked reference and eager, their rounds interleaved, then
+torch.compile(mode="max-autotune") last (each shape is a long compile); per provider a profiled step
+(per-kernel split, kernel count, GPU-busy share), peak memory, the Triton cost model's prediction
+and the roofline floor beside each measurement, all at the bf16 matmul peak and copy bandwidth
+measured in the same run, before and after (drift > 10% and fractions > 100% are flagged).
+--part student: the student against its deep teacher (250L-8k vs DNN 2k-2k-2k, 250L-400k vs the
+ensemble of CNNs): training and inference samples/s at batch 4096, batch-1 latency.
+Every provider is checked before it is timed; the JSON is rewritten after every case, so a killed
+run keeps what it measured; a short table is printed last. `--dry-run` runs it all on CPU, tiny.
 """
 import argparse
 import gc
@@ -13,16 +18,18 @@ import time
 
 import torch
 
-from . import timing
 from .providers import LOSS_PROVIDERS, Case, oom_estimate_bytes, unavailable
-from .suites import PAPER, _base_record, new_doc, run_case, run_student, write_doc
+from .suites import (PAPER, _base_record, flag_noise, measure_peaks, new_doc, run_group, run_student,
+                     write_doc)
 
-DEFAULT_BUDGET_S = 450  # the device's command limit is 600 s; leave room for start-up and a slow compile
+DEFAULT_BUDGET_S = 170  # scripts/gpu_check.sh gives this part ~190 s of its 8.5 minutes
+PASSES = ("forward", "full")
 
 
 def build_parser(prog="gpu_bench.py"):
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="raw JSON path (default benchmarks/results/gpu_<device>.json)")
+    p.add_argument("--part", default="ops", choices=("ops", "student", "all"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--small", action="store_true",
                    help="tiny shapes and few rounds: checks the script's logic (use with --device cpu)")
@@ -30,21 +37,23 @@ def build_parser(prog="gpu_bench.py"):
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-clock budget")
     p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
     p.add_argument("--B", type=int, default=4096)
-    p.add_argument("--H", type=int, nargs="+", default=[8000, 32768, 400000])
-    p.add_argument("--k", type=int, nargs="+", default=[250, 256])
+    p.add_argument("--H", type=int, nargs="+", default=[8000, 400000])
+    p.add_argument("--k", type=int, nargs="+", default=[250])
     p.add_argument("--providers", nargs="+", default=["triton", "cuda", "reference", "eager", "compile"])
-    p.add_argument("--compile-k", type=int, nargs="*", default=[250],
-                   help="bottleneck widths torch.compile is timed at (each shape costs a max-autotune)")
     p.add_argument("--compile-mode", default="max-autotune")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-kernel split")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--loss-B", type=int, nargs="+", default=[4096, 1 << 20])
-    p.add_argument("--no-loss", action="store_true")
-    p.add_argument("--no-student", action="store_true")
+    p.add_argument("--loss-B", type=int, nargs="*", default=[1 << 20],
+                   help="batch sizes of the logit-loss bandwidth runs (none: skip them)")
     p.add_argument("--student-batch", type=int, default=4096)
-    p.add_argument("--pairs", type=int, nargs="*", default=None, help="student pairs (0, 1, 2)")
+    p.add_argument("--pairs", type=int, nargs="*", default=[0, 2],
+                   help="student pairs: 0 dnn-2k vs 250L-8k, 1 cnn vs equal-size student, "
+                        "2 cnn ensemble vs 250L-400k")
     p.add_argument("--ensemble-members", type=int, default=9)
+    p.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
+                   help="only print the short table of these result files (missing ones are skipped)")
     return p
 
 
@@ -77,11 +86,13 @@ def _fits(provider, case):
 
 def configure(args):
     if args.dry_run:
+        # torch.compile on CPU compiles C++ for minutes on a small machine: the dry run skips it.
         args.device, args.small, args.no_compile = "cpu", True, True
     if args.small:
-        args.B, args.H, args.k = min(args.B, 64), [h for h in (256, 1024)], [args.k[0]]
+        args.B, args.H, args.k = min(args.B, 64), [256, 1024], [args.k[0]]
         args.warmup, args.rounds = 1, 2
-        args.loss_B, args.student_batch, args.pairs = [256], 8, args.pairs or [0]
+        args.loss_B, args.student_batch = [256] if args.loss_B else [], 8
+        args.pairs = [0] if args.pairs else []
         args.ensemble_members = min(args.ensemble_members, 2)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.no_compile:
@@ -89,143 +100,295 @@ def configure(args):
     return args
 
 
-def run(args, argv=None, log=print):
+# ---- what sits beside each measurement ------------------------------------------------------------
+def floor_ms(case, pass_, peaks):
+    """The roofline floor: max(model FLOPs / measured mm peak, minimal bytes / measured copy rate)."""
+    tf = (peaks.get("matmul") or {}).get("tflops")
+    bw = (peaks.get("copy") or {}).get("gbps")
+    t = [case.flops(pass_) / (tf * 1e12)] if tf else []
+    if bw:
+        t.append(case.bytes(pass_) / (bw * 1e9))
+    return max(t) * 1e3 if t else None
+
+
+def cost_model(case, peaks):
+    """mimic_fast.ops.triton_cost's prediction for the Triton kernels at the measured peaks, or
+    {"error": why} (the model is optional here: the benchmark must run without it)."""
+    try:
+        from ..ops.triton_cost import predict
+    except ImportError as e:
+        return {"error": f"mimic_fast.ops.triton_cost unavailable: {e}"}
+    tf = (peaks.get("matmul") or {}).get("tflops")
+    bw = (peaks.get("copy") or {}).get("gbps")
+    try:
+        res = predict(case.B, case.D, case.k, case.H, case.C, dtype=case.dtype,
+                      op="mimic" if case.op == "mimic_loss" else "mlp", activation=case.activation,
+                      peak_tflops=tf, bandwidth_tbs=bw / 1e3 if bw else None)
+    except Exception as e:  # noqa: BLE001 - recorded beside the figures, never fatal
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    res = dict(res)
+    res["at"] = {"peak_tflops": tf, "bandwidth_tbs": bw / 1e3 if bw else None,
+                 "source": "measured in this run" if tf and bw else "model defaults where missing"}
+    return res
+
+
+def annotate(records, case, peaks, model):
+    """floor_ms on every record; for triton, the cost model's predicted_ms / flops / bytes too."""
+    for r in records:
+        r["floor_ms"] = floor_ms(case, r["pass"], peaks)
+        if r["provider"] == "triton" and "error" not in model and r["pass"] in model:
+            m = model[r["pass"]]
+            r["predicted_ms"] = m["time_s"] * 1e3
+            r["predicted_flops"], r["predicted_bytes"] = m.get("flops"), m.get("bytes")
+            if r.get("median_ms"):
+                r["measured_over_predicted"] = r["median_ms"] / r["predicted_ms"]
+
+
+def _device_time_us(e):
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        v = getattr(e, name, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
+def kernel_split(fn, device, top=8):
+    """One profiled call of fn: the top kernels (CUDA) or ops (CPU) by self time, how many kernels
+    one call launches, and how much of the call's wall time the device was busy (host-bound < 1)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    is_cuda = torch.device(device).type == "cuda"
+    fn()
+    if is_cuda:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if is_cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    events = prof.key_averages()
+    if is_cuda:
+        rows = [(e.key, e.count, _device_time_us(e)) for e in events if _device_time_us(e) > 0
+                and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
+                                                              "cuLaunchKernel", "cuLaunchKernelEx",
+                                                              "cudaGraphLaunch"))
+    else:
+        rows = [(e.key, e.count, float(e.self_cpu_time_total)) for e in events
+                if e.self_cpu_time_total > 0]
+        launches = None
+    busy_us = sum(r[2] for r in rows)
+    rows.sort(key=lambda r: -r[2])
+    return {"kernels": [{"name": n[:90], "calls": c, "ms": t / 1e3, "share": t / busy_us if busy_us else None}
+                        for n, c, t in rows[:top]],
+            "kernel_calls": sum(r[1] for r in rows), "host_launches": launches,
+            "busy_ms": busy_us / 1e3, "wall_ms": wall_us / 1e3,
+            "busy_share": busy_us / wall_us if wall_us else None,
+            "what": "device kernels" if is_cuda else "CPU ops (self time)"}
+
+
+def _profile_group(case, providers, compile_mode, log):
+    """{provider: kernel_split of one full step} for the providers that ran ok."""
+    from .providers import Runner, make_inputs
+
+    out = {}
+    inputs = make_inputs(case)
+    for p in providers:
+        try:
+            out[p] = kernel_split(Runner(p, case, inputs, compile_mode).full, case.device)
+            k = out[p]
+            log(f"  profile {p:<10} {case.label()}: {k['kernel_calls']} kernels/step, busy "
+                f"{100 * (k['busy_share'] or 0):.0f}% of {k['wall_ms']:.2f} ms; top: "
+                + ", ".join(f"{x['name'][:40]} {x['ms']:.2f} ms" for x in k["kernels"][:3]))
+        except Exception as e:  # noqa: BLE001
+            out[p] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+# ---- the parts ------------------------------------------------------------------------------------
+def run_ops(args, argv=None, log=print):
     budget = Budget(args.budget_s)
     device, dtype = args.device, args.dtype
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu --small (or --dry-run) to check the logic")
     doc = new_doc("gpu", device, argv)
     doc["command"] = "python benchmarks/gpu_bench.py " + " ".join(argv or [])
     doc["config"] = {k: v for k, v in vars(args).items()}
+    doc["profiles"], doc["cost_model"] = {}, {}
     out = args.out
-    pdtype = getattr(torch, dtype)
     try:
-        doc["peaks"]["matmul"] = timing.measure_matmul_peak(device, pdtype,
-                                                            n=1024 if args.small else None)
-        if device == "cuda":
-            doc["peaks"]["copy"] = timing.measure_copy_bandwidth(device)
+        doc["peaks"] = measure_peaks(device, getattr(torch, dtype), small=args.small)
     except Exception as e:  # noqa: BLE001
-        doc["peaks"]["error"] = f"{type(e).__name__}: {e}"
+        doc["peaks"] = {"error": f"{type(e).__name__}: {e}"}
     write_doc(doc, out)
     log(f"peaks: {doc['peaks']}")
 
-    passes = ("forward", "backward", "full")
-    timed_now = [p for p in args.providers if p != "compile"]
     cases = [Case("mimic_loss", args.B, PAPER["C"], PAPER["D"], k, H, dtype, device)
              for k in args.k for H in args.H]
 
-    def do(case, provider, need_s):
-        why = unavailable(provider, case) or _fits(provider, case)
-        if why is None and budget.left() < need_s:
-            why = f"time budget: {budget.left():.0f} s left of {args.budget_s:.0f} s"
-        if why:
-            log(f"  {provider:<10} {case.label()}: skipped ({why})")
-            recs = _skip(case, provider, passes, why)
-        else:
-            recs = run_case(case, provider, passes, args.warmup, args.rounds, args.compile_mode,
-                            check=True, max_seconds=20, log=log)
+    def group(case, providers, need_s):
+        runnable = []
+        for p in providers:
+            why = unavailable(p, case) or _fits(p, case)
+            if why is None and budget.left() < need_s:
+                why = f"time budget: {budget.left():.0f} s left of {args.budget_s:.0f} s"
+            if why:
+                log(f"  {p:<10} {case.label()}: skipped ({why})")
+                doc["results"].extend(_skip(case, p, PASSES, why))
+            else:
+                runnable.append(p)
+        if not runnable:
+            return
+        recs = run_group(case, runnable, PASSES, args.warmup, args.rounds, args.compile_mode,
+                         max_seconds=15, log=log)
+        model = doc["cost_model"].setdefault(case.label(), cost_model(case, doc["peaks"]))
+        annotate(recs, case, doc["peaks"], model)
         doc["results"].extend(recs)
         write_doc(doc, out)
+        ok = [p for p in runnable if all(r["status"] == "ok" for r in recs if r["provider"] == p)]
+        if not args.no_profile and ok and budget.left() > 10:
+            profiles = _profile_group(case, ok, args.compile_mode, log)
+            doc["profiles"].setdefault(case.label(), {}).update(profiles)
+            for r in recs:
+                prof = profiles.get(r["provider"]) or {}
+                if r["pass"] == "full" and "error" not in prof:
+                    r["kernels_per_step"], r["busy_share"] = prof["kernel_calls"], prof["busy_share"]
+            write_doc(doc, out)
 
-    log("mimic_loss (fused and baselines):")
+    log("mimic_loss, providers interleaved:")
     for case in cases:
-        for p in timed_now:
-            do(case, p, 15)
-    if not args.no_loss:
+        group(case, [p for p in args.providers if p != "compile"], 15)
+    if args.loss_B:
         log("logit losses (bandwidth):")
         for op in ("logit_mse_loss", "kd_loss"):
             for B in args.loss_B:
                 case = Case(op, B, PAPER["C"], dtype=dtype, device=device)
-                for p in LOSS_PROVIDERS:
-                    if p == "compile" and args.no_compile:
-                        continue
-                    if budget.left() < 10:
-                        doc["results"] += _skip(case, p, ("forward", "full"), "time budget")
-                        continue
-                    doc["results"] += run_case(case, p, ("forward", "full"), args.warmup, args.rounds,
-                                               None, log=log)
-                write_doc(doc, out)
-    if not args.no_student:
-        log("student vs teacher:")
-        ns = argparse.Namespace(device=device, dtype=dtype, batch=args.student_batch,
-                                warmup=args.warmup, rounds=args.rounds, pairs=args.pairs,
-                                ensemble_members=args.ensemble_members, student_eager=True,
-                                max_seconds=10, json=None)
-        if budget.left() > 60:
-            try:
-                sdoc = run_student(ns, log=log)
-                doc["results"] += sdoc["results"]
-                doc["targets"] += sdoc["targets"]
-            except Exception as e:  # noqa: BLE001
-                doc["results"].append({"name": "student/error", "suite": "student", "status": "error",
-                                       "error": f"{type(e).__name__}: {e}"[:400]})
-        else:
-            doc["results"].append({"name": "student/skipped", "suite": "student", "status": "skipped",
-                                   "error": "time budget"})
+                provs = [p for p in LOSS_PROVIDERS if p != "compile"]
+                if budget.left() < 10:
+                    for p in provs:
+                        doc["results"] += _skip(case, p, PASSES, "time budget")
+                    continue
+                doc["results"] += run_group(case, provs, PASSES, args.warmup, args.rounds, log=log)
         write_doc(doc, out)
-        gc.collect()
     if "compile" in args.providers:
-        log(f"torch.compile(mode={args.compile_mode!r}) (last: each shape is a long compile):")
+        log(f"torch.compile(mode={args.compile_mode!r}), last (each shape is a long compile):")
         for case in cases:
-            if case.k in args.compile_k:
-                do(case, "compile", 120)
+            group(case, ["compile"], 60)
+    try:
+        doc["peaks_after"] = measure_peaks(device, getattr(torch, dtype), small=args.small)
+    except Exception as e:  # noqa: BLE001
+        doc["peaks_after"] = {"error": f"{type(e).__name__}: {e}"}
+    for w in flag_noise(doc):
+        log(f"WARNING: {w}")
     doc["elapsed_s"] = args.budget_s - budget.left()
     write_doc(doc, out)
     return doc
 
 
-def short_table(doc):
-    """The few lines printed last: per case and provider, full-step ms, TFLOP/s, % of peak, memory."""
-    peak = doc["peaks"].get("matmul", {}).get("tflops")
-    bw = doc["peaks"].get("copy", {}).get("gbps")
-    lines = [f"device: {doc['env'].get('device')}  torch {doc['env'].get('torch')}  triton "
-             f"{doc['env'].get('triton')}  CUDA {doc['env'].get('torch_cuda')}",
-             f"measured peaks: mm {peak or 0:.3g} TFLOP/s"
-             + (f", copy {bw:.0f} GB/s" if bw else ""),
-             f"{'case':<34}{'provider':<10}{'fwd ms':>9}{'bwd ms':>9}{'full ms':>9}{'TFLOP/s':>9}"
-             f"{'%peak':>7}{'mem MiB':>9}  status"]
-    by = {}
-    for r in doc["results"]:
-        if r.get("op") == "mimic_loss":
-            key = (r["shape"]["B"], r["shape"]["k"], r["shape"]["H"], r["provider"])
-            by.setdefault(key, {})[r["pass"]] = r
-    for (B, k, H, prov), m in by.items():
-        full = m.get("full", {})
+def run_students(args, argv=None, log=print):
+    ns = argparse.Namespace(device=args.device, dtype=args.dtype, batch=args.student_batch,
+                            warmup=args.warmup, rounds=args.rounds, pairs=args.pairs,
+                            ensemble_members=args.ensemble_members, student_eager=False,
+                            max_seconds=10, json=args.out)
+    doc = run_student(ns, ["student"] + list(argv or []), log=log)
+    doc["command"] = "python benchmarks/gpu_bench.py " + " ".join(argv or [])
+    write_doc(doc, args.out)
+    gc.collect()
+    return doc
 
-        def ms(p):
-            v = m.get(p, {}).get("median_ms")
-            return f"{v:9.2f}" if v is not None else f"{'-':>9}"
+
+def short_table(doc):
+    """The few lines printed last: per case and provider, min/median ms, TFLOP/s, % of peak, the
+    prediction, kernels per step, GPU-busy share, peak memory, status."""
+    lines = []
+    env = doc.get("env") or {}
+    lines.append(f"device: {env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}  "
+                 f"CUDA {env.get('torch_cuda')}")
+    peaks, after = doc.get("peaks") or {}, doc.get("peaks_after") or {}
+    peak = (peaks.get("matmul") or {}).get("tflops")
+    if peaks.get("matmul"):
+        bw = (peaks.get("copy") or {}).get("gbps")
+        pa, ba = (after.get("matmul") or {}).get("tflops"), (after.get("copy") or {}).get("gbps")
+        lines.append(f"measured peaks: mm {peak:.4g} TFLOP/s" + (f" (after: {pa:.4g})" if pa else "")
+                     + (f", copy {bw:.0f} GB/s" if bw else "") + (f" (after: {ba:.0f})" if ba else ""))
+    rows = [r for r in doc.get("results", []) if r.get("op") == "mimic_loss"]
+    if rows:
+        lines.append(f"{'case':<18}{'provider':<10}{'fwd ms':>8}{'full ms':>9}{'min':>8}{'TFLOP/s':>8}"
+                     f"{'%pk':>5}{'pred':>7}{'floor':>7}{'kern':>6}{'busy':>5}{'MiB':>7}  status")
+    by = {}
+    for r in rows:
+        by.setdefault((f"k{r['shape']['k']} H{r['shape']['H']}", r["provider"]), {})[r["pass"]] = r
+    for (label, prov), m in by.items():
+        f, full = m.get("forward", {}), m.get("full", {})
+
+        def num(v, w, fmt):
+            return f"{v:{w}{fmt}}" if v is not None else f"{'-':>{w}}"
 
         tf = full.get("tflops")
+        busy = full.get("busy_share")
         st = full.get("status", "?")
-        err = "" if st == "ok" else f" {(full.get('error') or '')[:50]}"
+        err = "" if st == "ok" else f" {(full.get('error') or '')[:60]}"
         mem = full.get("peak_mem_bytes")
-        tf_s = f"{tf:9.1f}" if tf else f"{'-':>9}"
-        pct = f"{100 * tf / peak:6.0f}%" if tf and peak else f"{'-':>7}"
-        mem_s = f"{mem / 2**20:9.0f}" if mem is not None else f"{'-':>9}"
-        lines.append(f"{f'B{B} k{k} H{H}':<34}{prov:<10}{ms('forward')}{ms('backward')}{ms('full')}"
-                     f"{tf_s}{pct}{mem_s}  {st}{err}")
-    for r in doc["results"]:
+        lines.append(f"{label:<18}{prov:<10}{num(f.get('median_ms'), 8, '.2f')}"
+                     f"{num(full.get('median_ms'), 9, '.2f')}{num(full.get('min_ms'), 8, '.2f')}"
+                     f"{num(tf, 8, '.1f')}{num(100 * tf / peak if tf and peak else None, 5, '.0f')}"
+                     f"{num(full.get('predicted_ms'), 7, '.2f')}{num(full.get('floor_ms'), 7, '.2f')}"
+                     f"{num(full.get('kernels_per_step'), 6, 'd')}"
+                     f"{num(100 * busy if busy else None, 5, '.0f')}"
+                     f"{num(mem / 2**20 if mem is not None else None, 7, '.0f')}  {st}{err}")
+    bw = (peaks.get("copy") or {}).get("gbps")
+    for r in doc.get("results", []):
         if r.get("op") in ("logit_mse_loss", "kd_loss") and r.get("pass") == "forward":
             g = r.get("gbps")
             frac = f" = {100 * g / bw:.0f}% of copy" if g and bw else ""
             lines.append(f"{r['op']} B{r['shape']['B']} C{r['shape']['C']} {r['provider']:<8} "
                          + (f"{r['median_ms']:.3f} ms {g:.0f} GB/s{frac}" if g else r["status"]))
-    for r in doc["results"]:
-        if r.get("metric") and r.get("samples_per_s"):
-            lines.append(f"{r['model']:<28} {r['metric']:<11} b{r['batch']:<5} "
-                         f"{r['samples_per_s']:12.0f} samples/s  {r['median_ms']:.3f} ms")
+    for r in doc.get("results", []):
+        if r.get("metric"):
+            if r.get("samples_per_s"):
+                lines.append(f"{r['model']:<28} {r['metric']:<11} b{r['batch']:<5} "
+                             f"{r['samples_per_s']:12.0f} samples/s  {r['median_ms']:.3f} ms")
+            else:
+                lines.append(f"{r['model']:<28} {r['metric']:<11} {r['status']}: {r.get('error')}")
+    for t in doc.get("targets") or []:
+        if "measured" in t:
+            lines.append(f"target: {t['target']}: {t['measured']:.3g} ({'met' if t['pass'] else 'MISSED'})")
+    for w in doc.get("warnings") or []:
+        lines.append(f"WARNING: {w}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = configure(build_parser().parse_args(argv))
+    if args.summarize:
+        import json
+        import os
+
+        for path in args.summarize:
+            if os.path.exists(path) and os.path.getsize(path):
+                with open(path) as f:
+                    print(short_table(json.load(f)))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_bench: error: no CUDA device: run with --dry-run to check the logic on a CPU",
+              file=sys.stderr)
+        return 2
     if args.out is None:
         name = "cpu_small" if args.device == "cpu" else \
-            torch.cuda.get_device_name(0).lower().replace(" ", "_") if torch.cuda.is_available() else "gpu"
-        args.out = f"benchmarks/results/gpu_{name}.json"
-    doc = run(args, argv)
+            torch.cuda.get_device_name(0).lower().replace(" ", "_")
+        args.out = f"benchmarks/results/gpu_{name}{'' if args.part == 'ops' else '_' + args.part}.json"
+    docs = []
+    if args.part in ("ops", "all"):
+        docs.append(run_ops(args, argv))
+    if args.part in ("student", "all"):
+        if args.part == "all":
+            args.out = args.out.replace(".json", "_student.json")
+        docs.append(run_students(args, argv))
     print(f"\nraw JSON: {args.out}")
-    print(short_table(doc))
+    for doc in docs:
+        print(short_table(doc))
     return 0
+
+
+__all__ = ["main", "short_table", "kernel_split", "cost_model"]

@@ -92,8 +92,8 @@ def ops_table(doc):
     bw = (doc.get("peaks") or {}).get("copy", {}).get("gbps")
     eager = {(r["op"], r["pass"], _shape(r), r.get("dtype"), r.get("kind")): r.get("median_ms")
              for r in rows if r["provider"] == "eager" and r.get("status", "ok") == "ok"}
-    out = ["| op | shape | dtype | pass | provider | median ms [q20–q80] | throughput | % of peak | "
-           "vs eager | peak mem MiB | status |", "|" + "---|" * 11]
+    out = ["| op | shape | dtype | pass | provider | median ms [q20–q80] | min ms | throughput | "
+           "% of peak | vs eager | peak mem MiB | status |", "|" + "---|" * 12]
     for r in rows:
         thr = pct = "-"
         if r.get("median_ms") is not None:
@@ -106,8 +106,9 @@ def ops_table(doc):
         e = eager.get((r["op"], r["pass"], _shape(r), r.get("dtype"), r.get("kind")))
         vs = f"{e / r['median_ms']:.2f}x" if e and r.get("median_ms") else "-"
         mem = f"{r['peak_mem_bytes'] / MIB:.1f}" if r.get("peak_mem_bytes") is not None else "-"
+        mn = f"{r['min_ms']:.3g}" if r.get("min_ms") is not None else "-"
         out.append(f"| {r['op']} | {_shape(r)} | {r.get('dtype')} | {r['pass']} | {r['provider']} | "
-                   f"{_ms(r)} | {thr} | {pct} | {vs} | {mem} | {_status(r)} |")
+                   f"{_ms(r)} | {mn} | {thr} | {pct} | {vs} | {mem} | {_status(r)} |")
     return out
 
 
@@ -169,6 +170,10 @@ def targets_table(doc):
 
 def markdown_for_doc(doc, brief=False, title=None):
     lines = [f"## {title or doc.get('suite')}", ""]
+    for w in doc.get("warnings") or []:
+        lines.append(f"**WARNING**: {w}")
+    if doc.get("warnings"):
+        lines.append("")
     if not brief:
         if doc.get("note"):
             lines += [f"> {doc['note']}", ""]

@@ -64,49 +64,91 @@ def _short(e):
 def run_case(case, provider, passes, warmup=1, rounds=5, compile_mode=None, check=True,
              max_seconds=None, cuda_memory=True, log=print):
     """Records for `provider` on `case`, one per pass; a failing provider yields error records."""
-    records = [_base_record(case, provider, p) for p in passes]
+    return run_group(case, [provider], passes, warmup, rounds, compile_mode, check, max_seconds,
+                     cuda_memory, log)
 
-    def fail(status, msg):
-        for r in records:
-            r["status"], r["error"] = status, msg
-        log(f"  {provider:<10} {case.op} {case.label()}: {status}: {msg}")
-        return records
 
-    why = unavailable(provider, case)
-    if why:
-        return fail("skipped", why)
-    if provider == "compile":
-        reset_compiler()
+def _status_of(e):
+    if isinstance(e, AssertionError):
+        return "incorrect"
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "oom"
+    return "error"
+
+
+def run_group(case, providers, passes, warmup=1, rounds=5, compile_mode=None, check=True,
+              max_seconds=None, cuda_memory=True, log=print):
+    """Records for every provider on `case` (one per pass), timed with their rounds interleaved.
+
+    Each provider is checked against the float64 reference first; one that is unavailable, wrong
+    or failing gets "skipped" / "incorrect" / "error" / "oom" records and is never timed, and the
+    others go on. Interleaving (a, b, c, a, b, c, ...) puts every provider under the same load
+    drift, so the ratios between them hold on a noisy machine; min_ms is reported beside the median.
+    """
+    records = {p: [_base_record(case, p, ps) for ps in passes] for p in providers}
     is_cuda = torch.device(case.device).type == "cuda"
+
+    def fail(p, status, msg):
+        for r in records[p]:
+            if r["status"] == "ok" and r.get("median_ms") is None:
+                r["status"], r["error"] = status, msg
+        log(f"  {p:<10} {case.op} {case.label()}: {status}: {msg}")
+
+    runners = {}
+    inputs = None
+    for p in providers:
+        why = unavailable(p, case)
+        if why:
+            fail(p, "skipped", why)
+            continue
+        if p == "compile":
+            reset_compiler()
+        try:
+            if check:
+                # compile is checked at the timed size: a small-size check would cost a second compile
+                check_provider(p, case, compile_mode, small=p != "compile")
+            if inputs is None:
+                inputs = make_inputs(case)
+            runners[p] = Runner(p, case, inputs, compile_mode)
+        except Exception as e:  # noqa: BLE001 - one failing provider must not kill the run
+            fail(p, _status_of(e), _short(e))
     try:
-        if check:
-            # compile is checked at the timed size: a small-size check would cost a second compile
-            check_provider(provider, case, compile_mode, small=provider != "compile")
-        inputs = make_inputs(case)
-        runner = Runner(provider, case, inputs, compile_mode)
-        for r, pass_ in zip(records, passes):
-            fn, setup = runner.timed(pass_)
-            stats = timing.summarize(timing.time_fn(fn, case.device, warmup, rounds, setup,
-                                                    max_seconds))
-            r.update(stats)
-            r["tflops"], r["gbps"] = counts.throughput(r["flops"], r["bytes"], stats["median_ms"] / 1e3)
-            if pass_ == "full" and is_cuda and cuda_memory:
-                r["peak_mem_bytes"] = _cuda_peak(runner)
-                r["grad_bytes"] = _grad_bytes(case)
-        log("  " + "  ".join(f"{provider:<10} {r['pass']:<8} {case.label()} {r['median_ms']:9.3f} ms"
-                             for r in records))
-    except AssertionError as e:
-        return fail("incorrect", _short(e))
-    except torch.cuda.OutOfMemoryError as e:
-        return fail("oom", _short(e))
-    except Exception as e:  # noqa: BLE001 - one failing provider must not kill the run
-        return fail("error", _short(e))
+        for i, pass_ in enumerate(passes):
+            live = {p: r for p, r in runners.items() if records[p][i]["status"] == "ok"}
+            if not live:
+                continue
+            timed = {p: r.timed(pass_) for p, r in live.items()}
+            times, errors = timing.time_interleaved(
+                {p: t[0] for p, t in timed.items()}, case.device, warmup, rounds,
+                {p: t[1] for p, t in timed.items() if t[1] is not None}, max_seconds)
+            for p, e in errors.items():
+                fail(p, _status_of(e), _short(e))
+                runners.pop(p, None)
+            for p in live:
+                if p in errors or not times[p]:
+                    continue
+                r = records[p][i]
+                r.update(timing.summarize(times[p]))
+                r["interleaved_with"] = sorted(live)
+                r["tflops"], r["gbps"] = counts.throughput(r["flops"], r["bytes"], r["median_ms"] / 1e3)
+        for p, runner in runners.items():
+            full = [r for r in records[p] if r["pass"] == "full" and r["status"] == "ok"]
+            if full and is_cuda and cuda_memory:
+                try:
+                    full[0]["peak_mem_bytes"] = _cuda_peak(runner)
+                    full[0]["grad_bytes"] = _grad_bytes(case)
+                except Exception as e:  # noqa: BLE001
+                    fail(p, _status_of(e), _short(e))
+            ok = [r for r in records[p] if r.get("median_ms") is not None]
+            if ok:
+                log("  " + "  ".join(f"{p:<10} {r['pass']:<8} {case.label()} {r['median_ms']:9.3f} ms "
+                                     f"(min {r['min_ms']:.3f})" for r in ok))
     finally:
-        inputs = runner = None  # noqa: F841
+        inputs = runners = None  # noqa: F841
         gc.collect()
         if is_cuda:
             torch.cuda.empty_cache()
-    return records
+    return [r for p in providers for r in records[p]]
 
 
 def _cuda_peak(runner):
@@ -147,36 +189,70 @@ def add_cpu_memory(doc, cases, providers, compile_mode=None, log=print):
         log(f"  memory {res['provider']:<10} {case.label()} {mb} {r['error'] or ''}")
 
 
+def measure_peaks(device, dtype, small=False):
+    """The ceilings every fraction is scored against, measured now: the dtype's matmul rate and, on
+    a GPU, the device-copy bandwidth."""
+    peaks = {"matmul": timing.measure_matmul_peak(device, dtype, n=1024 if small else None)}
+    if torch.device(device).type == "cuda":
+        peaks["copy"] = timing.measure_copy_bandwidth(device, nbytes=(1 << 24) if small else 1 << 30)
+    return peaks
+
+
+def flag_noise(doc):
+    """Warnings a reader must see before trusting the figures: peaks measured before and after the
+    run that differ by more than DRIFT_LIMIT, and any throughput above its measured peak."""
+    warn = []
+    before, after = doc["peaks"], doc.get("peaks_after") or {}
+    for name, field in (("matmul", "tflops"), ("copy", "gbps")):
+        d = timing.peak_drift((before.get(name) or {}).get(field), (after.get(name) or {}).get(field))
+        if d is not None and d > timing.DRIFT_LIMIT:
+            warn.append(f"{name} peak drifted {100 * d:.0f}% during the run "
+                        f"({before[name][field]:.4g} before, {after[name][field]:.4g} after): "
+                        f"the machine's load changed, fractions of peak are unreliable")
+    peak = max([(p.get("matmul") or {}).get("tflops") or 0 for p in (before, after)])
+    bw = max([(p.get("copy") or {}).get("gbps") or 0 for p in (before, after)])
+    for r in doc["results"]:
+        if r.get("op") in ("bottleneck_mlp", "mimic_loss", "mm") and r.get("tflops") and peak \
+                and r.get("provider") != "torch.mm" and r["tflops"] > peak:
+            warn.append(f"{r['name']}: {r['tflops']:.4g} TFLOP/s is {100 * r['tflops'] / peak:.0f}% "
+                        f"of the measured matmul peak (>100%: the peak or the timing is wrong)")
+        if r.get("op") in ("logit_mse_loss", "kd_loss") and r.get("gbps") and bw and r["gbps"] > bw:
+            warn.append(f"{r['name']}: {r['gbps']:.4g} GB/s is {100 * r['gbps'] / bw:.0f}% of the "
+                        f"measured copy bandwidth (>100%: cached, or the byte count is wrong)")
+    doc["warnings"] = warn
+    return warn
+
+
 def run_ops(args, argv=None, log=print):
     """bottleneck_mlp (forward/backward/full), mimic_loss (forward/full) and the logit losses."""
     device = args.device
     doc = new_doc("ops", device, argv, CPU_NOTE if device == "cpu" else None)
     cd = "float32" if device == "cpu" else "bfloat16"
-    doc["peaks"]["matmul"] = timing.measure_matmul_peak(device, getattr(torch, args.dtype or cd))
+    pdtype = getattr(torch, args.dtype or cd)
+    doc["peaks"] = measure_peaks(device, pdtype)
     log(f"matmul peak: {doc['peaks']['matmul']['tflops']:.3f} TFLOP/s ({doc['peaks']['matmul']['dtype']})")
-    if device != "cpu":
-        doc["peaks"]["copy"] = timing.measure_copy_bandwidth(device)
     providers = args.providers or [p for p in MLP_PROVIDERS if p != "triton" or device != "cpu"]
     compile_mode = args.compile_mode
     for case in mlp_cases(args.B, args.H, args.k, args.dtype or cd, device):
         passes = ("forward", "backward", "full") if case.op == "bottleneck_mlp" else ("forward", "full")
-        for p in providers:
-            doc["results"] += run_case(case, p, passes, args.warmup, args.rounds, compile_mode,
-                                       max_seconds=args.max_seconds, log=log)
-            write_doc(doc, args.json)
+        doc["results"] += run_group(case, providers, passes, args.warmup, args.rounds, compile_mode,
+                                    max_seconds=args.max_seconds, log=log)
+        write_doc(doc, args.json)
     if args.loss:
         for op in ("logit_mse_loss", "kd_loss"):
             for B in args.loss_B:
                 case = Case(op, B, PAPER["C"], dtype=args.dtype or cd, device=device)
-                for p in LOSS_PROVIDERS:
-                    doc["results"] += run_case(case, p, ("forward", "full"), args.warmup,
-                                               args.rounds, compile_mode, log=log)
+                doc["results"] += run_group(case, LOSS_PROVIDERS, ("forward", "full"), args.warmup,
+                                            args.rounds, compile_mode, log=log)
         write_doc(doc, args.json)
     if device == "cpu" and args.memory:
         cases = mlp_cases(args.B, args.H, args.k, args.dtype or cd, device, ops=("mimic_loss",))
         add_cpu_memory(doc, cases, [p for p in providers if p != "triton"], compile_mode, log=log)
     if device == "cpu" and TARGET_H in args.H and TARGET_B in args.B and (args.dtype or cd) == "float32":
         doc["results"] += interleaved_target_runs(providers, args.warmup, max(args.rounds, 5), log)
+    doc["peaks_after"] = measure_peaks(device, pdtype)
+    for w in flag_noise(doc):
+        log(f"WARNING: {w}")
     doc["targets"] = cpu_targets(doc) if device == "cpu" else []
     write_doc(doc, args.json)
     return doc
@@ -203,9 +279,13 @@ def interleaved_target_runs(providers, warmup, rounds, log=print):
                   "provider": "torch.mm", "shape": {"M": n, "N": n, "K": n}, "dtype": "float32",
                   "device": "cpu", "flops": counts.mm_flops(n, n, n), "bytes": None, "status": "ok",
                   "error": None}
-    times = timing.time_interleaved(fns, "cpu", warmup, rounds)
+    times, errors = timing.time_interleaved(fns, "cpu", warmup, rounds)
     out = []
     for p, r in recs.items():
+        if p in errors:
+            r["status"], r["error"] = _status_of(errors[p]), _short(errors[p])
+            out.append(r)
+            continue
         r["name"] = "interleaved/" + r["name"]
         r["kind"] = "interleaved"
         r.update(timing.summarize(times[p]))

@@ -124,17 +124,48 @@ def bytes_of(shape, dtype):
     return n * element_size(dtype)
 
 
-def time_interleaved(fns, device="cpu", warmup=1, rounds=5):
-    """{name: per-round seconds} with the callables' rounds interleaved (a, b, c, a, b, c, ...).
+def time_interleaved(fns, device="cpu", warmup=1, rounds=5, setups=None, max_seconds=None):
+    """({name: per-round seconds}, {name: error}) with the callables' rounds interleaved (a, b, c, a, ...).
 
     On a shared machine the load drifts; interleaving puts every provider under the same drift, so
-    their ratios (the targets) are much steadier than from back-to-back runs.
+    their ratios are much steadier than from back-to-back runs. `setups` maps a name to an untimed
+    setup whose result is passed to fn (as in time_fn). A callable that raises is dropped from the
+    rotation and its error returned (one failing provider must not stop the others); OOM included.
+    Stops after `max_seconds` of timed work once every survivor has at least 3 rounds.
     """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+    setups = setups or {}
+    live = dict(fns)
+    errors = {}
+
+    def one(name, w, r):
+        try:
+            return time_fn(live[name], device, w, r, setups.get(name))
+        except Exception as e:  # noqa: BLE001 - recorded by the caller
+            errors[name] = e
+            del live[name]
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            return []
+
+    for name in list(live):
+        one(name, warmup, 0)
     out = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            out[name] += time_fn(fn, device, 0, 1)
-    return out
+    spent = 0.0
+    for i in range(rounds):
+        for name in list(live):
+            t = one(name, 0, 1)
+            out[name] += t
+            spent += sum(t)
+        if max_seconds is not None and spent > max_seconds and i + 1 >= 3:
+            break
+    return out, errors
+
+
+def peak_drift(before, after):
+    """|after - before| / max of two peak measurements (TFLOP/s or GB/s); None if either is missing."""
+    if not before or not after:
+        return None
+    return abs(after - before) / max(before, after)
+
+
+DRIFT_LIMIT = 0.10  # peaks measured before and after a run that differ by more: the machine changed

@@ -1,11 +1,13 @@
 """CUDA backend: hand-written CUDA kernels (csrc/cuda, torch.ops.mimic_fast.cuda_*), no Triton.
 
 The MLP is streamed over H in chunks whose (B, chunk) tile stays in L2 (sized from the device's L2):
-per chunk cuBLAS GEMMs through ATen and one fused bias+activation epilogue; backward recomputes the
-tile. float32 / float16 / bfloat16 only (float64: use "reference"); needs torch with CUDA and the
+per chunk cuBLAS GEMMs through ATen (ReLU's bias+activation fused into the GEMM by cuBLASLt) and one
+bias+activation epilogue otherwise; backward recomputes the tile. Each chunk loop is replayed from a
+CUDA graph captured on its second call with the same shapes and parameters (set_graphs / graphs()). float32 / float16 / bfloat16 only (float64: use "reference"); needs torch with CUDA and the
 extension mimic_fast._C_cuda (built by setup.py when nvcc is found). Also the one-pass loss kernels
 with autograd: logit_mse_loss and kd_loss, which mimic_fast.functional routes CUDA tensors to.
 """
+import contextlib
 import math
 import os
 import warnings
@@ -97,7 +99,8 @@ def describe():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
         return {"built": False, "arch_list": f"{archs} (when built)"}
     info = {"built": True, "arch_list": ";".join(f"{a // 10}.{a % 10}" for a in built_archs()),
-            "chunk_h": CHUNK_H or "auto (L2)"}
+            "chunk_h": CHUNK_H or "auto (L2)",
+            "chunk_loop": "CUDA-graph replay" if graph_stats()["enabled"] else "eager (graphs off)"}
     if torch.cuda.is_available():
         info["l2_bytes"] = int(torch.ops.mimic_fast.cuda_l2_bytes(torch.cuda.current_device()))
     return info
@@ -110,6 +113,33 @@ def chunk_h(B, H, dtype, backward=False, device=None):
     index = torch.cuda.current_device() if device is None else torch.device(device).index or 0
     return int(torch.ops.mimic_fast.cuda_chunk_h(B, H, torch.empty((), dtype=dtype).element_size(),
                                                   backward, index))
+
+
+# Order of torch.ops.mimic_fast.cuda_graph_stats()'s counters.
+GRAPH_STATS = ("enabled", "graphs", "captures", "replays", "eager", "failures")
+
+
+def graph_stats():
+    """{enabled, graphs held, captures, replays, eager runs, failed captures} of the chunk loops."""
+    return dict(zip(GRAPH_STATS, torch.ops.mimic_fast.cuda_graph_stats()))
+
+
+def set_graphs(enabled):
+    """Turn the chunk loops' CUDA-graph replay on or off (drops captured graphs); returns the old setting.
+
+    On by default; MIMIC_FAST_CUDA_GRAPHS=0 in the environment starts with it off.
+    """
+    return bool(torch.ops.mimic_fast.cuda_set_graphs(bool(enabled)))
+
+
+@contextlib.contextmanager
+def graphs(enabled):
+    """Run a block with the chunk loops' graph replay on or off, then restore the previous setting."""
+    old = set_graphs(enabled)
+    try:
+        yield
+    finally:
+        set_graphs(old)
 
 
 # ---- the backend interface of mimic_fast.dispatch --------------------------------------------------

@@ -97,8 +97,8 @@ def _torch_ops(op, B, D, k, H, C, elem, p, deterministic):
     flops = 2 * 2 * B * D * k
     hbm = 2 * (B * k + k * D + B * D) * elem + B * D * elem  # dx = dz U, dU = dzᵀ x
     hbm += B * (p.KP + p.CP) * elem * 2 + B * C * 4  # z_pad, dy_pad
-    if not deterministic:
-        hbm += p.rows_bwd * p.KP * 4 * 2  # dz fp32 buffer: zeroed, read back
+    if not p.dz_kernel:
+        hbm += p.rows_bwd * p.KP * 4 * 2  # dzᵀ fp32 buffer: zeroed, read back
     return flops, hbm
 
 

@@ -147,7 +147,7 @@ class Plan(NamedTuple):
     block_b_bwd: int
     bwd_chunks: int  # batch chunks of the backward (> 1 only when H tiles alone cannot fill the GPU)
     bwd_tiles_per_chunk: int
-    deterministic: bool
+    dz_kernel: bool  # dz by the dz kernel (deterministic), not by reduce-adds in the backward
     dz_splits: int
 
     @property
@@ -207,13 +207,16 @@ def plan(B, k, H, C, elem=2, deterministic=None):
     """The launch plan for (B, k, H, C) with `elem`-byte operands on this GPU (or the one of
     `device_override`): every launch's padded sizes, tiles and grid but the autotuned ones.
 
-    Grids fill the GPU: >= 2 waves where the tiles allow, at the least wave-quantised time. The
-    backward's batch tile is the largest whose pipelined config fits the shared memory.
+    Grids fill the GPU: >= 2 waves where the tiles allow, >= 90% busy counting wave quantisation,
+    with the fewest splits (fewer partial sums).
     """
     dev = _device()
     interpret = K.INTERPRET
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    # fp32 (TF32) always takes the dz kernel: the reduce-add variant needs K-major copies of V_j
+    # that, with the fp32 tiles, pass the shared memory (benchmarks/NOTES.md).
+    dz_kernel = deterministic or elem == 4
     KP = pad_k(k)
     C1, C2 = split_c(C)
     CP = C1 + C2
@@ -223,21 +226,15 @@ def plan(B, k, H, C, elem=2, deterministic=None):
     fwd_bb = 16 if interpret else 128
     max_split = min(64, max(1, H // block_h))
     fwd_splits = _fill(-(-B // fwd_bb), n_tiles, dev.sms, max_split)
-    if interpret:
-        block_b_bwd, bwd_bh = 16, 16
-    else:
-        bwd_bh = max(c.kwargs["BLOCK_H"] for c in K.BWD_CONFIGS)
-        # Hopper: 64 rows for wgmma first, pipelined if it fits; elsewhere pipelining first.
-        order = ((64, 2), (64, 1), (32, 2), (32, 1)) if dev.capability >= 90 and elem <= 2 else \
-            ((64, 2), (32, 2), (64, 1), (32, 1))
-        block_b_bwd = next((bb for bb, st in order if K.smem_bytes(
-            "bwd", {"BLOCK_B": bb, "BLOCK_H": bwd_bh}, st, KP, CP, elem, not deterministic)
-            <= dev.smem), 32)
+    # The backward is hidden-major: its batch tile is the N of the per-tile transients, kept small.
+    # fp32 (TF32) tiles are twice the bytes, and TF32 wgmma needs K-major copies: 16 rows.
+    block_b_bwd, bwd_bh = (16, 16) if interpret else \
+        (32 if elem <= 2 else 16, max(c.kwargs["BLOCK_H"] for c in K.BWD_CONFIGS))
     n_btb = -(-B // block_b_bwd)
     chunks = _fill(-(-H // bwd_bh), n_btb, dev.sms, min(n_btb, 64))
-    dz_splits = _fill(-(-B // fwd_bb), n_tiles, dev.sms, max_split) if deterministic else 0
+    dz_splits = _fill(-(-B // fwd_bb), n_tiles, dev.sms, max_split) if dz_kernel else 0
     return Plan(B, k, H, C, KP, C1, C2, _round_up(H, H_ALIGN), dev.sms, rows, block_h, fwd_splits,
-                block_b_bwd, chunks, -(-n_btb // chunks), deterministic, dz_splits)
+                block_b_bwd, chunks, -(-n_btb // chunks), dz_kernel, dz_splits)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -393,7 +390,7 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
     dtype = x.dtype
     with _device_guard(x):
         p = _plan_for(z, V, W, deterministic)
-        rows = max(p.rows_bwd, p.rows if p.deterministic else 0)
+        rows = max(p.rows_bwd, p.rows if p.dz_kernel else 0)
         z_pad = _padded(z, rows, p.KP, dtype)
         dy_pad = _padded(dy, rows, p.CP, dtype)  # tensor-core operand; eager's dy has this dtype
         V_pad, b1_pad, W = _weights(V, b1, W, p)
@@ -409,33 +406,34 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
             db1_out = torch.empty((chunks, p.H_pad), dtype=torch.float32, device=dev)
         else:
             dv_out, dw_out, db1_out = dV, dW, db1
-        dz32 = None if p.deterministic else torch.zeros((rows, p.KP), dtype=torch.float32,
-                                                       device=dev)
+        # dzᵀ (KP, rows) fp32: the backward kernel's reduce-add target (TMA boxes of (KP/2, BLOCK_B))
+        dzt = None if p.dz_kernel else torch.zeros((p.KP, rows), dtype=torch.float32,
+                                                      device=dev)
         grid = lambda META: (triton.cdiv(p.H, META["BLOCK_H"]), chunks)  # noqa: E731
         KH = p.KP // 2
         bb = p.block_b_bwd
         z_desc = TensorDescriptor(z_pad, [rows, p.KP], [p.KP, 1], [bb, KH])
         dy1_desc = TensorDescriptor(dy_pad, [rows, p.CP], [p.CP, 1], [bb, p.C1])
         dy2_desc = TensorDescriptor(dy_pad, [rows, p.CP], [p.CP, 1], [bb, max(p.C2, 16)])
-        # Without atomics the kernel never touches DZ: any descriptor of the right type will do.
-        dz_desc = z_desc if dz32 is None else TensorDescriptor(dz32, [rows, p.KP], [p.KP, 1],
-                                                                [bb, KH])
+        # Without atomics the kernel never touches DZT: any descriptor of the right type will do.
+        dzt_desc = z_desc if dzt is None else TensorDescriptor(dzt, [p.KP, rows], [rows, 1],
+                                                                [KH, bb])
         K._fused_mlp_bwd_kernel[grid](
             z_desc, dy1_desc, dy2_desc, V_pad, _dummy(z) if b1 is None else b1_pad, W,
             dv_out, _dummy(z) if db1_out is None else db1_out, dw_out,
-            _dummy(z) if dz32 is None else dz32, dz_desc,
+            _dummy(z) if dzt is None else dzt, dzt_desc,
             p.H, p.C, p.k, p.bwd_tiles_per_chunk, W.stride(0),
-            dv_out.stride(-2), dw_out.stride(-2),
+            dv_out.stride(-2), dw_out.stride(-2), rows,
             dv_out.stride(0) if chunks > 1 else 0, dw_out.stride(0) if chunks > 1 else 0,
             db1_out.stride(0) if chunks > 1 and db1_out is not None else 0,
-            DZ_ATOMIC=not p.deterministic, DZ_TMA=not K.INTERPRET, BLOCK_B=p.block_b_bwd, **consts)
+            DZ_ATOMIC=not p.dz_kernel, DZ_TMA=not K.INTERPRET, BLOCK_B=p.block_b_bwd, **consts)
         if chunks > 1:
             _reduce_splits(dv_out, p.H, p.k, p.KP, out=dV)
             _reduce_splits(dw_out, p.C, p.H, p.H_pad, out=dW)
             if db1 is not None:
                 _reduce_splits(db1_out.view(chunks, 1, p.H_pad), 1, p.H, p.H_pad,
                                out=db1.view(1, p.H))
-        if p.deterministic:
+        if p.dz_kernel:
             dzp = torch.empty((p.dz_splits, p.rows, p.KP), dtype=torch.float32, device=dev)
             dz_grid = lambda META: (p.rows // META["BLOCK_B"], p.dz_splits)  # noqa: E731
             K._fused_mlp_dz_kernel[dz_grid](
@@ -445,7 +443,7 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
             dz = _reduce_splits(dzp, p.B, p.k, p.KP,
                                 out=torch.empty((p.B, p.k), dtype=dtype, device=dev))
         else:
-            dz = dz32[:p.B, :p.k].to(dtype)
+            dz = dzt[:p.k, :p.B].t().to(dtype)
         dx = torch.matmul(dz, U)
         dU = torch.matmul(dz.t(), x)
         db2 = dy.sum(0, dtype=torch.float32).to(dtype) if has_b2 else None

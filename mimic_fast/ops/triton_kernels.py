@@ -60,8 +60,11 @@ FWD_CONFIGS = _configs(
      ({"BLOCK_B": 32}, 4, 2)],
     {"BLOCK_B": 16},
 )
-# BLOCK_H 64 spills at every warp count (dV_j, dW_j and the transients pass 255 registers).
-BWD_CONFIGS = _configs([({"BLOCK_H": 32}, 8, 2), ({"BLOCK_H": 32}, 8, 1)], {"BLOCK_H": 16})
+# The backward runs 64 hidden units per program (32 would double the z/dy reloads and dz reduce-adds
+# through L2); 4 warps spill at 64, and 128 cannot hold dV_j + dW_j in registers. The 1-stage
+# config is the fallback where 2 stages do not fit (sm_80, fp32).
+BWD_CONFIGS = _configs([({"BLOCK_H": 64}, 8, 2), ({"BLOCK_H": 64}, 8, 3), ({"BLOCK_H": 64}, 8, 1)],
+                       {"BLOCK_H": 16})
 DZ_CONFIGS = _configs(
     [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 32}, 4, 2)],
     {"BLOCK_B": 16},
@@ -74,9 +77,9 @@ def smem_bytes(kernel, meta, num_stages, KP, CP, elem, dz_atomic=True):
     bb, bh = meta["BLOCK_B"], meta["BLOCK_H"]
     if kernel == "fwd":  # z resident; V_j, W_j pipelined; h is a register operand
         total = elem * (bb * KP + num_stages * bh * (KP + CP))
-    elif kernel == "bwd":  # V_j, W_j resident; z, dy pipelined; h, da staged; dz staged for TMA
+    elif kernel == "bwd":  # V_j, W_j resident; z, dy pipelined; h, da staged; dzᵀ staged for TMA
         total = elem * (bh * (KP + CP) + num_stages * bb * (KP + CP) + 2 * bb * bh)
-        total += 4 * bb * (KP // 2) if dz_atomic else 0
+        total += 4 * bb * KP if dz_atomic else 0
     elif kernel == "dz":  # z, dy resident; V_j, W_j pipelined
         total = elem * (bb * (KP + CP) + num_stages * bh * (KP + CP))
     else:
@@ -99,11 +102,12 @@ def fitting_configs(kernel, configs, args, limit, capability):
         return smem_bytes(kernel, meta, c.num_stages, KP, CP, elem, atomic) <= limit
 
     def wgmma_rows(c):
-        # TF32 backward is the exception (benchmarks/NOTES.md): its batch-reducing GEMMs need
-        # K-major copies of 64-row tiles that do not fit, so it runs 32 rows on mma.sync.
-        if capability < 90 or (kernel == "bwd" and elem == 4):
+        # wgmma's M is >= 64: the batch tile of the forward and dz kernels, the hidden tile of the
+        # backward (written hidden-major).
+        if capability < 90:
             return True
-        return c.kwargs.get("BLOCK_B", args.get("BLOCK_B", 64)) >= 64
+        meta = {**args, **c.kwargs}
+        return meta["BLOCK_H" if kernel == "bwd" else "BLOCK_B"] >= 64
 
     kept = [c for c in configs if fits(c) and wgmma_rows(c)]
     if any(c.num_stages > 1 for c in kept):
@@ -301,12 +305,12 @@ def _reduce_splits_kernel(
 
 # ----------------------------------------------------------------------------------------- backward
 @triton.autotune(configs=BWD_CONFIGS, key=["H", "C", "KP", "ACTIVATION", "HAS_B1", "DZ_ATOMIC"],
-                 reset_to_zero=["DZ"], prune_configs_by={"early_config_prune": _prune("bwd")})
+                 reset_to_zero=["DZT"], prune_configs_by={"early_config_prune": _prune("bwd")})
 @triton.jit
 def _fused_mlp_bwd_kernel(
-    Z, DY1, DY2, V, B1, W, DV, DB1, DW, DZ, DZ_DESC,
-    H, C, k, tiles_per_chunk: constexpr, stride_wc, stride_dvh, stride_dwc, chunk_dv, chunk_dw,
-    chunk_db1,
+    Z, DY1, DY2, V, B1, W, DV, DB1, DW, DZT, DZT_DESC,
+    H, C, k, tiles_per_chunk: constexpr, stride_wc, stride_dvh, stride_dwc, stride_dzt,
+    chunk_dv, chunk_dw, chunk_db1,
     KP: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, MASK_C1: tl.constexpr,
     MASK_C2: tl.constexpr, HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr,
     DZ_ATOMIC: tl.constexpr, DZ_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -315,81 +319,84 @@ def _fused_mlp_bwd_kernel(
     """dW_j, dV_j, db1_j (and dz) of H tile j over batch chunk c; grid (H tiles, batch chunks).
 
     FlashAttention-2's dK/dV kernel with z as Q, V as K and Wᵀ as the values: V_j, W_j stay on chip,
-    batch tiles of Z (B_pad, KP) and DY (B_pad, C1 + C2) (zero-padded: padded rows add nothing)
-    stream through, `a` is recomputed once per (batch tile, H tile) and dW_j, dV_j, db1_j accumulate
-    in fp32 registers. DZ_ATOMIC: dz += da V_j into DZ (B_pad, KP) fp32 by atomic adds (it stays in
-    L2). Outputs dV (H, k), dW (C, H), db1 (H) in their dtype or, with several batch chunks (small
-    H), fp32 partials per chunk at DV/DW/DB1 + c · chunk_*, summed in order by the launcher.
+    batch tiles of Z (B_pad, KP) and DY (B_pad, C1 + C2) (TMA descriptors; zero-padded rows add
+    nothing) stream through, and `a` is recomputed once per (batch tile, H tile). Every GEMM is
+    written hidden-major (aᵀ = V_j zᵀ, dhᵀ = W_jᵀ dyᵀ, dV_j += daᵀ z, dW_jᵀ += hᵀ dy, dzᵀ = V_jᵀ daᵀ)
+    so that its M is BLOCK_H, KP or CP (>= 64, as wgmma needs) while the batch tile, the N of the
+    per-tile transients, stays small: that is what keeps dV_j, dW_j (fp32) and the transients in
+    registers at BLOCK_H = 64. DZ_ATOMIC: dzᵀ goes into DZT (KP, B_pad) fp32 by reduce-adds (TMA
+    with DZ_TMA; it stays in L2). Outputs dV (H, k), dW (C, H), db1 (H) in their dtype or, with
+    several batch chunks (small H), fp32 partials per chunk at DV/DW/DB1 + c · chunk_*.
     """
     pid_h = tl.program_id(0)
     pid_c = tl.program_id(1)
-    CP: tl.constexpr = C1 + C2
-    KH: tl.constexpr = KP // 2  # z, V, dV and dz travel as two k halves: half the live registers
+    KH: tl.constexpr = KP // 2  # V_jᵀ, dV_j and dzᵀ travel as two k halves: fewer live registers
     offs_h = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_ka = tl.arange(0, KH)
     offs_kb = KH + tl.arange(0, KH)
-    va = tl.load(V + offs_h[:, None] * KP + offs_ka[None, :])
+    va = tl.load(V + offs_h[:, None] * KP + offs_ka[None, :])  # (BLOCK_H, KH)
     vb = tl.load(V + offs_h[:, None] * KP + offs_kb[None, :])
     if HAS_B1:
         b1 = tl.load(B1 + offs_h).to(tl.float32)
     # W_j is read once per program: mask the ragged H tile here rather than peel the loop.
-    w1 = _load_w(W, tl.arange(0, C1), offs_h, H, C, stride_wc, MASK_C1, True)
+    w1 = _load_w(W, tl.arange(0, C1), offs_h, H, C, stride_wc, MASK_C1, True)  # (C1, BLOCK_H)
     if C2 > 0:
         w2 = _load_w(W, C1 + tl.arange(0, C2), offs_h, H, C, stride_wc, MASK_C2, True)
-    dva = tl.zeros((KH, BLOCK_H), dtype=tl.float32)  # dV_jᵀ: wgmma needs M >= 64, BLOCK_H may be 32
-    dvb = tl.zeros((KH, BLOCK_H), dtype=tl.float32)
-    dw1 = tl.zeros((C1, BLOCK_H), dtype=tl.float32)
-    dw2 = tl.zeros((C2 if C2 > 0 else 16, BLOCK_H), dtype=tl.float32)
+    dva = tl.zeros((BLOCK_H, KH), dtype=tl.float32)
+    dvb = tl.zeros((BLOCK_H, KH), dtype=tl.float32)
+    dw1t = tl.zeros((BLOCK_H, C1), dtype=tl.float32)
+    dw2t = tl.zeros((BLOCK_H, C2 if C2 > 0 else 16), dtype=tl.float32)
     db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
     b_begin = pid_c.to(tl.int64) * tiles_per_chunk * BLOCK_B
     for i in range(0, tiles_per_chunk):
         row = (b_begin + i * BLOCK_B).to(tl.int32)
-        offs_b = b_begin + i * BLOCK_B + tl.arange(0, BLOCK_B)
-        za = Z.load([row, 0])
+        za = Z.load([row, 0])  # (BLOCK_B, KH)
         zb = Z.load([row, KH])
-        dy1 = DY1.load([row, 0])
-        a = tl.dot(za, tl.trans(va), input_precision=DOT_PRECISION)
-        a = tl.dot(zb, tl.trans(vb), a, input_precision=DOT_PRECISION)
+        dy1 = DY1.load([row, 0])  # (BLOCK_B, C1)
+        at = tl.dot(va, tl.trans(za), input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_B)
+        at = tl.dot(vb, tl.trans(zb), at, input_precision=DOT_PRECISION)
         if HAS_B1:
-            a += b1[None, :]
-        h = _act(a, ACTIVATION).to(za.dtype)
-        dw1 = tl.dot(tl.trans(dy1), h, dw1, input_precision=DOT_PRECISION)
-        dh = tl.dot(dy1, w1, input_precision=DOT_PRECISION)
+            at += b1[:, None]
+        ht = _act(at, ACTIVATION).to(za.dtype)
+        dw1t = tl.dot(ht, dy1, dw1t, input_precision=DOT_PRECISION)
+        dht = tl.dot(tl.trans(w1), tl.trans(dy1), input_precision=DOT_PRECISION)
         if C2 > 0:
             dy2 = DY2.load([row, C1])
-            dw2 = tl.dot(tl.trans(dy2), h, dw2, input_precision=DOT_PRECISION)
-            dh = tl.dot(dy2, w2, dh, input_precision=DOT_PRECISION)
-        # Padded batch rows have dy = 0 and padded H columns W = 0, so da is 0 there.
-        da = dh * _act_grad(a, ACTIVATION)
-        db1 += tl.sum(da, 0)
-        da_op = da.to(za.dtype)
-        dva = tl.dot(tl.trans(za), da_op, dva, input_precision=DOT_PRECISION)
-        dvb = tl.dot(tl.trans(zb), da_op, dvb, input_precision=DOT_PRECISION)
+            dw2t = tl.dot(ht, dy2, dw2t, input_precision=DOT_PRECISION)
+            dht = tl.dot(tl.trans(w2), tl.trans(dy2), dht, input_precision=DOT_PRECISION)
+        # Padded batch rows have dy = 0 and padded H rows W = 0, so da is 0 there.
+        dat = dht * _act_grad(at, ACTIVATION)
+        db1 += tl.sum(dat, 1)
+        dat_op = dat.to(za.dtype)
+        dva = tl.dot(dat_op, za, dva, input_precision=DOT_PRECISION)
+        dvb = tl.dot(dat_op, zb, dvb, input_precision=DOT_PRECISION)
         if DZ_ATOMIC:
+            dzta = tl.dot(tl.trans(va), dat_op, input_precision=DOT_PRECISION)  # (KH, BLOCK_B)
+            dztb = tl.dot(tl.trans(vb), dat_op, input_precision=DOT_PRECISION)
             if DZ_TMA:
-                DZ_DESC.atomic_add([row, 0], tl.dot(da_op, va, input_precision=DOT_PRECISION))
-                DZ_DESC.atomic_add([row, KH], tl.dot(da_op, vb, input_precision=DOT_PRECISION))
+                DZT_DESC.atomic_add([0, row], dzta)
+                DZT_DESC.atomic_add([KH, row], dztb)
             else:
-                dz_ptrs = DZ + offs_b[:, None] * KP
-                dz = tl.dot(da_op, va, input_precision=DOT_PRECISION)
-                tl.atomic_add(dz_ptrs + offs_ka[None, :], dz, sem="relaxed")
-                dz = tl.dot(da_op, vb, input_precision=DOT_PRECISION)
-                tl.atomic_add(dz_ptrs + offs_kb[None, :], dz, sem="relaxed")
-    # PARTIAL: the launcher points DV/DW/DB1 at fp32 per-chunk buffers (chunk c at c · chunk_*).
+                offs_b = row + tl.arange(0, BLOCK_B)
+                tl.atomic_add(DZT + offs_ka[:, None] * stride_dzt + offs_b[None, :], dzta,
+                              sem="relaxed")
+                tl.atomic_add(DZT + offs_kb[:, None] * stride_dzt + offs_b[None, :], dztb,
+                              sem="relaxed")
+    # With several batch chunks the launcher points DV/DW/DB1 at fp32 per-chunk buffers.
     c = pid_c.to(tl.int64)
     mask_h = offs_h < H
     dv_ptrs = DV + c * chunk_dv + offs_h[:, None] * stride_dvh
-    tl.store(dv_ptrs + offs_ka[None, :], tl.trans(dva).to(DV.dtype.element_ty),
+    tl.store(dv_ptrs + offs_ka[None, :], dva.to(DV.dtype.element_ty),
              mask=mask_h[:, None] & (offs_ka < k)[None, :])
-    tl.store(dv_ptrs + offs_kb[None, :], tl.trans(dvb).to(DV.dtype.element_ty),
+    tl.store(dv_ptrs + offs_kb[None, :], dvb.to(DV.dtype.element_ty),
              mask=mask_h[:, None] & (offs_kb < k)[None, :])
     offs_c1 = tl.arange(0, C1)
-    tl.store(DW + c * chunk_dw + offs_c1[:, None].to(tl.int64) * stride_dwc + offs_h[None, :],
-             dw1.to(DW.dtype.element_ty), mask=(offs_c1 < C)[:, None] & mask_h[None, :])
+    tl.store(DW + c * chunk_dw + offs_c1[None, :].to(tl.int64) * stride_dwc + offs_h[:, None],
+             dw1t.to(DW.dtype.element_ty), mask=(offs_c1 < C)[None, :] & mask_h[:, None])
     if C2 > 0:
         offs_c2 = C1 + tl.arange(0, C2)
-        tl.store(DW + c * chunk_dw + offs_c2[:, None].to(tl.int64) * stride_dwc + offs_h[None, :],
-                 dw2.to(DW.dtype.element_ty), mask=(offs_c2 < C)[:, None] & mask_h[None, :])
+        tl.store(DW + c * chunk_dw + offs_c2[None, :].to(tl.int64) * stride_dwc + offs_h[:, None],
+                 dw2t.to(DW.dtype.element_ty), mask=(offs_c2 < C)[None, :] & mask_h[:, None])
     if HAS_B1:
         tl.store(DB1 + c * chunk_db1 + offs_h, db1.to(DB1.dtype.element_ty), mask=mask_h)
 

@@ -1,0 +1,166 @@
+"""Environment and API probes, the first stage of scripts/gpu_check.sh (~10 s on a GPU).
+
+    python -m mimic_fast.bench.probe --out env.json
+
+The device (name, SMs, L2, memory, clocks), the versions (torch, triton, CUDA, nvcc, driver), and the
+ATen calls the CUDA binding relies on, each tried on small random data against a float64 reference:
+mm with out_dtype=float32, addmm into a float32 accumulator (out_dtype, in place), _addmm_activation
+(fused bias + ReLU, and which GELU its use_gelu is), CUDA-graph capture and replay, and
+set_sync_debug_mode. A probe that fails is recorded with its error; none stops the others.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+
+def _run(cmd):
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (p.stdout or p.stderr).strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unavailable: {e}"
+
+
+def _rel_err(a, ref):
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def api_probes(device):
+    """{probe: {"ok": bool, ...}} for the ATen entry points csrc/cuda/cuda_ops.cpp uses."""
+    import torch
+    import torch.nn.functional as F
+
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    lo = torch.bfloat16
+    a64, b64 = torch.randn(96, 40, generator=g, dtype=torch.float64), torch.randn(40, 72, generator=g,
+                                                                                  dtype=torch.float64)
+    bias64 = torch.randn(72, generator=g, dtype=torch.float64)
+    a, b, bias = (t.to(device, lo) for t in (a64, b64, bias64))
+    ref = a.double() @ b.double()
+
+    def probe(name, fn):
+        try:
+            out[name] = {"ok": True, **(fn() or {})}
+        except Exception as e:  # noqa: BLE001 - recorded, the next probe still runs
+            out[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+
+    def mm_out_dtype():
+        y = torch.mm(a, b, out_dtype=torch.float32)
+        assert y.dtype == torch.float32
+        return {"rel_err": _rel_err(y, ref)}
+
+    def addmm_accumulate():
+        acc = torch.randn(96, 72, generator=g).to(device)
+        want = acc.double() + ref
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return {"rel_err": _rel_err(acc, want)}
+
+    def addmm_activation():
+        h = torch._addmm_activation(bias, a, b)
+        want = torch.relu(ref + bias.double())
+        hg = torch._addmm_activation(bias, a, b, use_gelu=True)
+        exact = F.gelu(ref + bias.double())
+        tanh = F.gelu(ref + bias.double(), approximate="tanh")
+        return {"relu_rel_err": _rel_err(h, want), "gelu_vs_exact": _rel_err(hg, exact),
+                "gelu_vs_tanh": _rel_err(hg, tanh)}
+
+    def graph_capture():
+        if torch.device(device).type != "cuda":
+            raise RuntimeError("no CUDA device")
+        x = a.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.mm(x, b)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = torch.mm(x, b)
+        x.copy_(a * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        return {"rel_err": _rel_err(y, 2 * ref)}
+
+    def sync_debug():
+        if torch.device(device).type != "cuda":
+            raise RuntimeError("no CUDA device")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            try:
+                torch.ones(1, device=device).item()
+                caught = False
+            except RuntimeError:
+                caught = True
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert caught, "set_sync_debug_mode('error') did not raise on .item()"
+
+    for name, fn in (("mm_out_dtype_float32", mm_out_dtype), ("addmm_out_dtype_accumulate", addmm_accumulate),
+                     ("_addmm_activation", addmm_activation), ("cuda_graph_capture", graph_capture),
+                     ("set_sync_debug_mode", sync_debug)):
+        probe(name, fn)
+    return out
+
+
+def environment():
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+           "cuda_available": torch.cuda.is_available()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError as e:
+        env["triton"] = f"unavailable: {e}"
+    nvcc = shutil.which("nvcc")
+    env["nvcc"] = _run([nvcc, "--version"]).splitlines()[-1] if nvcc else None
+    if shutil.which("nvidia-smi"):
+        env["nvidia_smi"] = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                                  "clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu",
+                                  "--format=csv"])
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=p.name, sms=p.multi_processor_count, compute_capability=f"{p.major}.{p.minor}",
+                   memory_gib=round(p.total_memory / 2**30, 1),
+                   l2_bytes=getattr(p, "L2_cache_size", None))
+        try:
+            env["triton_target"] = str(__import__("triton").runtime.driver.active.get_current_target())
+        except Exception as e:  # noqa: BLE001
+            env["triton_target"] = f"unavailable: {e}"
+    return env
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mimic_fast.bench.probe", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args(argv)
+    import torch
+
+    doc = {"env": environment()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    doc["api"] = api_probes(device)
+    doc["api_device"] = device
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    e = doc["env"]
+    print(f"device: {e.get('device', 'no CUDA device')}  SMs {e.get('sms')}  L2 {e.get('l2_bytes')}  "
+          f"torch {e['torch']} (CUDA {e['torch_cuda']})  triton {e['triton']}  nvcc: {e['nvcc']}")
+    if e.get("nvidia_smi"):
+        print(e["nvidia_smi"])
+    for name, r in doc["api"].items():
+        print(f"  {name:<28} {'ok' if r['ok'] else 'FAILED'}  "
+              + ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in r.items() if k != "ok"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
