@@ -545,7 +545,7 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
     run_config = {"kind": kind, **asdict(config), **extra_config, "world_size": world}
     history, start, resumes = [], 0, []
     if resume_path is not None:
-        ckpt = _on_rank0(lambda: _load_checkpoint(resume_path, kind), 1)  # every rank reads the file
+        ckpt = _load_checkpoint(resume_path, kind)  # every rank reads it: the same error everywhere
         changed = _resume_changes(ckpt, run_config, resume_path)
         try:
             unwrap(model).load_state_dict(ckpt["model"])

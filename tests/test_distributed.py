@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 import mimic_fast as mf
 from mimic_fast import train as T
+from mimic_fast._io import LOCK_NAME
 from mimic_fast.testing import assert_close
 
 D, C, N, H, K = 8, 3, 64, 32, 4
@@ -92,7 +93,8 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path):
     assert h0[-1]["loss"] < h0[0]["loss"]
     # only rank 0 wrote: one checkpoint, one metrics line per epoch
     run = tmp_path / "run"
-    assert sorted(os.listdir(run)) == [T.CHECKPOINT, T.METRICS]
+    # (and the writer lock file: kept, as flock files must be, so later runs lock the same inode)
+    assert sorted(os.listdir(run)) == [LOCK_NAME, T.CHECKPOINT, T.METRICS]
     assert len((run / T.METRICS).read_text().splitlines()) == OPTS["epochs"]
     ckpt = torch.load(run / T.CHECKPOINT, weights_only=False)
     assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]) == 2

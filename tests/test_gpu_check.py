@@ -5,6 +5,7 @@ script names and fails when one selects nothing, runs the probe and the benchmar
 at tiny shapes, and checks that $OUT holds at most 8 files, none deeper than two folders (what the
 GPU machine returns). ~40 s on 2 cores.
 """
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,11 @@ def test_dry_run_passes_and_writes_the_expected_files(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["bench.json", "bench.log", "build.log", "env.json", "student.json", "summary.txt",
                      "tests.log"], files
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    for label, model in bench["cost_model"].items():  # mimic_fast.ops.triton_cost beside the figures
+        assert "error" not in model, (label, model)
+        assert model["full"]["time_s"] > model["forward"]["time_s"] > 0
+    assert json.loads((tmp_path / "env.json").read_text())["api"]["_addmm_activation"]["ok"]
     # the short table is the last thing printed, as on the GPU machine
     tail = proc.stdout.rstrip().splitlines()[-3:]
     assert any("samples/s" in line or "target:" in line for line in tail), tail

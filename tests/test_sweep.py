@@ -45,8 +45,13 @@ def teacher_file(tmp_path_factory):
     lab, _ = labelled_split(y, 0.15, 0)
     torch.manual_seed(0)
     model = DNN(64, 10, hidden=(64,), dropout=0.0)
-    res = T.train_teacher(model, TensorDataset(X[lab], y[lab]), None, epochs=30, batch_size=32,
-                          lr=0.05, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the sweep does: two threads on a busy 2-core machine are ~30x slower
+    try:
+        res = T.train_teacher(model, TensorDataset(X[lab], y[lab]), None, epochs=30, batch_size=32,
+                              lr=0.05, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
     spec = {"name": "dnn-2k", "kwargs": {"in_features": 64, "num_classes": 10, "hidden": (64,),
                                          "dropout": 0.0}}

@@ -121,37 +121,92 @@ def _direct_inputs(shape=SHAPE, dtype=torch.float32, bias=True):
     return [None if t is None else t.detach() for t in make_mlp_inputs(*shape, dtype=dtype, bias=bias)]
 
 
-def test_split_counts_and_dz_modes_agree_with_reference():
-    x, U, V, b1, W, b2 = _direct_inputs()
+_REF_GRADS = ("dx", "dU", "dV", "db1", "dW", "db2")
+
+
+def _check_direct(x, U, V, b1, W, b2, activation, deterministic):
     ref = dispatch.get("reference")
-    y_ref, z_ref = ref.mlp_fwd(x, U, V, b1, W, b2, "tanh")
-    for n in (1, 3):  # 3 splits of 16 hidden units: the last one ragged (13)
-        y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh", n_splits=n)
-        assert_close(y, y_ref, f"y with {n} splits")
+    y_ref, z_ref = ref.mlp_fwd(x, U, V, b1, W, b2, activation)
+    y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, activation)
+    assert_close(y, y_ref, "y")
     dy = _seed_grad(y.shape, y.dtype)
-    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "tanh", True)
-    runs = {}
-    for n, mode in ((1, "split"), (3, "split"), (None, "atomic")):
-        runs[(n, mode)] = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, n_splits=n, mode=mode)
-        for name, g, r in zip(("dx", "dU", "dV", "db1", "dW", "db2"), runs[(n, mode)], g_ref):
-            assert_close(g, r, f"{name} ({mode}, {n} splits)")
-    again = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, n_splits=3, mode="split")
-    for a, b in zip(again, runs[(3, "split")]):
-        assert torch.equal(a, b)  # deterministic mode: bit-identical across runs
+    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, activation, b2 is not None)
+    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, b2 is not None,
+                            deterministic=deterministic)
+    for name, g, r in zip(_REF_GRADS, grads, g_ref):
+        if r is None:
+            assert g is None, name
+            continue
+        assert_close(g, r, f"{name} (deterministic={deterministic})")
+    return grads
 
 
-def test_dz_reduction_switch():
-    assert T.settings.dz_reduction == "split"
-    with T.dz_reduction("atomic"):
-        assert T.settings.dz_reduction == "atomic"
-    assert T.settings.dz_reduction == "split"
-    with pytest.raises(ValueError, match="'split' or 'atomic'"):
-        T.set_dz_reduction("fast")
-    inputs = make_mlp_inputs(*SHAPE)
-    with T.dz_reduction("atomic"):
-        y, grads = _mlp_with_grads(inputs, "relu", "triton")
-    _check_against_reference(inputs, y, grads, lambda t: _mlp_with_grads(t, "relu", "reference"),
-                             "relu", torch.float32)
+@pytest.mark.parametrize("sms", [1, 64])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_plans_agree_with_reference(sms, deterministic):
+    """One program per row of tiles (sms=1) and a GPU wide enough to force many H splits, split
+    leftovers, the ragged tile's owner and several backward batch chunks (sms=64)."""
+    inputs = _direct_inputs((37, 13, 17, 77, 18))
+    with T.device_override(T.Device(sms, None, 0)):
+        p = T.plan(37, 17, 77, 18, 4, deterministic)
+        if sms == 64:
+            assert p.fwd_splits > 1 and p.H // p.block_h % p.fwd_splits != 0 and p.bwd_chunks > 1
+            assert not deterministic or p.dz_splits > 1
+        _check_direct(*inputs, "sigmoid", deterministic)
+
+
+def test_deterministic_backward_is_bit_identical_and_follows_torch():
+    x, U, V, b1, W, b2 = _direct_inputs()
+    y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh")
+    dy = _seed_grad(y.shape, y.dtype)
+    with T.device_override(T.Device(64, None, 0)):
+        first = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, deterministic=True)
+        again = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, deterministic=True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert T.plan(19, 17, 45, 18).dz_kernel and T.describe()["dz"] == "deterministic kernel"
+        y2, grads = _mlp_with_grads(make_mlp_inputs(*SHAPE), "relu", "triton")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert not T.plan(19, 17, 45, 18).dz_kernel
+    _check_against_reference(make_mlp_inputs(*SHAPE), y2, grads,
+                             lambda t: _mlp_with_grads(t, "relu", "reference"), "relu", torch.float32)
+
+
+@pytest.mark.parametrize("k,C", [(1, 1), (7, 183), (250, 1), (250, 183)])
+def test_paper_widths_and_extremes(k, C):
+    """k = 250 -> one 256 block in two halves; C = 183 -> blocks of 128 + 64 (the second masked)."""
+    p = T.plan(3, k, 40, C)
+    assert p.KP == max(32, 1 << (k - 1).bit_length()) and p.CP >= C
+    if C == 183:
+        assert (p.C1, p.C2) == (128, 64)
+    _check_direct(*_direct_inputs((3, 9, k, 40, C)), "gelu", False)
+
+
+def test_split_c_wastes_little():
+    assert T.split_c(183) == (128, 64)
+    assert T.split_c(1) == (16, 0) and T.split_c(16) == (16, 0) and T.split_c(17) == (32, 0)
+    assert T.split_c(129) == (128, 16) and T.split_c(200) == (256, 0) and T.split_c(256) == (256, 0)
+    for C in range(1, 257):
+        c1, c2 = T.split_c(C)
+        assert c1 + c2 >= C and c1 & (c1 - 1) == 0 and (c2 == 0 or c2 & (c2 - 1) == 0)
+        assert c1 + c2 <= max(16, 1 << (C - 1).bit_length())  # never worse than one block
+
+
+def test_padded_weight_is_cached_per_version():
+    x, U, V, b1, W, b2 = _direct_inputs()
+    p = T.plan(x.shape[0], V.shape[1], V.shape[0], W.shape[0], 4)
+    first = T._padded_weight(V, p)
+    assert T._padded_weight(V, p) is first  # same version: no new copy
+    with torch.no_grad():
+        V.add_(1.0)  # an optimizer step
+    second = T._padded_weight(V, p)
+    assert second is not first
+    assert torch.equal(second[:V.shape[0], :V.shape[1]], V)
+    assert not second[V.shape[0]:].any() and not second[:, V.shape[1]:].any()
 
 
 def test_every_output_element_is_written(monkeypatch):
@@ -169,15 +224,37 @@ def test_every_output_element_is_written(monkeypatch):
     dy = _seed_grad(y_ref.shape, y_ref.dtype)
     g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "gelu", True)
     monkeypatch.setattr(torch, "empty", nan_empty)
-    y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "gelu", n_splits=3)
-    loss, _, dy_unit = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "gelu", "none", n_splits=2)
-    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, n_splits=3, mode="split")
+    with T.device_override(T.Device(64, None, 0)):  # splits, chunks, partial buffers
+        y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "gelu")
+        loss, _, dy_unit = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "gelu", "none")
+        grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, deterministic=False)
+        grads_det = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, deterministic=True)
     monkeypatch.undo()
     assert_close(y, y_ref, "y")
     assert_close(loss, (y_ref - t) ** 2, "loss (none)")
     assert_close(dy_unit, 2 * (y_ref - t), "dy_unit")
-    for name, g, r in zip(("dx", "dU", "dV", "db1", "dW", "db2"), grads, g_ref):
+    for name, g, gd, r in zip(_REF_GRADS, grads, grads_det, g_ref):
         assert_close(g, r, name)
+        assert_close(gd, r, f"{name} (deterministic)")
+
+
+def test_padding_never_leaks():
+    """Padded hidden units give act(0) = 0.5 for sigmoid and padded batch rows act(b1): large b1
+    and b2 make any leak of them into y, the loss or a gradient visible."""
+    x, U, V, b1, W, b2 = _direct_inputs((19, 13, 17, 45, 18))
+    b1 = b1 * 40
+    b2 = b2 * 40
+    t = torch.randn(19, 18)
+    ref = dispatch.get("reference")
+    loss_ref, z_ref, dy_ref = ref.mimic_fwd(x, U, V, b1, W, b2, t, "sigmoid", "sum")
+    loss, z, dy = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "sigmoid", "sum")
+    assert_close(loss, loss_ref, "loss")
+    assert_close(dy, dy_ref, "dy_unit")
+    g_ref = ref.mlp_bwd(dy_ref, x, z_ref, U, V, b1, W, "sigmoid", True)
+    for det in (False, True):
+        grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "sigmoid", True, deterministic=det)
+        for name, g, r in zip(_REF_GRADS, grads, g_ref):
+            assert_close(g, r, name)
 
 
 def test_arbitrary_strides():

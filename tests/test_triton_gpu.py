@@ -1,13 +1,13 @@
 """The triton backend on a CUDA GPU at the paper's sizes (TIMIT: D = 1845, k = 250, C = 183).
 
 bf16 / fp16 / fp32 forward and every gradient against the float64 reference with the 2x rule (eager
-PyTorch in the same dtype is the baseline); determinism of the default dz reduction; the atomic
-mode; peak memory far below one (B, H) tensor. Skipped without CUDA. Run:
+PyTorch in the same dtype is the baseline); the deterministic dz kernel (bit-identical runs) and the
+default reduce-add dz; peak memory far below one (B, H) tensor. Skipped without CUDA. Ids are
+readable (`bf16`, `paper`); `-k gpu_check` selects the correctness checks scripts/gpu_check.sh runs
+first (mid shape and the paper shape, forward and backward, bf16). Run:
     python -m pytest tests/test_triton_gpu.py -q
-Compile time bounds this file's runtime (every dtype / activation / bias / ATOMIC_DZ combination and
-integer specialisation compiles each kernel anew): the tests run each autotuned kernel with its first
-config only, and test_every_config checks each config once (bf16, relu), so a cold Triton cache
-compiles about 45 kernels instead of about 130.
+Compile time bounds this file's runtime: the tests run each autotuned kernel with its first config
+only, and test_every_config checks each config once (bf16, relu).
 """
 import pytest
 import torch
@@ -24,10 +24,13 @@ pytestmark = [pytest.mark.gpu,
 
 D, K, C = 1845, 250, 183
 NAMES = ("x", "U", "V", "b1", "W", "b2")
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.float32, id="fp32")]
+# (B, H) of the gpu_check shapes: a mid shape, and the paper's 250L-400k student at batch 4096.
+SHAPES = [pytest.param((2048, 8000), id="mid"), pytest.param((4096, 400000), id="paper")]
 
 
-_TUNED = (TK._fused_mlp_fwd_kernel, TK._fused_mlp_bwd_dv_kernel, TK._fused_mlp_bwd_dw_kernel)
+_TUNED = (TK._fused_mlp_fwd_kernel, TK._fused_mlp_bwd_kernel, TK._fused_mlp_dz_kernel)
 _ALL_CONFIGS = [list(kernel.configs) for kernel in _TUNED]
 
 
@@ -92,6 +95,29 @@ def _mlp(activation, backend):
     return lambda t: mf.bottleneck_mlp(*t, activation=activation, backend=backend)
 
 
+def _mimic(t, activation="relu", reduction="mean", backend="triton"):
+    return lambda ts: mf.mimic_loss(*ts, t, activation=activation, reduction=reduction,
+                                    backend=backend)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gpu_check_mimic_loss_bf16(shape):
+    """The first facts a GPU run returns: the fused training step is right in bf16."""
+    B, H = shape
+    inputs = _inputs(B, H, torch.bfloat16)
+    t = _teacher(B, torch.bfloat16)
+    _check_2x(_mimic(t), lambda ts: F.mse_loss(eager_mlp(*ts, "relu"), t),
+              _mimic(t.double(), backend="reference"), inputs)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gpu_check_bottleneck_mlp_bf16(shape):
+    B, H = shape
+    inputs = _inputs(B, H, torch.bfloat16)
+    _check_2x(_mlp("gelu", "triton"), lambda t: eager_mlp(*t, "gelu"), _mlp("gelu", "reference"),
+              inputs)
+
+
 @pytest.mark.parametrize("H", [8000, 32768])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bottleneck_mlp_2x_rule_paper_sizes(H, dtype):
@@ -100,8 +126,10 @@ def test_bottleneck_mlp_2x_rule_paper_sizes(H, dtype):
               inputs)
 
 
-@pytest.mark.parametrize("activation,dtype", [("sigmoid", torch.bfloat16), ("tanh", torch.float32),
-                                              ("gelu", torch.bfloat16)])
+@pytest.mark.parametrize("activation,dtype", [
+    pytest.param("sigmoid", torch.bfloat16, id="sigmoid-bf16"),
+    pytest.param("tanh", torch.float32, id="tanh-fp32"),
+    pytest.param("gelu", torch.bfloat16, id="gelu-bf16")])
 def test_activations_2x_rule(activation, dtype):
     inputs = _inputs(1000, 8000, dtype)  # B not a multiple of any batch tile
     _check_2x(_mlp(activation, "triton"), lambda t: eager_mlp(*t, activation),
@@ -127,14 +155,14 @@ def test_autotuning_picks_a_working_config():
 
 
 def test_no_bias_odd_sizes_2x_rule():
-    inputs = make_mlp_inputs(777, 300, 129, 5001, 1000, dtype=torch.bfloat16, device="cuda",
-                             bias=False)  # k = 129 pads a 256-block; C spans four, the last ragged
+    inputs = make_mlp_inputs(777, 300, 129, 5001, 250, dtype=torch.bfloat16, device="cuda",
+                             bias=False)  # k = 129 pads a 256-block; C = 250 two 128-blocks
     _check_2x(_mlp("gelu", "triton"), lambda t: eager_mlp(*t, "gelu"), _mlp("gelu", "reference"),
               inputs)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES[:2])
 def test_mimic_loss_2x_rule(reduction, dtype):
     B = 2048
     inputs = _inputs(B, 8000, dtype)
@@ -153,20 +181,22 @@ def test_mimic_loss_2x_rule(reduction, dtype):
     _check_2x(fused, eager, ref, inputs)
 
 
-def test_deterministic_by_default_and_atomic_mode_correct():
-    T = mf.dispatch.get("triton")
-    assert T.settings.dz_reduction == "split"
+def test_deterministic_mode_bit_identical_and_default_mode_correct():
     inputs = _inputs(2048, 8000, torch.bfloat16)
     t = _teacher(2048, torch.bfloat16)
-    fused = lambda ts: mf.mimic_loss(*ts, t, backend="triton")  # noqa: E731
-    first = _run(fused, _fresh(inputs))
-    second = _run(fused, _fresh(inputs))
+    fused = _mimic(t)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _run(fused, _fresh(inputs))
+        second = _run(fused, _fresh(inputs))
+    finally:
+        torch.use_deterministic_algorithms(previous)
     assert torch.equal(first[0], second[0])
     for n, a, b in zip(NAMES, first[1], second[1]):
-        assert torch.equal(a, b), f"grad {n} differs between two runs in the default mode"
-    with T.dz_reduction("atomic"):
-        _check_2x(fused, lambda ts: F.mse_loss(eager_mlp(*ts, "relu"), t),
-                  lambda ts: mf.mimic_loss(*ts, t.double(), backend="reference"), inputs)
+        assert torch.equal(a, b), f"grad {n} differs between two runs in deterministic mode"
+    _check_2x(fused, lambda ts: F.mse_loss(eager_mlp(*ts, "relu"), t),
+              _mimic(t.double(), backend="reference"), inputs)
 
 
 def test_peak_memory_far_below_one_hidden_matrix():

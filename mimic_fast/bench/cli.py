@@ -57,6 +57,8 @@ def build_parser():
 
     sub.add_parser("gpu", help="the GPU script (benchmarks/gpu_bench.py); see `bench gpu --help`",
                    add_help=False)
+    sub.add_parser("model", help="the triton backend's cost model (FLOPs, bytes, predicted time "
+                   "per kernel); see `bench model --help`", add_help=False)
     rep = sub.add_parser("report", help="same as --report")
     rep.add_argument("--out", default=None)
 
@@ -76,6 +78,10 @@ def main(argv=None):
         from .gpu import main as gpu_main
 
         return gpu_main(argv[1:])
+    if argv[:1] == ["model"]:
+        from ..ops.triton_cost import main as model_main
+
+        return model_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.report or args.suite == "report":

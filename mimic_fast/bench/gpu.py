@@ -13,6 +13,7 @@ run keeps what it measured; a short table is printed last. `--dry-run` runs it a
 """
 import argparse
 import gc
+import inspect
 import sys
 import time
 
@@ -120,10 +121,13 @@ def cost_model(case, peaks):
         return {"error": f"mimic_fast.ops.triton_cost unavailable: {e}"}
     tf = (peaks.get("matmul") or {}).get("tflops")
     bw = (peaks.get("copy") or {}).get("gbps")
+    kw = {}
+    if "deterministic" in inspect.signature(predict).parameters:  # the dz mode the backend will run
+        kw["deterministic"] = torch.are_deterministic_algorithms_enabled()
     try:
         res = predict(case.B, case.D, case.k, case.H, case.C, dtype=case.dtype,
                       op="mimic" if case.op == "mimic_loss" else "mlp", activation=case.activation,
-                      peak_tflops=tf, bandwidth_tbs=bw / 1e3 if bw else None)
+                      peak_tflops=tf, bandwidth_tbs=bw / 1e3 if bw else None, **kw)
     except Exception as e:  # noqa: BLE001 - recorded beside the figures, never fatal
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     res = dict(res)
@@ -241,7 +245,9 @@ def run_ops(args, argv=None, log=print):
             return
         recs = run_group(case, runnable, PASSES, args.warmup, args.rounds, args.compile_mode,
                          max_seconds=15, log=log)
-        model = doc["cost_model"].setdefault(case.label(), cost_model(case, doc["peaks"]))
+        if case.label() not in doc["cost_model"]:
+            doc["cost_model"][case.label()] = cost_model(case, doc["peaks"])
+        model = doc["cost_model"][case.label()]
         annotate(recs, case, doc["peaks"], model)
         doc["results"].extend(recs)
         write_doc(doc, out)

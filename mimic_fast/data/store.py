@@ -337,13 +337,15 @@ class LogitStore:
         if any(d is dataset for d in self._checked):
             return
         m = self.committed_rows
+        if m == 0:
+            return
         if check_inputs == "all":
             rows = np.arange(m)
             got = input_digests(dataset, rows=range(m))
         else:
             spaced = np.linspace(0, m - 1, num=min(m, SAMPLE_ROWS // 2)).round().astype(np.int64)
             rand = np.random.default_rng().integers(0, m, size=min(m, SAMPLE_ROWS // 2))
-            rows = np.unique(np.concatenate([spaced, rand])) if m else np.zeros(0, np.int64)
+            rows = np.unique(np.concatenate([spaced, rand]))
             got = input_digests(dataset, rows=rows)
         expected = np.asarray(self.inputs[rows])
         bad = rows[got != expected]

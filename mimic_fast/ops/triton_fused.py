@@ -1,6 +1,6 @@
 """Triton backend: fused bottleneck-MLP forward, mimic loss and recompute backward (never a (B, H) tensor).
 
-Limits: CUDA tensors (CPU only under TRITON_INTERPRET=1, for tests); float16 / bfloat16 / float32
+Limits: CUDA tensors on Hopper or newer (CPU only under TRITON_INTERPRET=1, for tests); fp16 / bf16 / fp32
 operands with fp32 accumulation (float32 dots use TF32 when torch allows it for matmuls, IEEE
 otherwise, which is slow); k <= 256 and C <= 256, so that the bottleneck and the outputs are each one
 on-chip block (wider shapes would recompute z Vᵀ per block: the cuda and reference backends serve them).
@@ -60,6 +60,10 @@ def reasons(problem):
             out.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter; slow, for tests)")
     elif dev != "cuda":
         out.append(f"tensors on {problem.device} need a CUDA device")
+    elif torch.cuda.get_device_capability(problem.device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(problem.device)
+        out.append(f"the kernels are built for Hopper (sm_90: wgmma, TMA); on sm_{major}{minor} "
+                   f"their tiles spill registers (benchmarks/NOTES.md): the cuda backend serves it")
     if problem.dtype not in DTYPES:
         out.append(f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)")
     elif problem.dtype == torch.bfloat16 and dev == "cpu":

@@ -30,6 +30,8 @@ K = T.K
 KERNELS = ("_fused_mlp_fwd_kernel", "_fused_mlp_bwd_kernel", "_fused_mlp_dz_kernel",
            "_reduce_splits_kernel")
 TARGETS = {"sm_90a": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}  # capability, max shared memory
+# The backend serves Hopper only (triton_fused.reasons): sm_80 compiles are for reports, not the gate.
+GATE_TARGETS = ("sm_90a",)
 PAPER = dict(D=1845, k=250, C=183)
 CACHE_DIR = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")),
                          "mimic_fast", "triton_offline")
@@ -167,6 +169,17 @@ def _cache_path(src, options, target):
     return os.path.join(CACHE_DIR, hashlib.sha256(key.encode()).hexdigest() + ".json")
 
 
+def _smem_estimate(launch, config):
+    """triton_kernels.smem_bytes for this launch (what the pruning believes), None for the reduce."""
+    if config is None:
+        return None
+    args = launch.bound(config)
+    z = args["Z"]
+    return K.smem_bytes(_kind(launch.name), args, config.num_stages, args["KP"],
+                        args["C1"] + args["C2"], getattr(z, "base", z).element_size(),
+                        args.get("DZ_ATOMIC", True))
+
+
 def compile_launch(launch, config, target_name="sm_90a", use_cache=True):
     """Compile one launch with one config for the target; a dict of what decides its speed."""
     import triton
@@ -199,6 +212,7 @@ def compile_launch(launch, config, target_name="sm_90a", use_cache=True):
         "spill_load_bytes": max((s[2] for s in spills), default=None),
         "shared_bytes": compiled.metadata.shared, "shared_limit": smem_limit,
         "num_warps": compiled.metadata.num_warps,
+        "shared_estimate": _smem_estimate(launch, config),
         "compile_s": round(time.perf_counter() - t0, 2),
         **_ptx_counts(compiled.asm["ptx"]),
     }
@@ -212,30 +226,41 @@ def compile_launch(launch, config, target_name="sm_90a", use_cache=True):
 
 
 # --------------------------------------------------------------------------------- the gate matrix
+GATE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}
+GATE_OPS = (("forward", False), ("mimic", False), ("backward", False), ("backward", True))
+
+
+def _gate_launches(target, dname, H, op, det, B):
+    dtype = GATE_DTYPES[dname]
+    with _tf32(dtype):
+        return trace(op, B, PAPER["D"], PAPER["k"], H, PAPER["C"], dtype, deterministic=det,
+                     target=target)
+
+
 def gate_cases(H_values=(8000, 400000), B=4096):
-    """(label, launch, config, target) for every config autotune can pick, of every kernel, at the
-    paper shape: bf16, fp16 and fp32-TF32 on sm_90a and sm_80, forward, mimic, backward
-    (atomic and deterministic)."""
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}
+    """(label, spec) for every config autotune can pick, of every kernel, at the paper shape:
+    bf16, fp16 and fp32-TF32 on the gate's targets, forward, mimic, backward (reduce-add dz and
+    the deterministic dz kernel). A spec is plain data (the worker re-traces it); kernels whose
+    specialisation repeats (H only changes runtime values) are listed once."""
     seen, cases = set(), []
-    for target, (_, limit) in TARGETS.items():
-        for dname, dtype in dtypes.items():
+    for target in GATE_TARGETS:
+        for dname in GATE_DTYPES:
             for H in H_values:
-                for op, det in (("forward", False), ("mimic", False), ("backward", False),
-                                ("backward", True)):
-                    with _tf32(dtype):
-                        launches = trace(op, B, PAPER["D"], PAPER["k"], H, PAPER["C"], dtype,
-                                         deterministic=det, target=target)
-                    for launch in launches:
-                        for config in candidates(launch, target):
+                for op, det in GATE_OPS:
+                    for i, launch in enumerate(_gate_launches(target, dname, H, op, det, B)):
+                        configs = candidates(launch, target)
+                        if not configs:
+                            cases.append((f"{target}/{dname}/H={H}/{op}/{launch.name}/none",
+                                          None))
+                        for j, config in enumerate(configs):
                             src, options, _ = _prepare(launch, config, TARGETS[target][0])
                             key = (src.hash(), options.hash(), target)
-                            if key in seen:  # same specialisation: H only changes runtime values
+                            if key in seen:
                                 continue
                             seen.add(key)
                             label = f"{target}/{dname}/H={H}/{op}{'-det' if det else ''}/" \
                                     f"{launch.name}/{_config_label(config)}"
-                            cases.append((label, launch, config, target))
+                            cases.append((label, (target, dname, H, op, det, B, i, j)))
     return cases
 
 
@@ -275,27 +300,24 @@ def _kind(name):
 
 
 def _compile_case(case):
-    label, launch, config, target = case
+    label, spec = case
+    if spec is None:
+        return label, {"error": "the pruning keeps no config for this launch"}
+    target, dname, H, op, det, B, i, j = spec
     try:
-        return label, compile_launch(launch, config, target), None
+        launch = _gate_launches(target, dname, H, op, det, B)[i]
+        return label, compile_launch(launch, candidates(launch, target)[j], target)
     except Exception as e:  # reported per case; the gate fails on it
-        return label, None, f"{type(e).__name__}: {e}"
+        return label, {"error": f"{type(e).__name__}: {e}"}
 
 
 def run_gate(jobs=2, H_values=(8000, 400000)):
     """{label: report or {"error": ...}} for every gate case, compiled on `jobs` processes."""
     cases = gate_cases(H_values)
-    out = {}
     if jobs <= 1:
-        results = map(_compile_case, cases)
-    else:
-        pool = ProcessPoolExecutor(max_workers=jobs)
-        results = pool.map(_compile_case, cases)
-    for label, report, error in results:
-        out[label] = report if error is None else {"error": error}
-    if jobs > 1:
-        pool.shutdown()
-    return out
+        return dict(map(_compile_case, cases))
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return dict(pool.map(_compile_case, cases))
 
 
 def problems(label, report):
@@ -307,6 +329,9 @@ def problems(label, report):
         out.append(f"spills {report['spill_store_bytes']} bytes")
     if report["shared_bytes"] > report["shared_limit"]:
         out.append(f"shared memory {report['shared_bytes']} > {report['shared_limit']}")
+    if report["shared_estimate"] is not None and report["shared_bytes"] > report["shared_estimate"]:
+        out.append(f"shared memory {report['shared_bytes']} above the pruning's estimate "
+                   f"{report['shared_estimate']}: the pruning could keep a config that cannot launch")
     if report["kernel"] != "_reduce_splits_kernel":
         if report["target"] == "sm_90a" and not report["wgmma"]:
             out.append("no wgmma on sm_90a")
@@ -331,7 +356,7 @@ def main(argv=None):
     reports = run_gate(args.jobs, tuple(args.H))
     bad = 0
     print(f"{'case':<92} {'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'mma':>4} "
-          f"{'cp.async':>8} {'s':>5}")
+          f"{'cp.async':>8} {'tma':>4} {'s':>5}")
     for label, r in reports.items():
         why = problems(label, r)
         bad += bool(why)
@@ -340,7 +365,8 @@ def main(argv=None):
             continue
         print(f"{label:<92} {r['registers']:>4} {r['spill_store_bytes']:>5} "
               f"{r['shared_bytes'] / 1024:>7.1f} {r['wgmma']:>5} {r['mma_sync']:>4} "
-              f"{r['cp_async']:>8} {r['compile_s']:>5}" + (f"  FAIL: {'; '.join(why)}" if why else ""))
+              f"{r['cp_async']:>8} {r['tma']:>4} {r['compile_s']:>5}"
+              + (f"  FAIL: {'; '.join(why)}" if why else ""))
     print(f"{len(reports)} kernels, {bad} failing, {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
