@@ -75,6 +75,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "expecttest", "hypothesis"],
         "triton": ["triton"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],  # ONNX export, run in onnxruntime
     },
     entry_points={"console_scripts": ["mimic-fast = mimic_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -6,9 +6,9 @@
 
 The core import is light: the pipeline (models, data, train, cli) loads only when imported.
 """
-from . import convert, nn
+from . import convert, export, nn
 from .dispatch import info
 from .functional import bottleneck_mlp, kd_loss, logit_mse_loss, mimic_loss
 
 __version__ = "0.1.0"
-__all__ = ["bottleneck_mlp", "mimic_loss", "logit_mse_loss", "kd_loss", "info", "nn", "convert"]
+__all__ = ["bottleneck_mlp", "mimic_loss", "logit_mse_loss", "kd_loss", "info", "nn", "convert", "export"]

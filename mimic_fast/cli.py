@@ -1,5 +1,5 @@
 """The `mimic-fast` command (also `python -m mimic_fast`): demo, train-teacher, collect-logits,
-distill, sweep, bench, info.
+import-logits, distill, export, sweep, bench, info.
 
 The pipeline commands hand files to each other through --out folders (teacher.pt; transfer.pt +
 logits/; student.pt) and run unchanged under `torchrun --nproc_per_node N -m mimic_fast ...`.
@@ -216,23 +216,28 @@ def cmd_train_teacher(args):
     return 0
 
 
-def _load_teachers(paths):
-    from . import train as T
+def _load_teachers(paths, output=None):
+    """(teacher, spec for teacher.json, data recipe or None, teacher_id or None) of --teacher."""
     from .data.recipe import check_recipe
     from .models import TeacherEnsemble
+    from .teachers import load_teacher
 
     models, specs, data = [], [], []
     for p in paths:
-        m, payload = T.load_model(p)
+        m, info = load_teacher(p, output=output)
         models.append(m)
-        specs.append(payload["spec"])
-        data.append(payload.get("data"))
+        specs.append(info["spec"] or {"teacher": p, "kind": info["kind"], "output": output})
+        data.append(info["data"])
     for p, d in zip(paths[1:], data[1:]):  # an ensemble's members must come from one recipe
         if d is not None and data[0] is not None:
             check_recipe(data[0], d, paths[0], hint=f"the ensemble member {p} was trained on other data")
     if len(models) == 1:
-        return models[0], specs[0], data[0]
-    return TeacherEnsemble(models).eval(), {"class": "TeacherEnsemble", "members": specs}, data[0]
+        teacher, spec = models[0], specs[0]
+    else:
+        teacher, spec = TeacherEnsemble(models).eval(), {"class": "TeacherEnsemble", "members": specs}
+    # a plain function has no weights to fingerprint: the store knows it by the --teacher values
+    teacher_id = None if any(True for _ in teacher.parameters()) else f"functions {list(paths)}"
+    return teacher, spec, data[0], teacher_id
 
 
 def _build_transfer(args, splits):
@@ -261,16 +266,53 @@ def _build_transfer(args, splits):
     return ts
 
 
+def _transfer_set(args, splits, recipe, path):
+    """The transfer set of `recipe`: reused from `path` (refused if made otherwise) or built and
+    written there; rows equal to test rows are refused unless --allow-test-rows."""
+    from . import train as T
+    from .data import TransferSet, input_digests
+    from .data.recipe import check_recipe
+
+    if os.path.exists(path) and not args.overwrite:
+        saved = T.load_torch_file(path, "mimic_fast transfer set",
+                                  "rerun with --overwrite to rebuild it")
+        if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
+            raise ValueError(f"{path} is not a mimic_fast transfer set (format "
+                             f"{saved.get('format') if isinstance(saved, dict) else None!r}); "
+                             "use another --out, or --overwrite to replace it")
+        check_recipe(saved.get("recipe"), recipe, path,
+                     hint="use another --out, the options it was made with, or --overwrite to "
+                          "rebuild it and its logits (nothing is overwritten without it)")
+        transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
+        allowed = bool(saved.get("allow_test_rows"))
+        _say(f"reusing {path}: {transfer}")
+    else:
+        transfer = _build_transfer(args, splits)
+        allowed = args.allow_test_rows
+    n_test = _test_overlap(input_digests(splits.test), input_digests(transfer), allowed,
+                           "the transfer set")
+    if n_test:
+        print(f"mimic-fast {args.command}: WARNING: {n_test} transfer rows are test rows "
+              "(--allow-test-rows): test accuracies of students trained on them are not "
+              "held-out results", file=sys.stderr)
+    if _is_rank0() and (args.overwrite or not os.path.exists(path)):
+        T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
+                             "sources": transfer.sources, "labels": transfer.labels,
+                             "allow_test_rows": allowed, "test_rows_in_transfer": n_test}, path)
+        _say(f"transfer set {transfer}; wrote {path}")
+    return transfer
+
+
 def cmd_collect_logits(args):
     import torch
 
     from . import train as T
-    from .data import TransferSet, collect_logits, input_digests
+    from .data import collect_logits
     from .data.recipe import DATA_FIELDS, check_recipe
 
     T.init_distributed()
     # the teachers first: a bad --teacher must fail before anything is written
-    teacher, spec, teacher_data = _load_teachers(args.teacher)
+    teacher, spec, teacher_data, teacher_id = _load_teachers(args.teacher, args.teacher_output)
     _inherit_recipe(args, teacher_data, args.teacher[0])
     splits = _load_data(args)
     data = _data_record(args, splits)
@@ -286,45 +328,72 @@ def cmd_collect_logits(args):
               "noise_std": args.noise_std if args.method == "noise" else None}
     path = os.path.join(args.out, "transfer.pt")
     with _lock_folder(args.out, "collect-logits output folder"):
-        if os.path.exists(path) and not args.overwrite:
-            saved = T.load_torch_file(path, "mimic_fast transfer set",
-                                      "rerun with --overwrite to rebuild it")
-            if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
-                raise ValueError(f"{path} is not a mimic_fast transfer set (format "
-                                 f"{saved.get('format') if isinstance(saved, dict) else None!r}); "
-                                 "use another --out, or --overwrite to replace it")
-            check_recipe(saved.get("recipe"), recipe, path,
-                         hint="use another --out, the options it was made with, or --overwrite to "
-                              "rebuild it and its logits (nothing is overwritten without it)")
-            transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
-            allowed = bool(saved.get("allow_test_rows"))
-            _say(f"reusing {path}: {transfer}")
-        else:
-            transfer = _build_transfer(args, splits)
-            allowed = args.allow_test_rows
-        n_test = _test_overlap(input_digests(splits.test), input_digests(transfer), allowed,
-                               "the transfer set")
-        if n_test:
-            print(f"mimic-fast collect-logits: WARNING: {n_test} transfer rows are test rows "
-                  "(--allow-test-rows): test accuracies of students trained on them are not "
-                  "held-out results", file=sys.stderr)
-        if _is_rank0() and (args.overwrite or not os.path.exists(path)):
-            T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
-                                 "sources": transfer.sources, "labels": transfer.labels,
-                                 "allow_test_rows": allowed, "test_rows_in_transfer": n_test}, path)
-            _say(f"transfer set {transfer}; wrote {path}")
+        transfer = _transfer_set(args, splits, recipe, path)
         device = T.default_device(args.device)
         teacher.to(device)
         dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
         store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
                                batch_size=args.batch_size, dtype=dtype, device=device,
-                               progress=args.progress and _is_rank0(), overwrite=args.overwrite)
+                               progress=args.progress and _is_rank0(), overwrite=args.overwrite,
+                               teacher_id=teacher_id)
         acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
         if _is_rank0():
             T.atomic_write_text(os.path.join(args.out, "teacher.json"),
                                 json.dumps({"teachers": args.teacher, "spec": spec,
                                             "test_accuracy": acc}, indent=2))
             _say(f"teacher test accuracy {acc:.4f}; logits of {len(transfer)} rows in {store.path}")
+    return 0
+
+
+def cmd_import_logits(args):
+    import numpy as np
+    import torch
+
+    from .data import LogitStore
+
+    splits = _load_data(args)
+    try:
+        logits = np.load(args.logits, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--logits {args.logits} is not a readable .npy file ({e})") from None
+    recipe = {**_data_record(args, splits), "n_generated": 0, "method": args.method,
+              "generate_from": args.generate_from, "seed": args.seed, "noise_std": None}
+    with _lock_folder(args.out, "import-logits output folder"):
+        transfer = _transfer_set(args, splits, recipe, os.path.join(args.out, "transfer.pt"))
+        if logits.dtype.kind != "f":
+            raise ValueError(f"--logits {args.logits} holds {logits.dtype}: expected float logits")
+        if logits.ndim != 2 or len(logits) != len(transfer) or logits.shape[1] != splits.num_classes:
+            raise ValueError(f"--logits {args.logits} has shape {logits.shape} but the transfer set "
+                             f"of --dataset {args.dataset} ({transfer}) needs ({len(transfer)}, "
+                             f"{splits.num_classes}): row i must be the teacher's logits for row i "
+                             "(the training split in load order, labelled rows first when "
+                             "--label-fraction < 1, then X_unlabelled)")
+        dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
+        store = LogitStore.from_array(os.path.join(args.out, "logits"), logits, transfer, dtype=dtype,
+                                      overwrite=args.overwrite, source=os.path.basename(args.logits))
+    _say(f"imported {store.n} rows of {store.num_classes} logits into {store.path} (verified)")
+    return 0
+
+
+def cmd_export(args):
+    from .export import export_student, latency
+    from .teachers import load_module
+
+    model, _ = load_module(args.model)
+    shape = _parse_ints(args.input_shape, "--input-shape") if args.input_shape else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    export_student(model, args.out, args.format, input_shape=shape)
+    _say(f"wrote {args.out} ({args.format}, plain ops, dynamic batch; checked against the model)")
+    if args.latency:
+        import torch
+
+        _say(f"median CPU latency per batch ({torch.get_num_threads()} torch threads):")
+        for row in latency(model, args.out, args.format, input_shape=shape):
+            _say(f"  batch {row['batch']:>4}: fused {row['fused_s'] * 1e3:8.3f} ms   exported "
+                 f"{row['exported_s'] * 1e3:8.3f} ms")
     return 0
 
 
@@ -448,7 +517,13 @@ def build_parser():
                                    "--out/logits (rerun the same command to resume).")
     _add_data(c, recorded="the (first) --teacher file")
     c.add_argument("--teacher", required=True, nargs="+",
-                   help="teacher.pt file(s); several are averaged as an ensemble")
+                   help="teacher(s), averaged when several: a mimic_fast teacher.pt, a TorchScript "
+                        "file, a torch.export .pt2, a torch.save(module) file (loading it runs "
+                        "pickle: trusted files only), or package.module:factory (a callable "
+                        "returning a module or a function)")
+    c.add_argument("--teacher-output", default=None,
+                   help="where the logits are in the teacher's output: a dict key or attribute "
+                        "(logits), a tuple index (0), or a dotted path (0.logits)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--n-generated", type=int, default=0, help="generated rows to add (default 0)")
     c.add_argument("--method", choices=("munge", "noise", "shift"), default="munge",
@@ -469,6 +544,37 @@ def build_parser():
                    help="keep transfer rows that equal test rows (refused by default: students would "
                         "then be scored on rows they were trained on); recorded in transfer.pt")
     c.set_defaults(func=cmd_collect_logits)
+
+    m = sub.add_parser("import-logits", help="store logits computed elsewhere for distill",
+                       description="Write --out/transfer.pt (the rows of --dataset) and a verified "
+                                   "logit store --out/logits from an (N, C) .npy file whose row i "
+                                   "holds the teacher's logits for transfer row i.")
+    _add_data(m)
+    m.add_argument("--logits", required=True, help="the (N, C) .npy file of teacher logits")
+    m.add_argument("--out", required=True, help="output folder (then: distill --logits OUT)")
+    m.add_argument("--dtype", choices=("float16", "float32"), default="float32",
+                   help="storage dtype of the logits")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace transfer.pt and the store already in --out")
+    m.add_argument("--allow-test-rows", action="store_true",
+                   help="keep transfer rows that equal test rows (refused by default)")
+    m.set_defaults(func=cmd_import_logits, n_generated=0, method="munge", generate_from="labelled",
+                   seed=0, noise_std=None)
+
+    e = sub.add_parser("export", help="write a trained student as plain ONNX / torch.export ops",
+                       description="Unfuse the model's fused layers (on a copy) and write it with a "
+                                   "dynamic batch as ONNX (needs mimic_fast[export]) or a "
+                                   "torch.export .pt2; the file is checked against the model.")
+    e.add_argument("--model", required=True, help="student.pt (or any file --teacher accepts)")
+    e.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    e.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    e.add_argument("--input-shape", default=None,
+                   help="one row's shape, e.g. 64 or 3,32,32 (default: from the model)")
+    e.add_argument("--latency", action="store_true",
+                   help="also print batch-1 and batch-256 CPU latency, fused vs exported")
+    e.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the latency runs (torch and onnxruntime; 0: torch's default)")
+    e.set_defaults(func=cmd_export)
 
     s = sub.add_parser("distill", help="train a student on the stored logits",
                        description="Train a student by logit regression (mse) or KD on the logits in "

@@ -12,12 +12,23 @@ from .ops import cuda as _cuda_ops
 from .ops.autograd import BottleneckMLPFunction, MimicLossFunction
 
 
+def _autocast_on(device_type):
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _autocast(device_type, tensors):
-    # Under torch.autocast the fused op runs in the autocast dtype, like nn.Linear would.
-    if not torch.is_autocast_enabled(device_type):
+    # Under torch.autocast the fused op follows nn.Linear (F.linear is on autocast's lower-precision
+    # list): floating tensors other than float64 are cast to the autocast dtype, float64 stays.
+    if not _autocast_on(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+            else t for t in tensors]
+
+
+def _float32_loss(dtype, device_type):
+    # F.mse_loss / F.kl_div return float32 under autocast: so do the losses here.
+    return _autocast_on(device_type) and dtype in (torch.float16, torch.bfloat16)
 
 
 def _prepare(x, U, V, b1, W, b2, activation, teacher_logits=None):
@@ -40,7 +51,7 @@ def bottleneck_mlp(x, U, V, b1, W, b2, activation="relu", backend="auto"):
     """
     (x, U, V, b1, W, b2), dims = _prepare(x, U, V, b1, W, b2, activation)
     name = dispatch.select(backend, _problem("mlp", dims, x, activation))
-    y = BottleneckMLPFunction.apply(x.reshape(dims.B, dims.D), U, V, b1, W, b2, activation, name)
+    y, _ = BottleneckMLPFunction.apply(x.reshape(dims.B, dims.D), U, V, b1, W, b2, activation, name)
     return y.reshape(*dims.lead, dims.C)
 
 
@@ -50,13 +61,22 @@ def mimic_loss(x, U, V, b1, W, b2, teacher_logits, activation="relu", reduction=
 
     Equal to F.mse_loss(student_logits, teacher_logits, reduction=reduction); the backward recomputes
     the hidden layer and gives gradients for x, U, V, b1, W, b2 (none for teacher_logits).
+    Under autocast the GEMMs run in the autocast dtype and the loss comes back float32, as
+    F.mse_loss's does.
     """
     check_reduction(reduction)
     (x, U, V, b1, W, b2), dims = _prepare(x, U, V, b1, W, b2, activation, teacher_logits)
     name = dispatch.select(backend, _problem("mimic", dims, x, activation, teacher_logits))
-    loss = MimicLossFunction.apply(x.reshape(dims.B, dims.D), U, V, b1, W, b2,
-                                   teacher_logits.reshape(dims.B, dims.C).detach(), activation,
-                                   reduction, name)
+    loss, _, dy_unit = MimicLossFunction.apply(x.reshape(dims.B, dims.D), U, V, b1, W, b2,
+                                               teacher_logits.reshape(dims.B, dims.C).detach(),
+                                               activation, reduction, name)
+    if _float32_loss(loss.dtype, x.device.type):
+        # The backends return the loss in x's (autocast) dtype; its float32 value follows from
+        # dy_unit = ∂loss/∂y (float32). The correction is detached: gradients flow through `loss`.
+        r = dy_unit / (2.0 / max(dy_unit.numel(), 1) if reduction == "mean" else 2.0)
+        exact = {"mean": lambda: (r * r).mean(), "sum": lambda: (r * r).sum(),
+                 "none": lambda: r * r}[reduction]()
+        loss = loss.float() + (exact.float() - loss.float()).detach()
     return loss.reshape(*dims.lead, dims.C) if reduction == "none" else loss
 
 
@@ -77,7 +97,8 @@ def logit_mse_loss(student_logits, teacher_logits, reduction="mean", zero_mean=F
     if zero_mean:
         s32 = s32 - s32.mean(dim=-1, keepdim=True)
         t32 = t32 - t32.mean(dim=-1, keepdim=True)
-    return F.mse_loss(s32, t32, reduction=reduction).to(s.dtype)
+    loss = F.mse_loss(s32, t32, reduction=reduction)
+    return loss if _float32_loss(s.dtype, s.device.type) else loss.to(s.dtype)
 
 
 def kd_loss(student_logits, teacher_logits, temperature=4.0):
@@ -96,4 +117,6 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0):
     t = teacher_logits.reshape(-1, C).to(acc) / temperature
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean",
                   log_target=True)
-    return (kl * (temperature * temperature)).to(student_logits.dtype)
+    loss = kl * (temperature * temperature)
+    dtype = student_logits.dtype
+    return loss if _float32_loss(dtype, student_logits.device.type) else loss.to(dtype)

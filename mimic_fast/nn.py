@@ -52,12 +52,21 @@ class BottleneckLinear(nn.Module):
                 f"out_features={self.out_features}, bias={self.bias is not None}")
 
 
+def _bias_pair(bias):
+    if isinstance(bias, bool):
+        return bias, bias
+    if isinstance(bias, (tuple, list)) and len(bias) == 2 and all(isinstance(b, bool) for b in bias):
+        return tuple(bias)
+    raise TypeError(f"bias must be a bool or a pair of bools (b1, b2), got {bias!r}")
+
+
 class WideShallowStudent(nn.Module):
     """The SNN-MIMIC student: x → U (linear bottleneck k) → V, b1 → act (H wide) → W, b2 → logits.
 
     Parameters U (k, D), V (H, k), b1 (H,), W (C, H), b2 (C,); forward runs the fused
     mf.bottleneck_mlp, so the (B, H) hidden layer is never stored. `mimic_loss(x, t)` runs the
-    forward and the logit-regression loss as one fused op.
+    forward and the logit-regression loss as one fused op. `bias`: True/False for both b1 and b2,
+    or a pair (b1?, b2?). mimic_fast.convert.unfuse turns it back into plain nn.Linear layers.
     """
 
     def __init__(self, in_features, num_classes, hidden, bottleneck, activation="relu", bias=True,
@@ -75,12 +84,13 @@ class WideShallowStudent(nn.Module):
             raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of "
                              f"{', '.join(BACKENDS)}")
         self.backend = backend
+        bias1, bias2 = _bias_pair(bias)
         kw = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(bottleneck, in_features, **kw))
         self.V = nn.Parameter(torch.empty(hidden, bottleneck, **kw))
-        self.b1 = nn.Parameter(torch.empty(hidden, **kw)) if bias else None
+        self.b1 = nn.Parameter(torch.empty(hidden, **kw)) if bias1 else None
         self.W = nn.Parameter(torch.empty(num_classes, hidden, **kw))
-        self.b2 = nn.Parameter(torch.empty(num_classes, **kw)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_classes, **kw)) if bias2 else None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -101,9 +111,10 @@ class WideShallowStudent(nn.Module):
                              self.activation, reduction, self.backend)
 
     def extra_repr(self):
+        b1, b2 = self.b1 is not None, self.b2 is not None
         return (f"in_features={self.in_features}, bottleneck={self.bottleneck}, hidden={self.hidden}, "
                 f"num_classes={self.num_classes}, activation={self.activation!r}, "
-                f"bias={self.b1 is not None}, backend={self.backend!r}")
+                f"bias={b1 if b1 == b2 else (b1, b2)}, backend={self.backend!r}")
 
 
 class LogitRegressionLoss(nn.Module):

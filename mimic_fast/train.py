@@ -354,16 +354,16 @@ class _TeacherObjective(nn.Module):
 
 
 class _DistillObjective(nn.Module):
-    def __init__(self, model, loss, alpha, temperature, fused):
+    def __init__(self, model, loss, alpha, temperature, fused_loss):
         super().__init__()
         self.model, self.loss, self.alpha = model, loss, alpha
-        self.temperature, self.fused = temperature, fused
+        self.temperature, self.fused_loss = temperature, fused_loss  # fused_loss: None or (x, t) -> loss
 
     def forward(self, x, t, y=None):
         t = t.to(torch.float32 if not x.is_floating_point() else x.dtype)
         logits = None
-        if self.fused:
-            soft = self.model.mimic_loss(x, t)
+        if self.fused_loss is not None:
+            soft = self.fused_loss(x, t)
         else:
             logits = self.model(x)
             soft = (logit_mse_loss(logits, t) if self.loss == "mse"
@@ -729,17 +729,39 @@ def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False
                 config, out_dir, resume, device, progress, {}, spec)
 
 
+def _label_field(dataset, first):
+    """Position of the hard label y in a distill item: (x, t, y) or (x, t, index, y)."""
+    names = getattr(dataset, "fields", None)  # LogitDataset says what its items hold
+    if names is not None:
+        if "y" not in names:
+            raise ValueError(f"alpha > 0 mixes in hard labels but the dataset's items are "
+                             f"{tuple(names)}: use LogitDataset(..., with_labels=True)")
+        pos = names.index("y")
+    elif len(first) in (3, 4):
+        pos = len(first) - 1
+    else:
+        raise ValueError("alpha > 0 mixes in hard labels, so dataset items must be (x, teacher_logits, "
+                         f"y) or (x, teacher_logits, index, y); got items of length {len(first)}")
+    y = torch.as_tensor(first[pos])
+    if y.is_floating_point() or y.is_complex() or y.dim() != 0:
+        raise TypeError(f"the hard label y (item position {pos}) must be an integer class index "
+                        f"(-1: unlabelled), got {first[pos]!r}")
+    return pos
+
+
 def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperature=4.0,
             fused=None, out_dir=None, resume=False, device=None, progress=True, config=None,
             spec=None, **options):
     """Train `student` on a teacher's logits.
 
     dataset items: (x, teacher_logits), (x, teacher_logits, index) or, when alpha > 0,
-    (x, teacher_logits, index, y) with y = -1 for unlabelled rows (mimic_fast.data.store.LogitDataset).
+    (x, teacher_logits, y) or (x, teacher_logits, index, y) with y = -1 for unlabelled rows
+    (mimic_fast.data.store.LogitDataset, whose `fields` say which is which).
     loss: "mse" (logit regression, Ba & Caruana) or "kd" (Hinton, at `temperature`);
     total = (1 - alpha) * soft + alpha * cross-entropy on the labelled rows (y >= 0); the soft and
-    hard parts are logged separately (soft_loss, hard_loss). A WideShallowStudent with loss "mse"
-    (or any student with a mimic_loss method, e.g. models.ConvStudent) uses student.mimic_loss, the
+    hard parts are logged separately (soft_loss, hard_loss). With loss "mse", a student with a
+    mimic_loss method (WideShallowStudent, models.ConvStudent) or one whose output is a
+    WideShallowStudent's (e.g. a model after mimic_fast.convert.fuse_student) trains through the
     fused forward+loss op (fused=False forces the unfused path).
     Other options as in train_teacher (lr default 0.01). Returns a TrainResult.
     """
@@ -756,20 +778,21 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
         size = len(first) if hasattr(first, "__len__") else "?"
         raise ValueError("distill dataset items must be (x, teacher_logits[, index[, y]]), got "
                          f"{type(first).__name__} of length {size}")
-    if alpha > 0 and len(first) < 4:
-        raise ValueError(f"alpha={alpha} mixes in hard labels, so dataset items must be "
-                         f"(x, teacher_logits, index, y); got items of length {len(first)}")
-    can_fuse = callable(getattr(student, "mimic_loss", None)) and loss == "mse"
+    label = _label_field(dataset, first) if alpha > 0 else None
+    from .convert import mimic_loss_of
+
+    fused_loss = mimic_loss_of(student) if loss == "mse" and fused is not False else None
+    can_fuse = fused_loss is not None
     if fused is None:
         fused = can_fuse
     elif fused and not can_fuse:
         raise ValueError("fused=True needs a student with mimic_loss (WideShallowStudent, ConvStudent) "
-                         "and loss='mse' "
+                         "or whose output is a WideShallowStudent's, and loss='mse' "
                          f"(got {type(student).__name__}, loss={loss!r})")
     config = _config(config, options, "distill")
-    objective = _DistillObjective(student, loss, alpha, temperature, fused)
+    objective = _DistillObjective(student, loss, alpha, temperature, fused_loss if fused else None)
     extra = {"loss": loss, "alpha": alpha, "temperature": temperature, "fused": fused}
-    fields = (0, 1, 3) if alpha > 0 else (0, 1)
+    fields = (0, 1, label) if alpha > 0 else (0, 1)
     return _fit("distill", student, objective, _Batches(dataset, fields), test_set, config,
                 out_dir, resume, device, progress, extra, spec)
 

@@ -295,6 +295,37 @@ class LogitStore:
             store.check_dataset(dataset, check_inputs)
         return store
 
+    @classmethod
+    def from_array(cls, path, logits, dataset, dtype=None, overwrite=False, source=None):
+        """Write logits computed elsewhere (an (N, C) numpy array or tensor, row i for dataset[i])
+        as an ordinary store at `path`, through collect_logits' own writing path (chunks, checksums,
+        the dataset's fingerprint), then verify it and check every row against `logits`.
+
+        dtype: storage dtype (default: the array's float16/float32/float64, else float32).
+        `source` (e.g. the file name) goes into the header's teacher identity with a hash of the
+        rows. An existing store at `path` is refused unless overwrite=True. Single process only.
+        """
+        arr = logits.detach().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+        if arr.dtype.kind != "f" or arr.ndim != 2:
+            raise TypeError(f"logits must be a 2-D floating-point (N, C) array, got {arr.ndim}-D "
+                            f"{arr.dtype} of shape {arr.shape}")
+        if len(arr) != len(dataset):
+            raise ValueError(f"logits has {len(arr)} rows but the dataset has {len(dataset)}: "
+                             "row i must be the teacher's logits for dataset[i]")
+        if dtype is None:
+            dtype = {np.dtype(v): k for k, v in _NP_DTYPES.items()}.get(arr.dtype, torch.float32)
+        if (Path(path) / HEADER_NAME).exists() and not overwrite:
+            raise FileExistsError(f"a logit store exists at {path}; pass overwrite=True to replace it")
+        digest = hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)).hexdigest()
+        teacher_id = f"array {source or ''} {arr.shape} {arr.dtype} sha256 {digest}".replace("  ", " ")
+        # collect_logits probes one row (dataset[0]) first, then asks for every row in order.
+        store = collect_logits(_RowsInOrder(arr), dataset, path, dtype=dtype, overwrite=True,
+                               progress=False, teacher_id=teacher_id)
+        store.verify()
+        if not np.array_equal(store.logits, arr.astype(store.logits.dtype)):
+            raise RuntimeError(f"logit store {path} does not hold the rows it was given")
+        return store
+
     def check_dataset(self, dataset, check_inputs="all"):
         """Refuse (ValueError) a dataset whose inputs are not the ones the committed rows were
         collected for: another length, or a changed, swapped or shuffled row (first bad index)."""
@@ -395,16 +426,34 @@ class LogitStore:
                 f"dtype={self.header['dtype']}, committed_rows={self.committed_rows})")
 
 
+class _RowsInOrder(torch.nn.Module):
+    """A stand-in teacher for LogitStore.from_array: returns the given rows in the order
+    collect_logits asks for them (one probe row, then every batch in order)."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows, self.next, self.probed = rows, 0, False
+
+    def forward(self, x):
+        if not self.probed:
+            self.probed = True
+            return torch.from_numpy(np.array(self.rows[: len(x)]))
+        out = torch.from_numpy(np.array(self.rows[self.next: self.next + len(x)]))
+        self.next += len(x)
+        return out
+
+
 class LogitDataset(Dataset):
     """dataset[i] paired with the teacher's logits for row i, by index, so any shuffling or sampler
     keeps them aligned. Item: (x_i, logits_i float32, i) or, with_labels, (x_i, logits_i, i, y_i),
-    y_i = -1 where the item has no label (an unlabelled or generated transfer row).
+    y_i = -1 where the item has no label (an unlabelled or generated transfer row);
+    with_index=False drops i: (x_i, logits_i[, y_i]). `fields` names the positions.
 
     `store` is a LogitStore or a store path (opened and verified); every row's input must match the
     digest the store holds for it (check_inputs="all"; "sample" checks ~1000 rows).
     """
 
-    def __init__(self, dataset, store, with_labels=False, check_inputs="all"):
+    def __init__(self, dataset, store, with_labels=False, check_inputs="all", with_index=True):
         if not isinstance(store, LogitStore):
             store = LogitStore.open(store)
         if not store.complete:
@@ -412,6 +461,13 @@ class LogitDataset(Dataset):
                              f"{store.n} rows); finish it with collect_logits first")
         store.check_dataset(dataset, check_inputs)
         self.dataset, self.store, self.with_labels = dataset, store, bool(with_labels)
+        self.with_index = bool(with_index)
+        self.fields = ("x", "logits") + (("index",) if with_index else ()) + (
+            ("y",) if with_labels else ())
+
+    def _pick(self, x, t, index, y):
+        values = {"x": x, "logits": t, "index": index, "y": y}
+        return tuple(values[f] for f in self.fields)
 
     def __len__(self):
         return len(self.dataset)
@@ -425,9 +481,7 @@ class LogitDataset(Dataset):
         index = int(index)
         item = self.dataset[index]
         t = torch.from_numpy(np.array(self.store.logits[index], dtype=np.float32))
-        if self.with_labels:
-            return _first(item), t, index, self._label(item)
-        return _first(item), t, index
+        return self._pick(_first(item), t, index, self._label(item) if self.with_labels else None)
 
     def get_batch(self, indices):
         """Collated batch for an index list without per-item Python work when the dataset holds
@@ -438,10 +492,10 @@ class LogitDataset(Dataset):
             return torch.utils.data.default_collate([self[int(i)] for i in idx])
         x = tensors[0][idx]
         t = torch.from_numpy(np.array(self.store.logits[idx.numpy()], dtype=np.float32))
-        if not self.with_labels:
-            return x, t, idx
-        y = tensors[1][idx] if len(tensors) > 1 else torch.full((len(idx),), -1, dtype=torch.int64)
-        return x, t, idx, y
+        y = None
+        if self.with_labels:
+            y = tensors[1][idx] if len(tensors) > 1 else torch.full((len(idx),), -1, dtype=torch.int64)
+        return self._pick(x, t, idx, y)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -531,7 +585,14 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
     must call this with the same arguments; an error raised on one rank mid-run leaves the others
     at a barrier (as any collective does), and the store resumes cleanly afterwards. The dataset must
     be deterministic (no random augmentation in __getitem__): row i must mean the same input each time.
+    `teacher` may be any callable (wrapped by mimic_fast.teachers.as_teacher; a plain function is
+    identified by its qualified name unless teacher_id is given).
     """
+    if not isinstance(teacher, torch.nn.Module):
+        from ..teachers import as_teacher
+
+        teacher = as_teacher(teacher)
+        teacher_id = teacher_id if teacher_id is not None else f"function {teacher.name}"
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype must be one of torch.float16, torch.float32, torch.float64 (a .npy "
                          f"file cannot hold {dtype}), got {dtype}")

@@ -1,0 +1,210 @@
+"""Bring your own teacher: load one from a file or a Python factory, and pick its logits.
+
+load_teacher(spec) accepts
+  - a mimic_fast model file (save_model: teacher.pt of `mimic-fast train-teacher`),
+  - a TorchScript archive (torch.jit.save), a torch.export program (torch.export.save, .pt2),
+  - a pickled module (torch.save(module)) — loading it RUNS PICKLE: arbitrary code from the file
+    executes, so load only files you trust; the class must be importable here,
+  - "package.module:factory": a Python callable returning an nn.Module or a plain function.
+A file holding only a state dict is refused with a hint (it has no architecture: use a factory).
+`output` picks the logits out of a teacher returning something else: a dict key ("logits"),
+a tuple index ("0"), an attribute (HF-style `.logits`), or a dotted path of those ("0.logits").
+"""
+import importlib
+import os
+import zipfile
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["load_teacher", "load_module", "as_teacher", "pick_output", "Teacher"]
+
+
+class Teacher(nn.Module):
+    """Wraps any callable (a module, TorchScript, an exported program's module, a function) as an
+    nn.Module whose forward returns the logits tensor chosen by `output`."""
+
+    def __init__(self, fn, output=None, name=None):
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"teacher must be callable (an nn.Module or a function), got "
+                            f"{type(fn).__name__}")
+        if isinstance(fn, nn.Module):
+            self.net = fn  # registered: parameters, .to(device) and the store's fingerprint see it
+        else:
+            self.fn = fn
+        self.output = None if output is None else str(output)
+        self.name = name or getattr(fn, "__qualname__", type(fn).__name__)
+
+    def _call(self, x):
+        return self.net(x) if "net" in self._modules else self.fn(x)
+
+    def forward(self, x):
+        return pick_output(self._call(x), self.output, self.name)
+
+    def train(self, mode=True):
+        self.training = mode
+        net = self._modules.get("net")
+        if net is not None:
+            try:
+                net.train(mode)
+            except NotImplementedError:
+                # A torch.export module refuses train()/eval(): its graph was exported in one mode
+                # and has no dropout/batch-norm switch left.
+                pass
+        return self
+
+    def extra_repr(self):
+        return f"name={self.name!r}, output={self.output!r}"
+
+
+def pick_output(out, output, name="teacher"):
+    """The logits tensor of a teacher's output `out`, following the selector `output`."""
+    if output is not None:
+        for part in output.split("."):
+            if isinstance(out, Mapping) and part in out:
+                out = out[part]
+            elif isinstance(out, (tuple, list)) and part.lstrip("-").isdigit():
+                index = int(part)
+                if not -len(out) <= index < len(out):
+                    raise ValueError(f"{name} returned a {type(out).__name__} of {len(out)} items: "
+                                     f"index {index} does not exist (--teacher-output {output})")
+                out = out[index]
+            elif hasattr(out, part):
+                out = getattr(out, part)
+            else:
+                raise ValueError(f"{name}'s output ({_describe(out)}) has no key, index or attribute "
+                                 f"{part!r} (--teacher-output {output})")
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{name} returned {_describe(out)}, not a logits tensor: pick one with "
+                         f"output= / --teacher-output (a dict key, tuple index or attribute name, "
+                         f"e.g. logits or 0)")
+    return out
+
+
+def _describe(out):
+    if isinstance(out, Mapping):
+        return f"a {type(out).__name__} with keys {list(out)}"
+    if isinstance(out, (tuple, list)):
+        kinds = ", ".join(type(o).__name__ for o in out)
+        return f"a {type(out).__name__} of {len(out)} items ({kinds})"
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    attrs = [a for a in ("logits", "last_hidden_state") if hasattr(out, a)]
+    return f"a {type(out).__name__}" + (f" with attributes {attrs}" if attrs else "")
+
+
+def as_teacher(fn, output=None):
+    """`fn` (any callable) as a Teacher module; an nn.Module without `output` is returned as is."""
+    if isinstance(fn, nn.Module) and output is None:
+        return fn
+    if isinstance(fn, Teacher) and output is not None:
+        return Teacher(fn._modules.get("net") or fn.fn, output, fn.name)
+    return Teacher(fn, output)
+
+
+def _from_factory(spec):
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"teacher {spec!r}: cannot import {module_name!r} ({e})") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"teacher {spec!r}: {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(f"teacher {spec!r}: {attr!r} is a {type(factory).__name__}, not a callable")
+    made = factory()
+    if not callable(made):
+        raise ValueError(f"teacher {spec!r}: {attr}() returned a {type(made).__name__}, expected an "
+                         "nn.Module or a function")
+    return made
+
+
+def _archive_kind(path):
+    """'export', 'torchscript', 'torch.save' or None, from the zip archive's member names."""
+    if not zipfile.is_zipfile(path):
+        return None
+    names = zipfile.ZipFile(path).namelist()
+    if any(n.endswith("/models/model.json") or n.endswith("archive_format") for n in names):
+        return "export"
+    if any("/code/__torch__/" in n for n in names) and any(n.endswith("/constants.pkl")
+                                                          for n in names):
+        return "torchscript"
+    return "torch.save"
+
+
+def _from_file(path, map_location):
+    """(model, kind, payload of a mimic_fast model file or None)."""
+    from .train import MODEL_FORMAT, load_model
+
+    kind = _archive_kind(path)
+    if kind == "export":
+        return torch.export.load(path).module(), "torch.export program", None
+    if kind == "torchscript":
+        return torch.jit.load(path, map_location=map_location), "TorchScript", None
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # not plain tensors and containers: a pickled object (a whole module)
+        payload = None
+    if payload is None:
+        try:
+            # Runs pickle: the file may execute code (documented; load only trusted files).
+            payload = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e:
+            raise ValueError(f"teacher {path} is not a mimic_fast model file, TorchScript, "
+                             f"torch.export .pt2 or torch.save(module) file (torch.load: "
+                             f"{type(e).__name__}: {e})") from None
+    if isinstance(payload, Mapping) and payload.get("format") == MODEL_FORMAT:
+        model, payload = load_model(path, map_location)  # the project's own checks and messages
+        return model, "mimic_fast model file", payload
+    if callable(payload):
+        return payload, "pickled module", None
+    if isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor)
+                                                        for v in payload.values()):
+        raise ValueError(f"teacher {path} holds a state dict ({len(payload)} tensors, e.g. "
+                         f"{next(iter(payload))!r}) but no architecture: pass "
+                         "package.module:factory, a function that builds the model and loads it")
+    raise ValueError(f"teacher {path} holds a {type(payload).__name__}, not a model: expected a "
+                     "mimic_fast model file, torch.save(module), TorchScript or a torch.export .pt2")
+
+
+def _load(spec, map_location):
+    if not isinstance(spec, str):
+        raise TypeError(f"teacher spec must be a path or 'package.module:factory', got "
+                        f"{type(spec).__name__}")
+    if os.path.exists(spec):
+        if os.path.isdir(spec):
+            raise ValueError(f"teacher {spec} is a folder: expected a model file")
+        return _from_file(spec, map_location)
+    if ":" in spec and not spec.startswith((".", "/")):
+        return _from_factory(spec), "factory", None
+    raise FileNotFoundError(f"teacher {spec} does not exist (expected a model file or "
+                            "package.module:factory)")
+
+
+def load_module(spec, map_location="cpu"):
+    """(the module or function as loaded, what kind it was) from a path or "package.module:factory"."""
+    model, kind, _ = _load(spec, map_location)
+    return model, kind
+
+
+def load_teacher(spec, output=None, map_location="cpu"):
+    """(teacher in eval mode, info) from a file path or "package.module:factory".
+
+    The teacher is a mimic_fast model file's module itself, else a Teacher wrapper whose output is
+    checked to be a logits tensor (`output` selects it: see pick_output). info: {"kind", "spec", "data"} with the build spec and
+    data recipe of a mimic_fast model file (else None). Pickled modules and factories run code:
+    use only files and packages you trust.
+    """
+    model, kind, payload = _load(spec, map_location)
+    if kind == "mimic_fast model file" and output is None:
+        teacher = model  # unwrapped: its logit stores keep the identity they always had
+    else:  # checks the output is a logits tensor (and says how to pick one); handles eval()
+        teacher = Teacher(model, output, name=spec)
+    info = {"kind": kind, "spec": payload["spec"] if payload else None,
+            "data": payload.get("data") if payload else None}
+    return teacher.eval(), info

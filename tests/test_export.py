@@ -1,0 +1,98 @@
+"""Ship the student: ONNX (run in onnxruntime) and torch.export (.pt2) artefacts of plain ops."""
+import pytest
+import torch
+from torch import nn
+
+import mimic_fast as mf
+from mimic_fast import cli
+from mimic_fast import train as T
+from mimic_fast.export import export_student, latency, load_exported
+from mimic_fast.testing import assert_close
+
+
+def _student():
+    torch.manual_seed(0)
+    return mf.nn.WideShallowStudent(12, 5, 40, 3, activation="gelu", bias=(True, False)).eval()
+
+
+class Wrapped(nn.Module):
+    """A user's model with a fused student inside (after fuse_student)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.body = nn.Sequential(nn.Linear(12, 3, bias=False), nn.Linear(3, 40), nn.Tanh(),
+                                  nn.Linear(40, 5))
+
+    def forward(self, x):
+        return self.body(x * self.scale).log_softmax(-1)
+
+
+def _fused_wrapped():
+    torch.manual_seed(1)
+    model, report = mf.convert.fuse_student(Wrapped().eval(), report=True)
+    assert report.fused
+    return model
+
+
+@pytest.mark.parametrize("make", [_student, _fused_wrapped])
+def test_torch_export_pt2_runs_plain_ops(tmp_path, make):
+    model = make()
+    path = export_student(model, tmp_path / "s.pt2", "torch-export")
+    program = torch.export.load(path)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("mimic_fast" in t for t in targets) and any("linear" in t for t in targets)
+    for B in (1, 7, 256):  # the batch dimension stays dynamic
+        x = torch.randn(B, 12)
+        with torch.no_grad():
+            assert_close(program.module()(x), model(x), f"pt2 at batch {B}")
+
+
+@pytest.mark.parametrize("make", [_student, _fused_wrapped])
+def test_onnx_runs_in_onnxruntime(tmp_path, make):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model = make()
+    path = export_student(model, tmp_path / "s.onnx", "onnx")
+    proto = onnx.load(str(path))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}  # standard ops only
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for B in (1, 33):
+        x = torch.randn(B, 12)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            assert_close(torch.from_numpy(got), model(x), f"onnxruntime at batch {B}")
+
+
+def test_export_errors_and_latency(tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_student(_student(), tmp_path / "s", "tflite")
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    with pytest.raises(ValueError, match="input_shape"):
+        export_student(conv, tmp_path / "c.pt2", "torch-export")
+    export_student(conv, tmp_path / "c.pt2", "torch-export", input_shape=(1, 5, 5))
+    model = _student()
+    path = export_student(model, tmp_path / "s.pt2", "torch-export")
+    rows = latency(model, path, "torch-export", batch_sizes=(1, 4))
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["fused_s"] > 0 < r["exported_s"]
+                                                        for r in rows)
+    assert model.W.requires_grad and isinstance(model, mf.nn.WideShallowStudent)  # not unfused
+    assert callable(load_exported(path, "torch-export"))
+
+
+def test_cli_export(tmp_path, capsys):
+    model = _student()
+    T.save_model(tmp_path / "student.pt", model, {"class": "WideShallowStudent", "kwargs": dict(
+        in_features=12, num_classes=5, hidden=40, bottleneck=3, activation="gelu",
+        bias=(True, False))})
+    out = tmp_path / "s.pt2"
+    assert cli.main(["export", "--model", str(tmp_path / "student.pt"), "--format", "torch-export",
+                     "--out", str(out), "--latency"]) == 0
+    printed = capsys.readouterr().out
+    assert "batch    1" in printed and "batch  256" in printed and "exported" in printed
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        assert_close(torch.export.load(out).module()(x), model(x), "CLI-exported student")
+    assert cli.main(["export", "--model", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
