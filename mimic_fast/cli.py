@@ -206,12 +206,13 @@ def cmd_train_teacher(args):
     _say(f"teacher {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
          f"{len(lab)} labelled rows of {len(y)}")
     with _lock_folder(args.out, "train-teacher output folder"):  # the run and teacher.pt
+        data = _data_record(args, splits)  # in the checkpoint too: a resume on other data is refused
         res = T.train_teacher(model, TensorDataset(X[lab], y[lab]), splits.test, out_dir=args.out,
                               resume=args.resume, device=args.device, progress=args.progress,
-                              spec=spec, **_training_options(args))
+                              spec=spec, data=data, **_training_options(args))
         if _is_rank0():
             path = os.path.join(args.out, "teacher.pt")
-            T.save_model(path, res.model, spec, data=_data_record(args, splits), history=res.history)
+            T.save_model(path, res.model, spec, data=data, history=res.history)
             _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {path}")
     return 0
 
@@ -451,7 +452,7 @@ def cmd_distill(args):
     with _lock_folder(args.out, "distill output folder"):  # the run and student.pt
         res = T.distill(student, dataset, splits.test, loss=args.loss, alpha=args.alpha,
                         temperature=args.temperature, out_dir=args.out, resume=args.resume,
-                        device=args.device, progress=args.progress, spec=spec,
+                        device=args.device, progress=args.progress, spec=spec, data=data,
                         **_training_options(args))
         if _is_rank0():
             out = os.path.join(args.out, "student.pt")

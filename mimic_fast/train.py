@@ -469,12 +469,20 @@ def _load_checkpoint(path, kind):
     return ckpt
 
 
-def _resume_changes(ckpt, run_config, path):
+def _resume_changes(ckpt, run_config, spec, path):
     """{option: (saved, now)} of the changes a resume applies; refuses (ValueError, every difference
-    listed) the ones it cannot apply honestly."""
+    listed) the ones it cannot apply honestly (also another model spec or data recipe)."""
     saved = ckpt["config"]
     changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
     refused = {k: d for k, d in changed.items() if k not in RESUMABLE_CHANGES}
+    if "data" in refused and isinstance(refused["data"][0], dict) and isinstance(refused["data"][1], dict):
+        from .data.recipe import DATA_FIELDS, recipe_differences  # fields, not two whole dicts
+
+        # only the fields that decide the rows: a moved data file with the same rows may resume
+        diff = recipe_differences(*refused.pop("data"), DATA_FIELDS)
+        refused.update({f"data {k}": v for k, v in diff.items()})
+    if ckpt.get("spec") is not None and spec is not None and ckpt["spec"] != spec:
+        refused["model spec"] = (ckpt["spec"], spec)
     if refused:
         listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ValueError(f"cannot resume {path} with changed {', '.join(refused)} ({listed}): they "
@@ -546,7 +554,7 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
     history, start, resumes = [], 0, []
     if resume_path is not None:
         ckpt = _load_checkpoint(resume_path, kind)  # every rank reads it: the same error everywhere
-        changed = _resume_changes(ckpt, run_config, resume_path)
+        changed = _resume_changes(ckpt, run_config, spec, resume_path)
         try:
             unwrap(model).load_state_dict(ckpt["model"])
         except RuntimeError as e:  # another architecture or size (e.g. a changed --hidden)
@@ -713,7 +721,7 @@ class _Batches(Dataset):
 
 
 def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False, device=None,
-                  progress=True, config=None, spec=None, **options):
+                  progress=True, config=None, spec=None, data=None, **options):
     """Train `model` with cross-entropy on a dataset of (x, y) items.
 
     options: any TrainConfig field (epochs, batch_size, optimizer "sgd"|"adam", lr (default 0.05),
@@ -721,12 +729,14 @@ def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False
     after each epoch and metrics.jsonl, one writer at a time (a lock file); resume=True continues
     from the checkpoint (an existing checkpoint is never overwritten without it), applying a changed
     lr, momentum, weight_decay, grad_clip or a longer epochs and refusing (ValueError) any other
-    change. A non-finite loss raises FloatingPointError naming the epoch and step before anything is
-    written from it. Returns a TrainResult.
+    change (also of `spec` or `data`, the data recipe recorded in the checkpoint). A non-finite loss
+    raises FloatingPointError naming the epoch and step before anything is written from it.
+    Returns a TrainResult.
     """
     config = _config(config, options, "teacher")
+    extra = {} if data is None else {"data": data}
     return _fit("teacher", model, _TeacherObjective(model), _Batches(train_set, (0, 1)), test_set,
-                config, out_dir, resume, device, progress, {}, spec)
+                config, out_dir, resume, device, progress, extra, spec)
 
 
 def _label_field(dataset, first):
@@ -751,7 +761,7 @@ def _label_field(dataset, first):
 
 def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperature=4.0,
             fused=None, out_dir=None, resume=False, device=None, progress=True, config=None,
-            spec=None, **options):
+            spec=None, data=None, **options):
     """Train `student` on a teacher's logits.
 
     dataset items: (x, teacher_logits), (x, teacher_logits, index) or, when alpha > 0,
@@ -792,6 +802,8 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
     config = _config(config, options, "distill")
     objective = _DistillObjective(student, loss, alpha, temperature, fused_loss if fused else None)
     extra = {"loss": loss, "alpha": alpha, "temperature": temperature, "fused": fused}
+    if data is not None:
+        extra["data"] = data
     fields = (0, 1, label) if alpha > 0 else (0, 1)
     return _fit("distill", student, objective, _Batches(dataset, fields), test_set, config,
                 out_dir, resume, device, progress, extra, spec)

@@ -160,3 +160,13 @@ def test_bad_environment_variable_and_bench_errors(tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)  # outside the repository: no benchmarks/results here
     code, err = _run(capsys, "bench", "--report", "--no-plots")
     assert code == 2 and err.startswith("mimic-fast bench: error: ")
+
+
+def test_resume_on_another_split_is_refused(pipeline, tmp_path, capsys):
+    root, _, _ = pipeline
+    run = tmp_path / "teacher"
+    shutil.copytree(root / "teacher", run)
+    code, err = _run(capsys, "train-teacher", "--dataset", "digits", "--label-fraction", "0.2",
+                     "--split-seed", "3", "--model", "dnn-2k", "--hidden", "16", "--out", str(run),
+                     "--batch-size", "64", "--resume", "--epochs", "2", "--no-progress")
+    assert code == 2 and "cannot resume" in err and "data split_seed 0 -> 3" in err

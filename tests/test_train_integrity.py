@@ -190,6 +190,23 @@ def test_resume_refuses_changes_it_cannot_apply(tmp_path, change, listed):
     assert open(os.path.join(out, T.CHECKPOINT), "rb").read() == before
 
 
+def test_resume_refuses_another_data_recipe_or_model_spec(tmp_path):
+    recipe = {"dataset": "digits", "split_seed": 0, "label_fraction": 0.2, "train_rows": "a",
+              "test_rows": "b", "data": "/old/place"}
+    spec = {"name": "dnn-2k", "kwargs": {"dropout": 0.1}}
+    T.train_teacher(_mlp(), _xy(), out_dir=str(tmp_path), epochs=1, data=recipe, spec=spec, **KW)
+    with pytest.raises(ValueError, match=r"data split_seed 0 -> 3, data test_rows 'b' -> 'c'"):
+        T.train_teacher(_mlp(), _xy(), out_dir=str(tmp_path), resume=True, epochs=2, spec=spec,
+                        data={**recipe, "split_seed": 3, "test_rows": "c"}, **KW)
+    with pytest.raises(ValueError, match="model spec"):
+        T.train_teacher(_mlp(), _xy(), out_dir=str(tmp_path), resume=True, epochs=2, data=recipe,
+                        spec={"name": "dnn-2k", "kwargs": {"dropout": 0.5}}, **KW)
+    # the same rows read from a moved file resume (the change is recorded)
+    with pytest.warns(UserWarning, match="data"):
+        T.train_teacher(_mlp(), _xy(), out_dir=str(tmp_path), resume=True, epochs=2, spec=spec,
+                        data={**recipe, "data": "/new/place"}, **KW)
+
+
 def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
     T.train_teacher(_mlp(), _xy(), out_dir=str(tmp_path), epochs=2, **KW)
     with pytest.raises(ValueError, match="2 epochs done but epochs=1"):
