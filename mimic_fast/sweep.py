@@ -14,13 +14,11 @@ must share OUT on one file system (the first one prepares the teacher and logits
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import shlex
 import sys
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -194,6 +192,7 @@ class _Prepared:
     labelled: TensorDataset
     transfer: object
     store: object
+    recipe: dict  # data.recipe.data_recipe of the splits, recorded in every student.pt
     info: dict  # data, transfer and teacher records of the report
 
 
@@ -423,7 +422,7 @@ def _prepare(cfg, out, log):
         "teacher": {**teacher_info, **measured},
     }
     return _Prepared(splits, TensorDataset(*[t[lab] for t in splits.train.tensors]), transfer, store,
-                     info)
+                     wanted, info)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +489,7 @@ def _train_run(run, cfg, prep, out):
                        for b in cfg.throughput_batches},
         "device": str(dev),
     }
-    T.save_model(os.path.join(folder, "student.pt"), res.model, spec, mode=run.mode)
+    T.save_model(os.path.join(folder, "student.pt"), res.model, spec, data=prep.recipe, mode=run.mode)
     # result.json last: its presence marks the run done
     T.atomic_write_text(os.path.join(folder, "result.json"), json.dumps(result, indent=2))
     return result
@@ -579,9 +578,8 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
         todo = [r for r in mine if _read_result(out, r) is None]
         if len(todo) < len(mine):
             log(f"{len(mine) - len(todo)} run(s) already done in {out}/points: kept")
-        from tqdm.auto import tqdm
-
         from filelock import FileLock, Timeout
+        from tqdm.auto import tqdm
 
         say = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else log
         bar = tqdm(todo, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
@@ -640,6 +638,8 @@ def report(out="runs/sweep", log=print, invocation=None):
     results = []
     points_dir = os.path.join(out, "points")
     for point in sorted(os.listdir(points_dir)) if os.path.isdir(points_dir) else []:
+        if not os.path.isdir(os.path.join(points_dir, point)):
+            continue
         for name in sorted(os.listdir(os.path.join(points_dir, point))):
             p = os.path.join(points_dir, point, name, "result.json")
             if os.path.isfile(p):

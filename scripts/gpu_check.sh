@@ -56,8 +56,10 @@ TRITON_K="gpu_check and bf16"
 TRITON_EACH=("mimic_loss mid" "mimic_loss paper" "bottleneck_mlp mid" "bottleneck_mlp paper")
 CUDA_FILES=(tests/test_cuda_backend.py)
 REST_TRITON_K="not gpu_check"
+# test_gpu_check.py is this script's own dry run: not worth GPU minutes
 REST_ARGS=(tests --ignore=tests/test_triton_gpu.py --ignore=tests/test_triton_backend.py
-           --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_compile.py)
+           --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_compile.py
+           --ignore=tests/test_gpu_check.py)
 PYTEST=($PY -m pytest -q -p no:cacheprovider -rfE --timeout=$PER_TEST_TIMEOUT)
 
 STAGES=()   # "name|rc|seconds|result" rows of summary.txt

@@ -120,9 +120,11 @@ def test_honest_comparison_labels_and_mimic_share_everything_but_the_targets(ful
             torch.manual_seed(seed)
             fresh, _ = sweep._student(sweep.Run(0, 32, h, "labels", seed), sweep.SweepConfig(), splits)
             assert lab["init_sha256"] == sweep.state_hash(fresh)
-            trained = [T.load_model(os.path.join(folder, f"{m}-seed{seed}", "student.pt"))[0]
-                       for m in ("labels", "mimic")]
-            assert len({sweep.state_hash(m) for m in trained} | {lab["init_sha256"]}) == 3
+            loaded = [T.load_model(os.path.join(folder, f"{m}-seed{seed}", "student.pt"))
+                      for m in ("labels", "mimic")]
+            assert len({sweep.state_hash(m) for m, _ in loaded} | {lab["init_sha256"]}) == 3
+            assert all(p["data"]["label_fraction"] == 0.15 and p["data"]["split_seed"] == 0
+                       for _, p in loaded)  # each student.pt records the data recipe it used
 
 
 def test_the_test_split_never_enters_the_transfer_set(full_run):

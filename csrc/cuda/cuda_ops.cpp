@@ -729,13 +729,32 @@ bool set_graphs_op(bool enabled) {
   return old;
 }
 
-// [enabled, graphs held, captures, replays, eager runs, failed captures] since the process started.
+int64_t storage_bytes(const Tensor& t) { return t.defined() ? static_cast<int64_t>(t.storage().nbytes()) : 0; }
+
+// Device memory the held graphs keep for themselves: their static buffers (not the parameters they
+// read in place, nor the graphs' private pools of ATen's own workspaces).
+int64_t graph_buffer_bytes(const GraphCache& cache) {
+  int64_t n = 0;
+  for (const auto& kv : cache.entries) {
+    const LoopBuffers& b = kv.second.buf;
+    for (const Tensor* t : {&b.zp, &b.dyp, &b.tile_a, &b.tile_g, &b.scratch, &b.y32, &b.dVop, &b.dWop, &b.db1,
+                            &b.dz32}) {
+      n += storage_bytes(*t);
+    }
+    if (b.Vsrc.defined()) n += storage_bytes(b.Vop);
+    if (b.Wsrc.defined()) n += storage_bytes(b.Wop);
+  }
+  return n;
+}
+
+// [enabled, graphs held, captures, replays, eager runs, failed captures, bytes of the held graphs'
+// static buffers]; the counters run since the process started.
 std::vector<int64_t> graph_stats_op() {
   GraphCache& cache = graph_cache();
   std::lock_guard<std::mutex> lock(cache.mu);
   return {cache.enabled ? 1 : 0, static_cast<int64_t>(cache.entries.size()), static_cast<int64_t>(cache.captures),
           static_cast<int64_t>(cache.replays), static_cast<int64_t>(cache.eager),
-          static_cast<int64_t>(cache.failures)};
+          static_cast<int64_t>(cache.failures), graph_buffer_bytes(cache)};
 }
 
 std::vector<int64_t> built_archs_op() {

@@ -137,6 +137,8 @@ def run_group(case, providers, passes, warmup=1, rounds=5, compile_mode=None, ch
                 try:
                     full[0]["peak_mem_bytes"] = _cuda_peak(runner)
                     full[0]["grad_bytes"] = _grad_bytes(case)
+                    if p == "cuda":  # resident between steps, so not in the peak over "before"
+                        full[0]["graph_bytes"] = _cuda_graph_bytes()
                 except Exception as e:  # noqa: BLE001
                     fail(p, _status_of(e), _short(e))
             ok = [r for r in records[p] if r.get("median_ms") is not None]
@@ -149,6 +151,12 @@ def run_group(case, providers, passes, warmup=1, rounds=5, compile_mode=None, ch
         if is_cuda:
             torch.cuda.empty_cache()
     return [r for p in providers for r in records[p]]
+
+
+def _cuda_graph_bytes():
+    from ..ops import cuda
+
+    return cuda.graph_stats()["bytes"]
 
 
 def _cuda_peak(runner):

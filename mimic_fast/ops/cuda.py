@@ -116,11 +116,12 @@ def chunk_h(B, H, dtype, backward=False, device=None):
 
 
 # Order of torch.ops.mimic_fast.cuda_graph_stats()'s counters.
-GRAPH_STATS = ("enabled", "graphs", "captures", "replays", "eager", "failures")
+GRAPH_STATS = ("enabled", "graphs", "captures", "replays", "eager", "failures", "bytes")
 
 
 def graph_stats():
-    """{enabled, graphs held, captures, replays, eager runs, failed captures} of the chunk loops."""
+    """{enabled, graphs held, captures, replays, eager runs, failed captures, bytes} of the chunk
+    loops; bytes: device memory the held graphs' static buffers (tiles, z/dy copies, outputs) keep."""
     return dict(zip(GRAPH_STATS, torch.ops.mimic_fast.cuda_graph_stats()))
 
 

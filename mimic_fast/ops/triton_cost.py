@@ -194,6 +194,10 @@ def main(argv=None):
     if T.K is None:
         print(f"mimic-fast bench model: error: {T._IMPORT_ERROR}", file=sys.stderr)
         return 2
+    if T.K.INTERPRET:
+        print("mimic-fast bench model: error: the model plans the compiled GPU kernels; unset "
+              "TRITON_INTERPRET", file=sys.stderr)
+        return 2
     out = []
     for H in args.H:
         shape = (args.B, args.D, args.k, H, args.C)

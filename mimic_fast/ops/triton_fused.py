@@ -223,7 +223,6 @@ def plan(B, k, H, C, elem=2, deterministic=None):
     dz_kernel = deterministic or elem == 4
     KP = pad_k(k)
     C1, C2 = split_c(C)
-    CP = C1 + C2
     block_h = 16 if interpret else (64 if elem <= 2 else 32)
     n_tiles = -(-H // block_h)
     rows = _round_up(B, 16 if interpret else 128)

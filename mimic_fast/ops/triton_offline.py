@@ -33,6 +33,7 @@ TARGETS = {"sm_90a": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}  # capability,
 # The backend serves Hopper only (triton_fused.reasons): sm_80 compiles are for reports, not the gate.
 GATE_TARGETS = ("sm_90a",)
 PAPER = dict(D=1845, k=250, C=183)
+REPORT_VERSION = "2"  # bump when compile_launch's report gains or changes a field (cache key)
 CACHE_DIR = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")),
                          "mimic_fast", "triton_offline")
 
@@ -165,7 +166,7 @@ def _ptx_counts(ptx):
 def _cache_path(src, options, target):
     import triton
 
-    key = "|".join([src.hash(), options.hash(), str(target), triton.__version__])
+    key = "|".join([src.hash(), options.hash(), str(target), triton.__version__, REPORT_VERSION])
     return os.path.join(CACHE_DIR, hashlib.sha256(key.encode()).hexdigest() + ".json")
 
 
@@ -329,9 +330,10 @@ def problems(label, report):
         out.append(f"spills {report['spill_store_bytes']} bytes")
     if report["shared_bytes"] > report["shared_limit"]:
         out.append(f"shared memory {report['shared_bytes']} > {report['shared_limit']}")
-    if report["shared_estimate"] is not None and report["shared_bytes"] > report["shared_estimate"]:
+    estimate = report.get("shared_estimate")
+    if estimate is not None and report["shared_bytes"] > estimate:
         out.append(f"shared memory {report['shared_bytes']} above the pruning's estimate "
-                   f"{report['shared_estimate']}: the pruning could keep a config that cannot launch")
+                   f"{estimate}: the pruning could keep a config that cannot launch")
     if report["kernel"] != "_reduce_splits_kernel":
         if report["target"] == "sm_90a" and not report["wgmma"]:
             out.append("no wgmma on sm_90a")
