@@ -429,8 +429,10 @@ def _notes(record, modules):
     notes = []
     if record["folded"]:
         first = record["steps"][0][1]
-        notes.append(f"{first}'s bias is folded into b1 (b1' = b1 + V c): the two bias Parameters "
-                     "are replaced by one new Parameter (re-create optimizers holding them)")
+        notes.append(f"{first}'s bias is folded into b1 (b1' = b1 + V c; outputs are exact): one "
+                     "new Parameter b1' replaces the two biases, and V's gradient no longer has the "
+                     "V c term (re-create optimizers; for identical training use a bias-free "
+                     f"{first})")
     for role, path, fn in record["steps"]:
         if role == "pass" and (path is None or isinstance(modules.get(path), _DROPOUTS)
                                and modules[path].p > 0):

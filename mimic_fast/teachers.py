@@ -100,7 +100,8 @@ def as_teacher(fn, output=None):
     if isinstance(fn, nn.Module) and output is None:
         return fn
     if isinstance(fn, Teacher) and output is not None:
-        return Teacher(fn._modules.get("net") or fn.fn, output, fn.name)
+        inner = fn._modules["net"] if "net" in fn._modules else fn.fn
+        return Teacher(inner, output, fn.name)
     return Teacher(fn, output)
 
 

@@ -81,6 +81,13 @@ def test_export_errors_and_latency(tmp_path):
     assert callable(load_exported(path, "torch-export"))
 
 
+@pytest.mark.parametrize("command", ["export", "import-logits"])
+def test_new_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0 and f"usage: mimic-fast {command}" in capsys.readouterr().out
+
+
 def test_cli_export(tmp_path, capsys):
     model = _student()
     T.save_model(tmp_path / "student.pt", model, {"class": "WideShallowStudent", "kwargs": dict(

@@ -588,11 +588,11 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
     `teacher` may be any callable (wrapped by mimic_fast.teachers.as_teacher; a plain function is
     identified by its qualified name unless teacher_id is given).
     """
-    if not isinstance(teacher, torch.nn.Module):
-        from ..teachers import as_teacher
+    from ..teachers import Teacher, as_teacher
 
-        teacher = as_teacher(teacher)
-        teacher_id = teacher_id if teacher_id is not None else f"function {teacher.name}"
+    teacher = as_teacher(teacher)  # a module stays itself; a function is wrapped
+    if teacher_id is None and isinstance(teacher, Teacher) and "net" not in teacher._modules:
+        teacher_id = f"function {teacher.name}"  # a function has no weights to fingerprint
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype must be one of torch.float16, torch.float32, torch.float64 (a .npy "
                          f"file cannot hold {dtype}), got {dtype}")
