@@ -94,8 +94,8 @@ class FusionReport:
             lines.append(f"  torch.fx could not trace {where} ({error}); searched its submodules "
                          "one by one instead")
         if not self.fused and not self.left:
-            lines.append("  no Linear(no bias) -> Linear -> act -> Linear chain found (a Linear -> act "
-                         "-> Linear has no bottleneck: factorize_linear its first layer first)")
+            lines.append("  no Linear -> Linear -> act -> Linear chain found (a Linear -> act -> Linear "
+                         "has no bottleneck: factorize_linear its first layer first)")
         return "\n".join(lines)
 
 
@@ -322,7 +322,8 @@ def _find(graph, modules, prefix, report):
         try:
             chain = _match(n, modules)
         except _Miss as e:
-            report.left.append((f"the chain from {_join(prefix, _label(n))!r}", str(e)))
+            if not any(why == str(e) for _, why in report.left):  # said once, at the module
+                report.left.append((f"the chain from {_join(prefix, _label(n))!r}", str(e)))
             continue
         if chain is None or any(x in used for x in chain.nodes):
             continue

@@ -314,6 +314,8 @@ class LogitStore:
                              "row i must be the teacher's logits for dataset[i]")
         if dtype is None:
             dtype = {np.dtype(v): k for k, v in _NP_DTYPES.items()}.get(arr.dtype, torch.float32)
+        if _dist_info()[0] > 1:  # every rank would write its share of rows the array does not shard
+            raise ValueError("LogitStore.from_array runs in one process, not under torch.distributed")
         if (Path(path) / HEADER_NAME).exists() and not overwrite:
             raise FileExistsError(f"a logit store exists at {path}; pass overwrite=True to replace it")
         digest = hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)).hexdigest()
