@@ -639,7 +639,7 @@ def _os_error_line(e):
             errno.EPERM: "check the permissions of the file and its folder",
             errno.EROFS: "the file system is read-only: choose an output folder on a writable one",
             errno.ENOSPC: "the disk is full: free space or choose another output folder",
-            errno.ENOENT: "check the path (relative paths are taken from the current folder)",
+            errno.ENOENT: "check the path; relative paths start from the current folder",
             errno.EISDIR: "a folder is in the way: pass a file path"}.get(e.errno, "")
     return f"{where}: {e.strerror}" + (f" ({hint})" if hint else "")
 
