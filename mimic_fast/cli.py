@@ -431,13 +431,14 @@ def cmd_distill(args):
     check_recipe(made, data, path, DATA_FIELDS,
                  hint="distill with the recipe of the logits (leave --split-seed and --label-fraction "
                       "unset to inherit it) or collect logits for this one")
-    store = LogitStore.open(os.path.join(args.logits, "logits"), transfer)
+    store = LogitStore.open(os.path.join(args.logits, "logits"), transfer, verify=args.verify,
+                            check_inputs=args.check_inputs)
     if store.num_classes != splits.num_classes:
         raise ValueError(f"--logits {args.logits} holds {store.num_classes} classes but --dataset "
                          f"{args.dataset} has {splits.num_classes}")
     _test_overlap(input_digests(splits.test), store.inputs, saved.get("allow_test_rows"),
                   f"the transfer set {path}")
-    dataset = LogitDataset(transfer, store, with_labels=args.alpha > 0)
+    dataset = LogitDataset(transfer, store, with_labels=args.alpha > 0, check_inputs=args.check_inputs)
     overrides = {}
     if args.hidden is not None:
         overrides["hidden"] = args.hidden
@@ -595,6 +596,11 @@ def build_parser():
     s.add_argument("--alpha", type=float, default=0.0, help="weight of the hard-label loss")
     s.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
     s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--check-inputs", choices=("all", "sample"), default="all",
+                   help="hash every transfer row and compare it with the store's digest (all, "
+                        "default: one pass over the inputs) or ~1000 of them (sample: huge stores)")
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the store's checksum pass (huge stores; damage then goes unnoticed)")
     _add_training(s, epochs=20, kind="distill", batch_size=256)
     s.set_defaults(func=cmd_distill)
 
@@ -639,7 +645,7 @@ def _os_error_line(e):
             errno.EPERM: "check the permissions of the file and its folder",
             errno.EROFS: "the file system is read-only: choose an output folder on a writable one",
             errno.ENOSPC: "the disk is full: free space or choose another output folder",
-            errno.ENOENT: "check the path (relative paths are taken from the current folder)",
+            errno.ENOENT: "check the path; relative paths start from the current folder",
             errno.EISDIR: "a folder is in the way: pass a file path"}.get(e.errno, "")
     return f"{where}: {e.strerror}" + (f" ({hint})" if hint else "")
 

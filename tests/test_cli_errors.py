@@ -170,3 +170,20 @@ def test_resume_on_another_split_is_refused(pipeline, tmp_path, capsys):
                      "--split-seed", "3", "--model", "dnn-2k", "--hidden", "16", "--out", str(run),
                      "--batch-size", "64", "--resume", "--epochs", "2", "--no-progress")
     assert code == 2 and "cannot resume" in err and "data split_seed 0 -> 3" in err
+
+
+def test_huge_store_opt_outs_still_check_a_sample(pipeline, tmp_path, capsys):
+    _, _, logits = pipeline
+    copy = tmp_path / "logits"
+    shutil.copytree(logits, copy)
+    store = copy / "logits" / "logits.npy"
+    raw = bytearray(store.read_bytes())
+    raw[-3] ^= 0x40
+    store.write_bytes(bytes(raw))
+    fast = ["--no-verify", "--check-inputs", "sample"]
+    assert _run(capsys, *_distill(str(copy), tmp_path / "s", *fast))[0] == 0  # damage unnoticed, as documented
+    saved = torch.load(copy / "transfer.pt", weights_only=False)
+    saved["x"][[0, -1]] = saved["x"][[-1, 0]]  # first and last rows: always in the sample
+    torch.save(saved, copy / "transfer.pt")
+    code, err = _run(capsys, *_distill(str(copy), tmp_path / "s2", *fast))
+    assert code == 2 and "sampled rows differ" in err
