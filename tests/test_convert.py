@@ -342,3 +342,13 @@ def test_functional_chain_in_nested_modules_round_trips():
     plain = mf.convert.unfuse(fused)
     assert not _students(plain) and set(plain.state_dict()) == set(saved)
     assert_close(plain(x), before, "unfused")
+
+
+def test_pre_fusion_state_dict_loads_into_a_fused_model_nested_in_another():
+    torch.manual_seed(5)
+    trained = nn.ModuleDict({"student": Custom(bias1=True).double()})
+    x = torch.randn(3, D, dtype=torch.float64)
+    want = trained["student"](x)
+    fresh = nn.ModuleDict({"student": _fuse(Custom(bias1=True).double())[0]})
+    fresh.load_state_dict(trained.state_dict())  # keys "student.fc1.weight", ... remapped
+    assert_close(fresh["student"](x), want, "nested fused model, pre-fusion keys")
