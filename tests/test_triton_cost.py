@@ -59,3 +59,12 @@ def test_refuses_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "mimic_fast", "bench", "model"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_in_an_interpreter_process_says_why():
+    from mimic_fast.ops import triton_cost, triton_fused
+
+    if not triton_fused.K.INTERPRET:
+        pytest.skip("this process compiles for a GPU: predict() works here")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
+        triton_cost.predict(4096, 1845, 250, 8000, 183)

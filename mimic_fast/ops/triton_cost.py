@@ -114,6 +114,9 @@ def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak
     """
     from . import triton_offline as O
 
+    if T.K is None or T.K.INTERPRET:
+        raise RuntimeError("the cost model plans the compiled GPU kernels: it needs triton with "
+                           "TRITON_INTERPRET unset")
     dt = getattr(torch, str(dtype).replace("torch.", ""))
     elem = element_size(dt)
     peak = (peak_tflops or H200_PEAK_TFLOPS) * 1e12
@@ -195,7 +198,7 @@ def main(argv=None):
         print(f"mimic-fast bench model: error: {T._IMPORT_ERROR}", file=sys.stderr)
         return 2
     if T.K.INTERPRET:
-        print("mimic-fast bench model: error: the model plans the compiled GPU kernels; unset "
+        print("mimic-fast bench model: error: the model plans the compiled GPU kernels: unset "
               "TRITON_INTERPRET", file=sys.stderr)
         return 2
     out = []
