@@ -186,7 +186,7 @@ def test_epilogues_match_activations(activation, dtype, cols, bias):
 @pytest.mark.parametrize("shape, chunk", [((1, 7, 1, 300, 1), 128), ((13, 5, 3, 1025, 6), 256),
                                           ((64, 40, 16, 2100, 33), 0), ((5, 9, 4, 777, 3), 128)])
 def test_float32_matches_float64_reference(shape, chunk, activation, monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_H", chunk)
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(chunk))
     inputs = make_mlp_inputs(*shape, dtype=torch.float32, device="cuda", bias=shape[0] != 5)
     inputs64 = to64(inputs)
     y = mf.bottleneck_mlp(*inputs, activation=activation, backend="cuda")
@@ -201,7 +201,7 @@ def test_float32_matches_float64_reference(shape, chunk, activation, monkeypatch
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_low_precision_2x_rule(dtype, activation, monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_H", 512)  # several chunks, a ragged last one
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(512))  # several chunks, a ragged last one
     inputs = make_mlp_inputs(64, 40, 16, 2100, 33, dtype=dtype, device="cuda", lead=(8, 8))
     inputs64 = to64(inputs)
     y = mf.bottleneck_mlp(*inputs, activation=activation, backend="cuda")
@@ -219,7 +219,7 @@ def test_low_precision_2x_rule(dtype, activation, monkeypatch):
 @pytest.mark.parametrize("dtype, t_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
                                             (torch.float16, torch.float16)])
 def test_mimic_loss_matches_mse_of_reference(reduction, dtype, t_dtype, monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_H", 384)
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(384))
     inputs = make_mlp_inputs(48, 30, 8, 1000, 183, dtype=dtype, device="cuda")
     inputs64 = to64(inputs)
     t = torch.randn(48, 183, device="cuda").to(t_dtype)
@@ -235,7 +235,7 @@ def test_mimic_loss_matches_mse_of_reference(reduction, dtype, t_dtype, monkeypa
 
 @gpu
 def test_no_tensor_of_B_by_H_elements_is_allocated(monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_H", 1024)
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(1024))
     B, H = 512, 16384
     inputs = make_mlp_inputs(B, 64, 32, H, 8, dtype=torch.bfloat16, device="cuda")
     t = torch.randn(B, 8, device="cuda", dtype=torch.bfloat16)
@@ -331,7 +331,7 @@ def test_loss_kernels_are_deterministic_across_many_blocks():
 def test_misaligned_narrow_dims_and_ragged_chunks(dtype, activation, monkeypatch):
     # k=250, C=183 (the paper's: rows of 500 / 366 bytes) and H=1001 (W's rows misaligned too): every
     # operand goes through the padded buffers, the last chunk is ragged and not a multiple of 8.
-    monkeypatch.setattr(cuda, "CHUNK_H", 384)
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(384))
     inputs = make_mlp_inputs(40, 24, 250, 1001, 183, dtype=dtype, device="cuda")
     inputs64 = to64(inputs)
     t = torch.randn(40, 183, device="cuda").to(dtype)
@@ -358,7 +358,7 @@ def _training_step(inputs, t, activation):
 @gpu
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_captured_chunk_loops_replay_like_the_uncaptured_step(activation, monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_H", 256)  # 4 chunks: a loop worth capturing
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(256))  # 4 chunks: a loop worth capturing
     inputs = make_mlp_inputs(32, 24, 250, 1000, 183, dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
     batches = [(torch.randn(32, 24, device="cuda", generator=g).to(torch.bfloat16),
@@ -393,7 +393,7 @@ def test_captured_chunk_loops_replay_like_the_uncaptured_step(activation, monkey
 
 @gpu
 def test_replay_sees_parameters_updated_in_place(monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_H", 128)
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(128))
     x, U, V, b1, W, b2 = make_mlp_inputs(16, 12, 8, 512, 10, dtype=torch.float32, device="cuda")
     with cuda.graphs(True):
         for _ in range(3):
@@ -411,7 +411,7 @@ def test_replay_sees_parameters_updated_in_place(monkeypatch):
 
 @gpu
 def test_steady_state_step_never_synchronises_the_host(monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_H", 256)
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(256))
     inputs = make_mlp_inputs(64, 32, 250, 1024, 183, dtype=torch.bfloat16, device="cuda")
     t = torch.randn(64, 183, device="cuda", dtype=torch.bfloat16)
     for enabled in (True, False):
@@ -449,7 +449,7 @@ def test_unknown_activation_and_reduction_codes_are_rejected():
 # ---- GPU: graphs, opcheck, compile --------------------------------------------------------------------
 @gpu
 def test_cuda_graph_capture_of_forward_and_backward(monkeypatch):
-    monkeypatch.setattr(cuda, "CHUNK_H", 256)
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", str(256))
     inputs = make_mlp_inputs(32, 24, 8, 1000, 10, dtype=torch.bfloat16, device="cuda")
     t = torch.randn(32, 10, device="cuda", dtype=torch.float16)
     s_logits = torch.randn(32, 10, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -65,3 +65,20 @@ def test_setup_py_without_torch_says_to_install_it_first():
     assert out.returncode != 0
     message = out.stderr.strip().splitlines()
     assert len(message) == 1 and "needs PyTorch to build: install it first" in message[0], out.stderr
+
+
+
+def test_bad_cuda_chunk_env_is_a_clear_error_not_an_import_failure(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MIMIC_FAST_CUDA_CHUNK_H": "abc"}
+    imported = subprocess.run([sys.executable, "-c", "import mimic_fast"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    from mimic_fast.ops import cuda
+
+    monkeypatch.setenv("MIMIC_FAST_CUDA_CHUNK_H", "abc")
+    with pytest.raises(ValueError, match="MIMIC_FAST_CUDA_CHUNK_H='abc'"):
+        cuda._env_chunk_h()

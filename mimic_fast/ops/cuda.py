@@ -21,8 +21,18 @@ from ..activations import ACTIVATION_CODES
 NAME = "cuda"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_ARCH_LIST = "8.0;9.0"  # setup.py's default TORCH_CUDA_ARCH_LIST
-# Columns of H per chunk; 0 sizes the tile from the device's L2 (read once, for tuning runs).
-CHUNK_H = int(os.environ.get("MIMIC_FAST_CUDA_CHUNK_H", "0") or 0)
+
+
+def _env_chunk_h():
+    """MIMIC_FAST_CUDA_CHUNK_H: columns of H per chunk for tuning runs; 0 / unset sizes the tile from
+    the device's L2. Read when used, so a bad value is a clear error, never an import failure."""
+    value = os.environ.get("MIMIC_FAST_CUDA_CHUNK_H", "").strip()
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise ValueError(f"environment variable MIMIC_FAST_CUDA_CHUNK_H={value!r} must be a positive "
+                         f"integer (a chunk width); unset it to let mimic_fast choose")
+    return int(value)
 
 
 def _import_extension():
@@ -99,7 +109,7 @@ def describe():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
         return {"built": False, "arch_list": f"{archs} (when built)"}
     info = {"built": True, "arch_list": ";".join(f"{a // 10}.{a % 10}" for a in built_archs()),
-            "chunk_h": CHUNK_H or "auto (L2)",
+            "chunk_h": _env_chunk_h() or "auto (L2)",
             "chunk_loop": "CUDA-graph replay" if graph_stats()["enabled"] else "eager (graphs off)"}
     if torch.cuda.is_available():
         info["l2_bytes"] = int(torch.ops.mimic_fast.cuda_l2_bytes(torch.cuda.current_device()))
@@ -108,8 +118,8 @@ def describe():
 
 def chunk_h(B, H, dtype, backward=False, device=None):
     """Columns of H per chunk that the ops pick for this batch on `device` (for benchmarks)."""
-    if CHUNK_H:
-        return min(CHUNK_H, H)
+    if _env_chunk_h():
+        return min(_env_chunk_h(), H)
     index = torch.cuda.current_device() if device is None else torch.device(device).index or 0
     return int(torch.ops.mimic_fast.cuda_chunk_h(B, H, torch.empty((), dtype=dtype).element_size(),
                                                   backward, index))
@@ -145,7 +155,7 @@ def graphs(enabled):
 
 # ---- the backend interface of mimic_fast.dispatch --------------------------------------------------
 def _chunk(chunk_h_arg):
-    return CHUNK_H if chunk_h_arg is None else int(chunk_h_arg)
+    return _env_chunk_h() if chunk_h_arg is None else int(chunk_h_arg)
 
 
 def mlp_fwd(x, U, V, b1, W, b2, activation, chunk_h=None):
