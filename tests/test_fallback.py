@@ -1,6 +1,9 @@
 """Without the C++ extension the package still works: one warning, info() says why, auto -> reference."""
+import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = r"""
 import importlib.abc, sys, warnings
@@ -69,10 +72,6 @@ def test_setup_py_without_torch_says_to_install_it_first():
 
 
 def test_bad_cuda_chunk_env_is_a_clear_error_not_an_import_failure(monkeypatch):
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "MIMIC_FAST_CUDA_CHUNK_H": "abc"}
     imported = subprocess.run([sys.executable, "-c", "import mimic_fast"], env=env,
                               capture_output=True, text=True, timeout=120)
