@@ -733,9 +733,10 @@ def add_arguments(p):
                         "ensemble (default: --train-teacher)")
     g.add_argument("--train-teacher", action="store_true",
                    help="train the teacher here with the demo's recipe (an ensemble of "
-                        f"{d.teacher_members} CNNs {csv(d.teacher_channels)}c-{csv(d.teacher_hidden)}, "
-                        f"or DNNs {csv(d.teacher_dnn_hidden)} for flat rows, on the labelled rows, SGD "
-                        "+ cosine); the default when no --teacher is given")
+                        f"{d.teacher_members} CNNs "
+                        + "-".join([f"{c}c" for c in d.teacher_channels] + [str(h) for h in d.teacher_hidden])
+                        + " or, for flat rows, DNNs " + "-".join(map(str, d.teacher_dnn_hidden))
+                        + ", on the labelled rows, SGD + cosine); the default when no --teacher is given")
     g.add_argument("--teacher-members", type=int, default=d.teacher_members)
     g.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
     g.add_argument("--teacher-batch", type=int, default=d.teacher_batch)
