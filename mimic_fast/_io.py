@@ -31,6 +31,16 @@ def fsync_dir(directory):
         os.close(fd)
 
 
+def _umask():
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
 def _temp_prefix(path):
     return "." + os.path.basename(path) + "."
 
@@ -54,6 +64,8 @@ def atomic_write_bytes(path, write):
     _remove_orphans(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path), suffix=".tmp")
     try:
+        # mkstemp makes 0600 files; the user's files get the mode open() would give them.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -218,3 +218,18 @@ def test_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_pa
     done = LogitStore.open(store, dataset=TensorDataset(x))
     assert done.complete
     assert torch.equal(done.tensor(), x[:, :4].half().float())
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with open(tmp_path / "b.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "b.json").st_mode) == 0o644
