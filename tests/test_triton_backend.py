@@ -147,7 +147,7 @@ def test_plans_agree_with_reference(sms, deterministic):
     """One program per row of tiles (sms=1) and a GPU wide enough to force many H splits, split
     leftovers, the ragged tile's owner and several backward batch chunks (sms=64)."""
     inputs = _direct_inputs((37, 13, 17, 77, 18))
-    with T.device_override(T.Device(sms, None, 0)):
+    with T.device_override(T.Device(sms)):
         p = T.plan(37, 17, 77, 18, 4, deterministic)
         if sms == 64:
             assert p.fwd_splits > 1 and p.H // p.block_h % p.fwd_splits != 0 and p.bwd_chunks > 1
@@ -159,7 +159,7 @@ def test_deterministic_backward_is_bit_identical_and_follows_torch():
     x, U, V, b1, W, b2 = _direct_inputs()
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh")
     dy = _seed_grad(y.shape, y.dtype)
-    with T.device_override(T.Device(64, None, 0)):
+    with T.device_override(T.Device(64)):
         first = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, deterministic=True)
         again = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, deterministic=True)
     for a, b in zip(first, again):
@@ -224,7 +224,7 @@ def test_every_output_element_is_written(monkeypatch):
     dy = _seed_grad(y_ref.shape, y_ref.dtype)
     g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "gelu", True)
     monkeypatch.setattr(torch, "empty", nan_empty)
-    with T.device_override(T.Device(64, None, 0)):  # splits, chunks, partial buffers
+    with T.device_override(T.Device(64)):  # splits, chunks, partial buffers
         y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "gelu")
         loss, _, dy_unit = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "gelu", "none")
         grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, deterministic=False)

@@ -122,12 +122,11 @@ def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak
     peak = (peak_tflops or H200_PEAK_TFLOPS) * 1e12
     bw = (bandwidth_tbs or H200_BANDWIDTH_TBS) * 1e12
     fwd_op = "mimic" if op == "mimic" else "forward"
-    with T.device_override(O.device_for(target)), O._tf32(dt):
+    with T.device_override(T.OFFLINE_DEVICE), O._tf32(dt):
         p = T.plan(B, k, H, C, elem, deterministic)
-        traced = {"forward": O.trace(fwd_op, B, D, k, H, C, dt, activation, True, deterministic,
-                                     target),
+        traced = {"forward": O.trace(fwd_op, B, D, k, H, C, dt, activation, True, deterministic),
                   "backward": O.trace("backward", B, D, k, H, C, dt, activation, True,
-                                      deterministic, target)}
+                                      deterministic)}
     passes = {}
     for name, launches in traced.items():
         kernels = []

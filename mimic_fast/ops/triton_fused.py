@@ -5,10 +5,10 @@ operands with fp32 accumulation (float32 dots use TF32 when torch allows it for 
 otherwise, which is slow); k <= 256 and C <= 256, so that the bottleneck and the outputs are each one
 on-chip block (wider shapes would recompute z Vᵀ per block: the cuda and reference backends serve them).
 Where every launch's tiles and grid come from is `plan()`, shared with the cost model
-(ops/triton_cost.py). dz, the cross-H reduction of the backward, is accumulated by fp32 atomics in
-one (B, k) buffer that stays in L2; when `torch.are_deterministic_algorithms_enabled()` a separate dz
-kernel with a fixed reduction order replaces them (+k+C MACs per (sample, hidden): ~28% more backward
-work at the paper's shape, and an (S, B, k) fp32 partial buffer).
+(ops/triton_cost.py). dz, the cross-H reduction of the backward, is accumulated by fp32 TMA
+reduce-adds into one (k, B) buffer that stays in L2; when `torch.are_deterministic_algorithms_enabled()`
+(and always for fp32) a separate dz kernel with a fixed reduction order replaces them (+k+C MACs per
+(sample, hidden): ~28% more backward work at the paper's shape, and an (S, B, k) fp32 partial buffer).
 """
 import contextlib
 import math
@@ -169,12 +169,12 @@ class Plan(NamedTuple):
 
 
 class Device(NamedTuple):
+    """What a plan needs of the GPU (shared memory and capability are the autotuner pruning's)."""
+
     sms: int
-    smem: int  # shared memory per block, bytes
-    capability: int  # major * 10 + minor
 
 
-OFFLINE_DEVICE = Device(132, 232448, 90)  # the H200, for plans made without a GPU
+OFFLINE_DEVICE = Device(132)  # the H200, for plans made without a GPU
 _device_override = []
 
 
@@ -192,15 +192,12 @@ def _device():
     if _device_override:
         return _device_override[-1]
     if K.INTERPRET:
-        return Device(4, None, 0)
+        return Device(4)  # a few programs per launch: the interpreter runs each in Python
     if not torch.cuda.is_available():
         return OFFLINE_DEVICE
     idx = torch.cuda.current_device()
     if idx not in _DEVICES:
-        major, minor = torch.cuda.get_device_capability(idx)
-        props = triton.runtime.driver.active.utils.get_device_properties(idx)
-        _DEVICES[idx] = Device(torch.cuda.get_device_properties(idx).multi_processor_count,
-                               props["max_shared_mem"], major * 10 + minor)
+        _DEVICES[idx] = Device(torch.cuda.get_device_properties(idx).multi_processor_count)
     return _DEVICES[idx]
 
 

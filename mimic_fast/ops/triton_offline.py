@@ -101,17 +101,13 @@ def _meta_inputs(B, D, k, H, C, dtype, bias):
             torch.empty(C, **m) if bias else None)
 
 
-def device_for(target):
-    capability, smem = TARGETS[target]
-    return T.Device(T.OFFLINE_DEVICE.sms, smem, capability)
-
-
 def trace(op, B, D, k, H, C, dtype=torch.bfloat16, activation="relu", bias=True,
-          deterministic=False, target="sm_90a"):
+          deterministic=False):
     """The launches of one pass: op "forward" (bottleneck_mlp), "mimic" (mimic_loss forward) or
-    "backward", on meta tensors, as planned for the target (an H200 for sm_90a)."""
+    "backward", on meta tensors, as planned for an H200 (132 SMs; `candidates` then applies a
+    target's pruning)."""
     x, U, V, b1, W, b2 = _meta_inputs(B, D, k, H, C, dtype, bias)
-    with record_launches() as launches, T.device_override(device_for(target)):
+    with record_launches() as launches, T.device_override(T.OFFLINE_DEVICE):
         if op == "forward":
             T.fused_mlp_fwd(x, U, V, b1, W, b2, activation)
         elif op == "mimic":
@@ -231,11 +227,10 @@ GATE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.floa
 GATE_OPS = (("forward", False), ("mimic", False), ("backward", False), ("backward", True))
 
 
-def _gate_launches(target, dname, H, op, det, B):
+def _gate_launches(dname, H, op, det, B):
     dtype = GATE_DTYPES[dname]
     with _tf32(dtype):
-        return trace(op, B, PAPER["D"], PAPER["k"], H, PAPER["C"], dtype, deterministic=det,
-                     target=target)
+        return trace(op, B, PAPER["D"], PAPER["k"], H, PAPER["C"], dtype, deterministic=det)
 
 
 def gate_cases(H_values=(8000, 400000), B=4096):
@@ -248,7 +243,7 @@ def gate_cases(H_values=(8000, 400000), B=4096):
         for dname in GATE_DTYPES:
             for H in H_values:
                 for op, det in GATE_OPS:
-                    for i, launch in enumerate(_gate_launches(target, dname, H, op, det, B)):
+                    for i, launch in enumerate(_gate_launches(dname, H, op, det, B)):
                         configs = candidates(launch, target)
                         if not configs:
                             cases.append((f"{target}/{dname}/H={H}/{op}/{launch.name}/none",
@@ -306,7 +301,7 @@ def _compile_case(case):
         return label, {"error": "the pruning keeps no config for this launch"}
     target, dname, H, op, det, B, i, j = spec
     try:
-        launch = _gate_launches(target, dname, H, op, det, B)[i]
+        launch = _gate_launches(dname, H, op, det, B)[i]
         return label, compile_launch(launch, candidates(launch, target)[j], target)
     except Exception as e:  # reported per case; the gate fails on it
         return label, {"error": f"{type(e).__name__}: {e}"}
