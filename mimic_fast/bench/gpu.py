@@ -13,7 +13,6 @@ run keeps what it measured; a short table is printed last. `--dry-run` runs it a
 """
 import argparse
 import gc
-import inspect
 import sys
 import time
 
@@ -121,13 +120,11 @@ def cost_model(case, peaks):
         return {"error": f"mimic_fast.ops.triton_cost unavailable: {e}"}
     tf = (peaks.get("matmul") or {}).get("tflops")
     bw = (peaks.get("copy") or {}).get("gbps")
-    kw = {}
-    if "deterministic" in inspect.signature(predict).parameters:  # the dz mode the backend will run
-        kw["deterministic"] = torch.are_deterministic_algorithms_enabled()
     try:
         res = predict(case.B, case.D, case.k, case.H, case.C, dtype=case.dtype,
                       op="mimic" if case.op == "mimic_loss" else "mlp", activation=case.activation,
-                      peak_tflops=tf, bandwidth_tbs=bw / 1e3 if bw else None, **kw)
+                      peak_tflops=tf, bandwidth_tbs=bw / 1e3 if bw else None,
+                      deterministic=torch.are_deterministic_algorithms_enabled())
     except Exception as e:  # noqa: BLE001 - recorded beside the figures, never fatal
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     res = dict(res)
