@@ -207,8 +207,8 @@ def test_cost_model_prediction_sits_beside_the_triton_figures(monkeypatch):
     seen = {}
 
     def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak_tflops=None,
-                bandwidth_tbs=None):
-        seen.update(B=B, H=H, op=op, peak=peak_tflops, bw=bandwidth_tbs)
+                bandwidth_tbs=None, target="sm_90a", deterministic=False):
+        seen.update(B=B, H=H, op=op, peak=peak_tflops, bw=bandwidth_tbs, det=deterministic)
         one = {"flops": 10.0, "model_flops": 8.0, "bytes": 4.0, "time_s": 2e-3, "kernels": []}
         return {"forward": one, "full": {**one, "time_s": 6e-3}}
 
@@ -217,7 +217,7 @@ def test_cost_model_prediction_sits_beside_the_triton_figures(monkeypatch):
     case = providers.Case("mimic_loss", 64, 5, 12, 3, 40, "bfloat16", "cuda")
     peaks = {"matmul": {"tflops": 700.0}, "copy": {"gbps": 4000.0}}
     model = gpu.cost_model(case, peaks)
-    assert seen == {"B": 64, "H": 40, "op": "mimic", "peak": 700.0, "bw": 4.0}
+    assert seen == {"B": 64, "H": 40, "op": "mimic", "peak": 700.0, "bw": 4.0, "det": False}
     recs = [{"provider": "triton", "pass": "full", "median_ms": 9.0},
             {"provider": "eager", "pass": "full", "median_ms": 9.0}]
     gpu.annotate(recs, case, peaks, model)
