@@ -348,8 +348,13 @@ def _fused_mlp_bwd_kernel(
     dw2t = tl.zeros((BLOCK_H, C2 if C2 > 0 else 16), dtype=tl.float32)
     db1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
     b_begin = pid_c.to(tl.int64) * tiles_per_chunk * BLOCK_B
+    # Each program starts at its own batch tile (and wraps around): concurrent programs then
+    # reduce-add into different dzᵀ columns instead of all into the same ones at once.
+    start = pid_h % tiles_per_chunk
     for i in range(0, tiles_per_chunk):
-        row = (b_begin + i * BLOCK_B).to(tl.int32)
+        t = i + start
+        t = tl.where(t >= tiles_per_chunk, t - tiles_per_chunk, t)
+        row = (b_begin + t * BLOCK_B).to(tl.int32)
         za = Z.load([row, 0])  # (BLOCK_B, KH)
         zb = Z.load([row, KH])
         dy1 = DY1.load([row, 0])  # (BLOCK_B, C1)
