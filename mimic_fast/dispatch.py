@@ -9,6 +9,8 @@ A backend is a module under mimic_fast/ops exposing
     mlp_fwd(x, U, V, b1, W, b2, activation) -> (y, z)
     mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2) -> (dx, dU, dV, db1, dW, db2)
     mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction) -> (loss, z, dy_unit)
+    auto_reasons(p: Problem) -> list[str]  # optional: why `auto` should pass over it (it still
+                                          # serves the inputs when named)
 
 x is (B, D) (any strides), b1/b2 may be None; z is whatever the backend wants saved for backward
 (x Uᵀ, (B, k)); y and loss are in x's dtype; dy may be x's dtype or float32; dy_unit is
@@ -88,14 +90,22 @@ def why_not(name, problem):
     return list(module.reasons(problem))
 
 
+def _auto_why_not(name, problem):
+    reasons = why_not(name, problem)
+    module = _load(name)
+    if not reasons and hasattr(module, "auto_reasons"):
+        reasons = list(module.auto_reasons(problem))
+    return reasons
+
+
 def select(backend, problem):
     """Name of the backend that serves `problem`; ValueError listing every reason if none can."""
     if backend == "auto":
         order = AUTO_ORDER.get(problem.device.type, ("reference",))
         for name in order:
-            if not why_not(name, problem):
+            if not _auto_why_not(name, problem):
                 return name
-        tried = "; ".join(f"{n}: {', '.join(why_not(n, problem))}" for n in order)
+        tried = "; ".join(f"{n}: {', '.join(_auto_why_not(n, problem))}" for n in order)
         raise ValueError(f"no backend can serve these inputs ({tried})")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of {', '.join(BACKENDS)}")

@@ -196,17 +196,23 @@ def test_split_c_wastes_little():
         assert c1 + c2 <= max(16, 1 << (C - 1).bit_length())  # never worse than one block
 
 
-def test_padded_weight_is_cached_per_version():
+def test_weights_changed_outside_autograd_are_seen():
+    """Writes through .data bump no version counter (old optimizers, EMA, apex, ZeRO): nothing may
+    hold a copy of V across calls, and inference-mode weights work too."""
     x, U, V, b1, W, b2 = _direct_inputs()
-    p = T.plan(x.shape[0], V.shape[1], V.shape[0], W.shape[0], 4)
-    first = T._padded_weight(V, p)
-    assert T._padded_weight(V, p) is first  # same version: no new copy
-    with torch.no_grad():
-        V.add_(1.0)  # an optimizer step
-    second = T._padded_weight(V, p)
-    assert second is not first
-    assert torch.equal(second[:V.shape[0], :V.shape[1]], V)
-    assert not second[V.shape[0]:].any() and not second[:, V.shape[1]:].any()
+    ref = dispatch.get("reference")
+    T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh")
+    V.data.mul_(2.0)
+    y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh")
+    assert_close(y, ref.mlp_fwd(x, U, V, b1, W, b2, "tanh")[0], "y after V.data changed")
+    dy = _seed_grad(y.shape, y.dtype)
+    for name, g, r in zip(_REF_GRADS, T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True),
+                          ref.mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True)):
+        assert_close(g, r, name)
+    with torch.inference_mode():
+        weights = [t.clone() for t in (U, V, b1, W, b2)]
+        y_inf, _ = T.fused_mlp_fwd(x, *weights[:2], weights[2], weights[3], weights[4], "tanh")
+    assert_close(y_inf, y, "y with inference-mode weights")
 
 
 def test_every_output_element_is_written(monkeypatch):
@@ -343,3 +349,64 @@ def test_reasons_without_interpreter(monkeypatch):
     monkeypatch.setattr(T.K, "INTERPRET", False)
     why = T.reasons(dispatch.Problem("mlp", torch.device("cpu"), torch.float32, 4, 5, 3, 8, 2, "relu"))
     assert why == ["CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter; slow, for tests)"]
+
+
+@pytest.mark.parametrize("elem", [2, 4])
+def test_every_supported_shape_keeps_a_config_on_hopper(elem):
+    """No (k, C) the backend accepts leaves a kernel without a config that fits an H100/H200's
+    227 KB (what the pruning believes; test_triton_compile checks it against the compiler)."""
+    import itertools
+
+    K = T.K
+    limit, capability = 232448, 90
+    meta = torch.empty(0, dtype=torch.float32 if elem == 4 else torch.bfloat16, device="meta")
+    for KP, C in itertools.product((32, 64, 128, 256), range(1, 257)):
+        C1, C2 = T.split_c(C)
+        bb = 32 if elem <= 2 else 16
+        for det in (False, True):
+            dz_kernel = det or elem == 4
+            args = {"Z": meta, "KP": KP, "C1": C1, "C2": C2, "BLOCK_B": bb,
+                    "BLOCK_H": 64 if elem <= 2 else 32, "DZ_ATOMIC": not dz_kernel}
+            for kernel in ("fwd", "bwd") + (("dz",) if dz_kernel else ()):
+                kept = K.fitting_configs(kernel, K.gpu_configs(kernel), args, limit, capability)
+                assert kept, (kernel, KP, C, elem, det)
+
+
+def test_auto_leaves_ieee_fp32_to_another_backend(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    P = dispatch.Problem("mlp", torch.device("cuda"), torch.float32, 64, 32, 250, 8000, 183, "relu")
+    assert T.reasons(P) == []  # it serves them when named
+    previous = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert any("IEEE" in r for r in T.auto_reasons(P))
+        assert dispatch.select("auto", P) != "triton" and dispatch.select("triton", P) == "triton"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert T.auto_reasons(P) == [] and dispatch.select("auto", P) == "triton"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def test_refuses_a_gpu_whose_shared_memory_fits_no_config(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(T.K, "_device", lambda: (101376, 90))
+    monkeypatch.setattr(T, "_FITS", {})
+    why = T.reasons(dispatch.Problem("mlp", torch.device("cuda"), torch.bfloat16, 64, 32, 250, 8000,
+                                     183, "relu"))
+    assert any("no fwd kernel config fits" in r and "101376" in r for r in why), why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    why = T.reasons(dispatch.Problem("mlp", torch.device("cuda"), torch.bfloat16, 64, 32, 250, 8000,
+                                     183, "relu"))
+    assert any("sm_100" in r and "Hopper only" in r for r in why), why
+
+
+def test_dot_precision_follows_torch():
+    previous = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert T._dot_precision(torch.float32) == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert T._dot_precision(torch.float32) == "ieee"
+        assert T._dot_precision(torch.bfloat16) is None
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous

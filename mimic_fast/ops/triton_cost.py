@@ -78,7 +78,7 @@ def _kernel_cost(launch, config, elem):
         h_exec = n_h * bh
         gemms = 2 * KP + 2 * CP + (KP if a["DZ_ATOMIC"] else 0)
         flops = 2 * rows * h_exec * gemms
-        weights_in = (a["V"].shape[0] * KP + C * H) * elem
+        weights_in = (a["V"].numel() + C * H) * elem  # the user's V: read once, not padded
         out = a["DV"].numel() * a["DV"].element_size() + a["DW"].numel() * a["DW"].element_size()
         hbm = weights_in + out + rows * (KP + CP) * elem
         l2 = n_h * rows * (KP + CP) * elem
@@ -92,13 +92,15 @@ def _torch_ops(op, B, D, k, H, C, elem, p, deterministic):
     if op in ("forward", "mimic"):
         flops = 2 * B * D * k
         hbm = (B * D + k * D + B * k) * elem + 2 * B * k * elem  # GEMM, then z -> z_pad
-        hbm += p.H_pad * p.KP * elem + H * k * elem  # V -> V_pad (once a step: the cached copy)
+        hbm += p.H_pad * p.KP * elem + H * k * elem  # V -> V_pad for the streamed V tiles
         return flops, hbm
     flops = 2 * 2 * B * D * k
     hbm = 2 * (B * k + k * D + B * D) * elem + B * D * elem  # dx = dz U, dU = dzᵀ x
     hbm += B * (p.KP + p.CP) * elem * 2 + B * C * 4  # z_pad, dy_pad
     if not p.dz_kernel:
         hbm += p.rows_bwd * p.KP * 4 * 2  # dzᵀ fp32 buffer: zeroed, read back
+    else:
+        hbm += p.H_pad * p.KP * elem + H * k * elem  # V -> V_pad for the dz kernel
     return flops, hbm
 
 

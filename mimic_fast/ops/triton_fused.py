@@ -16,7 +16,6 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .._checks import check_reduction
 from ..activations import ACTIVATION_CODES
@@ -60,10 +59,14 @@ def reasons(problem):
             out.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter; slow, for tests)")
     elif dev != "cuda":
         out.append(f"tensors on {problem.device} need a CUDA device")
-    elif torch.cuda.get_device_capability(problem.device) < (9, 0):
+    elif torch.cuda.get_device_capability(problem.device)[0] != 9:
         major, minor = torch.cuda.get_device_capability(problem.device)
+        why = ("their tiles spill registers there" if major < 9 else
+               "their tiles and shared memory are checked for Hopper only")
         out.append(f"the kernels are built for Hopper (sm_90: wgmma, TMA); on sm_{major}{minor} "
-                   f"their tiles spill registers (benchmarks/NOTES.md): the cuda backend serves it")
+                   f"{why} (benchmarks/NOTES.md): the cuda backend serves it")
+    elif problem.dtype in DTYPES and problem.k <= K_MAX and problem.C <= C_MAX:
+        out.extend(_fit_reasons(problem))
     if problem.dtype not in DTYPES:
         out.append(f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)")
     elif problem.dtype == torch.bfloat16 and dev == "cpu":
@@ -78,6 +81,38 @@ def reasons(problem):
             not problem.teacher_dtype.is_floating_point:
         out.append(f"teacher_logits dtype {problem.teacher_dtype} is not floating point")
     return out
+
+
+def _fit_reasons(problem):
+    """Why no autotune config of some kernel fits this GPU's shared memory (empty: all fit)."""
+    elem = torch.empty((), dtype=problem.dtype).element_size()
+    key = (problem.device, problem.dtype, pad_k(problem.k), split_c(problem.C),
+           torch.are_deterministic_algorithms_enabled())
+    if key not in _FITS:
+        p = plan(max(problem.B, 1), problem.k, problem.H, problem.C, elem)
+        limit, capability = K._device()
+        args = {"Z": torch.empty(0, dtype=problem.dtype, device="meta"), "KP": p.KP, "C1": p.C1,
+                "C2": p.C2, "BLOCK_B": p.block_b_bwd, "BLOCK_H": p.block_h,
+                "DZ_ATOMIC": not p.dz_kernel}
+        kernels = [("fwd", K.FWD_CONFIGS), ("bwd", K.BWD_CONFIGS)]
+        if p.dz_kernel:
+            kernels.append(("dz", K.DZ_CONFIGS))
+        _FITS[key] = [f"no {name} kernel config fits this GPU's {limit} bytes of shared memory at "
+                      f"k_pad={p.KP}, C_pad={p.CP}, {problem.dtype}" for name, configs in kernels
+                      if not K.fitting_configs(name, configs, args, limit, capability)]
+    return _FITS[key]
+
+
+_FITS = {}
+
+
+def auto_reasons(problem):
+    """Inputs this backend serves when named, but that `auto` leaves to another backend."""
+    if problem.device.type == "cuda" and problem.dtype == torch.float32 and \
+            _dot_precision(torch.float32) == "ieee":
+        return ["float32 with TF32 disallowed would run IEEE fp32 without tensor cores (slow): allow "
+                "TF32 (torch.backends.cuda.matmul.fp32_precision = 'tf32') or name backend='triton'"]
+    return []
 
 
 def describe():
@@ -247,51 +282,45 @@ def _dummy(t):
 
 
 def _dot_precision(dtype):
+    """fp32 dots: "tf32" when torch allows TF32 for CUDA matmuls, else "ieee" (None: not fp32).
+
+    The new precision API decides when it is set ("tf32" / "ieee", "none" inherits the global
+    setting); the legacy getter only when both are "none" (it raises when the APIs are mixed)."""
     if dtype != torch.float32:
         return None
+    new = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if new is not None:
+        if new == "none":
+            new = getattr(torch.backends, "fp32_precision", "none")
+        if new in ("tf32", "ieee"):
+            return new
     try:
-        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
-    except AttributeError:
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 or torch.get_float32_matmul_precision() != "highest" else "ieee"
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = "highest"
+    return "ieee" if legacy == "highest" and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def _padded(t, rows, cols, dtype):
     """t (r, c) zero-padded to (rows, cols), contiguous, in dtype; t itself when it already is."""
     r, c = t.shape
-    if (r, c) == (rows, cols) and t.dtype == dtype and t.is_contiguous():
+    if (r, c) == (rows, cols) and t.dtype == dtype and t.is_contiguous() and t.data_ptr() % 16 == 0:
         return t
     out = t.new_zeros((rows, cols), dtype=dtype)
     out[:r, :c] = t
     return out
 
 
-# V padded to (H_pad, KP), kept per weight tensor while its version (bumped by every in-place
-# update, e.g. optimizer.step) and storage stay the same: one copy per training step, not one per
-# pass (at H = 400k, bf16 that saves ~0.4 GB of HBM traffic a step, for 205 MB kept beside V).
-_PADDED_V = WeakIdKeyDictionary()
-
-
-def _padded_weight(V, p):
-    if V.device.type == "meta" or (V.shape == (p.H_pad, p.KP) and V.is_contiguous()):
-        return _padded(V, p.H_pad, p.KP, V.dtype)
-    key = (V._version, V.data_ptr(), V.dtype, tuple(V.stride()), p.H_pad, p.KP)
-    hit = _PADDED_V.get(V)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+def _streamed_weights(V, b1, W, p):
+    """V (H_pad, KP) and b1 (H_pad,) zero-padded for the kernels that stream V tiles (forward, dz):
+    aligned 16-byte rows; W with unit stride along H (its rows are read as 16-byte vectors)."""
     V_pad = _padded(V, p.H_pad, p.KP, V.dtype)
-    _PADDED_V[V] = (key, V_pad)
-    return V_pad
-
-
-def _weights(V, b1, W, p):
-    """V (H_pad, KP) and b1 (H_pad,) zero-padded; W with unit stride along H (its rows are read
-    as 16-byte vectors)."""
-    V_pad = _padded_weight(V, p)
     b1_pad = None if b1 is None else F.pad(b1, (0, p.H_pad - p.H))
-    if W.stride(1) != 1:
-        W = W.contiguous()
-    return V_pad, b1_pad, W
+    return V_pad, b1_pad, _unit_stride_h(W)
+
+
+def _unit_stride_h(W):
+    return W if W.stride(1) == 1 else W.contiguous()
 
 
 def _consts(p, dtype, b1, activation):
@@ -304,7 +333,7 @@ def _consts(p, dtype, b1, activation):
 def _forward_partials(z, V, b1, W, activation, p):
     """YP (S, B_pad, CP) fp32: the partial outputs of each H split (no b2)."""
     z_pad = _padded(z, p.rows, p.KP, z.dtype)
-    V_pad, b1_pad, W = _weights(V, b1, W, p)
+    V_pad, b1_pad, W = _streamed_weights(V, b1, W, p)
     yp = torch.empty((p.fwd_splits, p.rows, p.CP), dtype=torch.float32, device=z.device)
     grid = lambda META: (p.rows // META["BLOCK_B"], p.fwd_splits)  # noqa: E731
     K._fused_mlp_fwd_kernel[grid](
@@ -393,7 +422,7 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
         rows = max(p.rows_bwd, p.rows if p.dz_kernel else 0)
         z_pad = _padded(z, rows, p.KP, dtype)
         dy_pad = _padded(dy, rows, p.CP, dtype)  # tensor-core operand; eager's dy has this dtype
-        V_pad, b1_pad, W = _weights(V, b1, W, p)
+        W = _unit_stride_h(W)
         consts = _consts(p, dtype, b1, activation)
         dev = z.device
         dV = torch.empty((p.H, p.k), dtype=dtype, device=dev)
@@ -419,10 +448,11 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
         dzt_desc = z_desc if dzt is None else TensorDescriptor(dzt, [p.KP, rows], [rows, 1],
                                                                 [KH, bb])
         K._fused_mlp_bwd_kernel[grid](
-            z_desc, dy1_desc, dy2_desc, V_pad, _dummy(z) if b1 is None else b1_pad, W,
+            z_desc, dy1_desc, dy2_desc, V, _dummy(z) if b1 is None else b1, W,
             dv_out, _dummy(z) if db1_out is None else db1_out, dw_out,
             _dummy(z) if dzt is None else dzt, dzt_desc,
-            p.H, p.C, p.k, p.bwd_tiles_per_chunk, W.stride(0),
+            p.H, p.C, p.k, p.bwd_tiles_per_chunk, V.stride(0), V.stride(1),
+            0 if b1 is None else b1.stride(0), W.stride(0),
             dv_out.stride(-2), dw_out.stride(-2), rows,
             dv_out.stride(0) if chunks > 1 else 0, dw_out.stride(0) if chunks > 1 else 0,
             db1_out.stride(0) if chunks > 1 and db1_out is not None else 0,
@@ -433,7 +463,8 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, deterministic=None)
             if db1 is not None:
                 _reduce_splits(db1_out.view(chunks, 1, p.H_pad), 1, p.H, p.H_pad,
                                out=db1.view(1, p.H))
-        if p.dz_kernel:
+        if p.dz_kernel:  # streams V tiles: the padded copy (one more per step in this mode)
+            V_pad, b1_pad, _ = _streamed_weights(V, b1, W, p)
             dzp = torch.empty((p.dz_splits, p.rows, p.KP), dtype=torch.float32, device=dev)
             dz_grid = lambda META: (p.rows // META["BLOCK_B"], p.dz_splits)  # noqa: E731
             K._fused_mlp_dz_kernel[dz_grid](

@@ -42,33 +42,40 @@ KP_MAX = 256  # one k block: dV_j (BLOCK_H x KP) and dz (BLOCK_B x KP) stay in r
 CP_MAX = 256  # C1 + C2: dW_j (CP x BLOCK_H) and y (BLOCK_B x CP) stay in registers
 
 
-def _configs(gpu, interp):
-    """Autotune configs. The forward and dz kernels take BLOCK_H from the launcher's plan (their split
-    loops need its tile counts, and the interpreter cannot divide runtime values); the backward takes
-    BLOCK_B from it (it shapes the batch chunks and the TMA descriptors)."""
+# The GPU configs as (meta-parameters, warps, stages). The forward and dz kernels take BLOCK_H from
+# the launcher's plan (their split loops need its tile counts, and the interpreter cannot divide
+# runtime values); the backward takes BLOCK_B from it (it shapes the batch chunks and the TMA
+# descriptors). Every config compiles with 0 spills for sm_90a at KP = 256, C1 + C2 = 192 in bf16,
+# fp16 and TF32 (tests/test_triton_compile.py). `_prune` keeps, for the GPU at hand, the configs
+# whose shared memory fits, no sub-64-row wgmma tile on Hopper and no unpipelined (1-stage) config
+# when a pipelined one fits. benchmarks/NOTES.md ("triton backend v2") says why each exists.
+GPU_CONFIGS = {
+    "fwd": [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 64}, 4, 2),
+            ({"BLOCK_B": 32}, 4, 2)],
+    # 64 hidden units per program (32 would double the z/dy reloads and dz reduce-adds through L2);
+    # 4 warps spill at 64, 128 cannot hold dV_j + dW_j in registers, and 3 stages spill 8 bytes
+    # with batch chunks (H=8000). 1 stage: the fallback where 2 do not fit.
+    "bwd": [({"BLOCK_H": 64}, 8, 2), ({"BLOCK_H": 64}, 8, 1)],
+    # 1 stage: the fallback where no pipelined config fits (fp32 at KP = CP = 256).
+    "dz": [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 32}, 4, 2),
+           ({"BLOCK_B": 64}, 8, 1)],
+}
+
+
+def gpu_configs(kernel):
+    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in GPU_CONFIGS[kernel]]
+
+
+def _configs(kernel, interp):
+    """The autotune configs: the GPU's, or one small config under the interpreter (tl.dot >= 16)."""
     if INTERPRET:
         return [triton.Config(interp, num_warps=1, num_stages=1)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in gpu]
+    return gpu_configs(kernel)
 
 
-# Every config compiles with 0 spills for sm_90a and sm_80 at KP = 256, C1 + C2 = 192 in bf16, fp16
-# and TF32 (tests/test_triton_compile.py). `_prune` keeps, for the GPU at hand, the configs whose
-# shared memory fits, no sub-64-row batch tile on Hopper (wgmma needs M >= 64) and no unpipelined
-# (1-stage) config when a pipelined one fits. benchmarks/NOTES.md ("Triton v2") says why each exists.
-FWD_CONFIGS = _configs(
-    [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 64}, 4, 2),
-     ({"BLOCK_B": 32}, 4, 2)],
-    {"BLOCK_B": 16},
-)
-# The backward runs 64 hidden units per program (32 would double the z/dy reloads and dz reduce-adds
-# through L2); 4 warps spill at 64, and 128 cannot hold dV_j + dW_j in registers. The 1-stage
-# config is the fallback where 2 stages do not fit (sm_80, fp32).
-BWD_CONFIGS = _configs([({"BLOCK_H": 64}, 8, 2), ({"BLOCK_H": 64}, 8, 3), ({"BLOCK_H": 64}, 8, 1)],
-                       {"BLOCK_H": 16})
-DZ_CONFIGS = _configs(
-    [({"BLOCK_B": 128}, 8, 2), ({"BLOCK_B": 64}, 8, 2), ({"BLOCK_B": 32}, 4, 2)],
-    {"BLOCK_B": 16},
-)
+FWD_CONFIGS = _configs("fwd", {"BLOCK_B": 16})
+BWD_CONFIGS = _configs("bwd", {"BLOCK_H": 16})
+DZ_CONFIGS = _configs("dz", {"BLOCK_B": 16})
 
 
 def smem_bytes(kernel, meta, num_stages, KP, CP, elem, dz_atomic=True):
@@ -122,9 +129,14 @@ def _device():
     if INTERPRET or not torch.cuda.is_available():
         return None, None
     dev = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(dev)
-    props = triton.runtime.driver.active.utils.get_device_properties(dev)
-    return props["max_shared_mem"], major * 10 + minor
+    if dev not in _DEVICES:
+        major, minor = torch.cuda.get_device_capability(dev)
+        props = triton.runtime.driver.active.utils.get_device_properties(dev)
+        _DEVICES[dev] = (props["max_shared_mem"], major * 10 + minor)
+    return _DEVICES[dev]
+
+
+_DEVICES = {}
 
 
 def _prune(kernel):
@@ -309,8 +321,8 @@ def _reduce_splits_kernel(
 @triton.jit
 def _fused_mlp_bwd_kernel(
     Z, DY1, DY2, V, B1, W, DV, DB1, DW, DZT, DZT_DESC,
-    H, C, k, tiles_per_chunk: constexpr, stride_wc, stride_dvh, stride_dwc, stride_dzt,
-    chunk_dv, chunk_dw, chunk_db1,
+    H, C, k, tiles_per_chunk: constexpr, stride_vh, stride_vk, stride_b1, stride_wc, stride_dvh,
+    stride_dwc, stride_dzt, chunk_dv, chunk_dw, chunk_db1,
     KP: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, MASK_C1: tl.constexpr,
     MASK_C2: tl.constexpr, HAS_B1: tl.constexpr, ACTIVATION: tl.constexpr,
     DZ_ATOMIC: tl.constexpr, DZ_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -331,17 +343,32 @@ def _fused_mlp_bwd_kernel(
     pid_h = tl.program_id(0)
     pid_c = tl.program_id(1)
     KH: tl.constexpr = KP // 2  # V_jᵀ, dV_j and dzᵀ travel as two k halves: fewer live registers
-    offs_h = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_ka = tl.arange(0, KH)
     offs_kb = KH + tl.arange(0, KH)
-    va = tl.load(V + offs_h[:, None] * KP + offs_ka[None, :])  # (BLOCK_H, KH)
-    vb = tl.load(V + offs_h[:, None] * KP + offs_kb[None, :])
+    # Every address of the H tile is a scalar int64 base (h0) plus int32 in-tile offsets, and its
+    # masks compare against the scalar n_h: 64-bit offset vectors kept live across the loop for the
+    # epilogue spilled registers (ptxas). V_j, b1_j and W_j are read once per program, straight from
+    # the user's tensors (masked: V's k = 250 rows are not 16-byte aligned; no padded copy in
+    # backward); the streamed z and dy tiles are the aligned ones.
+    h0 = pid_h.to(tl.int64) * BLOCK_H
+    n_h = H - pid_h * BLOCK_H  # valid rows of this tile
+    rows_h = tl.arange(0, BLOCK_H)
+    in_h = rows_h < n_h
+    # Rows past H are clamped to the last one rather than masked (fewer live registers): their
+    # a and h are garbage, but W_j's masked columns make dh, da and every dV/dz term 0 there, and
+    # the stores of dW, dV, db1 are masked.
+    v_rows = (tl.minimum(rows_h, n_h - 1) * stride_vh)[:, None]
+    v_tile = V + h0 * stride_vh
+    va = tl.load(v_tile + v_rows + offs_ka[None, :] * stride_vk, mask=(offs_ka < k)[None, :],
+                 other=0.0)  # (BLOCK_H, KH)
+    vb = tl.load(v_tile + v_rows + offs_kb[None, :] * stride_vk, mask=(offs_kb < k)[None, :],
+                 other=0.0)
     if HAS_B1:
-        b1 = tl.load(B1 + offs_h).to(tl.float32)
-    # W_j is read once per program: mask the ragged H tile here rather than peel the loop.
-    w1 = _load_w(W, tl.arange(0, C1), offs_h, H, C, stride_wc, MASK_C1, True)  # (C1, BLOCK_H)
+        b1 = tl.load(B1 + h0 * stride_b1 + rows_h * stride_b1, mask=in_h, other=0.0).to(tl.float32)
+    # W_j: the ragged H tile is masked here rather than peeled from the loop.
+    w1 = _load_w(W + h0, tl.arange(0, C1), rows_h, n_h, C, stride_wc, MASK_C1, True)  # (C1, BH)
     if C2 > 0:
-        w2 = _load_w(W, C1 + tl.arange(0, C2), offs_h, H, C, stride_wc, MASK_C2, True)
+        w2 = _load_w(W + h0, C1 + tl.arange(0, C2), rows_h, n_h, C, stride_wc, MASK_C2, True)
     dva = tl.zeros((BLOCK_H, KH), dtype=tl.float32)
     dvb = tl.zeros((BLOCK_H, KH), dtype=tl.float32)
     dw1t = tl.zeros((BLOCK_H, C1), dtype=tl.float32)
@@ -389,21 +416,23 @@ def _fused_mlp_bwd_kernel(
                               sem="relaxed")
     # With several batch chunks the launcher points DV/DW/DB1 at fp32 per-chunk buffers.
     c = pid_c.to(tl.int64)
-    mask_h = offs_h < H
-    dv_ptrs = DV + c * chunk_dv + offs_h[:, None] * stride_dvh
+    out_h = tl.arange(0, BLOCK_H)
+    mask_h = out_h < H - pid_h * BLOCK_H
+    dv_ptrs = DV + c * chunk_dv + h0 * stride_dvh + out_h[:, None] * stride_dvh
     tl.store(dv_ptrs + offs_ka[None, :], dva.to(DV.dtype.element_ty),
              mask=mask_h[:, None] & (offs_ka < k)[None, :])
     tl.store(dv_ptrs + offs_kb[None, :], dvb.to(DV.dtype.element_ty),
              mask=mask_h[:, None] & (offs_kb < k)[None, :])
+    dw_tile = DW + c * chunk_dw + h0
     offs_c1 = tl.arange(0, C1)
-    tl.store(DW + c * chunk_dw + offs_c1[None, :].to(tl.int64) * stride_dwc + offs_h[:, None],
+    tl.store(dw_tile + offs_c1[None, :].to(tl.int64) * stride_dwc + out_h[:, None],
              dw1t.to(DW.dtype.element_ty), mask=(offs_c1 < C)[None, :] & mask_h[:, None])
     if C2 > 0:
         offs_c2 = C1 + tl.arange(0, C2)
-        tl.store(DW + c * chunk_dw + offs_c2[None, :].to(tl.int64) * stride_dwc + offs_h[:, None],
+        tl.store(dw_tile + offs_c2[None, :].to(tl.int64) * stride_dwc + out_h[:, None],
                  dw2t.to(DW.dtype.element_ty), mask=(offs_c2 < C)[None, :] & mask_h[:, None])
     if HAS_B1:
-        tl.store(DB1 + c * chunk_db1 + offs_h, db1.to(DB1.dtype.element_ty), mask=mask_h)
+        tl.store(DB1 + c * chunk_db1 + h0 + out_h, db1.to(DB1.dtype.element_ty), mask=mask_h)
 
 
 @triton.jit
