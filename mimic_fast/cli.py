@@ -377,20 +377,21 @@ def cmd_import_logits(args):
 
 
 def cmd_export(args):
+    import torch
+
     from .export import export_student, latency
     from .teachers import load_module
 
-    model, _ = load_module(args.model)
+    model, kind = load_module(args.model)
+    if not isinstance(model, torch.nn.Module):  # a factory may return a plain function
+        raise ValueError(f"--model {args.model}: the {kind} gave a {type(model).__name__}, not an "
+                         "nn.Module: export needs a module (its layers are what is written)")
     shape = _parse_ints(args.input_shape, "--input-shape") if args.input_shape else None
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     export_student(model, args.out, args.format, input_shape=shape)
     _say(f"wrote {args.out} ({args.format}, plain ops, dynamic batch; checked against the model)")
     if args.latency:
-        import torch
-
         _say(f"median CPU latency per batch ({torch.get_num_threads()} torch threads):")
         for row in latency(model, args.out, args.format, input_shape=shape):
             _say(f"  batch {row['batch']:>4}: fused {row['fused_s'] * 1e3:8.3f} ms   exported "

@@ -4,15 +4,21 @@ The fused layers are first turned back into nn.Linear + activation (convert.unfu
 the artefact runs anywhere torch.export or ONNX runs — the fused kernels are a training-time and
 large-H win; at inference a plain GEMM chain is what runtimes optimise. Formats:
   - "torch-export": torch.export.export + torch.export.save (.pt2; load with torch.export.load),
-  - "onnx": torch.onnx.export(dynamo=True) (needs onnx + onnxscript: pip install mimic_fast[export]).
+  - "onnx": torch.onnx.export(dynamo=True) (needs onnx + onnxscript: pip install mimic_fast[export]),
+    one self-contained .onnx file; only weights over protobuf's 2 GB limit go to a PATH.data file
+    beside it (a warning names it: ship both).
 The batch dimension stays dynamic; each file is checked against the model after it is written
 (the .pt2 with torch.export.load, the ONNX file with onnxruntime when installed, else onnx.checker).
 """
 import contextlib
 import copy
 import logging
+import math
+import os
+import re
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -24,6 +30,9 @@ __all__ = ["export_student", "load_exported", "latency", "FORMATS"]
 
 FORMATS = ("onnx", "torch-export")
 _TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# A protobuf message (one .onnx file) cannot exceed 2 GiB; leave room for the graph itself.
+ONNX_INLINE_LIMIT = 2**31 - 2**26
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch.export colours its error messages
 
 
 def _example(model, input_shape):
@@ -31,19 +40,61 @@ def _example(model, input_shape):
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     if input_shape is None:
         input_shape = getattr(model, "input_shape", None)
-    if input_shape is None:
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, BottleneckLinear, WideShallowStudent)):
-                input_shape = (m.in_features,)
-                break
-            if isinstance(m, nn.modules.conv._ConvNd):
-                break
+    if input_shape is None and _first_linear(model) is not None:
+        input_shape = (_first_linear(model).in_features,)
     if input_shape is None:
         raise ValueError(f"cannot tell the input shape of a {type(model).__name__}: pass "
                          "input_shape (one row's shape, e.g. (3, 32, 32)) / --input-shape")
     # batch 2: torch.export specialises a size-1 dimension, which would fix the batch to 1
     return torch.randn(2, *tuple(input_shape), dtype=dtype,
                        device=p.device if p is not None else "cpu")
+
+
+def _first_linear(model):
+    """The first linear layer registered, unless a convolution comes first (then None)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, BottleneckLinear, WideShallowStudent)):
+            return m
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return None
+    return None
+
+
+def _check_runs(plain, example):
+    """Run the model once eagerly, so that a wrong input shape is one clear error up front
+    (torch.export's own message is long and coloured)."""
+    try:
+        with torch.no_grad():
+            plain(example)
+    except Exception as e:
+        shape = tuple(example.shape[1:])
+        first = _first_linear(plain)
+        n = first.in_features if first is not None else None
+        if n is not None and n not in (math.prod(shape), shape[-1] if shape else None):
+            raise ValueError(f"input shape {shape} (prod {math.prod(shape)}) does not fit the "
+                             f"model: its first linear layer takes {n} features; pass "
+                             f"input_shape / --input-shape {n} (or a shape whose product is "
+                             f"{n})") from e
+        raise ValueError(f"the {type(plain).__name__} does not run on a batch of input shape "
+                         f"{shape}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _first_line(e):
+    text = _ANSI.sub("", str(e)).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _prepare_path(path, format):
+    """Refuse a .pt2 path without its extension; create a missing parent folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        return  # a file object: the caller's
+    path = os.fspath(path)
+    if format == "torch-export" and not path.endswith(".pt2"):
+        raise ValueError(f"{path}: a torch-export file must end in .pt2 (torch.export.load "
+                         "and torch.export.save expect it)")
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
 
 
 def plain_model(model):
@@ -65,7 +116,10 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     plain = plain_model(model)
     example = _example(plain, input_shape)
+    _check_runs(plain, example)
+    _prepare_path(path, format)
     batch = {0: torch.export.Dim("batch")}
+    external = format == "onnx" and _onnx_bytes(plain) > ONNX_INLINE_LIMIT
     if format == "onnx":
         try:
             import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
@@ -79,13 +133,22 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
                 torch.export.save(program, path)
             else:
                 torch.onnx.export(plain, (example,), path, dynamo=True, dynamic_shapes=(batch,),
-                                  input_names=["x"], output_names=["logits"], verbose=False)
+                                  input_names=["x"], output_names=["logits"], verbose=False,
+                                  external_data=external)
     except Exception as e:  # torch.export / dynamo raise many kinds; keep the cause chained
         raise ValueError(f"could not export the {type(model).__name__} as {format}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                         f"{type(e).__name__}: {_first_line(e)}") from e
+    if external:
+        warnings.warn(f"the weights are over 2 GB (one .onnx file's limit): wrote {path} and its "
+                      f"weights {os.fspath(path)}.data; ship both files, side by side",
+                      stacklevel=2)
     if check:
         _check(model, path, format, example)
     return path
+
+
+def _onnx_bytes(model):
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 @contextlib.contextmanager

@@ -103,3 +103,64 @@ def test_cli_export(tmp_path, capsys):
         assert_close(torch.export.load(out).module()(x), model(x), "CLI-exported student")
     assert cli.main(["export", "--model", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_onnx_is_one_file_that_runs_alone(tmp_path):
+    """The .onnx copied alone to another folder runs: no hidden .onnx.data sidecar."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = _student()
+    (tmp_path / "a").mkdir()
+    path = export_student(model, tmp_path / "a" / "s.onnx", "onnx")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["s.onnx"]
+    (tmp_path / "b").mkdir()
+    alone = tmp_path / "b" / "s.onnx"
+    alone.write_bytes(path.read_bytes())
+    session = ort.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 12)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(got), model(x), "the .onnx alone")
+
+
+def test_onnx_over_the_limit_writes_and_names_both_files(tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from mimic_fast import export as E
+
+    monkeypatch.setattr(E, "ONNX_INLINE_LIMIT", 0)  # stands in for a > 2 GB model
+    with pytest.warns(UserWarning, match=r"s\.onnx\.data; ship both"):
+        export_student(_student(), tmp_path / "s.onnx", "onnx")  # checked beside its .data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx", "s.onnx.data"]
+
+
+def test_export_paths_and_input_shape_errors(tmp_path):
+    model = _student()
+    with pytest.raises(ValueError, match=r"must end in \.pt2"):
+        export_student(model, tmp_path / "s.torch-export", "torch-export")
+    assert not any(tmp_path.iterdir())
+    path = export_student(model, tmp_path / "new" / "dir" / "s.pt2", "torch-export")  # created
+    assert path.is_file()
+    with pytest.raises(ValueError, match=r"first linear layer takes 12 features") as e:
+        export_student(model, tmp_path / "x.pt2", "torch-export", input_shape=(3, 8, 8))
+    assert "\x1b" not in str(e.value)
+    export_student(model, tmp_path / "y.pt2", "torch-export", input_shape=(1, 12))  # fits
+
+
+def test_cli_export_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "fn_teacher.py").write_text("def make():\n    return lambda x: x[:, :5]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = _student()
+    T.save_model(tmp_path / "student.pt", model, {"class": "WideShallowStudent", "kwargs": dict(
+        in_features=12, num_classes=5, hidden=40, bottleneck=3, activation="gelu",
+        bias=(True, False))})
+    for argv, says in [
+            (["--model", "fn_teacher:make", "--out", str(tmp_path / "f.onnx")], "not an nn.Module"),
+            (["--model", str(tmp_path / "student.pt"), "--input-shape", "3,8,8", "--format",
+              "torch-export", "--out", str(tmp_path / "s.pt2")], "takes 12 features"),
+            (["--model", str(tmp_path / "student.pt"), "--format", "torch-export", "--out",
+              str(tmp_path / "s.torch-export")], "must end in .pt2")]:
+        assert cli.main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mimic-fast export: error: ") and says in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
