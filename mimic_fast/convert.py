@@ -532,10 +532,18 @@ def plain_layers(student):
                          _ACT_CLASSES[student.activation](), _plain_linear(student.W, student.b2))
 
 
+def _plain_by_role(student, record):
+    plain = plain_layers(student)
+    if record["folded"]:  # the first bias's value lives on in b1 (b1' = b1 + V c): a zero bias
+        U = student.U     # keeps the original keys (a strict load into the original model works)
+        plain[0].bias = nn.Parameter(torch.zeros(U.shape[0], dtype=U.dtype, device=U.device),
+                                     requires_grad=U.requires_grad)
+    return {"linear1": plain[0], "linear2": plain[1], "linear3": plain[3]}
+
+
 def _restore(model, record):
     student = model.get_submodule(record["student"])
-    plain = plain_layers(student)
-    by_role = {"linear1": plain[0], "linear2": plain[1], "linear3": plain[3]}
+    by_role = _plain_by_role(student, record)
     if record["steps"][0][0] == "bottleneck":
         first = BottleneckLinear(student.in_features, student.bottleneck, student.hidden,
                                  bias=student.b1 is not None, device="meta")
@@ -559,8 +567,7 @@ def _restore_graph(model, record):
     gm = model.get_submodule(prefix) if prefix else model
     student = gm.get_submodule(local)
     node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == local)
-    plain = plain_layers(student)
-    by_role = {"linear1": plain[0], "linear2": plain[1], "linear3": plain[3]}
+    by_role = _plain_by_role(student, record)
     cur = node.args[0]
     with gm.graph.inserting_before(node):
         for role, step_path, fn in record["steps"]:
@@ -585,7 +592,7 @@ def unfuse(model):
     """Undo fuse_student: plain nn.Linear layers (and the original activation, Dropout, Identity
     modules) sharing the student's Parameters, with the same outputs; a chain fused in place gets
     its original names back, so its state dict has the pre-fusion keys (a folded first-layer bias
-    stays folded into the second layer's). Any other WideShallowStudent becomes
+    comes back as zeros, its value staying folded into the second layer's). Any other WideShallowStudent becomes
     nn.Sequential(Linear, Linear, act, Linear) under its own name. Changes `model` in place and
     returns it (a new Sequential when `model` itself is a WideShallowStudent)."""
     if not isinstance(model, nn.Module):

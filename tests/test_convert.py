@@ -215,7 +215,7 @@ def test_reused_layer_and_branching_output_are_left_alone():
 def test_state_dicts_both_ways():
     torch.manual_seed(3)
     x = torch.randn(5, D, dtype=torch.float64)
-    for kw in ({}, {"bias1": True}, {"functional": F.gelu}):
+    for kw in ({}, {"bias1": True}, {"functional": F.gelu}, {"bias1": True, "functional": F.gelu}):
         trained = Custom(**kw).double()
         saved = trained.state_dict()
         want = trained(x)
@@ -235,11 +235,14 @@ def test_state_dicts_both_ways():
         assert_close(plain(x), want, "unfused")
         if "functional" not in kw:
             assert plain is again and isinstance(plain.fc2, nn.Linear)
-            keys = set(saved) - ({"fc1.bias"} if kw.get("bias1") else set())  # folded: stays in fc2
-            assert set(plain.state_dict()) == keys
-            Custom(**kw).double().load_state_dict(plain.state_dict(), strict=False)
-        else:
-            assert set(plain.state_dict()) == set(saved)
+        # the original keys, a folded fc1.bias as zeros (its value stays in fc2's): the original
+        # model loads the unfused state dict strictly and computes the same function
+        assert set(plain.state_dict()) == set(saved)
+        if kw.get("bias1"):
+            assert not plain.state_dict()["fc1.bias"].any()
+        original = Custom(**kw).double()
+        original.load_state_dict(plain.state_dict())  # strict
+        assert_close(original(x), want, f"original model with the unfused state dict {kw}")
 
 
 def test_sequential_keeps_its_other_keys_and_whole_model_pickles(tmp_path):
@@ -352,3 +355,18 @@ def test_pre_fusion_state_dict_loads_into_a_fused_model_nested_in_another():
     fresh = nn.ModuleDict({"student": _fuse(Custom(bias1=True).double())[0]})
     fresh.load_state_dict(trained.state_dict())  # keys "student.fc1.weight", ... remapped
     assert_close(fresh["student"](x), want, "nested fused model, pre-fusion keys")
+
+
+@pytest.mark.slow
+def test_readme_swap_example_runs(tmp_path, monkeypatch):
+    """The README's fuse/unfuse/export example, as written (its strict load of the unfused keys)."""
+    pytest.importorskip("onnxscript")
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                if "mf.convert.unfuse(again)" in b]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    assert (tmp_path / "student.onnx").is_file() and (tmp_path / "student.pt2").is_file()
