@@ -373,6 +373,26 @@ def _in_place(module, chains, prefix):
     return module, records
 
 
+class _FusedGraphModule(fx.GraphModule):
+    """A fused GraphModule that keeps loading pre-fusion state dicts after torch.save(model) /
+    torch.load: GraphModule's unpickling rebuilds a plain GraphModule and drops every
+    load_state_dict hook, so this one re-registers the key remapping when it is rebuilt."""
+
+    def __reduce__(self):
+        _, (body, import_block) = super().__reduce__()
+        return _unpickle_fused_graph_module, (body, import_block)
+
+
+def _unpickle_fused_graph_module(body, import_block):
+    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+
+    forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
+    gm = _deserialize_graph_module(forward, body, graph_module_cls=_FusedGraphModule)
+    if getattr(gm, "_mimic_fast_fusion", None):  # unfuse() deletes it: nothing left to remap
+        gm.register_load_state_dict_pre_hook(_remap_old_keys)
+    return gm
+
+
 def _rewrite(module, graph, chains, prefix):
     records = []
     for chain in chains:
@@ -384,7 +404,7 @@ def _rewrite(module, graph, chains, prefix):
         for n in reversed(chain.nodes):
             graph.erase_node(n)
         records.append((chain, path))
-    gm = fx.GraphModule(module, graph, class_name=f"Fused{type(module).__name__}")
+    gm = _FusedGraphModule(module, graph, class_name=f"Fused{type(module).__name__}")
     out = []
     for chain, path in records:
         _set_submodule(gm, path, chain.student)
@@ -453,7 +473,8 @@ def fuse_student(model, report=False):
     model.eval() first; the fused model then applies none), no b1 or no b2, and a first Linear with
     a bias c, folded into b1' = b1 + V c. Exact types only: subclasses with their own forward,
     parametrised layers and layers with hooks are left alone and reported. The fused model loads
-    state dicts saved before fusion (keys are remapped on load); unfuse() reverses the fusion.
+    state dicts saved before fusion (keys are remapped on load, also after torch.save(model) and
+    torch.load); unfuse() reverses the fusion.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -592,9 +613,10 @@ def unfuse(model):
     """Undo fuse_student: plain nn.Linear layers (and the original activation, Dropout, Identity
     modules) sharing the student's Parameters, with the same outputs; a chain fused in place gets
     its original names back, so its state dict has the pre-fusion keys (a folded first-layer bias
-    comes back as zeros, its value staying folded into the second layer's). Any other WideShallowStudent becomes
-    nn.Sequential(Linear, Linear, act, Linear) under its own name. Changes `model` in place and
-    returns it (a new Sequential when `model` itself is a WideShallowStudent)."""
+    comes back as zeros, its value staying folded into the second layer's). Any other
+    WideShallowStudent becomes nn.Sequential(Linear, Linear, act, Linear) under its own name.
+    Changes `model` in place and returns it (a new Sequential when `model` itself is a
+    WideShallowStudent)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, WideShallowStudent):

@@ -4,9 +4,9 @@ The fused layers are first turned back into nn.Linear + activation (convert.unfu
 the artefact runs anywhere torch.export or ONNX runs — the fused kernels are a training-time and
 large-H win; at inference a plain GEMM chain is what runtimes optimise. Formats:
   - "torch-export": torch.export.export + torch.export.save (.pt2; load with torch.export.load),
-  - "onnx": torch.onnx.export(dynamo=True) (needs onnx + onnxscript: pip install mimic_fast[export]),
-    one self-contained .onnx file; only weights over protobuf's 2 GB limit go to a PATH.data file
-    beside it (a warning names it: ship both).
+  - "onnx": torch.onnx.export(dynamo=True) (needs onnx + onnxscript: pip install
+    mimic_fast[export]), one self-contained .onnx file; only weights over protobuf's 2 GB limit
+    go to a PATH.data file beside it (a warning names it: ship both).
 The batch dimension stays dynamic; each file is checked against the model after it is written
 (the .pt2 with torch.export.load, the ONNX file with onnxruntime when installed, else onnx.checker).
 """

@@ -370,3 +370,24 @@ def test_readme_swap_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
     assert (tmp_path / "student.onnx").is_file() and (tmp_path / "student.pt2").is_file()
+
+
+def test_pickled_graph_module_still_loads_pre_fusion_state_dicts(tmp_path):
+    torch.manual_seed(5)
+    x = torch.randn(4, D, dtype=torch.float64)
+    trained = Custom(functional=F.gelu, bias1=True).double()
+    saved, want = trained.state_dict(), trained(x)
+    fused, _ = _fuse(Custom(functional=F.gelu, bias1=True).double())
+    assert isinstance(fused, torch.fx.GraphModule)
+    path = tmp_path / "fused.pt"
+    for round_trip in ("saved once", "saved again after reloading"):
+        torch.save(fused, path)
+        fused = torch.load(path, weights_only=False)
+        fused.load_state_dict(saved)  # pre-fusion keys, folded fc1.bias: remapped on load
+        assert_close(fused(x), want, f"reloaded GraphModule, {round_trip}")
+        fused.load_state_dict(fused.state_dict())  # and its own fused keys
+    plain = mf.convert.unfuse(fused)
+    torch.save(plain, path)
+    plain = torch.load(path, weights_only=False)
+    plain.load_state_dict(saved)  # the original keys, no remapping left
+    assert_close(plain(x), want, "unfused, pickled")
