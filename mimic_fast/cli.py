@@ -361,7 +361,8 @@ def cmd_collect_logits(args):
         store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
                                batch_size=args.batch_size, dtype=dtype, device=device,
                                progress=args.progress and _is_rank0(), overwrite=args.overwrite,
-                               teacher_id=teacher_id)
+                               teacher_id=teacher_id,
+                               remedy="use another --out, or rerun with --overwrite to replace it")
         acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
         if _is_rank0():
             T.atomic_write_text(os.path.join(args.out, "teacher.json"),

@@ -426,8 +426,10 @@ def _prepare(cfg, out, log):
         teacher, teacher_info = given or _trained_teacher(cfg, splits, lab, out, log, wanted)
         dev = T.default_device(cfg.device)
         teacher.to(dev)
-        store = collect_logits(teacher, transfer, os.path.join(out, "logits"), dtype=torch.float32,
-                               device=dev, progress=False)
+        logits = os.path.join(out, "logits")
+        store = collect_logits(teacher, transfer, logits, dtype=torch.float32, device=dev,
+                               progress=False, remedy=f"use another --out, or delete {logits} to "
+                                                      "collect the logits again")
         teacher_path = os.path.join(out, "teacher.json")
         # keyed by the rows it was measured on: a rewritten data file is measured again
         rows = {k: wanted[k] for k in ("train_rows", "test_rows")}
