@@ -218,8 +218,8 @@ def cmd_train_teacher(args):
 
 
 def _load_teachers(paths, output=None):
-    """(teacher, spec for teacher.json, data recipe or None, teacher_id or None) of --teacher."""
-    from .data.recipe import check_recipe
+    """(teacher, spec for teacher.json, [data recipe or None of each member], teacher_id or None)
+    of --teacher."""
     from .models import TeacherEnsemble
     from .teachers import load_teacher
 
@@ -229,16 +229,39 @@ def _load_teachers(paths, output=None):
         models.append(m)
         specs.append(info["spec"] or {"teacher": p, "kind": info["kind"], "output": output})
         data.append(info["data"])
-    for p, d in zip(paths[1:], data[1:]):  # an ensemble's members must come from one recipe
-        if d is not None and data[0] is not None:
-            check_recipe(data[0], d, paths[0], hint=f"the ensemble member {p} was trained on other data")
     if len(models) == 1:
         teacher, spec = models[0], specs[0]
     else:
         teacher, spec = TeacherEnsemble(models).eval(), {"class": "TeacherEnsemble", "members": specs}
     # a plain function has no weights to fingerprint: the store knows it by the --teacher values
     teacher_id = None if any(True for _ in teacher.parameters()) else f"functions {list(paths)}"
-    return teacher, spec, data[0], teacher_id
+    return teacher, spec, data, teacher_id
+
+
+def _probe_teacher(teacher, names, splits):
+    """Run the teacher on one training row before anything is written: a teacher for other inputs
+    or another number of classes is refused here, naming it, not deep in the collection."""
+    import torch
+
+    from .data.store import _param_dtype
+
+    x = splits.train.tensors[0][:1]
+    name = " + ".join(names)
+    try:
+        with torch.no_grad():
+            out = teacher(x.to(_param_dtype(teacher) or x.dtype))
+    except (RuntimeError, TypeError, IndexError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"teacher {name} fails on a --dataset row of shape {tuple(x.shape[1:])} "
+                         f"(batch {tuple(x.shape)}): {type(e).__name__}: {first}; it must take "
+                         "rows of that shape") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or len(out) != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"teacher {name} returned {shape} for a batch of shape {tuple(x.shape)}: "
+                         "expected logits (batch, classes)")
+    if out.shape[1] != splits.num_classes:
+        raise ValueError(f"teacher {name} outputs {out.shape[1]} logits per row but the dataset has "
+                         f"{splits.num_classes} classes: a teacher of another task")
 
 
 def _build_transfer(args, splits):
@@ -313,17 +336,19 @@ def cmd_collect_logits(args):
 
     T.init_distributed()
     # the teachers first: a bad --teacher must fail before anything is written
-    teacher, spec, teacher_data, teacher_id = _load_teachers(args.teacher, args.teacher_output)
-    _inherit_recipe(args, teacher_data, args.teacher[0])
+    teacher, spec, members_data, teacher_id = _load_teachers(args.teacher, args.teacher_output)
+    _inherit_recipe(args, members_data[0], args.teacher[0])
     splits = _load_data(args)
     data = _data_record(args, splits)
-    if teacher_data is None:
-        print(f"mimic-fast collect-logits: warning: {args.teacher[0]} records no data recipe: it "
-              "cannot be checked to have never seen the test rows", file=sys.stderr)
-    else:  # another split would put the teacher's training rows in the test set it is scored on
-        check_recipe(teacher_data, data, args.teacher[0], DATA_FIELDS,
-                     hint="collect with the teacher's recipe (leave --split-seed and --label-fraction "
-                          "unset to inherit it) or train a teacher on this one")
+    for p, d in zip(args.teacher, members_data):  # every member of an ensemble, not the first only
+        if d is None:
+            print(f"mimic-fast collect-logits: warning: {p} records no data recipe: it cannot be "
+                  "checked to have never seen the test rows", file=sys.stderr)
+        else:  # another split would put the teacher's training rows in the test set it is scored on
+            check_recipe(d, data, p, DATA_FIELDS,
+                         hint="collect with the teacher's recipe (leave --split-seed and "
+                              "--label-fraction unset to inherit it) or train a teacher on this one")
+    _probe_teacher(teacher, args.teacher, splits)
     recipe = {**data, "n_generated": args.n_generated, "method": args.method,
               "generate_from": args.generate_from, "seed": args.seed,
               "noise_std": args.noise_std if args.method == "noise" else None}
@@ -336,7 +361,8 @@ def cmd_collect_logits(args):
         store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
                                batch_size=args.batch_size, dtype=dtype, device=device,
                                progress=args.progress and _is_rank0(), overwrite=args.overwrite,
-                               teacher_id=teacher_id)
+                               teacher_id=teacher_id,
+                               remedy="use another --out, or rerun with --overwrite to replace it")
         acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
         if _is_rank0():
             T.atomic_write_text(os.path.join(args.out, "teacher.json"),

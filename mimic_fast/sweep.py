@@ -233,6 +233,15 @@ def _load(cfg):
     return splits, lab, unl
 
 
+def _read_json(path, remedy):
+    """A JSON file the sweep wrote; a damaged one is refused naming it and what to do."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e}); {remedy}") from None
+
+
 def _data_record(cfg, splits):
     from .data.recipe import data_recipe
 
@@ -287,6 +296,8 @@ def _given_teacher(cfg, wanted):
 
 def _trained_teacher(cfg, splits, lab, out, log, wanted):
     """The demo's teacher recipe, one resumable folder per member under out/teacher/."""
+    from .data.recipe import DATA_FIELDS, check_recipe
+
     X, y = splits.train.tensors
     labelled = TensorDataset(X[lab], y[lab])
     members, specs = [], []
@@ -295,6 +306,7 @@ def _trained_teacher(cfg, splits, lab, out, log, wanted):
         path = os.path.join(folder, "teacher.pt")
         if os.path.isfile(path):
             model, payload = T.load_model(path)
+            check_recipe(payload.get("data"), wanted, path, DATA_FIELDS, hint=_STALE_HINT)
             spec = payload["spec"]
         else:
             seed = 1000 * cfg.split_seed + m  # the demo's member seeds
@@ -328,7 +340,24 @@ def _refuse_test_rows(transfer, splits, path):
     return leaked
 
 
-def _transfer(cfg, splits, lab, unl, out):
+# a data file changed under the same path: everything made from the old one is stale
+_STALE_HINT = ("the data changed since this sweep's files were made; use another --out, or delete "
+               "the old folder to start over")
+
+
+def _check_saved_data(out, wanted):
+    """Refuse an OUT whose recorded data (sweep-config.json) is not this data: its teacher, transfer
+    set and finished runs were made from other rows (e.g. the npz was rewritten in place)."""
+    from .data.recipe import DATA_FIELDS, check_recipe
+
+    path = os.path.join(out, CONFIG_NAME)
+    if os.path.isfile(path):
+        saved = (_read_json(path, "use another --out").get("info") or {}).get("data")
+        if saved is not None:
+            check_recipe(saved, wanted, path, DATA_FIELDS, hint=_STALE_HINT)
+
+
+def _transfer(cfg, splits, lab, unl, out, wanted):
     """Labelled + unlabelled rows of the training split (+ the npz's X_unlabelled) + generated rows
     from the labelled ones; none may equal a test row. The test split is read only for that check."""
     from .data import TransferSet, build_transfer_set
@@ -336,12 +365,18 @@ def _transfer(cfg, splits, lab, unl, out):
     recipe = {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
               "label_fraction": cfg.label_fraction, "n_generated": cfg.n_generated,
               "method": cfg.method, "generate_from": "labelled", "seed": cfg.split_seed}
+    from .data.recipe import DATA_FIELDS, check_recipe
+
     path = os.path.join(out, "transfer.pt")
     if os.path.exists(path):
-        saved = torch.load(path, weights_only=False)
-        if saved.get("format") != TRANSFER_FORMAT or saved.get("recipe") != recipe:
-            raise ValueError(f"{path} was made with other options ({saved.get('recipe')}); use "
-                             "another --out")
+        saved = T.load_torch_file(path, "mimic_fast sweep transfer set",
+                                  "delete it (and OUT/logits) to rebuild it, or use another --out")
+        if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT or (
+                saved.get("recipe") != recipe):
+            got = saved.get("recipe") if isinstance(saved, dict) else None
+            raise ValueError(f"{path} was made with other options ({got}); use another --out")
+        # the options name the data by path only: the rows' fingerprints tell a rewritten file
+        check_recipe(saved.get("data"), wanted, path, DATA_FIELDS, hint=_STALE_HINT)
         ts = TransferSet(saved["x"], saved["sources"], saved["labels"])
         return ts, {**recipe, "test_rows": _refuse_test_rows(ts, splits, path)}
     X, y = splits.train.tensors
@@ -358,7 +393,7 @@ def _transfer(cfg, splits, lab, unl, out):
                             seed=cfg.split_seed, y_labelled=y[lab])
     ts.x = ts.x.reshape(len(ts.x), -1)
     test_rows = _refuse_test_rows(ts, splits, path)
-    T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": ts.x,
+    T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "data": wanted, "x": ts.x,
                          "sources": ts.sources, "labels": ts.labels}, path)
     return ts, {**recipe, "test_rows": test_rows}
 
@@ -384,19 +419,26 @@ def _prepare(cfg, out, log):
     # shards sharing OUT: the first one trains the teacher and fills the store, the others wait
     with FileLock(os.path.join(out, ".prepare.lock")):
         wanted = _data_record(cfg, splits)
+        _check_saved_data(out, wanted)
         # refusals first: a teacher of other data, then test rows in the transfer set
         given = _given_teacher(cfg, wanted) if cfg.teacher else None
-        transfer, transfer_info = _transfer(cfg, splits, lab, unl, out)
+        transfer, transfer_info = _transfer(cfg, splits, lab, unl, out, wanted)
         teacher, teacher_info = given or _trained_teacher(cfg, splits, lab, out, log, wanted)
         dev = T.default_device(cfg.device)
         teacher.to(dev)
-        store = collect_logits(teacher, transfer, os.path.join(out, "logits"), dtype=torch.float32,
-                               device=dev, progress=False)
+        logits = os.path.join(out, "logits")
+        store = collect_logits(teacher, transfer, logits, dtype=torch.float32, device=dev,
+                               progress=False, remedy=f"use another --out, or delete {logits} to "
+                                                      "collect the logits again")
         teacher_path = os.path.join(out, "teacher.json")
+        # keyed by the rows it was measured on: a rewritten data file is measured again
+        rows = {k: wanted[k] for k in ("train_rows", "test_rows")}
+        measured = None
         if os.path.isfile(teacher_path):
-            with open(teacher_path, encoding="utf-8") as f:
-                measured = json.load(f)
-        else:
+            measured = _read_json(teacher_path, "delete it to measure the teacher again")
+            if measured.pop("data_rows", None) != rows:
+                measured = None
+        if measured is None:
             example = splits.test.tensors[0][0]
             measured = {"test_accuracy": T.evaluate(teacher, splits.test, device=dev),
                         "params": count_parameters(teacher),
@@ -406,7 +448,7 @@ def _prepare(cfg, out, log):
             if len(getattr(teacher, "members", [])) > 1:
                 measured["member_accuracy"] = [T.evaluate(m, splits.test, device=dev)
                                                for m in teacher.members]
-            T.atomic_write_text(teacher_path, json.dumps(measured, indent=2))
+            T.atomic_write_text(teacher_path, json.dumps({**measured, "data_rows": rows}, indent=2))
         teacher.cpu()
     counts = transfer.counts()
     n_extra = 0 if splits.unlabelled is None else len(splits.unlabelled)
@@ -499,8 +541,7 @@ def _read_result(out, run):
     path = os.path.join(_run_folder(out, run), "result.json")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return _read_json(path, "delete its folder to train that run again")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,8 +579,7 @@ def _write_config(cfg, out, info):
     path = os.path.join(out, CONFIG_NAME)
     saved = None
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = _read_json(path, "use another --out")
     recipe = json.loads(json.dumps(cfg.recipe()))  # tuples as lists, as stored
     if saved is not None and saved["recipe"] != recipe:
         diff = {k: (saved["recipe"].get(k), v) for k, v in recipe.items() if saved["recipe"].get(k) != v}
@@ -564,8 +604,8 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
         os.makedirs(out, exist_ok=True)
         # refuse a changed recipe before any work (the stored info is refreshed once prepared)
         if os.path.isfile(os.path.join(out, CONFIG_NAME)):
-            with open(os.path.join(out, CONFIG_NAME), encoding="utf-8") as f:
-                _write_config(cfg, out, json.load(f).get("info"))
+            _write_config(cfg, out, _read_json(os.path.join(out, CONFIG_NAME),
+                                               "use another --out").get("info"))
         log(f"mimic-fast sweep: {cfg.dataset}, {len(runs)} runs ({len(runs) // (2 * cfg.seeds)} points"
             f" x {' / '.join(MODES)} x {cfg.seeds} seeds)"
             + (f", shard {shard_spec}: {len(mine)} runs" if shard_spec else "")
@@ -632,8 +672,7 @@ def report(out="runs/sweep", log=print, invocation=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no sweep in {out}: {path} is missing (run `mimic-fast sweep --out "
                                 f"{out}` first)")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = _read_json(path, "use another --out")
     cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
     results = []
     points_dir = os.path.join(out, "points")
@@ -643,8 +682,7 @@ def report(out="runs/sweep", log=print, invocation=None):
         for name in sorted(os.listdir(os.path.join(points_dir, point))):
             p = os.path.join(points_dir, point, name, "result.json")
             if os.path.isfile(p):
-                with open(p, encoding="utf-8") as f:
-                    results.append(json.load(f))
+                results.append(_read_json(p, "delete its folder to train that run again"))
     _check_pairs(results)
     groups, arch = {}, {}
     for r in results:

@@ -187,3 +187,38 @@ def test_huge_store_opt_outs_still_check_a_sample(pipeline, tmp_path, capsys):
     torch.save(saved, copy / "transfer.pt")
     code, err = _run(capsys, *_distill(str(copy), tmp_path / "s2", *fast))
     assert code == 2 and "sampled rows differ" in err
+
+
+def make_wide_input_teacher():  # collect-logits --teacher test_cli_errors:make_wide_input_teacher
+    return torch.nn.Linear(12, 10)
+
+
+def make_seven_class_teacher():
+    return torch.nn.Linear(64, 7)
+
+
+def test_every_ensemble_member_is_checked_not_only_the_first(pipeline, tmp_path, capsys):
+    _, teacher, _ = pipeline
+    script = str(tmp_path / "ts.pt")  # TorchScript: records no data recipe
+    torch.jit.save(torch.jit.script(torch.nn.Linear(64, 10)), script)
+    base = ["collect-logits", "--dataset", "digits", "--label-fraction", "0.2", "--no-progress"]
+    # the first member has no recipe: the second (split seed 0) is still checked against seed 3
+    code, err = _run(capsys, *base, "--split-seed", "3", "--teacher", script, teacher,
+                     "--out", str(tmp_path / "a"))
+    assert code == 2 and "split_seed: 0 in" in err and "3 here" in err
+    assert not (tmp_path / "a").exists()
+    # reversed: the recipe is inherited from the first, and the unchecked member is named
+    code, err = _run(capsys, *base, "--teacher", teacher, script, "--out", str(tmp_path / "b"))
+    assert code == 0
+    warnings = [line for line in err.splitlines() if "records no data recipe" in line]
+    assert len(warnings) == 1 and script in warnings[0]
+
+
+def test_a_teacher_of_other_inputs_or_classes_is_refused_before_writing(tmp_path, capsys):
+    base = ["collect-logits", "--dataset", "digits", "--no-progress", "--out", str(tmp_path / "c")]
+    code, err = _run(capsys, *base, "--teacher", "test_cli_errors:make_wide_input_teacher")
+    assert code == 2 and len([line for line in err.splitlines() if ": error:" in line]) == 1
+    assert "teacher test_cli_errors:make_wide_input_teacher fails on a --dataset row of shape (64,)" in err
+    code, err = _run(capsys, *base, "--teacher", "test_cli_errors:make_seven_class_teacher")
+    assert code == 2 and "outputs 7 logits per row but the dataset has 10 classes" in err
+    assert not (tmp_path / "c").exists()

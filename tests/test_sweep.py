@@ -303,3 +303,63 @@ def test_config_recipe_excludes_only_placement():
     assert replace(cfg, hidden=(1,), seeds=5, device="cpu").recipe() == cfg.recipe()
     assert replace(cfg, lr=0.5).recipe() != cfg.recipe()
     assert sweep.command_line(cfg) == "mimic-fast sweep"
+
+
+def test_data_rewritten_under_the_same_path_is_refused_not_mixed(tmp_path, capsys):
+    """The npz rewritten in place: the old transfer set, teacher member, teacher.json and finished
+    runs were made from other rows and must not be reused (the options name the data by path)."""
+    g = torch.Generator().manual_seed(0)
+    centres = 2 * torch.randn(3, 12, generator=g)
+    path, out = str(tmp_path / "sw.npz"), str(tmp_path / "SW")
+
+    def write():
+        X, y = _blobs(120, g, centres)
+        X_test, y_test = _blobs(40, g, centres)
+        np.savez(path, X=X, y=y, X_test=X_test, y_test=y_test)
+
+    argv = ["sweep", "--dataset", "npz", "--data", path, "--seeds", "1", "--epochs", "1",
+            "--teacher-members", "1", "--teacher-epochs", "2", "--n-generated", "20",
+            "--throughput-time", "0.01", "--out", out, "--no-progress"]
+    write()
+    assert cli.main(argv + ["--hidden", "8"]) == 0
+    write()  # new X, X_test and y_test under the same name
+    capsys.readouterr()
+    assert cli.main(argv + ["--hidden", "8,16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mimic-fast sweep: error:") and len(err.splitlines()) == 1
+    assert "sweep-config.json was made from another data recipe" in err and "train_rows" in err
+    assert "test_rows" in err and "the data changed" in err
+    assert not os.path.isdir(os.path.join(out, "points", "conv0-k32-h16"))  # nothing trained
+    # each reused file is checked by itself too: without the config, transfer.pt refuses ...
+    os.remove(os.path.join(out, sweep.CONFIG_NAME))
+    assert cli.main(argv + ["--hidden", "8"]) == 2
+    assert "transfer.pt was made from another data recipe" in capsys.readouterr().err
+    # ... and without it, the teacher member trained on the old rows
+    os.remove(os.path.join(out, "transfer.pt"))
+    assert cli.main(argv + ["--hidden", "8"]) == 2
+    assert "member-0/teacher.pt was made from another data recipe" in capsys.readouterr().err
+
+
+def test_damaged_files_of_a_sweep_are_named(teacher_file, tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    sweep.run(_config(teacher_file, hidden=(8,), seeds=1), out, progress=False, log=_quiet)
+    argv = ["sweep", "--out", out, "--teacher", teacher_file, "--hidden", "8", "--seeds", "1",
+            "--epochs", "2", "--n-generated", "200", "--no-progress"]
+    result = os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json")
+    for damaged, remedy in ((result, "delete its folder"),
+                            (os.path.join(out, "teacher.json"), "delete it"),
+                            (os.path.join(out, sweep.CONFIG_NAME), "use another --out")):
+        good = open(damaged).read()
+        open(damaged, "w").write(good[: len(good) // 2])
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mimic-fast sweep: error:") and len(err.splitlines()) == 1
+        assert f"{damaged} is damaged" in err and remedy in err
+        open(damaged, "w").write(good)
+    transfer = os.path.join(out, "transfer.pt")
+    good = open(transfer, "rb").read()
+    open(transfer, "wb").write(good[: len(good) // 2])  # truncated: no torch traceback
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mimic-fast sweep: error:") and f"{transfer} is not a" in err
+    assert len(err.splitlines()) == 1

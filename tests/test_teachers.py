@@ -136,7 +136,55 @@ def test_collect_logits_takes_any_callable(tmp_path):
     store = collect_logits(lambda x: x @ w.t(), TensorDataset(X), tmp_path / "s", dtype=torch.float32,
                            progress=False)
     assert_close(store.tensor(), X @ w.t(), "logits of a plain function")
-    assert "function" in store.header["teacher"] and "lambda" in store.header["teacher"]
+    # every lambda has the same name-only id: what tells them apart is their logits
+    assert store.header["teacher"] == "function test_collect_logits_takes_any_callable.<locals>.<lambda>"
+    again = collect_logits(lambda x: x @ w.t(), TensorDataset(X), tmp_path / "s", dtype=torch.float32,
+                           progress=False)  # the same function again: reused
+    assert again.header["created"] == store.header["created"]
+    changed = r"teacher's logits for dataset rows \[0, 13, 26, 39\] differ .*the teacher changed"
+    with pytest.raises(ValueError, match=changed):  # another lambda: the same id, other logits
+        collect_logits(lambda x: 2 * x @ w.t(), TensorDataset(X), tmp_path / "s",
+                       dtype=torch.float32, progress=False)
+    # a module without parameters has nothing to fingerprint either
+    collect_logits(Columns(0), TensorDataset(X), tmp_path / "m", progress=False)
+    with pytest.raises(ValueError, match=changed):
+        collect_logits(Columns(1), TensorDataset(X), tmp_path / "m", progress=False)
+
+
+class Columns(nn.Module):
+    """A parameter-free teacher: C input columns from `start` on."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.start = start
+
+    def forward(self, x):
+        return x[:, self.start:self.start + C]
+
+
+SCALE = 1.0  # read by make_scaled_teacher: a function teacher whose behaviour changes
+
+
+def make_scaled_teacher():
+    w = torch.randn(C, D, generator=torch.Generator().manual_seed(5))
+    return lambda x: SCALE * (x @ w.t())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_changed_function_teacher_is_refused_not_reused(tmp_path, capsys, monkeypatch, dtype):
+    import sys
+
+    argv = ["collect-logits", "--dataset", "digits", "--teacher", "test_teachers:make_scaled_teacher",
+            "--dtype", dtype, "--out", str(tmp_path / "L"), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0 and "reusing" in capsys.readouterr().out  # unchanged: reused
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 1.01)  # the user edits the function
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("mimic-fast collect-logits: error: the teacher's")
+    assert "differ from those stored" in err[0] and "the teacher changed" in err[0]
+    assert "rerun with --overwrite" in err[0]
+    assert cli.main(argv + ["--overwrite"]) == 0
 
 
 def test_cli_collect_logits_with_foreign_teachers(tmp_path, capsys):

@@ -548,7 +548,39 @@ def _run_teacher(teacher, x, device, rows, num_classes, where):
     return out
 
 
-def _existing_store(path, identity, dataset, check_inputs):
+# what to do about a store that may not be reused (the caller's words: sweep has no --overwrite)
+REMEDY = "use another path, or overwrite=True (`mimic-fast collect-logits --overwrite`) to replace it"
+CHECKED_ROWS = 4  # rows a reused store's teacher is run on again
+
+
+def _check_same_teacher(teacher, dataset, path, header, device, remedy):
+    """Refuse a reused or resumed store whose teacher now gives other logits for committed rows.
+    The identity check cannot see this for a teacher without parameters (a function, a lambda, a
+    parameter-free module: known by name only) or under a given teacher_id; rerunning a few rows
+    catches any change. Tolerance: a few units of the storage dtype's rounding, at least 1e-4
+    relative (another batch composition may sum in another order)."""
+    if not header["committed"]:
+        return
+    m = _chunk_bounds(header, header["committed"] - 1)[1]
+    rows = np.unique(np.linspace(0, m - 1, num=min(m, CHECKED_ROWS)).round().astype(np.int64))
+    x = _first(torch.utils.data.default_collate([dataset[int(i)] for i in rows]))
+    where = f"dataset rows {rows.tolist()}"
+    got = _run_teacher(teacher, x, device, len(rows), header["num_classes"], where)
+    got = got.detach().cpu().to(torch.float64)
+    stored = torch.from_numpy(np.asarray(_open_npy(path / LOGITS_NAME, (header["n"], header["num_classes"]),
+                                                   header["dtype"])[rows], dtype=np.float64))
+    rtol = max(4 * float(np.finfo(np.dtype(header["dtype"])).eps), 1e-4)
+    tol = rtol * max(1.0, float(stored.abs().max()))
+    diff = float((got - stored).abs().max()) if torch.isfinite(got).all() else float("inf")
+    if not diff <= tol:
+        raise ValueError(f"the teacher's logits for {where} differ from those stored in logit store "
+                         f"{path} (max |difference| {diff:.3g}, tolerance {tol:.3g} for "
+                         f"{header['dtype']}): the teacher changed since the store was made (one "
+                         f"without parameters is known by its name only), so its stored logits are "
+                         f"stale; {remedy}")
+
+
+def _existing_store(path, identity, dataset, check_inputs, remedy=REMEDY):
     """The header of the store at `path` if it may be resumed or reused for this call, None if
     there is none; refuses (ValueError) a damaged store or one made for another dataset, teacher or
     dtype."""
@@ -559,8 +591,7 @@ def _existing_store(path, identity, dataset, check_inputs):
     for key, value in identity.items():
         if header.get(key) != value:
             raise ValueError(f"logit store {path} was made with {key} {header.get(key)!r} but this "
-                             f"call has {value!r}; use another path, or overwrite=True "
-                             "(`mimic-fast collect-logits --overwrite`) to replace it")
+                             f"call has {value!r}; {remedy}")
     store = LogitStore(path, header)
     store.verify()  # a damaged committed chunk must not be resumed (or reused) as if it were good
     store.check_dataset(dataset, check_inputs)
@@ -569,7 +600,7 @@ def _existing_store(path, identity, dataset, check_inputs):
 
 def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, device=None,
                    chunk_rows=None, progress=True, num_workers=0, overwrite=False, teacher_id=None,
-                   check_inputs="all"):
+                   check_inputs="all", remedy=REMEDY):
     """Run `teacher` (eval mode, no_grad) over `dataset` (items x or (x, ...)) and store its logits
     and a digest of every row's input at directory `path`, row i for dataset[i]. Returns the opened
     LogitStore.
@@ -588,7 +619,10 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
     at a barrier (as any collective does), and the store resumes cleanly afterwards. The dataset must
     be deterministic (no random augmentation in __getitem__): row i must mean the same input each time.
     `teacher` may be any callable (wrapped by mimic_fast.teachers.as_teacher; a plain function is
-    identified by its qualified name unless teacher_id is given).
+    identified by its qualified name unless teacher_id is given). Before a store is reused or
+    resumed the teacher is run again on a few committed rows: other logits than the stored ones
+    (a changed function or parameter-free teacher) are refused. `remedy`: what the refusals of an
+    existing store tell the user to do.
     """
     from ..teachers import Teacher, as_teacher
 
@@ -620,7 +654,7 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
             try:
                 held.enter_context(writer_lock(path, "logit store"))
                 decision = ("ok", None if overwrite else
-                            _existing_store(path, identity, dataset, check_inputs))
+                            _existing_store(path, identity, dataset, check_inputs, remedy))
             except (ValueError, OSError) as e:
                 decision = ("error", e)
         status, header = _broadcast(decision, world)
@@ -630,6 +664,8 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
         teacher.eval()
         try:
             with torch.no_grad():
+                if header is not None:  # every rank: each would raise the same refusal
+                    _check_same_teacher(teacher, dataset, path, header, device, remedy)
                 if header is None:
                     header = _create(teacher, dataset, path, identity, batch_size, chunk_rows, device,
                                      world, rank)
