@@ -178,10 +178,25 @@ def cmd_demo(args):
 
 
 def _build(name, splits, overrides):
+    import torch
+
     from .models import build_model
 
     kwargs = dict(input_shape=tuple(splits.input_shape), num_classes=splits.num_classes, **overrides)
-    return build_model(name, **kwargs), {"name": name, "kwargs": kwargs}
+    options = ", ".join(f"--{k} {v}" for k, v in overrides.items()) or "its defaults"
+    try:
+        return build_model(name, **kwargs), {"name": name, "kwargs": kwargs}
+    except TypeError as e:  # an option this architecture does not have (e.g. a DNN's bottleneck)
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(f"model {name} does not take one of the options {options} ({e}); leave it "
+                         "out or choose a model that has it") from None
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"model {name} with {options} does not fit in memory ({first}); choose a "
+                         "smaller --hidden (or --bottleneck)") from None
 
 
 def cmd_train_teacher(args):

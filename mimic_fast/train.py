@@ -665,6 +665,10 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
 
 
 def _diverged(kind, epoch, bad, steps_per_epoch, config, out_dir, what):
+    if out_dir and epoch == 1:  # a fresh run starts its metrics file empty: leave nothing after all
+        with contextlib.suppress(FileNotFoundError):  # (another rank may have removed it already)
+            if os.path.getsize(os.path.join(out_dir, METRICS)) == 0:
+                os.remove(os.path.join(out_dir, METRICS))
     kept = (f"the checkpoint of epoch {epoch - 1} in {out_dir} is kept" if out_dir and epoch > 1 else
             "nothing was written")
     raise FloatingPointError(

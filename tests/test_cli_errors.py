@@ -131,6 +131,15 @@ def test_divergence_and_nonsense_options_fail_without_writing_a_model(pipeline, 
     code, err = _run(capsys, *_distill(logits, tmp_path / "d", "--lr", "1e4"))
     assert code == 2 and "diverged" in err and "at epoch 1, step" in err
     assert not (tmp_path / "d" / "student.pt").exists() and not (tmp_path / "d" / "checkpoint.pt").exists()
+    assert "nothing was written" in err and not (tmp_path / "d" / "metrics.jsonl").exists()
+    # an option the architecture lacks, and a model too large to allocate: one line each
+    code, err = _run(capsys, "distill", "--dataset", "digits", "--logits", logits, "--student",
+                     "dnn-2k", "--hidden", "64", "--bottleneck", "4", "--out", str(tmp_path / "k"), *FAST)
+    assert code == 2 and "does not take one of the options --hidden 64, --bottleneck 4" in err
+    assert "'bottleneck'" in err
+    code, err = _run(capsys, *_distill(logits, tmp_path / "h", "--hidden", str(10**12)))
+    assert code == 2 and "does not fit in memory" in err and "smaller --hidden" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("code_,strerror,hint", [
