@@ -136,16 +136,24 @@ def _lock_folder(folder, what):
     return stack
 
 
-def _test_overlap(test_digests, digests, allowed, where):
+# where a transfer row that equals a test row came from (TransferSet.sources codes)
+_LEAK_ORIGIN = ("the training split itself (X repeats rows of X_test)",
+                "the training split (X) or X_unlabelled",
+                "a generated row")
+
+
+def _test_overlap(test_digests, digests, allowed, where, sources=None):
     """Refuse transfer rows that are test rows (by input digest) unless explicitly allowed."""
     import numpy as np
 
     hits = np.flatnonzero(np.isin(digests, test_digests))
     if len(hits) and not allowed:
-        raise ValueError(f"{len(hits)} rows of {where} are test rows (first: row {int(hits[0])}): the "
-                         "student would train on the teacher's answers for the rows it is tested on. "
-                         "Fix the data (X_unlabelled must not contain test rows), or pass "
-                         "--allow-test-rows to collect-logits to keep them, knowingly")
+        origin = ("" if sources is None else
+                  f", from {_LEAK_ORIGIN[int(sources[int(hits[0])])]}")
+        raise ValueError(f"{len(hits)} rows of {where} are test rows (first: row {int(hits[0])}"
+                         f"{origin}): the student would train on the teacher's answers for the rows "
+                         "it is tested on. Fix the data (no row of X or X_unlabelled may repeat a "
+                         "test row), or pass --allow-test-rows to keep them, knowingly")
     return len(hits)
 
 
@@ -199,6 +207,20 @@ def _build(name, splits, overrides):
                          "smaller --hidden (or --bottleneck)") from None
 
 
+def _warn_test_rows_in_training(X_lab, splits):
+    """The data's own X may repeat rows of its X_test: the teacher then trains on test rows."""
+    import numpy as np
+    from torch.utils.data import TensorDataset
+
+    from .data import input_digests
+
+    n = int(np.isin(input_digests(TensorDataset(X_lab)), input_digests(splits.test)).sum())
+    if n and _is_rank0():
+        print(f"mimic-fast train-teacher: WARNING: {n} labelled training rows equal test rows (the "
+              "data's X repeats rows of X_test): the teacher's test accuracy is not a held-out "
+              "result; deduplicate the data", file=sys.stderr)
+
+
 def cmd_train_teacher(args):
     import torch
     from torch.utils.data import TensorDataset
@@ -216,6 +238,7 @@ def cmd_train_teacher(args):
         overrides["channels"] = _parse_ints(args.channels, "--channels")
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
+    _warn_test_rows_in_training(X[lab], splits)
     torch.manual_seed(args.seed)
     model, spec = _build(args.model, splits, overrides)
     _say(f"teacher {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -305,9 +328,10 @@ def _build_transfer(args, splits):
     return ts
 
 
-def _transfer_set(args, splits, recipe, path):
+def _transfer_set(args, splits, recipe, path, check=None):
     """The transfer set of `recipe`: reused from `path` (refused if made otherwise) or built and
-    written there; rows equal to test rows are refused unless --allow-test-rows."""
+    written there; rows equal to test rows are refused unless --allow-test-rows. `check(transfer)`
+    may refuse it before it is written."""
     from . import train as T
     from .data import TransferSet, input_digests
     from .data.recipe import check_recipe
@@ -319,7 +343,9 @@ def _transfer_set(args, splits, recipe, path):
             raise ValueError(f"{path} is not a mimic_fast transfer set (format "
                              f"{saved.get('format') if isinstance(saved, dict) else None!r}); "
                              "use another --out, or --overwrite to replace it")
-        check_recipe(saved.get("recipe"), recipe, path,
+        # every option but the data file's path: a moved file with the same rows is the same data
+        # (the row fingerprints say so), as distill and resume accept it
+        check_recipe(saved.get("recipe"), recipe, path, [k for k in recipe if k != "data"],
                      hint="use another --out, the options it was made with, or --overwrite to "
                           "rebuild it and its logits (nothing is overwritten without it)")
         transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
@@ -329,7 +355,9 @@ def _transfer_set(args, splits, recipe, path):
         transfer = _build_transfer(args, splits)
         allowed = args.allow_test_rows
     n_test = _test_overlap(input_digests(splits.test), input_digests(transfer), allowed,
-                           "the transfer set")
+                           "the transfer set", transfer.sources)
+    if check is not None:  # the caller's last word before anything is written
+        check(transfer)
     if n_test:
         print(f"mimic-fast {args.command}: WARNING: {n_test} transfer rows are test rows "
               "(--allow-test-rows): test accuracies of students trained on them are not "
@@ -392,26 +420,44 @@ def cmd_import_logits(args):
     import torch
 
     from .data import LogitStore
+    from .data.store import HEADER_NAME
 
     splits = _load_data(args)
     try:
         logits = np.load(args.logits, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise ValueError(f"--logits {args.logits} is not a readable .npy file ({e})") from None
+    if logits.dtype.kind != "f":
+        raise ValueError(f"--logits {args.logits} holds {logits.dtype}: expected float logits")
+    store_path = os.path.join(args.out, "logits")
+    if os.path.exists(os.path.join(store_path, HEADER_NAME)) and not args.overwrite:
+        raise FileExistsError(f"a logit store exists at {store_path}; rerun with --overwrite to "
+                              "replace it, or use another --out")
     recipe = {**_data_record(args, splits), "n_generated": 0, "method": args.method,
               "generate_from": args.generate_from, "seed": args.seed, "noise_std": None}
-    with _lock_folder(args.out, "import-logits output folder"):
-        transfer = _transfer_set(args, splits, recipe, os.path.join(args.out, "transfer.pt"))
-        if logits.dtype.kind != "f":
-            raise ValueError(f"--logits {args.logits} holds {logits.dtype}: expected float logits")
+
+    def fits(transfer):  # refused before transfer.pt is written: a rejected import leaves nothing
         if logits.ndim != 2 or len(logits) != len(transfer) or logits.shape[1] != splits.num_classes:
             raise ValueError(f"--logits {args.logits} has shape {logits.shape} but the transfer set "
                              f"of --dataset {args.dataset} ({transfer}) needs ({len(transfer)}, "
                              f"{splits.num_classes}): row i must be the teacher's logits for row i "
                              "(the training split in load order, labelled rows first when "
                              "--label-fraction < 1, then X_unlabelled)")
+        bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+        if len(bad):
+            raise ValueError(f"--logits {args.logits}: row {int(bad[0])} holds NaN or Inf "
+                             f"({len(bad)} such rows): a teacher's logits must be finite")
+        top = float(np.abs(logits).max()) if logits.size else 0.0
+        if args.dtype == "float16" and top > np.finfo(np.float16).max:
+            row = int(np.flatnonzero((np.abs(logits) > np.finfo(np.float16).max).any(axis=1))[0])
+            raise ValueError(f"--logits {args.logits}: row {row} holds |logit| {top:.3g}, more than "
+                             "float16 can store (65504): use --dtype float32")
+
+    with _lock_folder(args.out, "import-logits output folder"):
+        transfer = _transfer_set(args, splits, recipe, os.path.join(args.out, "transfer.pt"),
+                                 check=fits)
         dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
-        store = LogitStore.from_array(os.path.join(args.out, "logits"), logits, transfer, dtype=dtype,
+        store = LogitStore.from_array(store_path, logits, transfer, dtype=dtype,
                                       overwrite=args.overwrite, source=os.path.basename(args.logits))
     _say(f"imported {store.n} rows of {store.num_classes} logits into {store.path} (verified)")
     return 0

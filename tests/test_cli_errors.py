@@ -79,12 +79,54 @@ def test_test_rows_never_reach_a_transfer_set_without_the_opt_in(tmp_path, capsy
                      "--batch-size", "16", *FAST]) == 0
     args = ["collect-logits", *data, "--teacher", str(teacher / "teacher.pt"), "--no-progress"]
     code, err = _run(capsys, *args, "--out", str(tmp_path / "refused"))
-    assert code == 2 and "3 rows of the transfer set are test rows (first: row 70)" in err
+    assert code == 2 and "3 rows of the transfer set are test rows (first: row 70, from the " \
+                         "training split (X) or X_unlabelled)" in err
     assert not (tmp_path / "refused" / "logits").exists()
     code, err = _run(capsys, *args, "--out", str(tmp_path / "allowed"), "--allow-test-rows")
     assert code == 0 and "WARNING: 3 transfer rows are test rows" in err
     saved = torch.load(tmp_path / "allowed" / "transfer.pt", weights_only=False)
     assert saved["allow_test_rows"] and saved["test_rows_in_transfer"] == 3
+
+
+def test_test_rows_repeated_in_x_itself_are_named_as_such(tmp_path, capsys):
+    r = np.random.default_rng(0)
+    X = r.normal(size=(60, 5)).astype(np.float32)
+    Xt = np.concatenate([X[:2], r.normal(size=(18, 5))]).astype(np.float32)  # X_test repeats X
+    path = str(tmp_path / "d.npz")
+    np.savez(path, X=X, y=(X[:, 0] > 0).astype(np.int64), X_test=Xt,
+             y_test=(Xt[:, 0] > 0).astype(np.int64))
+    data = ["--dataset", "npz", "--data", path]
+    code, err = _run(capsys, "train-teacher", *data, "--model", "dnn-2k", "--hidden", "4", "--out",
+                     str(tmp_path / "t"), "--batch-size", "16", *FAST)
+    assert code == 0 and "WARNING: 2 labelled training rows equal test rows" in err
+    code, err = _run(capsys, "collect-logits", *data, "--teacher", str(tmp_path / "t" / "teacher.pt"),
+                     "--out", str(tmp_path / "c"), "--no-progress")
+    assert code == 2 and "2 rows of the transfer set are test rows (first: row 0, from the training " \
+                         "split itself (X repeats rows of X_test))" in err
+    assert "X_unlabelled must not" not in err
+
+
+def test_a_moved_data_file_is_the_same_data(tmp_path, capsys):
+    """collect-logits reuses its transfer set when the npz only moved, as distill and resume do
+    (the recipe's row fingerprints, not the path, say whether it is the same data)."""
+    r = np.random.default_rng(1)
+    X, Xt = r.normal(size=(60, 5)).astype(np.float32), r.normal(size=(20, 5)).astype(np.float32)
+    path = tmp_path / "d.npz"
+    np.savez(path, X=X, y=(X[:, 0] > 0).astype(np.int64), X_test=Xt,
+             y_test=(Xt[:, 0] > 0).astype(np.int64))
+    assert cli.main(["train-teacher", "--dataset", "npz", "--data", str(path), "--model", "dnn-2k",
+                     "--hidden", "4", "--out", str(tmp_path / "t"), "--batch-size", "16", *FAST]) == 0
+    collect = ["collect-logits", "--dataset", "npz", "--teacher", str(tmp_path / "t" / "teacher.pt"),
+               "--out", str(tmp_path / "c"), "--no-progress"]
+    assert _run(capsys, *collect, "--data", str(path))[0] == 0
+    moved = tmp_path / "moved.npz"
+    os.rename(path, moved)
+    code, err = _run(capsys, *collect, "--data", str(moved))
+    assert code == 0, err
+    code, err = _run(capsys, "distill", "--dataset", "npz", "--data", str(moved), "--logits",
+                     str(tmp_path / "c"), "--hidden", "8", "--bottleneck", "2", "--out",
+                     str(tmp_path / "s"), *FAST)
+    assert code == 0, err
 
 
 def test_damaged_inputs_are_one_error_line(pipeline, tmp_path, capsys):

@@ -95,11 +95,28 @@ def test_cli_import_logits_then_distill(tmp_path, capsys):
     store = LogitStore.open(out / "logits")
     assert np.array_equal(store.logits, logits)
     assert cli.main(args) == 2  # an existing store is kept
-    assert "overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rerun with --overwrite" in err and "overwrite=True" not in err
     np.save(tmp_path / "short.npy", logits[:10])
     assert cli.main([*args[:3], "--logits", str(tmp_path / "short.npy"), "--out",
                      str(tmp_path / "x")]) == 2
     assert "has shape (10, 10) but the transfer set" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "transfer.pt").exists()  # refused before anything is written
+    # a NaN is named by file and exact row; float16 overflow says which flag to use
+    bad = logits.copy()
+    bad[5, 2] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    assert cli.main([*args[:3], "--logits", str(tmp_path / "nan.npy"), "--out",
+                     str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err
+    assert f"--logits {tmp_path / 'nan.npy'}: row 5 holds NaN or Inf (1 such rows)" in err
+    assert not (tmp_path / "n" / "transfer.pt").exists()
+    np.save(tmp_path / "big.npy", logits * 1e5)
+    assert cli.main([*args[:3], "--logits", str(tmp_path / "big.npy"), "--dtype", "float16",
+                     "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "use --dtype float32" in err and "dtype=torch" not in err
+    assert not (tmp_path / "b" / "transfer.pt").exists()
     student = tmp_path / "student"
     assert cli.main(["distill", "--dataset", "digits", "--logits", str(out), "--hidden", "32",
                      "--bottleneck", "4", "--epochs", "1", "--out", str(student),

@@ -322,3 +322,21 @@ def test_teacher_in_another_float_dtype_gets_inputs_in_its_dtype(tmp_path):
     store = collect_logits(teacher, TensorDataset(x), tmp_path / "s", batch_size=4,
                            dtype=torch.float32, progress=False)
     assert torch.allclose(store.tensor(), teacher(x.double()).float(), atol=1e-6)
+
+
+def test_non_finite_or_overflowing_logits_name_the_exact_row(tmp_path):
+    X = torch.randn(20, 4)
+
+    def nan_at_13(x):
+        out = x.clone()
+        out[(x == X[13]).all(1)] = float("nan")
+        return out
+    with pytest.raises(ValueError, match=r"NaN/Inf logits for dataset row 13 \(1 of rows 8\.\.15\)"):
+        collect_logits(nan_at_13, TensorDataset(X), tmp_path / "a", batch_size=8, progress=False)
+
+    def big_at_6(x):
+        out = x.clone()
+        out[(x == X[6]).all(1)] = 1e6
+        return out
+    with pytest.raises(ValueError, match=r"dataset row 6 overflow torch.float16 .*--dtype float32"):
+        collect_logits(big_at_6, TensorDataset(X), tmp_path / "b", batch_size=8, progress=False)

@@ -742,10 +742,15 @@ def _collect_chunks(teacher, dataset, path, header, logits, inputs, batch_size, 
                 # One float64 sum is finite iff every stored value is (NaN/Inf propagate; finite
                 # float16/32 values cannot overflow it): 3x cheaper than isfinite().all() twice.
                 if not torch.isfinite(stored.sum(dtype=torch.float64)):
-                    if not torch.isfinite(out).all():
-                        raise ValueError(f"teacher produced NaN/Inf logits for {where}")
-                    raise ValueError(f"teacher logits for {where} overflow {dtype} (max |logit| "
-                                     f"{out.abs().max().item():.3g}); use dtype=torch.float32")
+                    bad = ~torch.isfinite(out).all(1)
+                    if bad.any():
+                        row = b[0] + int(bad.nonzero()[0])
+                        raise ValueError(f"teacher produced NaN/Inf logits for dataset row {row} "
+                                         f"({int(bad.sum())} of {where})")
+                    row = b[0] + int((~torch.isfinite(stored).all(1)).nonzero()[0])
+                    raise ValueError(f"teacher logits for dataset row {row} overflow {dtype} (max "
+                                     f"|logit| {out.abs().max().item():.3g}); store float32 "
+                                     "(dtype=torch.float32, --dtype float32)")
                 logits[b[0]: b[-1] + 1] = stored.cpu().numpy()
                 bar.update(len(b) * world)
             logits.flush()  # this rank's rows reach the file before anyone commits them
