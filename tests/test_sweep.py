@@ -363,3 +363,19 @@ def test_damaged_files_of_a_sweep_are_named(teacher_file, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("mimic-fast sweep: error:") and f"{transfer} is not a" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_changed_teacher_file_says_what_sweep_can_do(teacher_file, tmp_path, capsys):
+    mine = str(tmp_path / "teacher.pt")
+    model, payload = T.load_model(teacher_file)
+    T.save_model(mine, model, payload["spec"], data=payload["data"])
+    out = str(tmp_path / "sweep")
+    sweep.run(_config(mine, hidden=(8,), seeds=1), out, progress=False, log=_quiet)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # retrained under the same name
+    T.save_model(mine, model, payload["spec"], data=payload["data"])
+    assert cli.main(["sweep", "--out", out, "--teacher", mine, "--hidden", "8", "--seeds", "1",
+                     "--epochs", "2", "--n-generated", "200", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with teacher" in err and f"delete {os.path.join(out, 'logits')}" in err
+    assert "--overwrite" not in err and "overwrite=True" not in err  # sweep has neither
