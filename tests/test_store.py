@@ -340,3 +340,17 @@ def test_non_finite_or_overflowing_logits_name_the_exact_row(tmp_path):
         return out
     with pytest.raises(ValueError, match=r"dataset row 6 overflow torch.float16 .*--dtype float32"):
         collect_logits(big_at_6, TensorDataset(X), tmp_path / "b", batch_size=8, progress=False)
+
+
+def test_damage_and_reuse_refusals_keep_their_own_remedies(tmp_path):
+    X = torch.randn(20, 4)
+    collect_logits(lambda x: x, TensorDataset(X), tmp_path / "s", progress=False)
+    with pytest.raises(ValueError, match=r"recollect the logits: collect_logits\(\.\.\., overwrite=True\)"):
+        LogitStore.open(tmp_path / "s", TensorDataset(X + 1))  # other data
+    with pytest.raises(ValueError, match="was made with dtype 'float16' .*; use another path, or "
+                                         r"overwrite=True"):
+        collect_logits(lambda x: x, TensorDataset(X), tmp_path / "s", dtype=torch.float32,
+                       progress=False)
+    (tmp_path / "s" / HEADER_NAME).write_text("{")
+    with pytest.raises(ValueError, match=r"not a valid logit-store header .*recollect it: "):
+        LogitStore.open(tmp_path / "s")

@@ -549,7 +549,8 @@ def _run_teacher(teacher, x, device, rows, num_classes, where):
 
 
 # what to do about a store that may not be reused (the caller's words: sweep has no --overwrite)
-REMEDY = "use another path, or overwrite=True (`mimic-fast collect-logits --overwrite`) to replace it"
+REUSE_REMEDY = ("use another path, or overwrite=True (`mimic-fast collect-logits --overwrite`) to "
+                "replace it")
 CHECKED_ROWS = 4  # rows a reused store's teacher is run on again
 
 
@@ -580,7 +581,7 @@ def _check_same_teacher(teacher, dataset, path, header, device, remedy):
                          f"stale; {remedy}")
 
 
-def _existing_store(path, identity, dataset, check_inputs, remedy=REMEDY):
+def _existing_store(path, identity, dataset, check_inputs, remedy=REUSE_REMEDY):
     """The header of the store at `path` if it may be resumed or reused for this call, None if
     there is none; refuses (ValueError) a damaged store or one made for another dataset, teacher or
     dtype."""
@@ -600,7 +601,7 @@ def _existing_store(path, identity, dataset, check_inputs, remedy=REMEDY):
 
 def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, device=None,
                    chunk_rows=None, progress=True, num_workers=0, overwrite=False, teacher_id=None,
-                   check_inputs="all", remedy=REMEDY):
+                   check_inputs="all", remedy=REUSE_REMEDY):
     """Run `teacher` (eval mode, no_grad) over `dataset` (items x or (x, ...)) and store its logits
     and a digest of every row's input at directory `path`, row i for dataset[i]. Returns the opened
     LogitStore.
