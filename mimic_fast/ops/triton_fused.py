@@ -21,8 +21,8 @@ from .._checks import check_reduction
 from ..activations import ACTIVATION_CODES
 
 NAME = "triton"
-K_MAX = 256
-C_MAX = 256
+K_MAX = 256  # one k block: dV_j (BLOCK_H x KP) and dzᵀ (KP x BLOCK_B) stay in registers
+C_MAX = 256  # C1 + C2: dW_j (CP x BLOCK_H) and y (BLOCK_B x CP) stay in registers
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 H_ALIGN = 64  # V, b1 and partial buffers are padded to this many hidden units: >= every BLOCK_H
 
@@ -267,7 +267,7 @@ def plan(B, k, H, C, elem=2, deterministic=None):
         (32 if elem <= 2 else 16, max(c.kwargs["BLOCK_H"] for c in K.BWD_CONFIGS))
     n_btb = -(-B // block_b_bwd)
     chunks = _fill(-(-H // bwd_bh), n_btb, dev.sms, min(n_btb, 64))
-    dz_splits = _fill(-(-B // fwd_bb), n_tiles, dev.sms, max_split) if dz_kernel else 0
+    dz_splits = fwd_splits if dz_kernel else 0  # the dz kernel has the forward's grid
     return Plan(B, k, H, C, KP, C1, C2, _round_up(H, H_ALIGN), dev.sms, rows, block_h, fwd_splits,
                 block_b_bwd, chunks, -(-n_btb // chunks), dz_kernel, dz_splits)
 

@@ -38,9 +38,6 @@ ACT_RELU, ACT_SIGMOID, ACT_TANH, ACT_GELU = 0, 1, 2, 3  # == mimic_fast.activati
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)  # globals used in kernels must be constexpr
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
-KP_MAX = 256  # one k block: dV_j (BLOCK_H x KP) and dz (BLOCK_B x KP) stay in registers
-CP_MAX = 256  # C1 + C2: dW_j (CP x BLOCK_H) and y (BLOCK_B x CP) stay in registers
-
 
 # The GPU configs as (meta-parameters, warps, stages). The forward and dz kernels take BLOCK_H from
 # the launcher's plan (their split loops need its tile counts, and the interpreter cannot divide
