@@ -8,47 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mimic_fast.bench import counts, main, providers
+from mimic_fast.bench import main, providers, timing
 from mimic_fast.bench.compare import compare, compare_files
 from mimic_fast.bench.report import from_pytest_benchmark, load, markdown_for_doc, render
-
-
-def _eager_flops(B, D, k, H, C, backward):
-    x = torch.randn(B, D)
-    U, V, W = (torch.randn(*s, requires_grad=True) for s in ((k, D), (H, k), (C, H)))
-    b1, b2 = torch.zeros(H, requires_grad=True), torch.zeros(C, requires_grad=True)
-    y = F.linear(torch.relu(F.linear(F.linear(x, U), V, b1)), W, b2)
-    counter = FlopCounterMode(display=False)
-    if backward:
-        with counter:
-            y.backward(torch.ones_like(y))
-    else:
-        with counter:
-            F.linear(torch.relu(F.linear(F.linear(x, U), V, b1)), W, b2)
-    return counter.get_total_flops()
-
-
-@pytest.mark.parametrize("B,D,k,H,C", [(8, 12, 3, 40, 5), (1, 7, 1, 9, 1)])
-def test_mlp_flops_match_torch_flop_counter(B, D, k, H, C):
-    assert counts.mlp_flops(B, D, k, H, C, "forward") == _eager_flops(B, D, k, H, C, False)
-    # The backward count is what autograd runs for the eager chain when x needs no gradient.
-    assert counts.mlp_flops(B, D, k, H, C, "backward") == _eager_flops(B, D, k, H, C, True)
-    assert counts.mlp_flops(B, D, k, H, C, "full") == \
-        counts.mlp_flops(B, D, k, H, C, "forward") + counts.mlp_flops(B, D, k, H, C, "backward")
-
-
-def test_paper_size_counts():
-    # design.md: the fused step at B=4096, H=400k is ~5.3 ms at ~800 TFLOP/s.
-    full = counts.mlp_flops(4096, 1845, 250, 400000, 183, "full")
-    assert 5.2e-3 < full / 800e12 < 5.5e-3
-    assert counts.mlp_params(1845, 250, 400000, 183, bias=False) == 173_661_250
-    assert counts.loss_bytes(4096, 183, "bfloat16", "forward") == 2 * 4096 * 183 * 2
-    assert counts.loss_bytes(10, 3, torch.float32, "full") == 5 * 10 * 3 * 4
-    with pytest.raises(ValueError, match="unknown pass"):
-        counts.mlp_flops(1, 1, 1, 1, 1, "sideways")
-    tf, gb = counts.throughput(2e12, 4e9, 2.0)
-    assert (tf, gb) == (1.0, 2.0)
-    assert counts.throughput(1, 1, 0) == (None, None)
 
 
 def _doc(times, status=None, device="cpu-x"):
@@ -285,3 +247,9 @@ def test_benchmark_suites_pass_with_benchmark_disable():
                           cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout
+
+
+def test_throughput_from_counts_and_time():
+    assert timing.throughput(2e12, 4e9, 2.0) == (1.0, 2.0)
+    assert timing.throughput(1, 1, 0) == (None, None)
+    assert timing.throughput(None, 4e9, 2.0) == (None, 2.0)

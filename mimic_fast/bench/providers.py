@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..testing import eager_mlp as _eager_mlp
-from . import counts
+from ..ops import flops
 
 MLP_OPS = ("bottleneck_mlp", "mimic_loss")
 LOSS_OPS = ("logit_mse_loss", "kd_loss")
@@ -55,14 +55,14 @@ class Case:
 
     def flops(self, pass_):
         if self.is_mlp:
-            return counts.mlp_flops(self.B, self.D, self.k, self.H, self.C, pass_)
-        return counts.loss_flops(self.B, self.C, pass_)
+            return flops.mlp_flops(self.B, self.D, self.k, self.H, self.C, pass_)
+        return flops.loss_flops(self.B, self.C, pass_)
 
     def bytes(self, pass_):
         """Bytes of the unavoidable traffic: the logits for the losses; weights + x + y for the MLP."""
-        es = counts.element_size(self.dtype)
+        es = flops.element_size(self.dtype)
         if not self.is_mlp:
-            return counts.loss_bytes(self.B, self.C, self.dtype, pass_)
+            return flops.loss_bytes(self.B, self.C, self.dtype, pass_)
         weights = (self.k * self.D + self.H * self.k + self.C * self.H + self.H + self.C) * es
         io = (self.B * self.D + 2 * self.B * self.C) * es
         return {"forward": weights + io, "backward": 2 * weights + io, "full": 3 * weights + 2 * io}[pass_]
@@ -304,8 +304,8 @@ def check_provider(provider, case, compile_mode=None, small=True, seed=0):
 
 def oom_estimate_bytes(provider, case):
     """Rough peak bytes of one full step: eager/compile keep ~4 (B, H) tensors alive; fused ~0."""
-    es = counts.element_size(case.dtype)
-    weights = counts.mlp_params(case.D, case.k, case.H, case.C) * es if case.is_mlp else 0
+    es = flops.element_size(case.dtype)
+    weights = flops.mlp_params(case.D, case.k, case.H, case.C) * es if case.is_mlp else 0
     hidden = case.B * case.H * es if case.is_mlp else 0
     factor = 4 if provider in ("eager", "compile") else 0
     return 3 * weights + factor * hidden + math.prod((case.B, max(case.D, case.C))) * es * 4

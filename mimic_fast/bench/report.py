@@ -267,7 +267,7 @@ def render(results_dir, out_md=None, plots=True):
     lines = ["# mimic_fast benchmark results", "",
              "Rendered by `mimic-fast bench --report` from the JSON files in this folder; every figure "
              "was measured (see each file's command), none is extrapolated. FLOPs are model FLOPs "
-             "(mimic_fast.bench.counts); '% of peak' is against a matmul timed in the same run.", ""]
+             "(mimic_fast.ops.flops); '% of peak' is against a matmul timed in the same run.", ""]
     made = []
     if plots and docs:
         d = [doc for _, doc in docs]

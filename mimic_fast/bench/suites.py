@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from . import counts, timing
+from ..ops import flops
+from . import timing
 from .providers import LOSS_PROVIDERS, MLP_PROVIDERS, Case, Runner, check_provider, make_inputs, \
     unavailable
 
@@ -130,7 +131,7 @@ def run_group(case, providers, passes, warmup=1, rounds=5, compile_mode=None, ch
                 r = records[p][i]
                 r.update(timing.summarize(times[p]))
                 r["interleaved_with"] = sorted(live)
-                r["tflops"], r["gbps"] = counts.throughput(r["flops"], r["bytes"], r["median_ms"] / 1e3)
+                r["tflops"], r["gbps"] = timing.throughput(r["flops"], r["bytes"], r["median_ms"] / 1e3)
         for p, runner in runners.items():
             full = [r for r in records[p] if r["pass"] == "full" and r["status"] == "ok"]
             if full and is_cuda and cuda_memory:
@@ -167,9 +168,9 @@ def _cuda_peak(runner):
 
 def _grad_bytes(case):
     """Bytes of the parameter gradients a full step must return (part of every provider's peak)."""
-    es = counts.element_size(case.dtype)
+    es = flops.element_size(case.dtype)
     if case.is_mlp:
-        return counts.mlp_params(case.D, case.k, case.H, case.C) * es
+        return flops.mlp_params(case.D, case.k, case.H, case.C) * es
     return case.B * case.C * es
 
 
@@ -285,7 +286,7 @@ def interleaved_target_runs(providers, warmup, rounds, log=print):
     fns["mm"] = lambda: torch.mm(a, b)
     recs["mm"] = {"name": f"mm/{n}x{n}x{n}/float32/cpu", "op": "mm", "pass": "forward",
                   "provider": "torch.mm", "shape": {"M": n, "N": n, "K": n}, "dtype": "float32",
-                  "device": "cpu", "flops": counts.mm_flops(n, n, n), "bytes": None, "status": "ok",
+                  "device": "cpu", "flops": flops.mm_flops(n, n, n), "bytes": None, "status": "ok",
                   "error": None}
     times, errors = timing.time_interleaved(fns, "cpu", warmup, rounds)
     out = []
@@ -297,7 +298,7 @@ def interleaved_target_runs(providers, warmup, rounds, log=print):
         r["name"] = "interleaved/" + r["name"]
         r["kind"] = "interleaved"
         r.update(timing.summarize(times[p]))
-        r["tflops"], r["gbps"] = counts.throughput(r["flops"], r["bytes"], r["median_ms"] / 1e3)
+        r["tflops"], r["gbps"] = timing.throughput(r["flops"], r["bytes"], r["median_ms"] / 1e3)
         log(f"  interleaved {p:<10} {r['median_ms']:9.2f} ms  {r['tflops'] * 1e3:7.1f} GFLOP/s")
         out.append(r)
     return out
@@ -427,9 +428,9 @@ class _EagerStudent(torch.nn.Module):
 
 def _model_flops(model, D):
     if hasattr(model, "U") and hasattr(model, "W"):
-        return counts.mlp_flops(1, D, model.U.shape[0], model.V.shape[0], model.W.shape[0], "forward")
+        return flops.mlp_flops(1, D, model.U.shape[0], model.V.shape[0], model.W.shape[0], "forward")
     try:
-        return counts.model_flops_per_sample(model, (D,))
+        return flops.model_flops_per_sample(model, (D,))
     except Exception:  # noqa: BLE001 - a count is context, never worth failing a run
         return None
 

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .counts import element_size, mm_flops
+from ..ops.flops import mm_flops
 
 
 def summarize(seconds):
@@ -117,11 +117,13 @@ def _cpu_name():
     return platform.processor() or "cpu"
 
 
-def bytes_of(shape, dtype):
-    n = 1
-    for s in shape:
-        n *= s
-    return n * element_size(dtype)
+def throughput(flops=None, nbytes=None, seconds=None):
+    """(TFLOP/s, GB/s) for a run of `seconds`; None where a count or the time is missing."""
+    if not seconds or seconds <= 0:
+        return None, None
+    tflops = flops / seconds / 1e12 if flops else None
+    gbps = nbytes / seconds / 1e9 if nbytes else None
+    return tflops, gbps
 
 
 def time_interleaved(fns, device="cpu", warmup=1, rounds=5, setups=None, max_seconds=None):

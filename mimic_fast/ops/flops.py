@@ -1,37 +1,103 @@
-"""FLOP formulas of the backends' fused ops for torch.utils.flop_counter.FlopCounterMode.
+"""FLOP and byte counts of the ops: the one place every FLOP figure comes from (cost model, reports,
+benchmarks, and the FlopCounterMode formulas of the backends' fused ops).
 
-They count the GEMM FLOPs each op executes (2 per multiply-add), recomputation included, so the
-cpu/triton/cuda ops count what the reference backend's own matmuls count under FlopCounterMode:
-    forward  2B(Dk + kH + HC)                            z, a = z Vᵀ, y = h Wᵀ
-    backward 2B(3kH + 2HC + 2Dk)                         a again, dW, dh, dV, dz, dU, dx
-(mimic_fast.bench.counts.mlp_flops counts *model* FLOPs instead: no recompute, no dx.)
-Every op shares the argument order of the backend interface (dispatch.py), extra trailing
-arguments (activation, chunk sizes) are ignored; ops of extensions that are not built are skipped.
+2 FLOPs per multiply-add of a GEMM; elementwise work is not counted. For the bottleneck MLP
+y = act((x Uᵀ) Vᵀ + b1) Wᵀ + b2 (x (B, D), U (k, D), V (H, k), W (C, H)):
+    forward                2B(Dk + kH + HC)           z = x Uᵀ, a = z Vᵀ, y = h Wᵀ
+    backward (model)       2B(Dk + 2kH + 2HC)         dU = dzᵀ x, dV, dz, dW, dh
+      + input_grad         2BDk                       dx = dz U (a student's x is data: off)
+      + recompute          2BkH                       the fused backward forms a = z Vᵀ again
+"Model" FLOPs (recompute=False) score a fused and an unfused provider on the same work; executed
+FLOPs (recompute=True, input_grad=True) are what the fused backward ops run. The cost model passes
+padded sizes (k, C, H rounded to its tiles) to count padding too.
 """
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-
-def forward_flops(B, D, k, H, C):
-    return 2 * B * (D * k + k * H + H * C)
+PASSES = ("forward", "backward", "full")
 
 
-def backward_flops(B, D, k, H, C):
-    return 2 * B * (3 * k * H + 2 * H * C + 2 * D * k)
+def _check_pass(pass_):
+    if pass_ not in PASSES:
+        raise ValueError(f"unknown pass {pass_!r}: expected 'forward', 'backward' or 'full'")
 
 
+def mlp_flops(B, D, k, H, C, pass_="full", *, input_grad=False, recompute=False):
+    """FLOPs of the bottleneck MLP for one pass (see the module docstring)."""
+    _check_pass(pass_)
+    fwd = 2 * B * (D * k + k * H + H * C)
+    bwd = 2 * B * (D * k + 2 * k * H + 2 * H * C)
+    if input_grad:
+        bwd += 2 * B * D * k
+    if recompute:
+        bwd += 2 * B * k * H
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[pass_]
+
+
+def mlp_params(D, k, H, C, bias=True):
+    """Parameter count of the factored student U (k, D), V (H, k), b1 (H,), W (C, H), b2 (C,)."""
+    return k * D + H * k + H * C + ((H + C) if bias else 0)
+
+
+def mm_flops(M, N, K):
+    return 2 * M * N * K
+
+
+def loss_flops(B, C, pass_="forward"):
+    """Elementwise work of a logit loss over (B, C) (these ops are scored on bandwidth)."""
+    _check_pass(pass_)
+    return {"forward": 3 * B * C, "backward": 3 * B * C, "full": 6 * B * C}[pass_]
+
+
+def element_size(dtype):
+    """Bytes per element of a torch dtype or its name ('bfloat16')."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    return dtype.itemsize
+
+
+def loss_bytes(B, C, dtype, pass_="forward"):
+    """Minimum memory traffic of a logit loss over (B, C) student/teacher logits: the forward reads
+    both (2BC elements) and writes a scalar; the backward reads both again and writes the gradient
+    (3BC); full = forward + backward."""
+    _check_pass(pass_)
+    n = B * C * element_size(dtype)
+    return {"forward": 2 * n, "backward": 3 * n, "full": 5 * n}[pass_]
+
+
+def model_flops_per_sample(model, in_shape, train=False):
+    """Model FLOPs per sample of any `model` (2 per MAC of every Linear/Conv), counted by
+    FlopCounterMode on a batch of 2; train=True counts forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    x = torch.zeros(2, *in_shape, device=p.device, dtype=p.dtype)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if train:
+            model(x).float().sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() // 2
+
+
+# FlopCounterMode formulas of the backends' custom ops: what each executes (the backward recomputes
+# a and computes dx). The ops share the backend interface's argument order (dispatch.py); trailing
+# arguments (activation, chunk sizes) are ignored; ops of extensions not built here are skipped.
 def _fwd(x, U, V, b1, W, *args, out_shape=None, **kwargs):
-    return forward_flops(x[0], x[1], U[0], V[0], W[0])
+    return mlp_flops(x[0], x[1], U[0], V[0], W[0], "forward")
 
 
 def _bwd(dy, x, z, U, V, b1, W, *args, out_shape=None, **kwargs):
-    return backward_flops(x[0], x[1], U[0], V[0], W[0])
+    return mlp_flops(x[0], x[1], U[0], V[0], W[0], "backward", input_grad=True, recompute=True)
 
 
 _FORMULAS = {"mlp_fwd": _fwd, "mimic_fwd": _fwd, "mlp_bwd": _bwd}
 
 
-def _register():
+def register_custom_ops():
     for prefix in ("cpu", "triton", "cuda"):
         for name, formula in _FORMULAS.items():
             try:
@@ -41,4 +107,4 @@ def _register():
             register_flop_formula(op)(formula)
 
 
-_register()
+register_custom_ops()

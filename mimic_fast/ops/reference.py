@@ -47,7 +47,8 @@ def _forward(x, U, V, b1, W, b2, activation):
     y = torch.zeros(x.shape[0], W.shape[0], dtype=cd, device=x.device)
     for h0, h1 in _chunks(V.shape[0]):
         h = act(_hidden_pre(z, V, b1, h0, h1, cd), activation)
-        y.addmm_(h, W[:, h0:h1].to(cd).t())
+        # out of place: FlopCounterMode (and any dispatch-mode tool) does not see addmm_
+        y = torch.addmm(y, h, W[:, h0:h1].to(cd).t())
     if b2 is not None:
         y += b2.to(cd)
     return y, z
@@ -74,7 +75,7 @@ def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
         dV[h0:h1] = da.t() @ z
         if db1 is not None:
             db1[h0:h1] = da.sum(0)
-        dz.addmm_(da, Vj)
+        dz = torch.addmm(dz, da, Vj)
     dU = dz.t() @ x.to(cd)
     dx = dz @ U.to(cd)
     db2 = dy.sum(0) if has_b2 else None

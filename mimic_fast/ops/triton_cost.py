@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-from ..bench.counts import element_size
 from . import triton_fused as T
+from .flops import element_size, mlp_flops
 
 # The H200 of the device tool, measured there (2026-10-28): bf16 matmul on random data, device copy.
 H200_PEAK_TFLOPS = 788.0
@@ -30,11 +30,8 @@ PAPER = dict(D=1845, k=250, C=183)
 
 
 def floor_flops(B, D, k, H, C, pass_="full"):
-    """FLOPs of the fused math with one recompute and no padding: forward 2BH(k + C), backward
-    2BH(3k + 2C) (recompute a, dW, dh, dV, dz), plus the small GEMMs z = x Uᵀ, dz U, dzᵀ x."""
-    fwd = 2 * B * H * (k + C) + 2 * B * D * k
-    bwd = 2 * B * H * (3 * k + 2 * C) + 2 * 2 * B * D * k
-    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[pass_]
+    """FLOPs of the fused math with one recompute, dx included and no padding."""
+    return mlp_flops(B, D, k, H, C, pass_, input_grad=True, recompute=True)
 
 
 def _kernel_cost(launch, config, elem):
