@@ -3,15 +3,36 @@ import-logits, distill, export, sweep, bench, info.
 
 The pipeline commands hand files to each other through --out folders (teacher.pt; transfer.pt +
 logits/; student.pt) and run unchanged under `torchrun --nproc_per_node N -m mimic_fast ...`.
-Heavy imports happen inside the commands, so `--help` stays fast.
 """
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
 
-DATASETS = ("digits", "cifar10", "npz")
-TRANSFER_FORMAT = "mimic_fast.transfer/1"
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from . import train as T
+from ._io import atomic_write_text, writer_lock
+from .data import (DATASETS, LogitDataset, LogitStore, build_transfer_set, collect_logits,
+                   input_digests, labelled_split, load_dataset)
+from .data.collect import param_dtype
+from .data.recipe import DATA_FIELDS, check_recipe, data_recipe
+from .data.store import HEADER_NAME
+from .demo import add_arguments as demo_arguments
+from .demo import config_from_args, run_demo
+from .dispatch import format_info
+from .distributed import default_device, dist_info, init_distributed, on_rank0
+from .export import export_student, latency
+from .files import load_transfer, save_transfer
+from .models import TeacherEnsemble, build_model
+from .sweep import add_arguments as sweep_arguments
+from .sweep import run_from_args
+from .teachers import load_module, load_teacher
+from .train import DEFAULT_LR
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,8 +57,6 @@ def _add_data(p, recorded=None):
 
 
 def _add_training(p, epochs, kind, batch_size):
-    from .train import DEFAULT_LR  # one default per loop, shared with the Python API
-
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--batch-size", type=int, default=batch_size,
@@ -81,8 +100,6 @@ def _parse_ints(text, name):
 
 
 def _load_data(args):
-    from .data import load_dataset
-
     if args.dataset in ("cifar10", "npz") and args.data is None:
         raise ValueError(f"--dataset {args.dataset} needs --data PATH")
     if not 0 < args.label_fraction <= 1:
@@ -99,10 +116,6 @@ def _load_data(args):
 
 def _labelled_rows(splits, args):
     """(labelled indices, unlabelled indices) of the training split."""
-    import torch
-
-    from .demo import labelled_split
-
     y = splits.train.tensors[1]
     if args.label_fraction >= 1:
         return torch.arange(len(y)), torch.empty(0, dtype=torch.long)
@@ -110,8 +123,6 @@ def _labelled_rows(splits, args):
 
 
 def _data_record(args, splits):
-    from .data.recipe import data_recipe
-
     return data_recipe(splits, args.dataset, args.split_seed, args.label_fraction, args.data)
 
 
@@ -127,12 +138,8 @@ def _inherit_recipe(args, recorded, source):
 
 def _lock_folder(folder, what):
     """The writer lock of an output folder, taken by rank 0 (errors raised on every rank)."""
-    import contextlib
-
-    from . import train as T
-
     stack = contextlib.ExitStack()
-    T._on_rank0(lambda: stack.enter_context(T.writer_lock(folder, what)), T.dist_info()[1])
+    on_rank0(lambda: stack.enter_context(writer_lock(folder, what)))
     return stack
 
 
@@ -144,8 +151,6 @@ _LEAK_ORIGIN = ("the training split itself (X repeats rows of X_test)",
 
 def _test_overlap(test_digests, digests, allowed, where, sources=None):
     """Refuse transfer rows that are test rows (by input digest) unless explicitly allowed."""
-    import numpy as np
-
     hits = np.flatnonzero(np.isin(digests, test_digests))
     if len(hits) and not allowed:
         origin = ("" if sources is None else
@@ -158,8 +163,6 @@ def _test_overlap(test_digests, digests, allowed, where, sources=None):
 
 
 def _is_rank0():
-    from .train import dist_info
-
     return dist_info()[0] == 0
 
 
@@ -172,24 +175,16 @@ def _say(*a):
 # commands
 # ----------------------------------------------------------------------------------------------
 def cmd_info(args):
-    from .dispatch import format_info
-
     print(format_info())
     return 0
 
 
 def cmd_demo(args):
-    from .demo import config_from_args, run_demo
-
     run_demo(args.out, config_from_args(args), progress=args.progress)
     return 0
 
 
 def _build(name, splits, overrides):
-    import torch
-
-    from .models import build_model
-
     kwargs = dict(input_shape=tuple(splits.input_shape), num_classes=splits.num_classes, **overrides)
     options = ", ".join(f"--{k} {v}" for k, v in overrides.items()) or "its defaults"
     try:
@@ -209,11 +204,6 @@ def _build(name, splits, overrides):
 
 def _warn_test_rows_in_training(X_lab, splits):
     """The data's own X may repeat rows of its X_test: the teacher then trains on test rows."""
-    import numpy as np
-    from torch.utils.data import TensorDataset
-
-    from .data import input_digests
-
     n = int(np.isin(input_digests(TensorDataset(X_lab)), input_digests(splits.test)).sum())
     if n and _is_rank0():
         print(f"mimic-fast train-teacher: WARNING: {n} labelled training rows equal test rows (the "
@@ -222,12 +212,7 @@ def _warn_test_rows_in_training(X_lab, splits):
 
 
 def cmd_train_teacher(args):
-    import torch
-    from torch.utils.data import TensorDataset
-
-    from . import train as T
-
-    T.init_distributed()
+    init_distributed()
     splits = _load_data(args)
     lab, _ = _labelled_rows(splits, args)
     X, y = splits.train.tensors
@@ -258,9 +243,6 @@ def cmd_train_teacher(args):
 def _load_teachers(paths, output=None):
     """(teacher, spec for teacher.json, [data recipe or None of each member], teacher_id or None)
     of --teacher."""
-    from .models import TeacherEnsemble
-    from .teachers import load_teacher
-
     models, specs, data = [], [], []
     for p in paths:
         m, info = load_teacher(p, output=output)
@@ -279,15 +261,11 @@ def _load_teachers(paths, output=None):
 def _probe_teacher(teacher, names, splits):
     """Run the teacher on one training row before anything is written: a teacher for other inputs
     or another number of classes is refused here, naming it, not deep in the collection."""
-    import torch
-
-    from .data.store import _param_dtype
-
     x = splits.train.tensors[0][:1]
     name = " + ".join(names)
     try:
         with torch.no_grad():
-            out = teacher(x.to(_param_dtype(teacher) or x.dtype))
+            out = teacher(x.to(param_dtype(teacher) or x.dtype))
     except (RuntimeError, TypeError, IndexError) as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"teacher {name} fails on a --dataset row of shape {tuple(x.shape[1:])} "
@@ -303,10 +281,6 @@ def _probe_teacher(teacher, names, splits):
 
 
 def _build_transfer(args, splits):
-    import torch
-
-    from .data import build_transfer_set
-
     lab, unl = _labelled_rows(splits, args)
     X, y = splits.train.tensors
     X_unl = X[unl] if len(unl) else None
@@ -332,23 +306,13 @@ def _transfer_set(args, splits, recipe, path, check=None):
     """The transfer set of `recipe`: reused from `path` (refused if made otherwise) or built and
     written there; rows equal to test rows are refused unless --allow-test-rows. `check(transfer)`
     may refuse it before it is written."""
-    from . import train as T
-    from .data import TransferSet, input_digests
-    from .data.recipe import check_recipe
-
     if os.path.exists(path) and not args.overwrite:
-        saved = T.load_torch_file(path, "mimic_fast transfer set",
-                                  "rerun with --overwrite to rebuild it")
-        if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
-            raise ValueError(f"{path} is not a mimic_fast transfer set (format "
-                             f"{saved.get('format') if isinstance(saved, dict) else None!r}); "
-                             "use another --out, or --overwrite to replace it")
+        transfer, saved = load_transfer(path, "use another --out, or --overwrite to replace it")
         # every option but the data file's path: a moved file with the same rows is the same data
         # (the row fingerprints say so), as distill and resume accept it
         check_recipe(saved.get("recipe"), recipe, path, [k for k in recipe if k != "data"],
                      hint="use another --out, the options it was made with, or --overwrite to "
                           "rebuild it and its logits (nothing is overwritten without it)")
-        transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
         allowed = bool(saved.get("allow_test_rows"))
         _say(f"reusing {path}: {transfer}")
     else:
@@ -363,21 +327,13 @@ def _transfer_set(args, splits, recipe, path, check=None):
               "(--allow-test-rows): test accuracies of students trained on them are not "
               "held-out results", file=sys.stderr)
     if _is_rank0() and (args.overwrite or not os.path.exists(path)):
-        T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
-                             "sources": transfer.sources, "labels": transfer.labels,
-                             "allow_test_rows": allowed, "test_rows_in_transfer": n_test}, path)
+        save_transfer(path, transfer, recipe, allow_test_rows=allowed, test_rows=n_test)
         _say(f"transfer set {transfer}; wrote {path}")
     return transfer
 
 
 def cmd_collect_logits(args):
-    import torch
-
-    from . import train as T
-    from .data import collect_logits
-    from .data.recipe import DATA_FIELDS, check_recipe
-
-    T.init_distributed()
+    init_distributed()
     # the teachers first: a bad --teacher must fail before anything is written
     teacher, spec, members_data, teacher_id = _load_teachers(args.teacher, args.teacher_output)
     _inherit_recipe(args, members_data[0], args.teacher[0])
@@ -398,7 +354,7 @@ def cmd_collect_logits(args):
     path = os.path.join(args.out, "transfer.pt")
     with _lock_folder(args.out, "collect-logits output folder"):
         transfer = _transfer_set(args, splits, recipe, path)
-        device = T.default_device(args.device)
+        device = default_device(args.device)
         teacher.to(device)
         dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
         store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
@@ -408,7 +364,7 @@ def cmd_collect_logits(args):
                                remedy="use another --out, or rerun with --overwrite to replace it")
         acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
         if _is_rank0():
-            T.atomic_write_text(os.path.join(args.out, "teacher.json"),
+            atomic_write_text(os.path.join(args.out, "teacher.json"),
                                 json.dumps({"teachers": args.teacher, "spec": spec,
                                             "test_accuracy": acc}, indent=2))
             _say(f"teacher test accuracy {acc:.4f}; logits of {len(transfer)} rows in {store.path}")
@@ -416,12 +372,6 @@ def cmd_collect_logits(args):
 
 
 def cmd_import_logits(args):
-    import numpy as np
-    import torch
-
-    from .data import LogitStore
-    from .data.store import HEADER_NAME
-
     splits = _load_data(args)
     try:
         logits = np.load(args.logits, mmap_mode="r")
@@ -464,11 +414,6 @@ def cmd_import_logits(args):
 
 
 def cmd_export(args):
-    import torch
-
-    from .export import export_student, latency
-    from .teachers import load_module
-
     model, kind = load_module(args.model)
     if not isinstance(model, torch.nn.Module):  # a factory may return a plain function
         raise ValueError(f"--model {args.model}: the {kind} gave a {type(model).__name__}, not an "
@@ -487,26 +432,15 @@ def cmd_export(args):
 
 
 def cmd_distill(args):
-    import torch
-
-    from . import train as T
-    from .data import LogitDataset, LogitStore, TransferSet, input_digests
-    from .data.recipe import DATA_FIELDS, check_recipe
-
-    T.init_distributed()
+    init_distributed()
     path = os.path.join(args.logits, "transfer.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: --logits must be the --out folder of "
                                 "`mimic-fast collect-logits`")
-    saved = T.load_torch_file(path, "mimic_fast transfer set",
-                              "rebuild it with `mimic-fast collect-logits ... --overwrite`")
-    if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
-        raise ValueError(f"{path} is not a mimic_fast transfer set (expected format "
-                         f"{TRANSFER_FORMAT!r}); rebuild it with `mimic-fast collect-logits`")
+    transfer, saved = load_transfer(path, "rebuild it with `mimic-fast collect-logits ... --overwrite`")
     made = saved.get("recipe") or {}
     _inherit_recipe(args, made, path)
     splits = _load_data(args)
-    transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
     # the student is sized from --dataset: data other than the logits' would fail deep in a kernel
     rows = transfer.x[0].numel()
     if rows != splits.in_features:
@@ -552,13 +486,11 @@ def cmd_distill(args):
 
 
 def cmd_sweep(args):
-    from .sweep import run_from_args
-
     return run_from_args(args)
 
 
 def cmd_bench(argv):
-    try:
+    try:  # optional: the benchmark harness may be left out of an installation
         from .bench import main as bench_main
     except ImportError as e:
         print(f"mimic-fast bench: the benchmark package mimic_fast.bench could not be imported ({e})",
@@ -578,8 +510,6 @@ def build_parser():
                "train-teacher, collect-logits); only rank 0 writes.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    from .demo import add_arguments as demo_arguments
 
     d = sub.add_parser("demo", help="the paper's effect on digits in a few CPU minutes (the README's "
                                     "main command)",
@@ -692,8 +622,6 @@ def build_parser():
     _add_training(s, epochs=20, kind="distill", batch_size=256)
     s.set_defaults(func=cmd_distill)
 
-    from .sweep import add_arguments as sweep_arguments
-
     w = sub.add_parser("sweep", help="the compression curve: students of every size on labels and by "
                                      "mimicry, against the teacher",
                        description="Train a grid of students (--hidden, --bottleneck, --conv-layers) "
@@ -727,7 +655,6 @@ def _os_error_line(e):
     if e.filename is None or e.strerror is None:  # our own messages (FileExistsError, LockedError...)
         return str(e)
     where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-    import errno
 
     hint = {errno.EACCES: "check the permissions of the file and its folder",
             errno.EPERM: "check the permissions of the file and its folder",

@@ -16,11 +16,16 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils.data import TensorDataset
 
+from . import dispatch
 from . import train as T
+from ._io import atomic_write_bytes, atomic_write_text
+from .data import LogitDataset, build_transfer_set, collect_logits, labelled_split, load_dataset
+from .models import CNN, TeacherEnsemble, count_parameters
 from .nn import WideShallowStudent
 
-__all__ = ["DemoConfig", "run_demo", "add_arguments", "main", "labelled_split"]
+__all__ = ["DemoConfig", "run_demo", "add_arguments", "main"]
 
 
 @dataclass
@@ -63,21 +68,6 @@ class DemoConfig:
                    mimic_epochs=3, mimic_lr=0.05, n_generated=300, throughput_batch=64, quick=True)
 
 
-def labelled_split(y, fraction, seed):
-    """(labelled, unlabelled) row indices: round(fraction * count) labelled rows per class (at least
-    one), drawn with `seed`; the rest are unlabelled."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    labelled = []
-    for c in y.unique().tolist():
-        rows = (y == c).nonzero().squeeze(1)
-        k = max(1, round(fraction * len(rows)))
-        labelled.append(rows[torch.randperm(len(rows), generator=g)[:k]])
-    labelled = torch.cat(labelled).sort().values
-    mask = torch.zeros(len(y), dtype=torch.bool)
-    mask[labelled] = True
-    return labelled, (~mask).nonzero().squeeze(1)
-
-
 def _student(cfg, in_features, num_classes):
     return WideShallowStudent(in_features, num_classes, hidden=cfg.student_hidden,
                               bottleneck=cfg.student_bottleneck)
@@ -88,11 +78,6 @@ def _curve(history):
 
 
 def _run_seed(cfg, seed, workdir, progress, log):
-    from torch.utils.data import TensorDataset
-
-    from .data import LogitDataset, build_transfer_set, collect_logits, load_dataset
-    from .models import CNN, TeacherEnsemble, count_parameters
-
     splits = load_dataset("digits", seed=seed)
     X, y = splits.train.tensors
     lab, unl = labelled_split(y, cfg.label_fraction, seed)
@@ -228,7 +213,7 @@ def _plot(result, path):
     ax1.set_title("student training curves (one line per seed)")
     ax1.legend(loc="lower right")
     fig.tight_layout()
-    T.atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -265,7 +250,7 @@ def _run(cfg, out, progress, log):
         "backend": _backend_used(cfg),
     }
     os.makedirs(out, exist_ok=True)
-    T.atomic_write_text(os.path.join(out, "demo.json"), json.dumps(result, indent=2, default=_jsonable))
+    atomic_write_text(os.path.join(out, "demo.json"), json.dumps(result, indent=2, default=_jsonable))
     _plot(result, os.path.join(out, "demo.png"))
     log("")
     log(format_table(result))
@@ -279,8 +264,6 @@ def _run(cfg, out, progress, log):
 
 
 def _backend_used(cfg):
-    from . import dispatch
-
     p = dispatch.Problem("mimic", torch.device("cpu"), torch.float32, cfg.mimic_batch, 64,
                          cfg.student_bottleneck, cfg.student_hidden, 10, "relu", torch.float32)
     try:

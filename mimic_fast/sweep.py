@@ -12,7 +12,6 @@ resumes with the same command and `--shard i/n` runs every n-th run; the report 
 must share OUT on one file system (the first one prepares the teacher and logits under a lock).
 """
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -20,11 +19,22 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
 
+from . import __version__, sweep_report
 from . import train as T
-from .demo import DemoConfig, labelled_split
+from ._io import LockedError, atomic_write_text, writer_lock
+from .data import (DATASETS, LogitDataset, build_transfer_set, collect_logits, input_digests,
+                   labelled_split, load_dataset, state_hash)
+from .data.recipe import DATA_FIELDS, check_recipe, data_recipe
+from .demo import DemoConfig
+from .distributed import default_device
+from .files import load_checkpoint, load_model, load_transfer, save_model, save_transfer
+from .models import CNN, DNN, TeacherEnsemble, build_model, count_parameters
+from .nn import WideShallowStudent
 
 __all__ = ["SweepConfig", "Run", "grid", "shard", "run", "report", "add_arguments",
            "config_from_args", "main"]
@@ -32,9 +42,7 @@ __all__ = ["SweepConfig", "Run", "grid", "shard", "run", "report", "add_argument
 FORMAT = "mimic_fast.sweep/1"
 RESULT_FORMAT = "mimic_fast.sweep_run/1"
 CONFIG_NAME = "sweep-config.json"
-TRANSFER_FORMAT = "mimic_fast.transfer/1"
 MODES = ("labels", "mimic")
-DATASETS = ("digits", "cifar10", "npz")
 METHODS = ("munge", "noise", "shift")
 _DEMO = DemoConfig()  # the teacher recipe and the student defaults are the demo's: one place
 
@@ -89,7 +97,7 @@ class SweepConfig:
         --teacher file, as the cli's pipeline commands do) and sequences as tuples of ints."""
         cfg = SweepConfig(**asdict(self))
         if cfg.teacher and (cfg.split_seed is None or cfg.label_fraction is None):
-            recorded = T.load_model(cfg.teacher[0])[1].get("data") or {}
+            recorded = load_model(cfg.teacher[0])[1].get("data") or {}
             for name in ("split_seed", "label_fraction"):
                 if getattr(cfg, name) is None:
                     setattr(cfg, name, recorded.get(name))
@@ -216,8 +224,6 @@ class _Cycled(Dataset):
 
 
 def _load(cfg):
-    from .data import load_dataset
-
     splits = load_dataset(cfg.dataset, root=cfg.data, seed=cfg.split_seed)
     # rows travel flat (N, D) as in the cli: the conv models unflatten them, the wide students
     # take flat rows only
@@ -243,16 +249,12 @@ def _read_json(path, remedy):
 
 
 def _data_record(cfg, splits):
-    from .data.recipe import data_recipe
-
     return data_recipe(splits, cfg.dataset, cfg.split_seed, cfg.label_fraction, cfg.data)
 
 
 def _check_teacher_data(path, recorded, wanted):
     """A teacher made from another recipe may have trained on this sweep's test rows (another split)
     or on other labels (another fraction): refused, as collect-logits does."""
-    from .data.recipe import DATA_FIELDS, check_recipe
-
     if recorded is None:
         return "unchecked: the teacher file records no data recipe"
     check_recipe(recorded, wanted, path, DATA_FIELDS,
@@ -262,8 +264,6 @@ def _check_teacher_data(path, recorded, wanted):
 
 
 def _teacher_member(cfg, splits):
-    from .models import CNN, DNN
-
     C = splits.num_classes
     if len(splits.input_shape) == 3:
         kw = dict(channels=cfg.teacher_channels, hidden=cfg.teacher_hidden, dropout=cfg.teacher_dropout)
@@ -275,8 +275,6 @@ def _teacher_member(cfg, splits):
 
 
 def _ensemble(members, specs, info):
-    from .models import TeacherEnsemble
-
     teacher = TeacherEnsemble(members).eval() if len(members) > 1 else members[0].eval()
     spec = specs[0] if len(specs) == 1 else {"class": "TeacherEnsemble", "members": specs}
     return teacher, {**info, "spec": spec, "members": len(members)}
@@ -286,7 +284,7 @@ def _given_teacher(cfg, wanted):
     """The --teacher files as one teacher (an ensemble of several), each checked against the data."""
     members, specs, checks = [], [], []
     for p in cfg.teacher:
-        model, payload = T.load_model(p)
+        model, payload = load_model(p)
         checks.append(_check_teacher_data(p, payload.get("data"), wanted))
         members.append(model)
         specs.append(payload["spec"])
@@ -296,8 +294,6 @@ def _given_teacher(cfg, wanted):
 
 def _trained_teacher(cfg, splits, lab, out, log, wanted):
     """The demo's teacher recipe, one resumable folder per member under out/teacher/."""
-    from .data.recipe import DATA_FIELDS, check_recipe
-
     X, y = splits.train.tensors
     labelled = TensorDataset(X[lab], y[lab])
     members, specs = [], []
@@ -305,7 +301,7 @@ def _trained_teacher(cfg, splits, lab, out, log, wanted):
         folder = os.path.join(out, "teacher", f"member-{m}")
         path = os.path.join(folder, "teacher.pt")
         if os.path.isfile(path):
-            model, payload = T.load_model(path)
+            model, payload = load_model(path)
             check_recipe(payload.get("data"), wanted, path, DATA_FIELDS, hint=_STALE_HINT)
             spec = payload["spec"]
         else:
@@ -321,7 +317,7 @@ def _trained_teacher(cfg, splits, lab, out, log, wanted):
                 optimizer="sgd", lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, schedule="cosine",
                 seed=seed)
             model = res.model.cpu().eval()
-            T.save_model(path, model, spec, data=wanted, history=res.history)
+            save_model(path, model, spec, data=wanted, history=res.history)
         members.append(model)
         specs.append(spec)
     kind = "CNN" if specs[0]["name"] == "cnn" else "DNN"
@@ -348,8 +344,6 @@ _STALE_HINT = ("the data changed since this sweep's files were made; use another
 def _check_saved_data(out, wanted):
     """Refuse an OUT whose recorded data (sweep-config.json) is not this data: its teacher, transfer
     set and finished runs were made from other rows (e.g. the npz was rewritten in place)."""
-    from .data.recipe import DATA_FIELDS, check_recipe
-
     path = os.path.join(out, CONFIG_NAME)
     if os.path.isfile(path):
         saved = (_read_json(path, "use another --out").get("info") or {}).get("data")
@@ -360,24 +354,18 @@ def _check_saved_data(out, wanted):
 def _transfer(cfg, splits, lab, unl, out, wanted):
     """Labelled + unlabelled rows of the training split (+ the npz's X_unlabelled) + generated rows
     from the labelled ones; none may equal a test row. The test split is read only for that check."""
-    from .data import TransferSet, build_transfer_set
-
     recipe = {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
               "label_fraction": cfg.label_fraction, "n_generated": cfg.n_generated,
               "method": cfg.method, "generate_from": "labelled", "seed": cfg.split_seed}
-    from .data.recipe import DATA_FIELDS, check_recipe
 
+    made = {**wanted, "n_generated": cfg.n_generated, "method": cfg.method,
+            "generate_from": "labelled", "seed": cfg.split_seed,
+            "noise_std": 0.1 if cfg.method == "noise" else None}
     path = os.path.join(out, "transfer.pt")
     if os.path.exists(path):
-        saved = T.load_torch_file(path, "mimic_fast sweep transfer set",
-                                  "delete it (and OUT/logits) to rebuild it, or use another --out")
-        if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT or (
-                saved.get("recipe") != recipe):
-            got = saved.get("recipe") if isinstance(saved, dict) else None
-            raise ValueError(f"{path} was made with other options ({got}); use another --out")
-        # the options name the data by path only: the rows' fingerprints tell a rewritten file
-        check_recipe(saved.get("data"), wanted, path, DATA_FIELDS, hint=_STALE_HINT)
-        ts = TransferSet(saved["x"], saved["sources"], saved["labels"])
+        ts, saved = load_transfer(path, "delete it (and OUT/logits) to rebuild it, or use another --out")
+        # every field but the data file's path: a moved file with the same rows is the same data
+        check_recipe(saved["recipe"], made, path, [k for k in made if k != "data"], hint=_STALE_HINT)
         return ts, {**recipe, "test_rows": _refuse_test_rows(ts, splits, path)}
     X, y = splits.train.tensors
     X_lab, X_unl = X[lab], (X[unl] if len(unl) else None)
@@ -393,38 +381,28 @@ def _transfer(cfg, splits, lab, unl, out, wanted):
                             seed=cfg.split_seed, y_labelled=y[lab])
     ts.x = ts.x.reshape(len(ts.x), -1)
     test_rows = _refuse_test_rows(ts, splits, path)
-    T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "data": wanted, "x": ts.x,
-                         "sources": ts.sources, "labels": ts.labels}, path)
+    save_transfer(path, ts, made, test_rows=test_rows)
     return ts, {**recipe, "test_rows": test_rows}
 
 
 def count_test_rows(dataset, test):
     """How many rows of `dataset` have the input of a row of `test` (by the logit store's per-row
     input digests: the rule collect-logits applies)."""
-    import numpy as np
-
-    from .data.store import input_digests
-
     return int(np.isin(input_digests(dataset), input_digests(test)).sum())
 
 
 def _prepare(cfg, out, log):
-    from filelock import FileLock
-
-    from .data import collect_logits
-    from .models import count_parameters
-
     splits, lab, unl = _load(cfg)
     os.makedirs(out, exist_ok=True)
     # shards sharing OUT: the first one trains the teacher and fills the store, the others wait
-    with FileLock(os.path.join(out, ".prepare.lock")):
+    with writer_lock(out, "sweep folder", wait=True):
         wanted = _data_record(cfg, splits)
         _check_saved_data(out, wanted)
         # refusals first: a teacher of other data, then test rows in the transfer set
         given = _given_teacher(cfg, wanted) if cfg.teacher else None
         transfer, transfer_info = _transfer(cfg, splits, lab, unl, out, wanted)
         teacher, teacher_info = given or _trained_teacher(cfg, splits, lab, out, log, wanted)
-        dev = T.default_device(cfg.device)
+        dev = default_device(cfg.device)
         teacher.to(dev)
         logits = os.path.join(out, "logits")
         store = collect_logits(teacher, transfer, logits, dtype=torch.float32, device=dev,
@@ -448,7 +426,7 @@ def _prepare(cfg, out, log):
             if len(getattr(teacher, "members", [])) > 1:
                 measured["member_accuracy"] = [T.evaluate(m, splits.test, device=dev)
                                                for m in teacher.members]
-            T.atomic_write_text(teacher_path, json.dumps({**measured, "data_rows": rows}, indent=2))
+            atomic_write_text(teacher_path, json.dumps({**measured, "data_rows": rows}, indent=2))
         teacher.cpu()
     counts = transfer.counts()
     n_extra = 0 if splits.unlabelled is None else len(splits.unlabelled)
@@ -473,12 +451,8 @@ def _prepare(cfg, out, log):
 def _student(run, cfg, splits):
     """The student of a grid point and its save_model spec (conv layers: 2-D on images, 1-D on
     (channels, length) or flat rows)."""
-    from .models import build_model
-
     D, C = splits.in_features, splits.num_classes
     if run.conv_layers == 0:
-        from .nn import WideShallowStudent
-
         kw = {"in_features": D, "num_classes": C, "hidden": run.hidden, "bottleneck": run.bottleneck}
         return WideShallowStudent(**kw), {"class": "WideShallowStudent", "kwargs": kw}
     name = f"conv-student-{run.conv_layers}"
@@ -487,24 +461,11 @@ def _student(run, cfg, splits):
     return build_model(name, **kw), {"name": name, "kwargs": kw}
 
 
-def state_hash(model):
-    """sha256 of every parameter and buffer (names, shapes, bytes): equal iff the weights are."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _run_folder(out, run):
     return os.path.join(out, "points", run.point, f"{run.mode}-seed{run.seed}")
 
 
 def _train_run(run, cfg, prep, out):
-    from .data import LogitDataset
-    from .models import count_parameters
-
     folder = _run_folder(out, run)
     torch.manual_seed(run.seed)  # the same initial weights for both modes of a seed
     model, spec = _student(run, cfg, prep.splits)
@@ -515,8 +476,8 @@ def _train_run(run, cfg, prep, out):
         res = T.train_teacher(model, _Cycled(prep.labelled, len(prep.transfer)), None, **common)
     else:
         res = T.distill(model, LogitDataset(prep.transfer, prep.store), None, loss="mse", **common)
-    ckpt = torch.load(os.path.join(folder, T.CHECKPOINT), map_location="cpu", weights_only=False)
-    dev = T.default_device(cfg.device)
+    ckpt = load_checkpoint(os.path.join(folder, T.CHECKPOINT), "distill" if run.mode == "mimic" else "teacher")
+    dev = default_device(cfg.device)
     example = prep.splits.test.tensors[0][0]
     result = {
         "format": RESULT_FORMAT, "run": asdict(run), "point": run.point, "spec": spec,
@@ -531,9 +492,9 @@ def _train_run(run, cfg, prep, out):
                        for b in cfg.throughput_batches},
         "device": str(dev),
     }
-    T.save_model(os.path.join(folder, "student.pt"), res.model, spec, data=prep.recipe, mode=run.mode)
+    save_model(os.path.join(folder, "student.pt"), res.model, spec, data=prep.recipe, mode=run.mode)
     # result.json last: its presence marks the run done
-    T.atomic_write_text(os.path.join(folder, "result.json"), json.dumps(result, indent=2))
+    atomic_write_text(os.path.join(folder, "result.json"), json.dumps(result, indent=2))
     return result
 
 
@@ -567,10 +528,6 @@ def command_line(cfg):
 
 
 def _versions():
-    import numpy as np
-
-    from . import __version__
-
     return {"mimic_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
 
@@ -586,7 +543,7 @@ def _write_config(cfg, out, info):
         text = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{out} holds a sweep made with other options (saved -> now): {text}; use "
                          "another --out (only the grid, seeds, device and threads may change)")
-    T.atomic_write_text(path, json.dumps({"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
+    atomic_write_text(path, json.dumps({"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
                                           "command": command_line(cfg), "info": info}, indent=2))
 
 
@@ -618,22 +575,17 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
         todo = [r for r in mine if _read_result(out, r) is None]
         if len(todo) < len(mine):
             log(f"{len(mine) - len(todo)} run(s) already done in {out}/points: kept")
-        from filelock import FileLock, Timeout
-        from tqdm.auto import tqdm
-
         say = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else log
         bar = tqdm(todo, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
         for r in bar:
             bar.set_postfix_str(r.name, refresh=True)
             # a run another process is training (a duplicated shard) is left to it
-            os.makedirs(os.path.dirname(_run_folder(out, r)), exist_ok=True)
-            lock = FileLock(_run_folder(out, r) + ".lock", timeout=0)
             try:
-                with lock:
+                with writer_lock(_run_folder(out, r), "sweep run folder"):
                     if _read_result(out, r) is not None:  # finished meanwhile by another process
                         continue
                     res = _train_run(r, cfg, prep, out)
-            except Timeout:
+            except LockedError:
                 say(f"{r.name}: being trained by another process; skipped")
                 continue
             say(f"{r.name}: {res['params']:,} params, test accuracy {res['test_accuracy']:.4f}, "
@@ -666,8 +618,6 @@ def _check_pairs(results):
 
 def report(out="runs/sweep", log=print, invocation=None):
     """Gather every finished run under out/points into out/sweep.json, sweep.png and sweep.md."""
-    from . import sweep_report
-
     path = os.path.join(out, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no sweep in {out}: {path} is missing (run `mimic-fast sweep --out "
@@ -721,8 +671,8 @@ def report(out="runs/sweep", log=print, invocation=None):
                                "weights, optimiser, schedule, batch size and optimizer steps (checked)"},
         "points": points, "missing": missing,
     }
-    T.atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(result, indent=2))
-    T.atomic_write_text(os.path.join(out, "sweep.md"), sweep_report.markdown(result))
+    atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(result, indent=2))
+    atomic_write_text(os.path.join(out, "sweep.md"), sweep_report.markdown(result))
     sweep_report.plot(result, os.path.join(out, "sweep.png"))
     log("")
     log(sweep_report.markdown(result))

@@ -16,9 +16,8 @@ from torch.utils.data import TensorDataset
 
 from mimic_fast import cli, sweep
 from mimic_fast import train as T
-from mimic_fast.data import load_dataset
+from mimic_fast.data import labelled_split, load_dataset, state_hash
 from mimic_fast.data.recipe import data_recipe
-from mimic_fast.demo import labelled_split
 from mimic_fast.models import DNN
 
 TIMINGS = {"train_s", "train_s_mean", "throughput", "invocation"}
@@ -119,10 +118,10 @@ def test_honest_comparison_labels_and_mimic_share_everything_but_the_targets(ful
             # the recorded init hash is the seed's fresh student, and training moved away from it
             torch.manual_seed(seed)
             fresh, _ = sweep._student(sweep.Run(0, 32, h, "labels", seed), sweep.SweepConfig(), splits)
-            assert lab["init_sha256"] == sweep.state_hash(fresh)
+            assert lab["init_sha256"] == state_hash(fresh)
             loaded = [T.load_model(os.path.join(folder, f"{m}-seed{seed}", "student.pt"))
                       for m in ("labels", "mimic")]
-            assert len({sweep.state_hash(m) for m, _ in loaded} | {lab["init_sha256"]}) == 3
+            assert len({state_hash(m) for m, _ in loaded} | {lab["init_sha256"]}) == 3
             assert all(p["data"]["label_fraction"] == 0.15 and p["data"]["split_seed"] == 0
                        for _, p in loaded)  # each student.pt records the data recipe it used
 
