@@ -16,13 +16,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.utils.data import TensorDataset
 
 from . import dispatch
+from . import pipeline as P
 from . import train as T
 from ._io import atomic_write_bytes, atomic_write_text
-from .data import LogitDataset, build_transfer_set, collect_logits, labelled_split, load_dataset
-from .models import CNN, TeacherEnsemble, count_parameters
+from .models import count_parameters
 from .nn import WideShallowStudent
 
 __all__ = ["DemoConfig", "run_demo", "add_arguments", "main"]
@@ -78,35 +77,30 @@ def _curve(history):
 
 
 def _run_seed(cfg, seed, workdir, progress, log):
-    splits = load_dataset("digits", seed=seed)
-    X, y = splits.train.tensors
-    lab, unl = labelled_split(y, cfg.label_fraction, seed)
-    labelled = TensorDataset(X[lab], y[lab])
+    data = P.load_data("digits", split_seed=seed, label_fraction=cfg.label_fraction)
+    splits = data.splits
     D, C = splits.in_features, splits.num_classes
     common = dict(optimizer="sgd", schedule="cosine", weight_decay=cfg.weight_decay, progress=progress)
-    out = {"seed": seed, "n_labelled": len(lab), "n_unlabelled": len(unl), "n_test": len(splits.test)}
+    out = {"seed": seed, "n_labelled": len(data.labelled), "n_unlabelled": len(data.unlabelled),
+           "n_test": len(splits.test)}
 
     # 1. teacher: each member on the labelled rows (labels only), logits averaged
     t0 = time.perf_counter()
-    members, member_acc = [], []
-    for m in range(cfg.teacher_members):
-        torch.manual_seed(1000 * seed + m)
-        net = CNN(splits.input_shape, C, channels=cfg.teacher_channels, hidden=cfg.teacher_hidden,
-                  dropout=cfg.teacher_dropout)
-        res = T.train_teacher(net, labelled, None, epochs=cfg.teacher_epochs,
-                              batch_size=cfg.teacher_batch, lr=cfg.teacher_lr, seed=1000 * seed + m,
-                              **common)
-        members.append(res.model)
-        member_acc.append(T.evaluate(res.model, splits.test))
-    teacher = TeacherEnsemble(members).eval() if len(members) > 1 else members[0]
-    out["teacher"] = {"accuracy": T.evaluate(teacher, splits.test), "member_accuracy": member_acc,
+    teachers = P.train_teachers(
+        data, cfg.teacher_members, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
+        lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, channels=cfg.teacher_channels,
+        hidden=cfg.teacher_hidden, dnn_hidden=(), dropout=cfg.teacher_dropout,  # digits: CNNs
+        progress=progress)
+    teacher = teachers.teacher
+    out["teacher"] = {"accuracy": T.evaluate(teacher, splits.test),
+                      "member_accuracy": [T.evaluate(m, splits.test) for m in teachers.members],
                       "params": count_parameters(teacher), "train_s": time.perf_counter() - t0}
 
     # 2. the student on the labelled rows only
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    res = T.train_teacher(_student(cfg, D, C), labelled, splits.test, epochs=cfg.label_epochs,
-                          batch_size=cfg.label_batch, lr=cfg.label_lr, seed=seed, **common)
+    res = P.train_on_labels(data, _student(cfg, D, C), test=True, epochs=cfg.label_epochs,
+                            batch_size=cfg.label_batch, lr=cfg.label_lr, seed=seed, **common)
     label_student = res.model
     out["student_labels"] = {"accuracy": res.final["test_accuracy"], "curve": _curve(res.history),
                              "params": count_parameters(label_student),
@@ -114,19 +108,20 @@ def _run_seed(cfg, seed, workdir, progress, log):
 
     # 3. the same student by mimicry: logit regression on the teacher's stored logits
     t0 = time.perf_counter()
-    transfer = build_transfer_set(X[lab], X[unl], n_generated=cfg.n_generated, method="munge",
-                                  seed=seed, y_labelled=y[lab])
-    store = collect_logits(teacher, transfer, os.path.join(workdir, f"logits-seed{seed}"),
-                           dtype=torch.float32, progress=False, overwrite=True)
+    folder = os.path.join(workdir, f"seed{seed}")
+    transfer = P.transfer_set(os.path.join(folder, P.TRANSFER_FILE), data, cfg.n_generated, "munge",
+                              seed=seed)
+    logits = P.collect(teacher, transfer, folder, dtype=torch.float32)
     collect_s = time.perf_counter() - t0
     torch.manual_seed(seed)  # same initial weights as the labels-only student
-    res = T.distill(_student(cfg, D, C), LogitDataset(transfer, store), splits.test, loss="mse",
-                    epochs=cfg.mimic_epochs, batch_size=cfg.mimic_batch, lr=cfg.mimic_lr, seed=seed,
-                    **common)
+    res = P.distill_student(data, _student(cfg, D, C), None, logits, loss="mse",
+                            epochs=cfg.mimic_epochs, batch_size=cfg.mimic_batch, lr=cfg.mimic_lr,
+                            seed=seed, **common)
     mimic_student = res.model
     out["student_mimic"] = {"accuracy": res.final["test_accuracy"], "curve": _curve(res.history),
                             "params": count_parameters(mimic_student), "collect_s": collect_s,
-                            "train_s": time.perf_counter() - t0, "transfer_rows": transfer.counts(),
+                            "train_s": time.perf_counter() - t0,
+                            "transfer_rows": logits.transfer.counts(),
                             "final_soft_loss": res.final["soft_loss"]}
     example = splits.test.tensors[0][0]
     out["throughput"] = {
