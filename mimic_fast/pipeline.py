@@ -32,12 +32,11 @@ from .files import load_model, load_transfer, save_model, save_transfer
 from .models import CNN, DNN, TeacherEnsemble
 from .teachers import load_teacher
 
-__all__ = ["PipelineData", "load_data", "train_on_labels", "Teachers", "train_teachers",
-           "teacher_member", "load_teachers", "check_teacher_data", "probe_teacher", "NOISE_STD",
-           "transfer_recipe",
-           "build_transfer", "Transfer", "transfer_set", "collect", "read_transfer", "Logits",
-           "open_logits", "distill_student", "TEACHER_FILE", "TRANSFER_FILE", "LOGITS_DIR",
-           "STUDENT_FILE"]
+__all__ = ["PipelineData", "load_data", "train_on_labels", "Teachers", "teacher_member",
+           "train_teachers", "load_teachers", "check_teacher_data", "probe_teacher", "NOISE_STD",
+           "transfer_recipe", "build_transfer", "Transfer", "transfer_set", "collect",
+           "read_transfer", "Logits", "open_logits", "distill_student", "TEACHER_FILE",
+           "TRANSFER_FILE", "LOGITS_DIR", "STUDENT_FILE"]
 
 TEACHER_FILE = "teacher.pt"
 TRANSFER_FILE = "transfer.pt"

@@ -7,8 +7,9 @@ A resume with a changed lr, momentum, weight decay or longer --epochs applies it
 closed-form function of the step, rebuilt for the new length); other changes are refused. A
 non-finite loss or weight stops the run before anything is written from it. One writer per output
 folder (a lock file). Under torch.distributed (torchrun) the model is wrapped in DDP, only rank 0
-writes and evaluation is sharded. Limits: map-style datasets only; the learning-rate schedule steps
-once per batch.
+writes and evaluation is sharded. The checkpoint and model file formats are mimic_fast.files' (whose
+save_model / load_model are re-exported here); ranks and devices mimic_fast.distributed's. Limits:
+map-style datasets only; the learning-rate schedule steps once per batch.
 """
 import contextlib
 import json
