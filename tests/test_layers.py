@@ -151,7 +151,7 @@ def imports_of(name, path, known, package=PACKAGE):
         for alias in node.names:
             sub = f"{module}.{alias.name}"
             out.append((sub if sub in known else module, in_function, node.lineno))
-    return out
+    return list(dict.fromkeys(out))  # `from m import a, b`: one import of m
 
 
 def layer_of(module, layers=LAYERS):
