@@ -201,6 +201,26 @@ def test_committed_results_name_the_command_that_writes_them(path):
         assert gpu.build_parser().parse_args(argv[2:]).out == rel
 
 
+def _readme_bench_commands():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = [line.split("#")[0].strip() for line in f if line.startswith("mimic-fast bench ")]
+    return [shlex.split(line) for line in lines if "--json" in line]
+
+
+def test_readme_bench_commands_exist_and_the_time_curve_has_several_H():
+    """The README's commands parse with today's harness; the one writing the time-vs-H data measures
+    more than one H (cpu_ops.json once came from --H 32768 alone: a plot without a curve)."""
+    from mimic_fast.bench.cli import build_parser
+
+    cmds = {c[2]: c for c in _readme_bench_commands()}
+    assert {"cpu", "ops", "memory", "student"} <= set(cmds)
+    ops = build_parser().parse_args(cmds["ops"][2:])
+    assert len(set(ops.H)) >= 2 and ops.json == "benchmarks/results/cpu_ops.json"
+    side = cpu.parse_args(cmds["cpu"][3:])
+    assert side.H == [8000, 32768] and side.threads == [1, 2] and side.B == 256 and side.confirm
+    assert side.dtypes == ["float32", "bfloat16"] and set(side.providers) == set(cpu.PROVIDERS)
+
+
 def test_ops_command_writes_every_field_the_report_reads(tmp_path):
     out = tmp_path / "ops.json"
     assert main(["ops", "--B", "8", "--H", "64", "96", "--k", "4", "--loss-B", "16", "--providers",
@@ -330,6 +350,20 @@ def test_cpu_command_quick_run_writes_the_schema(tmp_path, capsys):
     assert ids == {t[0] for t in cpu.TARGETS}
     printed = capsys.readouterr().out
     assert "| H | dtype | threads |" in printed and "training step >= 1.2x eager" in printed
+
+
+def test_cpu_command_confirm_reruns_the_cases_near_a_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "NEAR", 1e9)  # every ratio is "near": every case is run twice
+    out = tmp_path / "cpu.json"
+    assert cpu.main(["--quick", "--threads", "1", "--H", "96", "--dtypes", "float32", "--passes",
+                     "train", "--providers", "cpu", "eager", "--confirm", "--json", str(out)],
+                    log=lambda *_: None) == 0
+    doc = results.load(str(out))
+    runs = sorted((r["provider"], r["run"]) for r in doc["results"])
+    assert runs == [(p, n) for p in ("cpu", "eager", "torch.mm") for n in (1, 2)]
+    assert len({r["name"] for r in doc["results"]}) == 6  # names stay unique for `bench compare`
+    (t,) = doc["targets"]
+    assert t["id"] == "fp32-train-vs-eager" and t["confirmed"] and [m["run"] for m in t["runs"]] == [1, 2]
 
 
 def _rec(provider, dtype, pass_, best, median=None, H=8000, threads=1, run=1, flops=None):

@@ -124,11 +124,12 @@ def main(argv=None):
             print("error: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
     from . import suites
+    from .report import markdown_for_doc
 
     run = {"ops": suites.run_ops, "memory": suites.run_memory, "student": suites.run_student}[args.suite]
     doc = run(args, argv)
     print()
-    suites.print_summary(doc)
+    print(markdown_for_doc(doc, brief=True))
     if args.json:
         print(f"raw JSON: {args.json}")
     return 0

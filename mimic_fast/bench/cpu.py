@@ -16,6 +16,7 @@ import torch
 
 from . import results, timing
 from .providers import Case
+from .report import markdown_for_doc
 from .suites import flag_noise, run_group
 
 TRAIN = ("mimic_loss", "full")
@@ -53,7 +54,8 @@ steal the core from the provider timed after it). torch.compile recompiles for e
 def build_parser(prog="mimic-fast bench cpu"):
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default=None, help="write the results here (e.g. benchmarks/results/cpu.json)")
+    p.add_argument("--json", default=None,
+                   help="write the results here (e.g. benchmarks/results/cpu_side_by_side.json)")
     p.add_argument("--B", type=int, default=256)
     p.add_argument("--D", type=int, default=1845)
     p.add_argument("--k", type=int, default=250)
@@ -164,31 +166,16 @@ def run(args, argv=None, log=print):
 
 
 # ---- targets ------------------------------------------------------------------------------------
-def _H(r):
-    """The student's H of a record (a matmul record: of the case it was timed beside)."""
-    return (r.get("beside") or r["shape"])["H"]
-
-
-def _ok(r):
-    return r is not None and r.get("status") == "ok" and r.get("min_ms")
-
-
-def _rate_ratio(rec, mm):
-    """(best, median): the fused rate over the matmul's rate, both from the same rounds."""
-    best = (rec["flops"] / rec["min_ms"]) / (mm["flops"] / mm["min_ms"])
-    median = (rec["flops"] / rec["median_ms"]) / (mm["flops"] / mm["median_ms"])
-    return best, median
-
-
-def evaluate_targets(records, near=NEAR):
+def evaluate_targets(records, near=None):
     """Issue 17's targets for every (H, threads) measured: a ratio from the best rounds of each run
     (the median's beside), met only if every run meets it, "unsettled" where runs disagree, and
     `near` where a run lies within `near` of the threshold (a second run should confirm it)."""
+    near = NEAR if near is None else near
     index = {}
     for r in records:
         if r.get("threads") is None or not r.get("shape"):
             continue
-        key = (_H(r), r["threads"], r["dtype"], r["pass"], r.get("run", 1))
+        key = (results.case_H(r), r["threads"], r["dtype"], r["pass"], r.get("run", 1))
         index.setdefault(key, {})[r["provider"]] = r
     out = []
     cases = sorted({(k[0], k[1]) for k in index})
@@ -202,12 +189,12 @@ def evaluate_targets(records, near=NEAR):
             for n in runs:
                 group = index[(H, threads, dtype, pass_, n)]
                 fused, base = group.get("cpu"), group.get(other)
-                if not (_ok(fused) and _ok(base)):
+                if not (results.timed_ok(fused) and results.timed_ok(base)):
                     bad = [f"{p}: {(r or {}).get('status', 'not run')} {(r or {}).get('error') or ''}".strip()
-                           for p, r in (("cpu", fused), (other, base)) if not _ok(r)]
+                           for p, r in (("cpu", fused), (other, base)) if not results.timed_ok(r)]
                     why = "; ".join(bad)
                     break
-                best, median = _rate_ratio(fused, base) if other == "torch.mm" else \
+                best, median = timing.rate_fraction(fused, base) if other == "torch.mm" else \
                     timing.speedup(fused, base)
                 measured.append({"run": n, "best": best, "median": median,
                                  "fused_ms": fused["min_ms"], "other_ms": base["min_ms"]})
@@ -238,54 +225,7 @@ def near_groups(targets, passes=tuple(PASSES)):
             if t.get("near") and not t.get("confirmed") and t["step"] in passes}
 
 
-# ---- the table ----------------------------------------------------------------------------------
-def side_by_side(doc):
-    """Markdown rows: per H, dtype and thread count, the best-round ms of each provider (training
-    step and inference), the fused/eager ratios and the matmul rate of the same rounds."""
-    by = {}
-    provs = []
-    for r in doc.get("results", []):
-        if r.get("threads") is None or r.get("run", 1) != 1:
-            continue
-        key = (_H(r), r["dtype"], r["threads"])
-        by.setdefault(key, {})[(r["pass"], r["provider"])] = r
-        if r["op"] != "mm" and r["provider"] not in provs:
-            provs.append(r["provider"])
-    if not by:
-        return []
-
-    def ms(r):
-        return f"{r['min_ms']:.4g}" if _ok(r) else ("-" if r is None else r["status"])
-
-    cols = [("full", p) for p in provs if p != "onnx"] + [("inference", p) for p in provs]
-    head = ["H", "dtype", "threads"] + [f"{'train' if ps == 'full' else 'infer'} {p} ms" for ps, p in cols] \
-        + ["train cpu/eager", "infer cpu/eager", "mm GFLOP/s", "train cpu / mm rate", "load (1 min)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (H, dt, th), m in sorted(by.items()):
-        def ratio(ps):
-            f, e = m.get((ps, "cpu")), m.get((ps, "eager"))
-            if not (_ok(f) and _ok(e)):
-                return "-"
-            b, med = timing.speedup(f, e)
-            return f"{b:.2f}x ({med:.2f})"
-        mm = m.get(("full", "torch.mm")) or m.get(("inference", "torch.mm"))
-        rate = f"{mm['best_tflops'] * 1e3:.4g}" if _ok(mm) else "-"
-        f = m.get(("full", "cpu"))
-        mmf = m.get(("full", "torch.mm"))
-        frac = f"{_rate_ratio(f, mmf)[0]:.2f}" if _ok(f) and _ok(mmf) else "-"
-        load = next((r["load_avg"] for r in m.values() if r.get("load_avg")), None)
-        ld = "-" if not load or not load[0] else f"{load[0][0]}→{load[1][0] if load[1] else '?'}"
-        lines.append("| " + " | ".join([str(H), dt, str(th)] + [ms(m.get(c)) for c in cols]
-                                       + [ratio("full"), ratio("inference"), rate, frac, ld]) + " |")
-    lines.append("")
-    lines.append("Best-round ms; ratios from the best rounds (medians in brackets); the matmul rate is "
-                 "the best round of a square torch.mm timed in the training step's rotation.")
-    return lines
-
-
 def main(argv=None, log=print):
-    from .report import markdown_for_doc
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)

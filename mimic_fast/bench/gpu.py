@@ -13,14 +13,17 @@ run keeps what it measured; a short table is printed last. `--dry-run` runs it a
 """
 import argparse
 import gc
+import json
+import os
 import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from .._timing import interleave
 from . import results, timing
-from .providers import LOSS_PROVIDERS, Case, oom_estimate_bytes, unavailable
+from .providers import LOSS_PROVIDERS, Case, Runner, make_inputs, oom_estimate_bytes, unavailable
 from .suites import PAPER, _base_record, flag_noise, run_group, run_student
 
 DEFAULT_BUDGET_S = 170  # scripts/gpu_check.sh gives this part ~190 s of its 8.5 minutes
@@ -163,8 +166,6 @@ def _device_time_us(e):
 def kernel_split(fn, device, top=8):
     """One profiled call of fn: the top kernels (CUDA) or ops (CPU) by self time, how many kernels
     one call launches, and how much of the call's wall time the device was busy (host-bound < 1)."""
-    from torch.profiler import ProfilerActivity, profile
-
     is_cuda = torch.device(device).type == "cuda"
     fn()
     if is_cuda:
@@ -198,8 +199,6 @@ def kernel_split(fn, device, top=8):
 
 def _profile_group(case, providers, compile_mode, log):
     """{provider: kernel_split of one full step} for the providers that ran ok."""
-    from .providers import Runner, make_inputs
-
     out = {}
     inputs = make_inputs(case)
     for p in providers:
@@ -378,9 +377,6 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = configure(build_parser().parse_args(argv))
     if args.summarize:
-        import json
-        import os
-
         for path in args.summarize:
             if os.path.exists(path) and os.path.getsize(path):
                 with open(path) as f:

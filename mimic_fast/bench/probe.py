@@ -11,6 +11,11 @@ set_sync_debug_mode. A probe that fails is recorded with its error; none stops t
 import argparse
 import sys
 
+import torch
+import torch.nn.functional as F
+
+from . import results
+
 
 def _rel_err(a, ref):
     a, ref = a.double(), ref.double()
@@ -19,9 +24,6 @@ def _rel_err(a, ref):
 
 def api_probes(device):
     """{probe: {"ok": bool, ...}} for the ATen entry points csrc/cuda/cuda_ops.cpp uses."""
-    import torch
-    import torch.nn.functional as F
-
     out = {}
     g = torch.Generator().manual_seed(0)
     lo = torch.bfloat16
@@ -99,10 +101,6 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mimic_fast.bench.probe", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
-    import torch
-
-    from . import results
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     doc = results.new_doc("probe", "python -m mimic_fast.bench.probe " + " ".join(argv or sys.argv[1:]),
                           device)

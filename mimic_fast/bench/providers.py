@@ -16,8 +16,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..testing import eager_mlp as _eager_mlp
+from .. import dispatch
+from .. import functional as mf
+from ..export import export_student
+from ..nn import WideShallowStudent
 from ..ops import flops
+from ..testing import ATOL_2X, TOLERANCES, assert_close, assert_within_2x
+from ..testing import eager_mlp as _eager_mlp
 
 MLP_OPS = ("bottleneck_mlp", "mimic_loss")
 LOSS_OPS = ("logit_mse_loss", "kd_loss")
@@ -167,8 +172,6 @@ def unavailable(provider, case):
             return onnx_unavailable(case)
         if provider == "triton" and dev.type != "cuda":
             return "triton runs on CPU only under the interpreter (a correctness tool, never timed)"
-        from .. import dispatch
-
         problem = dispatch.Problem("mimic" if case.op == "mimic_loss" else "mlp", dev, case.torch_dtype,
                                    case.B, case.D, case.k, case.H, case.C, case.activation,
                                    case.torch_dtype if case.op == "mimic_loss" else None)
@@ -204,9 +207,6 @@ def onnx_unavailable(case):
 def export_onnx(case, inputs, folder, seed=0):
     """Write the student with `inputs`' weights (make_inputs(case, seed)) to onnx_file(folder, case,
     seed) with mimic_fast.export."""
-    from ..export import export_student
-    from ..nn import WideShallowStudent
-
     m = WideShallowStudent(case.D, case.C, case.H, case.k, activation=case.activation)
     with torch.no_grad():
         for name in ("U", "V", "b1", "W", "b2"):
@@ -269,8 +269,6 @@ def make_forward(provider, case, compile_mode=None, onnx_path=None):
 
     "onnx" runs the file `onnx_path` (export_onnx), which must hold the inputs' weights.
     """
-    import mimic_fast as mf
-
     act = case.activation
     provider = base_provider(provider)
     if provider == "onnx":
@@ -353,8 +351,6 @@ def _assert(actual, expected, name, dtype, baseline=None):
     """The dtype's tolerance table (atol relative to the tensor's scale: gradients of a mean loss are
     tiny); with an eager baseline in the same dtype, the 2x rule instead for half precision, and as
     the alternative for float32/64, whose error at full size can outgrow the table on long sums."""
-    from ..testing import ATOL_2X, TOLERANCES, assert_close, assert_within_2x
-
     def two_x():
         # A lone low-precision scalar (the loss) may round to the neighbour of eager's value: one
         # ulp of slack, or the 2x rule would fail a correct kernel by chance.

@@ -8,11 +8,6 @@ from . import results, timing
 
 MIB = 2 ** 20
 
-
-def load(path):
-    return results.load(path)
-
-
 def _ms(r):
     if r.get("median_ms") is None:
         return "-"
@@ -160,9 +155,51 @@ def stale(doc):
             f"rerun `{doc.get('command') or 'its command'}`")
 
 
-def markdown_for_doc(doc, brief=False, title=None):
-    from .cpu import side_by_side
+def side_by_side(doc):
+    """Markdown rows: per H, dtype and thread count, the best-round ms of each provider (training
+    step and inference), the fused/eager ratios and the matmul rate of the same rounds."""
+    by = {}
+    provs = []
+    for r in doc.get("results", []):
+        if r.get("threads") is None or r.get("run", 1) != 1:
+            continue
+        key = (results.case_H(r), r["dtype"], r["threads"])
+        by.setdefault(key, {})[(r["pass"], r["provider"])] = r
+        if r["op"] != "mm" and r["provider"] not in provs:
+            provs.append(r["provider"])
+    if not by:
+        return []
 
+    def ms(r):
+        return f"{r['min_ms']:.4g}" if results.timed_ok(r) else ("-" if r is None else r["status"])
+
+    cols = [("full", p) for p in provs if p != "onnx"] + [("inference", p) for p in provs]
+    head = ["H", "dtype", "threads"] + [f"{'train' if ps == 'full' else 'infer'} {p} ms" for ps, p in cols] \
+        + ["train cpu/eager", "infer cpu/eager", "mm GFLOP/s", "train cpu / mm rate", "load (1 min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (H, dt, th), m in sorted(by.items()):
+        def ratio(ps):
+            f, e = m.get((ps, "cpu")), m.get((ps, "eager"))
+            if not (results.timed_ok(f) and results.timed_ok(e)):
+                return "-"
+            b, med = timing.speedup(f, e)
+            return f"{b:.2f}x ({med:.2f})"
+        mm = m.get(("full", "torch.mm")) or m.get(("inference", "torch.mm"))
+        rate = f"{mm['best_tflops'] * 1e3:.4g}" if results.timed_ok(mm) else "-"
+        f = m.get(("full", "cpu"))
+        mmf = m.get(("full", "torch.mm"))
+        frac = f"{timing.rate_fraction(f, mmf)[0]:.2f}" if results.timed_ok(f) and results.timed_ok(mmf) else "-"
+        load = next((r["load_avg"] for r in m.values() if r.get("load_avg")), None)
+        ld = "-" if not load or not load[0] else f"{load[0][0]}→{load[1][0] if load[1] else '?'}"
+        lines.append("| " + " | ".join([str(H), dt, str(th)] + [ms(m.get(c)) for c in cols]
+                                       + [ratio("full"), ratio("inference"), rate, frac, ld]) + " |")
+    lines.append("")
+    lines.append("Best-round ms; ratios from the best rounds (medians in brackets); the matmul rate is "
+                 "the best round of a square torch.mm timed in the training step's rotation.")
+    return lines
+
+
+def markdown_for_doc(doc, brief=False, title=None):
     lines = [f"## {title or doc.get('suite')}", ""]
     warnings = ([f"stale: {stale(doc)}"] if stale(doc) else []) + list(doc.get("warnings") or [])
     for w in warnings:
@@ -267,7 +304,7 @@ def render(results_dir, out_md=None, plots=True):
     docs, stale_files = [], []
     for p in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         try:
-            docs.append((p, load(p)))
+            docs.append((p, results.load(p)))
         except ValueError as e:
             stale_files.append(str(e))
             continue

@@ -16,9 +16,12 @@ import datetime
 import json
 import os
 import platform
+import shutil
+import subprocess
 
 import torch
 
+from .. import __version__
 from .._io import atomic_write_text
 
 SCHEMA = "mimic_fast.bench/2"
@@ -63,6 +66,16 @@ def missing_fields(doc):
     return [k for k in REQUIRED if k not in doc]
 
 
+def timed_ok(r):
+    """Whether record `r` exists, is "ok" and was timed."""
+    return r is not None and r.get("status") == "ok" and bool(r.get("min_ms"))
+
+
+def case_H(r):
+    """The student's H of an op record; of a matmul record, H of the case it was timed beside."""
+    return (r.get("beside") or r["shape"])["H"]
+
+
 def load(path):
     """A result document from `path`: the current schema or an older one (see missing_fields)."""
     try:
@@ -92,12 +105,7 @@ def environment(device="cpu", tools=False):
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        import mimic_fast
-
-        env["mimic_fast"] = mimic_fast.__version__
-    except Exception as e:  # noqa: BLE001 - recorded, never fatal
-        env["mimic_fast"] = f"unavailable: {e}"
+    env["mimic_fast"] = __version__
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(device=p.name, device_memory_gib=round(p.total_memory / 2**30, 1),
@@ -132,8 +140,6 @@ def _cpu_flags():
 
 
 def _run(cmd):
-    import subprocess
-
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
         return (p.stdout or p.stderr).strip()
@@ -142,8 +148,6 @@ def _run(cmd):
 
 
 def _tools(env):
-    import shutil
-
     out = {}
     nvcc = shutil.which("nvcc")
     out["nvcc"] = _run([nvcc, "--version"]).splitlines()[-1] if nvcc else None

@@ -5,14 +5,15 @@ providers of a case, and the matmul the figures are scored against, are timed wi
 interleaved by the one timer (mimic_fast._timing).
 """
 import gc
-import sys
 
 import torch
 
+from .. import models as M
 from .._timing import interleave
 from ..ops import flops
 from ..testing import eager_mlp
 from . import results, timing
+from .memory import cpu_peak_bytes, cuda_peak_bytes
 from .providers import LOSS_PROVIDERS, MLP_PROVIDERS, Case, Runner, check_provider, make_inputs, \
     onnx_file, unavailable
 
@@ -168,8 +169,6 @@ def _cuda_graph_bytes():
 
 
 def _cuda_peak(runner):
-    from .memory import cuda_peak_bytes
-
     return cuda_peak_bytes(runner.full)
 
 
@@ -188,8 +187,6 @@ def mlp_cases(Bs, Hs, ks, dtype, device, ops=("bottleneck_mlp", "mimic_loss")):
 
 def add_cpu_memory(doc, cases, providers, compile_mode=None, log=print):
     """Peak RSS of a full step per (case, provider), measured in a subprocess, as `memory` records."""
-    from .memory import cpu_peak_bytes
-
     jobs = [{"case": c.as_dict(), "provider": p, "compile_mode": compile_mode}
             for c in cases for p in providers if unavailable(p, c) is None]
     for res in cpu_peak_bytes(jobs):
@@ -344,8 +341,6 @@ def _student_width_matching(params, D, C, k=250):
 
 def student_pairs(D=PAPER["D"], C=PAPER["C"], ensemble_members=9, device="cpu"):
     """[(pair name, teacher builder, student builder)] at the paper's pairings; builders are lazy."""
-    from .. import models as M
-
     def b(name, **kw):
         return lambda: M.build_model(name, in_features=D, num_classes=C, device=device, **kw)
 
@@ -409,8 +404,6 @@ def _model_fns(model, train_fused, xb, tb, x1):
 def measure_models(models, device, dtype, batch, warmup, rounds, D, C, max_seconds=None, log=print):
     """Records of inference samples/s and training-step samples/s at `batch` and batch-1 latency for
     `models` [(name, role, model, train_fused)], the models' rounds interleaved per metric."""
-    from ..models import count_parameters
-
     g = torch.Generator().manual_seed(0)
     xb = torch.randn(batch, D, generator=g).to(device, dtype)
     tb = torch.randn(batch, C, generator=g).to(device, dtype)
@@ -421,7 +414,7 @@ def measure_models(models, device, dtype, batch, warmup, rounds, D, C, max_secon
         model.to(device=device, dtype=dtype)
         fns[name] = _model_fns(model, train_fused, xb, tb, x1)
         base[name] = {"suite": "student", "model": name, "role": role, "device": device, "dtype": dt,
-                      "params": count_parameters(model), "flops_per_sample": _model_flops(model, D)}
+                      "params": M.count_parameters(model), "flops_per_sample": _model_flops(model, D)}
     out = []
     for metric in METRICS:
         bsz = 1 if metric == "latency_b1" else batch
@@ -502,9 +495,3 @@ def student_targets(doc, batch=256):
              "threshold": 2.5, "pass": ratio >= 2.5,
              "detail": f"best rounds {t['min_ms']:.3g} vs {s['min_ms']:.3g} ms (medians: {median:.2f}x); "
                        "FLOP ratio " + (f"{fr:.2f}" if fr else "n/a")}]
-
-
-def print_summary(doc, file=sys.stdout):
-    from .report import markdown_for_doc
-
-    print(markdown_for_doc(doc, brief=True), file=file)

@@ -98,3 +98,11 @@ def speedup(rec, base):
     timed records of the same interleaved rounds. The best round is the least disturbed by load
     that both shared; the median is reported beside it."""
     return base["min_ms"] / rec["min_ms"], base["median_ms"] / rec["median_ms"]
+
+
+def rate_fraction(rec, mm):
+    """(from the best rounds, from the medians): `rec`'s FLOP rate as a fraction of the matmul
+    record `mm`'s, both timed in the same interleaved rounds."""
+    best = (rec["flops"] / rec["min_ms"]) / (mm["flops"] / mm["min_ms"])
+    median = (rec["flops"] / rec["median_ms"]) / (mm["flops"] / mm["median_ms"])
+    return best, median
