@@ -493,5 +493,6 @@ def student_targets(doc, batch=256):
     return [{"target": f"snn-mimic-8k inference throughput >= 2.5 x dnn-2k (batch {s['batch']}, "
                        f"{doc['env'].get('device')})", "measured": ratio, "measured_median": median,
              "threshold": 2.5, "pass": ratio >= 2.5,
-             "detail": f"best rounds {t['min_ms']:.3g} vs {s['min_ms']:.3g} ms (medians: {median:.2f}x); "
+             "detail": f"best rounds: student {s['min_ms']:.3g} ms, teacher {t['min_ms']:.3g} ms "
+                       f"(from the medians: {median:.2f}x); "
                        "FLOP ratio " + (f"{fr:.2f}" if fr else "n/a")}]
