@@ -1,5 +1,5 @@
-"""Render result documents (results.py) as markdown tables and PNG plots (matplotlib, Agg backend).
-"""
+"""Render result documents (results.py) as markdown tables and PNG plots (matplotlib, Agg backend):
+one section per file, its warnings (a stale file first), targets, and the suite's table."""
 import glob
 import os
 
@@ -8,10 +8,11 @@ from . import results, timing
 
 MIB = 2 ** 20
 
+
 def _ms(r):
     if r.get("median_ms") is None:
         return "-"
-    lo, hi = r.get("q20_ms", r.get("q25_ms")), r.get("q80_ms", r.get("q75_ms"))
+    lo, hi = r.get("q20_ms"), r.get("q80_ms")
     if lo is None:
         return f"{r['median_ms']:.3g}"
     return f"{r['median_ms']:.3g} [{lo:.3g}–{hi:.3g}]"
@@ -186,9 +187,9 @@ def side_by_side(doc):
             return f"{b:.2f}x ({med:.2f})"
         mm = m.get(("full", "torch.mm")) or m.get(("inference", "torch.mm"))
         rate = f"{mm['best_tflops'] * 1e3:.4g}" if results.timed_ok(mm) else "-"
-        f = m.get(("full", "cpu"))
-        mmf = m.get(("full", "torch.mm"))
-        frac = f"{timing.rate_fraction(f, mmf)[0]:.2f}" if results.timed_ok(f) and results.timed_ok(mmf) else "-"
+        f, mmf = m.get(("full", "cpu")), m.get(("full", "torch.mm"))
+        frac = f"{timing.rate_fraction(f, mmf)[0]:.2f}" \
+            if results.timed_ok(f) and results.timed_ok(mmf) else "-"
         load = next((r["load_avg"] for r in m.values() if r.get("load_avg")), None)
         ld = "-" if not load or not load[0] else f"{load[0][0]}→{load[1][0] if load[1] else '?'}"
         lines.append("| " + " | ".join([str(H), dt, str(th)] + [ms(m.get(c)) for c in cols]

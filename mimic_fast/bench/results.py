@@ -86,9 +86,8 @@ def load(path):
     if not isinstance(doc, dict) or doc.get("schema") not in (SCHEMA, *OLDER_SCHEMAS):
         raise ValueError(f"{path}: not a mimic_fast.bench result file (schema "
                          f"{doc.get('schema') if isinstance(doc, dict) else None!r}, expected {SCHEMA!r})")
-    for k in ("results",):
-        if not isinstance(doc.get(k), list):
-            raise ValueError(f"{path}: no {k!r} list")
+    if not isinstance(doc.get("results"), list):
+        raise ValueError(f"{path}: no 'results' list")
     return doc
 
 
