@@ -302,6 +302,8 @@ def render(results_dir, out_md=None, plots=True):
     documents (each with why). A plot with nothing to show is removed rather than left behind;
     plots=False keeps the PNGs there are and links them.
     """
+    if not os.path.isdir(results_dir):
+        raise FileNotFoundError(f"{results_dir}: no such folder of result JSON (give it with --results)")
     docs, stale_files = [], []
     for p in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         try:
