@@ -73,7 +73,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm", "scikit-learn", "matplotlib", "filelock"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "expecttest", "hypothesis"],
+        "test": ["pytest", "pytest-timeout", "expecttest", "hypothesis"],
         "triton": ["triton"],
         "export": ["onnx", "onnxscript", "onnxruntime"],  # ONNX export, run in onnxruntime
     },

@@ -17,12 +17,12 @@ import math
 import os
 import re
 import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
+from ._timing import interleave
 from .convert import unfuse
 from .nn import BottleneckLinear, WideShallowStudent
 
@@ -213,19 +213,6 @@ def _check(model, path, format, example):
         raise ValueError(f"{path} ({format}) differs from the model by {err:.3g} (> {tol:.3g})")
 
 
-def _median_seconds(fns, x, min_time=0.5):
-    """Median seconds per call of each function, calls interleaved (a busy machine slows all alike)."""
-    for fn in fns:
-        fn(x)  # warm-up
-    times, start = [[] for _ in fns], time.perf_counter()
-    while time.perf_counter() - start < min_time or len(times[0]) < 10:
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn(x)
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
-
-
 def latency(model, path, format, batch_sizes=(1, 256), input_shape=None):
     """Median CPU seconds per batch of the fused `model` and of the exported file, per batch size:
     [{"batch": b, "fused_s": ..., "exported_s": ...}, ...], both on torch's current thread count."""
@@ -236,6 +223,11 @@ def latency(model, path, format, batch_sizes=(1, 256), input_shape=None):
     with torch.no_grad():
         for b in batch_sizes:
             x = torch.randn(b, *example.shape[1:], dtype=example.dtype)
-            fused_s, exported_s = _median_seconds((model, run), x)
+            # interleaved rounds (a busy machine slows both alike), >= 10 of them and >= 0.5 s
+            times, errors = interleave({"fused": lambda x=x: model(x), "exported": lambda x=x: run(x)},
+                                       rounds=10, min_seconds=0.5)
+            if errors:
+                raise next(iter(errors.values()))
+            fused_s, exported_s = (statistics.median(times[n]) for n in ("fused", "exported"))
             rows.append({"batch": b, "fused_s": fused_s, "exported_s": exported_s})
     return rows

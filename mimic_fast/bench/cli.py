@@ -1,7 +1,7 @@
-"""`mimic-fast bench ...`: argument parsing for the suites, the report and the regression compare."""
+"""`mimic-fast bench ...`: argument parsing for the suites, the report and the regression compare
+(`cpu`, `gpu` and `model` parse their own arguments)."""
 import argparse
 import sys
-
 
 
 def _common(p, device_default="cpu"):
@@ -19,7 +19,8 @@ def _shapes(p, H):
     p.add_argument("--H", type=int, nargs="+", default=H)
     p.add_argument("--k", type=int, nargs="+", default=[250])
     p.add_argument("--providers", nargs="+", default=None,
-                   help="eager compile reference cpu triton cuda (default: all that apply)")
+                   help="eager compile reference cpu triton cuda, and cpu:LOOP:CHUNK variants "
+                        "(default: all that apply)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the 'compile' provider (GPU script: max-autotune)")
 
@@ -35,11 +36,14 @@ def build_parser():
 
     ops = sub.add_parser("ops", help="per-op timings: bottleneck_mlp, mimic_loss, logit losses")
     _common(ops)
-    _shapes(ops, [8192, 32768])
+    _shapes(ops, [4096, 8192, 16384, 32768])
     ops.add_argument("--loss-B", type=int, nargs="+", default=[4096, 65536])
     ops.add_argument("--no-loss", dest="loss", action="store_false")
     ops.add_argument("--no-memory", dest="memory", action="store_false",
                      help="skip the peak-memory subprocess (CPU)")
+    ops.add_argument("--mm-n", type=int, default=None,
+                     help="size of the square matmul in every rotation (default 2048 on CPU, 8192 on "
+                          "a GPU): the peak each figure is scored against")
 
     mem = sub.add_parser("memory", help="peak memory of a mimic_loss training step vs H")
     _common(mem)
@@ -55,12 +59,22 @@ def build_parser():
     st.add_argument("--no-student-eager", dest="student_eager", action="store_false",
                     help="do not also time the student's parameters as an unfused chain")
 
+    sub.add_parser("cpu", help="the CPU side by side: fused cpu vs eager vs torch.compile vs ONNX, "
+                   "fp32/bf16, training step and inference, 1 and 2 threads, issue 17's targets; "
+                   "see `bench cpu --help`", add_help=False)
     sub.add_parser("gpu", help="the GPU script (benchmarks/gpu_bench.py); see `bench gpu --help`",
                    add_help=False)
     sub.add_parser("model", help="the triton backend's cost model (FLOPs, bytes, predicted time "
                    "per kernel); see `bench model --help`", add_help=False)
+    check_help = ("exit 1 if a result file lacks a field of the current schema (written by an older "
+                  "harness: rerun the command it names)")
+    p.add_argument("--check", action="store_true", help="with --report: " + check_help)
     rep = sub.add_parser("report", help="same as --report")
     rep.add_argument("--out", default=None)
+    # SUPPRESS: an option given before `report` is not reset by the subcommand's default
+    rep.add_argument("--results", default=argparse.SUPPRESS, help="folder of result JSON")
+    rep.add_argument("--no-plots", action="store_true", default=argparse.SUPPRESS)
+    rep.add_argument("--check", action="store_true", default=argparse.SUPPRESS, help=check_help)
 
     cmp_ = sub.add_parser("compare", help="flag slowdowns of a run against a saved baseline")
     cmp_.add_argument("baseline")
@@ -74,6 +88,10 @@ def build_parser():
 def main(argv=None):
     """Entry point of `mimic-fast bench`; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cpu"]:
+        from .cpu import main as cpu_main
+
+        return cpu_main(argv[1:])
     if argv[:1] == ["gpu"]:
         from .gpu import main as gpu_main
 
@@ -87,9 +105,11 @@ def main(argv=None):
     if args.report or args.suite == "report":
         from .report import render
 
-        md, plots = render(args.results, getattr(args, "out", None), plots=not args.no_plots)
+        md, plots, stale = render(args.results, getattr(args, "out", None), plots=not args.no_plots)
         print(f"wrote {md}" + (f" and {', '.join(plots)}" if plots else ""))
-        return 0
+        for line in stale:
+            print(f"stale: {line}")
+        return 1 if args.check and stale else 0
     if args.suite is None:
         parser.print_help()
         return 2
@@ -104,11 +124,12 @@ def main(argv=None):
             print("error: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
     from . import suites
+    from .report import markdown_for_doc
 
     run = {"ops": suites.run_ops, "memory": suites.run_memory, "student": suites.run_student}[args.suite]
     doc = run(args, argv)
     print()
-    suites.print_summary(doc)
+    print(markdown_for_doc(doc, brief=True))
     if args.json:
         print(f"raw JSON: {args.json}")
     return 0

@@ -3,11 +3,9 @@
 Only records that are "ok" in both files are compared (median time). A record that was ok in the
 baseline and fails now (error, incorrect, oom) is a regression too; one missing from the run is
 listed but, since a run may choose fewer cases, does not fail unless strict=True. A run in which no
-baseline record found its counterpart fails. For two pytest-benchmark runs of benchmarks/ prefer
-pytest-benchmark's own `--benchmark-compare` / `--benchmark-compare-fail=median:10%`; this compares
-our suites' JSON (and pytest-benchmark JSON against it).
+baseline record found its counterpart fails.
 """
-from .report import load
+from .results import load
 
 
 def _index(doc):

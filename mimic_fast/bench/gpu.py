@@ -13,14 +13,18 @@ run keeps what it measured; a short table is printed last. `--dry-run` runs it a
 """
 import argparse
 import gc
+import json
+import os
 import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from .providers import LOSS_PROVIDERS, Case, oom_estimate_bytes, unavailable
-from .suites import (PAPER, _base_record, flag_noise, measure_peaks, new_doc, run_group, run_student,
-                     write_doc)
+from .._timing import interleave
+from . import results, timing
+from .providers import LOSS_PROVIDERS, Case, Runner, make_inputs, oom_estimate_bytes, unavailable
+from .suites import PAPER, _base_record, flag_noise, run_group, run_student
 
 DEFAULT_BUDGET_S = 170  # scripts/gpu_check.sh gives this part ~190 s of its 8.5 minutes
 PASSES = ("forward", "full")
@@ -101,10 +105,15 @@ def configure(args):
 
 
 # ---- what sits beside each measurement ------------------------------------------------------------
+def _peak_rates(peaks):
+    """(TFLOP/s, GB/s) of the best rounds of the measured matmul and copy (None where missing)."""
+    mm, cp = peaks.get("matmul") or {}, peaks.get("copy") or {}
+    return mm.get("best_tflops") or mm.get("tflops"), cp.get("best_gbps") or cp.get("gbps")
+
+
 def floor_ms(case, pass_, peaks):
     """The roofline floor: max(model FLOPs / measured mm peak, minimal bytes / measured copy rate)."""
-    tf = (peaks.get("matmul") or {}).get("tflops")
-    bw = (peaks.get("copy") or {}).get("gbps")
+    tf, bw = _peak_rates(peaks)
     t = [case.flops(pass_) / (tf * 1e12)] if tf else []
     if bw:
         t.append(case.bytes(pass_) / (bw * 1e9))
@@ -118,8 +127,7 @@ def cost_model(case, peaks):
         from ..ops.triton_cost import predict
     except ImportError as e:
         return {"error": f"mimic_fast.ops.triton_cost unavailable: {e}"}
-    tf = (peaks.get("matmul") or {}).get("tflops")
-    bw = (peaks.get("copy") or {}).get("gbps")
+    tf, bw = _peak_rates(peaks)
     try:
         res = predict(case.B, case.D, case.k, case.H, case.C, dtype=case.dtype,
                       op="mimic" if case.op == "mimic_loss" else "mlp", activation=case.activation,
@@ -136,6 +144,8 @@ def cost_model(case, peaks):
 def annotate(records, case, peaks, model):
     """floor_ms on every record; for triton, the cost model's predicted_ms / flops / bytes too."""
     for r in records:
+        if r["op"] == "mm":
+            continue
         r["floor_ms"] = floor_ms(case, r["pass"], peaks)
         if r["provider"] == "triton" and "error" not in model and r["pass"] in model:
             m = model[r["pass"]]
@@ -156,19 +166,16 @@ def _device_time_us(e):
 def kernel_split(fn, device, top=8):
     """One profiled call of fn: the top kernels (CUDA) or ops (CPU) by self time, how many kernels
     one call launches, and how much of the call's wall time the device was busy (host-bound < 1)."""
-    from torch.profiler import ProfilerActivity, profile
-
     is_cuda = torch.device(device).type == "cuda"
     fn()
     if is_cuda:
         torch.cuda.synchronize()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
     with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        fn()
-        if is_cuda:
-            torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t0) * 1e6
+        times, errors = interleave({"step": fn}, device=device, warmup=0, rounds=1)
+        if errors:
+            raise errors["step"]
+        wall_us = times["step"][0] * 1e6
     events = prof.key_averages()
     if is_cuda:
         rows = [(e.key, e.count, _device_time_us(e)) for e in events if _device_time_us(e) > 0
@@ -192,8 +199,6 @@ def kernel_split(fn, device, top=8):
 
 def _profile_group(case, providers, compile_mode, log):
     """{provider: kernel_split of one full step} for the providers that ran ok."""
-    from .providers import Runner, make_inputs
-
     out = {}
     inputs = make_inputs(case)
     for p in providers:
@@ -212,20 +217,21 @@ def _profile_group(case, providers, compile_mode, log):
 def run_ops(args, argv=None, log=print):
     budget = Budget(args.budget_s)
     device, dtype = args.device, args.dtype
-    doc = new_doc("gpu", device, argv)
-    doc["command"] = "python benchmarks/gpu_bench.py " + " ".join(argv or [])
+    doc = results.new_doc("gpu", "python benchmarks/gpu_bench.py " + " ".join(argv or []), device)
     doc["config"] = {k: v for k, v in vars(args).items()}
     doc["profiles"], doc["cost_model"] = {}, {}
     out = args.out
     try:
-        doc["peaks"] = measure_peaks(device, getattr(torch, dtype), small=args.small)
+        doc["peaks"] = timing.measure_peaks(device, getattr(torch, dtype), small=args.small)
     except Exception as e:  # noqa: BLE001
         doc["peaks"] = {"error": f"{type(e).__name__}: {e}"}
-    write_doc(doc, out)
+    results.write(doc, out)
     log(f"peaks: {doc['peaks']}")
 
     cases = [Case("mimic_loss", args.B, PAPER["C"], PAPER["D"], k, H, dtype, device)
              for k in args.k for H in args.H]
+    # the matmul in every rotation: each figure's fraction of peak from the same rounds
+    mm = timing.matmul_fn(device, getattr(torch, dtype), 256 if args.small else None)
 
     def group(case, providers, need_s):
         runnable = []
@@ -241,22 +247,22 @@ def run_ops(args, argv=None, log=print):
         if not runnable:
             return
         recs = run_group(case, runnable, PASSES, args.warmup, args.rounds, args.compile_mode,
-                         max_seconds=15, log=log)
+                         max_seconds=15, log=log, matmul=mm)
         if case.label() not in doc["cost_model"]:
             doc["cost_model"][case.label()] = cost_model(case, doc["peaks"])
         model = doc["cost_model"][case.label()]
         annotate(recs, case, doc["peaks"], model)
         doc["results"].extend(recs)
-        write_doc(doc, out)
+        results.write(doc, out)
         ok = [p for p in runnable if all(r["status"] == "ok" for r in recs if r["provider"] == p)]
         if not args.no_profile and ok and budget.left() > 10:
             profiles = _profile_group(case, ok, args.compile_mode, log)
             doc["profiles"].setdefault(case.label(), {}).update(profiles)
             for r in recs:
                 prof = profiles.get(r["provider"]) or {}
-                if r["pass"] == "full" and "error" not in prof:
+                if r["pass"] == "full" and "kernel_calls" in prof:
                     r["kernels_per_step"], r["busy_share"] = prof["kernel_calls"], prof["busy_share"]
-            write_doc(doc, out)
+            results.write(doc, out)
 
     log("mimic_loss, providers interleaved:")
     for case in cases:
@@ -272,24 +278,24 @@ def run_ops(args, argv=None, log=print):
                         doc["results"] += _skip(case, p, PASSES, "time budget")
                     continue
                 doc["results"] += run_group(case, provs, PASSES, args.warmup, args.rounds, log=log)
-        write_doc(doc, out)
+        results.write(doc, out)
     # The second peak measurement comes before torch.compile: a compile that outruns the stage's
     # timeout must not cost the drift check of everything above.
     try:
-        doc["peaks_after"] = measure_peaks(device, getattr(torch, dtype), small=args.small)
+        doc["peaks_after"] = timing.measure_peaks(device, getattr(torch, dtype), small=args.small)
     except Exception as e:  # noqa: BLE001
         doc["peaks_after"] = {"error": f"{type(e).__name__}: {e}"}
     for w in flag_noise(doc):
         log(f"WARNING: {w}")
     doc["elapsed_s"] = args.budget_s - budget.left()
-    write_doc(doc, out)
+    results.write(results.finish(doc), out)
     if "compile" in args.providers:
         log(f"torch.compile(mode={args.compile_mode!r}), last (each shape is a long compile):")
         for case in sorted(cases, key=lambda c: c.H):
             group(case, ["compile"], 60)
         flag_noise(doc)
         doc["elapsed_s"] = args.budget_s - budget.left()
-        write_doc(doc, out)
+        results.write(results.finish(doc), out)
     return doc
 
 
@@ -300,7 +306,7 @@ def run_students(args, argv=None, log=print):
                             max_seconds=10, json=args.out)
     doc = run_student(ns, ["student"] + list(argv or []), log=log)
     doc["command"] = "python benchmarks/gpu_bench.py " + " ".join(argv or [])
-    write_doc(doc, args.out)
+    results.write(doc, args.out)
     gc.collect()
     return doc
 
@@ -313,12 +319,12 @@ def short_table(doc):
     lines.append(f"device: {env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}  "
                  f"CUDA {env.get('torch_cuda')}")
     peaks, after = doc.get("peaks") or {}, doc.get("peaks_after") or {}
-    peak = (peaks.get("matmul") or {}).get("tflops")
-    if peaks.get("matmul"):
-        bw = (peaks.get("copy") or {}).get("gbps")
-        pa, ba = (after.get("matmul") or {}).get("tflops"), (after.get("copy") or {}).get("gbps")
-        lines.append(f"measured peaks: mm {peak:.4g} TFLOP/s" + (f" (after: {pa:.4g})" if pa else "")
-                     + (f", copy {bw:.0f} GB/s" if bw else "") + (f" (after: {ba:.0f})" if ba else ""))
+    peak, bw = _peak_rates(peaks)
+    if peak:
+        pa, ba = _peak_rates(after)
+        lines.append(f"measured peaks (best rounds): mm {peak:.4g} TFLOP/s"
+                     + (f" (after: {pa:.4g})" if pa else "") + (f", copy {bw:.0f} GB/s" if bw else "")
+                     + (f" (after: {ba:.0f})" if ba else ""))
     rows = [r for r in doc.get("results", []) if r.get("op") == "mimic_loss"]
     if rows:
         lines.append(f"{'case':<18}{'provider':<10}{'fwd ms':>8}{'full ms':>9}{'min':>8}{'TFLOP/s':>8}"
@@ -346,7 +352,6 @@ def short_table(doc):
                      f"{num(full.get('kernels_per_step'), 6, 'd')}"
                      f"{num(100 * busy if busy else None, 5, '.0f')}"
                      f"{num(mem / 2**20 if mem is not None else None, 7, '.0f')}  {st}{err}")
-    bw = (peaks.get("copy") or {}).get("gbps")
     for r in doc.get("results", []):
         if r.get("op") in ("logit_mse_loss", "kd_loss") and r.get("pass") == "forward":
             g = r.get("gbps")
@@ -372,9 +377,6 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = configure(build_parser().parse_args(argv))
     if args.summarize:
-        import json
-        import os
-
         for path in args.summarize:
             if os.path.exists(path) and os.path.getsize(path):
                 with open(path) as f:

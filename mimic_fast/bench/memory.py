@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from .providers import Case, Runner, make_inputs
+
 
 def cuda_peak_bytes(fn):
     """Extra bytes allocated at the peak of fn() over what was allocated before it."""
@@ -65,8 +67,6 @@ def cpu_peak_bytes(jobs, timeout=600):
 
 
 def _child():
-    from .providers import Case, Runner, make_inputs
-
     torch.manual_seed(0)
     for job in json.loads(sys.stdin.read()):
         case = Case(**job["case"])

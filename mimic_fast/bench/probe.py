@@ -9,20 +9,12 @@ mm with out_dtype=float32, addmm into a float32 accumulator (out_dtype, in place
 set_sync_debug_mode. A probe that fails is recorded with its error; none stops the others.
 """
 import argparse
-import json
-import os
-import platform
-import shutil
-import subprocess
 import sys
 
+import torch
+import torch.nn.functional as F
 
-def _run(cmd):
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        return (p.stdout or p.stderr).strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"unavailable: {e}"
+from . import results
 
 
 def _rel_err(a, ref):
@@ -32,9 +24,6 @@ def _rel_err(a, ref):
 
 def api_probes(device):
     """{probe: {"ok": bool, ...}} for the ATen entry points csrc/cuda/cuda_ops.cpp uses."""
-    import torch
-    import torch.nn.functional as F
-
     out = {}
     g = torch.Generator().manual_seed(0)
     lo = torch.bfloat16
@@ -108,48 +97,17 @@ def api_probes(device):
     return out
 
 
-def environment():
-    import torch
-
-    env = {"python": platform.python_version(), "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-           "cuda_available": torch.cuda.is_available()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError as e:
-        env["triton"] = f"unavailable: {e}"
-    nvcc = shutil.which("nvcc")
-    env["nvcc"] = _run([nvcc, "--version"]).splitlines()[-1] if nvcc else None
-    if shutil.which("nvidia-smi"):
-        env["nvidia_smi"] = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                                  "clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu",
-                                  "--format=csv"])
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(device=p.name, sms=p.multi_processor_count, compute_capability=f"{p.major}.{p.minor}",
-                   memory_gib=round(p.total_memory / 2**30, 1),
-                   l2_bytes=getattr(p, "L2_cache_size", None))
-        try:
-            env["triton_target"] = str(__import__("triton").runtime.driver.active.get_current_target())
-        except Exception as e:  # noqa: BLE001
-            env["triton_target"] = f"unavailable: {e}"
-    return env
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mimic_fast.bench.probe", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
-    import torch
-
-    doc = {"env": environment()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    doc = results.new_doc("probe", "python -m mimic_fast.bench.probe " + " ".join(argv or sys.argv[1:]),
+                          device)
+    doc["env"] = results.environment(device, tools=True)
     doc["api"] = api_probes(device)
     doc["api_device"] = device
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
+    results.write(results.finish(doc), args.out)
     e = doc["env"]
     print(f"device: {e.get('device', 'no CUDA device')}  SMs {e.get('sms')}  L2 {e.get('l2_bytes')}  "
           f"torch {e['torch']} (CUDA {e['torch_cuda']})  triton {e['triton']}  nvcc: {e['nvcc']}")

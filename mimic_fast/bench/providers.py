@@ -1,25 +1,35 @@
 """Benchmark cases, their inputs, and the providers that compute each op (fused or baseline).
 
 A provider is a name: "eager" (unfused nn.Linear-style chain + F.mse_loss), "compile" (torch.compile
-of eager), "reference" | "cpu" | "triton" | "cuda" (mf backends through the public API), and for the
-logit losses "mf" (mf.logit_mse_loss / mf.kd_loss) and "cuda" (mimic_fast.ops.cuda's loss kernels).
-Every provider is checked against the float64 reference before it is timed.
+of eager), "reference" | "cpu" | "triton" | "cuda" (mf backends through the public API), "onnx" (the
+student exported by mimic_fast.export and run in onnxruntime: bottleneck_mlp inference, float32, CPU),
+and for the logit losses "mf" (mf.logit_mse_loss / mf.kd_loss) and "cuda" (mimic_fast.ops.cuda's
+loss kernels). Passes: forward, backward (timed alone, its forward untimed), full (forward +
+backward: for mimic_loss the training step), inference (forward under torch.no_grad). Every
+provider is checked against the float64 reference before it is timed.
 """
+import contextlib
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..testing import eager_mlp as _eager_mlp
+from .. import dispatch
+from .. import functional as mf
+from ..export import export_student
+from ..nn import WideShallowStudent
 from ..ops import flops
+from ..testing import ATOL_2X, TOLERANCES, assert_close, assert_within_2x
+from ..testing import eager_mlp as _eager_mlp
 
 MLP_OPS = ("bottleneck_mlp", "mimic_loss")
 LOSS_OPS = ("logit_mse_loss", "kd_loss")
 OPS = MLP_OPS + LOSS_OPS
-MLP_PROVIDERS = ("eager", "compile", "reference", "cpu", "triton", "cuda")
+MLP_PROVIDERS = ("eager", "compile", "reference", "cpu", "triton", "cuda", "onnx")
 LOSS_PROVIDERS = ("eager", "compile", "mf", "cuda")
-PASSES = ("forward", "backward", "full")
+PASSES = ("forward", "backward", "full", "inference")
 KD_TEMPERATURE = 4.0
 
 
@@ -36,6 +46,7 @@ class Case:
     dtype: str = "float32"
     device: str = "cpu"
     activation: str = "relu"
+    input_grad: bool = False  # count dx in the backward's FLOPs (issue 17's training-step count)
 
     @property
     def torch_dtype(self):
@@ -54,13 +65,16 @@ class Case:
         return "-".join(f"{k}{v}" for k, v in self.shape().items())
 
     def flops(self, pass_):
+        pass_ = "forward" if pass_ == "inference" else pass_
         if self.is_mlp:
-            return flops.mlp_flops(self.B, self.D, self.k, self.H, self.C, pass_)
+            return flops.mlp_flops(self.B, self.D, self.k, self.H, self.C, pass_,
+                                   input_grad=self.input_grad)
         return flops.loss_flops(self.B, self.C, pass_)
 
     def bytes(self, pass_):
         """Bytes of the unavoidable traffic: the logits for the losses; weights + x + y for the MLP."""
         es = flops.element_size(self.dtype)
+        pass_ = "forward" if pass_ == "inference" else pass_
         if not self.is_mlp:
             return flops.loss_bytes(self.B, self.C, self.dtype, pass_)
         weights = (self.k * self.D + self.H * self.k + self.C * self.H + self.H + self.C) * es
@@ -71,7 +85,7 @@ class Case:
         """The same case at a size where the float64 reference is cheap (correctness checks)."""
         if self.is_mlp:
             return Case(self.op, min(self.B, B), self.C, self.D, self.k, min(self.H, H), self.dtype,
-                        self.device, self.activation)
+                        self.device, self.activation, self.input_grad)
         return Case(self.op, min(self.B, 4 * B), self.C, dtype=self.dtype, device=self.device)
 
     def as_dict(self):
@@ -146,14 +160,18 @@ def unavailable(provider, case):
     """Why `provider` cannot run `case` here (None: it can)."""
     dev = torch.device(case.device)
     if case.is_mlp:
+        if provider.startswith("cpu:"):
+            if len(provider.split(":")) != 3 or not provider.split(":")[2].isdigit():
+                return f"a cpu variant is cpu:LOOP:CHUNK (e.g. cpu:gemm:512), got {provider!r}"
+            provider = "cpu"
         if provider not in MLP_PROVIDERS:
             return f"unknown provider {provider!r} for {case.op}"
         if provider in ("eager", "compile"):
             return None
+        if provider == "onnx":
+            return onnx_unavailable(case)
         if provider == "triton" and dev.type != "cuda":
             return "triton runs on CPU only under the interpreter (a correctness tool, never timed)"
-        from .. import dispatch
-
         problem = dispatch.Problem("mimic" if case.op == "mimic_loss" else "mlp", dev, case.torch_dtype,
                                    case.B, case.D, case.k, case.H, case.C, case.activation,
                                    case.torch_dtype if case.op == "mimic_loss" else None)
@@ -172,11 +190,91 @@ def unavailable(provider, case):
     return None
 
 
-def make_forward(provider, case, compile_mode=None):
-    """f(inputs) -> output (y for bottleneck_mlp, a scalar loss otherwise) for `provider`."""
-    import mimic_fast as mf
+def onnx_unavailable(case):
+    """Why the exported student cannot run `case` in onnxruntime here (None: it can)."""
+    if case.op != "bottleneck_mlp":
+        return "the exported ONNX student is an inference model (bottleneck_mlp forward only)"
+    if torch.device(case.device).type != "cpu" or case.dtype != "float32":
+        return "the ONNX student is timed on CPU in float32 only"
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        return f"onnxruntime/onnxscript are not installed ({e}): pip install 'mimic_fast[export]'"
+    return None
 
+
+def export_onnx(case, inputs, folder, seed=0):
+    """Write the student with `inputs`' weights (make_inputs(case, seed)) to onnx_file(folder, case,
+    seed) with mimic_fast.export."""
+    m = WideShallowStudent(case.D, case.C, case.H, case.k, activation=case.activation)
+    with torch.no_grad():
+        for name in ("U", "V", "b1", "W", "b2"):
+            getattr(m, name).copy_(inputs[name])
+    path = onnx_file(folder, case, seed)
+    if not os.path.exists(path):  # the same case and seed give the same weights: export once
+        export_student(m.eval(), path, "onnx", check=False)
+    return path
+
+
+def onnx_file(folder, case, seed=0):
+    return os.path.join(folder, f"{case.label()}-seed{seed}.onnx")
+
+
+def onnx_forward(path):
+    """f(inputs) -> y running `path` in onnxruntime on torch's current thread count (one intra-op
+    thread pool of that size, no spinning: idle pool threads would steal the core from the provider
+    timed next in the rotation)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda i: torch.from_numpy(session.run(None, {name: i["x"].detach().numpy()})[0])
+
+
+VARIANT_ENV = ("MIMIC_FAST_CPU_LOOP", "MIMIC_FAST_CPU_CHUNK_H")
+
+
+@contextlib.contextmanager
+def cpu_variant(provider):
+    """Run the cpu backend as the variant `provider` names ("cpu:LOOP:CHUNK", e.g. "cpu:gemm:512";
+    plain "cpu" = its own rules) through the cpu backend's tuning knob."""
+    parts = provider.split(":")
+    if len(parts) == 1:
+        yield
+        return
+    old = {k: os.environ.get(k) for k in VARIANT_ENV}
+    os.environ.update(dict(zip(VARIANT_ENV, parts[1:])))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def base_provider(provider):
+    """'cpu' for a cpu variant 'cpu:LOOP:CHUNK', else the name itself."""
+    return provider.split(":")[0]
+
+
+def make_forward(provider, case, compile_mode=None, onnx_path=None):
+    """f(inputs) -> output (y for bottleneck_mlp, a scalar loss otherwise) for `provider`.
+
+    "onnx" runs the file `onnx_path` (export_onnx), which must hold the inputs' weights.
+    """
     act = case.activation
+    provider = base_provider(provider)
+    if provider == "onnx":
+        if case.op != "bottleneck_mlp" or onnx_path is None:
+            raise ValueError("the onnx provider runs bottleneck_mlp from an exported file (onnx_path)")
+        return onnx_forward(onnx_path)
     if case.op == "bottleneck_mlp":
         if provider in ("eager", "compile"):
             fn = _eager_mlp
@@ -213,19 +311,25 @@ def make_forward(provider, case, compile_mode=None):
 
 
 class Runner:
-    """forward / backward / full callables of one provider on one case's inputs."""
+    """forward / backward / full / inference callables of one provider on one case's inputs."""
 
-    def __init__(self, provider, case, inputs, compile_mode=None):
+    def __init__(self, provider, case, inputs, compile_mode=None, onnx_path=None):
         self.provider, self.case, self.inputs = provider, case, inputs
-        self.f = make_forward(provider, case, compile_mode)
+        self.f = make_forward(provider, case, compile_mode, onnx_path)
         self.wrt = grad_inputs(case, inputs)
         self.grad_out = inputs["dy"] if case.op == "bottleneck_mlp" else None
 
     def forward(self):
-        return self.f(self.inputs)
+        with cpu_variant(self.provider):
+            return self.f(self.inputs)
+
+    def inference(self):
+        with torch.no_grad(), cpu_variant(self.provider):
+            return self.f(self.inputs)
 
     def backward(self, out):
-        return torch.autograd.grad(out, self.wrt, self.grad_out)
+        with cpu_variant(self.provider):
+            return torch.autograd.grad(out, self.wrt, self.grad_out)
 
     def full(self):
         return self.backward(self.forward())
@@ -238,6 +342,8 @@ class Runner:
             return self.backward, lambda: (self.forward(),)
         if pass_ == "full":
             return self.full, None
+        if pass_ == "inference":
+            return self.inference, None
         raise ValueError(f"unknown pass {pass_!r}: expected one of {', '.join(PASSES)}")
 
 
@@ -245,8 +351,6 @@ def _assert(actual, expected, name, dtype, baseline=None):
     """The dtype's tolerance table (atol relative to the tensor's scale: gradients of a mean loss are
     tiny); with an eager baseline in the same dtype, the 2x rule instead for half precision, and as
     the alternative for float32/64, whose error at full size can outgrow the table on long sums."""
-    from ..testing import ATOL_2X, TOLERANCES, assert_close, assert_within_2x
-
     def two_x():
         # A lone low-precision scalar (the loss) may round to the neighbour of eager's value: one
         # ulp of slack, or the 2x rule would fail a correct kernel by chance.
@@ -270,36 +374,41 @@ def _assert(actual, expected, name, dtype, baseline=None):
             raise AssertionError(f"{table_error}; and {e}") from None
 
 
-def check_provider(provider, case, compile_mode=None, small=True, seed=0):
-    """Raise AssertionError unless `provider`'s output and every gradient match the float64 reference.
+def check_provider(provider, case, compile_mode=None, small=True, seed=0, grads=True, onnx_dir=None):
+    """Raise AssertionError unless `provider`'s output (and with grads, every gradient) matches the
+    float64 reference; grads=False checks the output under torch.no_grad (the inference pass).
 
     small=True checks at case.small() (cheap) with the dtype's tolerance table; half precision, and
     any dtype at full size (where float32's own rounding outgrows the table), use the 2x rule against
-    eager in the same dtype.
+    eager in the same dtype. "onnx" exports the checked student into `onnx_dir` first.
     """
     c = case.small() if small else case
     dtype = c.torch_dtype
     inputs = make_inputs(c, seed)
     ref_inputs = make_inputs(c, seed, dtype=torch.float64)
-    ref_provider = "reference" if c.is_mlp else "eager"
-    ref = Runner(ref_provider, c, ref_inputs)
-    out_ref = ref.forward()
-    grads_ref = ref.backward(out_ref)
-    run = Runner(provider, c, inputs, compile_mode)
-    out = run.forward()
-    grads = run.backward(out)
-    base_out = base_grads = None
+    path = None
+    if provider == "onnx":
+        if onnx_dir is None:
+            raise ValueError("checking the onnx provider needs onnx_dir (where to export it)")
+        path = export_onnx(c, inputs, onnx_dir, seed)
+    runners = [Runner("reference" if c.is_mlp else "eager", c, ref_inputs),
+               Runner(provider, c, inputs, compile_mode, path)]
     if dtype in (torch.float16, torch.bfloat16) or not small:
-        base = Runner("eager", c, inputs)
-        base_out = base.forward()
-        base_grads = base.backward(base_out)
+        runners.append(Runner("eager", c, inputs))
+    results = []
+    for r in runners:
+        if grads:
+            out = r.forward()
+            results.append([out] + list(r.backward(out)))
+        else:
+            results.append([r.inference()])
+    ref, got = results[0], results[1]
+    base = results[2] if len(results) > 2 else [None] * len(got)
     names = ["y" if c.op == "bottleneck_mlp" else "loss"] + \
         (["dU", "dV", "db1", "dW", "db2"] if c.is_mlp else ["ds"])
-    pairs = [(out, out_ref, base_out)] + [(g, gr, None if base_grads is None else bg)
-                                          for g, gr, bg in zip(grads, grads_ref,
-                                                               base_grads or [None] * len(grads))]
-    for name, (a, e, b) in zip(names, pairs):
-        _assert(a.detach(), e.detach(), f"{provider} {c.op} {name}", dtype, b)
+    for name, a, e, b in zip(names, got, ref, base):
+        _assert(a.detach(), e.detach(), f"{provider} {c.op} {name}", dtype,
+                None if b is None else b.detach())
 
 
 def oom_estimate_bytes(provider, case):

@@ -1,61 +1,18 @@
-"""Render benchmark JSON (our schema or pytest-benchmark's --benchmark-json) as markdown and PNG plots.
-
-`load(path)` normalises either format to our document shape, so tables, plots and the regression
-compare read one kind of record. Plots need matplotlib (Agg backend; nothing is shown).
-"""
+"""Render result documents (results.py) as markdown tables and PNG plots (matplotlib, Agg backend):
+one section per file, its warnings (a stale file first), targets, and the suite's table."""
 import glob
-import json
 import os
 
+from .._io import atomic_write_text
+from . import results, timing
+
 MIB = 2 ** 20
-
-
-def load(path):
-    """A result document {suite, env, peaks, results, targets, ...} from either JSON format."""
-    with open(path) as f:
-        raw = json.load(f)
-    if "schema" in raw:
-        return raw
-    if "benchmarks" in raw:
-        return from_pytest_benchmark(raw)
-    raise ValueError(f"{path}: not a mimic_fast.bench or pytest-benchmark JSON file")
-
-
-def from_pytest_benchmark(raw):
-    """pytest-benchmark JSON -> our document; each benchmark's extra_info holds the record fields."""
-    results = []
-    peaks = {}
-    for b in raw["benchmarks"]:
-        info = dict(b.get("extra_info") or {})
-        st = b.get("stats") or {}
-        rec = {"name": info.pop("name", b.get("fullname") or b["name"]), "status": "ok", "error": None,
-               **info}
-        if st:
-            rec.update(median_ms=st["median"] * 1e3, q25_ms=st.get("q1", st["median"]) * 1e3,
-                       q75_ms=st.get("q3", st["median"]) * 1e3, min_ms=st["min"] * 1e3,
-                       mean_ms=st["mean"] * 1e3, rounds=st.get("rounds"))
-            sec = st["median"]
-            if rec.get("flops"):
-                rec["tflops"] = rec["flops"] / sec / 1e12
-            if rec.get("bytes"):
-                rec["gbps"] = rec["bytes"] / sec / 1e9
-            if rec.get("batch") and rec.get("metric"):
-                rec["samples_per_s"] = rec["batch"] / sec
-        if rec.get("kind") == "peak":
-            peaks[rec.get("peak", "matmul")] = rec
-        results.append(rec)
-    env = (raw["benchmarks"][0].get("extra_info") or {}).get("env") if raw["benchmarks"] else {}
-    mi = raw.get("machine_info", {})
-    env = env or {"device": mi.get("cpu", {}).get("brand_raw"), "python": mi.get("python_version")}
-    return {"schema": "pytest-benchmark", "suite": "pytest-benchmark", "created": raw.get("datetime"),
-            "command": "pytest benchmarks/ --benchmark-json", "note": None, "env": env,
-            "peaks": peaks, "results": results, "targets": []}
 
 
 def _ms(r):
     if r.get("median_ms") is None:
         return "-"
-    lo, hi = r.get("q20_ms", r.get("q25_ms")), r.get("q80_ms", r.get("q75_ms"))
+    lo, hi = r.get("q20_ms"), r.get("q80_ms")
     if lo is None:
         return f"{r['median_ms']:.3g}"
     return f"{r['median_ms']:.3g} [{lo:.3g}–{hi:.3g}]"
@@ -73,23 +30,33 @@ def _shape(r):
 
 def env_lines(doc):
     env = doc.get("env") or {}
-    keys = ("device", "torch", "torch_cuda", "triton", "python", "cpu_count", "torch_threads")
+    keys = ("device", "cpu_flags", "torch", "torch_cuda", "triton", "python", "cpu_count",
+            "torch_threads")
     lines = [f"- {k}: {env[k]}" for k in keys if env.get(k) is not None]
-    for name, p in (doc.get("peaks") or {}).items():
-        if p.get("tflops"):
-            lines.append(f"- measured {name} peak (same run): {p['tflops']:.3g} TFLOP/s "
-                         f"({p.get('dtype', '')} {p.get('shape', '')})")
-        if p.get("gbps"):
-            lines.append(f"- measured {name} bandwidth (same run): {p['gbps']:.0f} GB/s")
+    load = doc.get("load_avg") or {}
+    if load.get("before"):
+        lines.append(f"- load average (1/5/15 min): {load['before']} before, {load.get('after')} after")
+    for when, peaks in (("before", doc.get("peaks") or {}), ("after", doc.get("peaks_after") or {})):
+        for name, p in peaks.items():
+            if not isinstance(p, dict):
+                continue
+            if p.get("tflops"):
+                best = p.get("best_tflops")
+                lines.append(f"- {name} peak measured {when} the run: "
+                             + (f"{best:.3g} TFLOP/s best round, " if best else "")
+                             + f"{p['tflops']:.3g} median ({p.get('dtype', '')} {p.get('shape', '')})")
+            if p.get("gbps"):
+                lines.append(f"- {name} bandwidth measured {when} the run: {p['gbps']:.0f} GB/s median")
     return lines
 
 
 def ops_table(doc):
+    if doc.get("suite") == "cpu":
+        return []  # cpu.side_by_side
     rows = [r for r in doc["results"] if r.get("op") and r.get("kind") not in ("memory", "peak")]
     if not rows:
         return []
-    peak = (doc.get("peaks") or {}).get("matmul", {}).get("tflops")
-    bw = (doc.get("peaks") or {}).get("copy", {}).get("gbps")
+    bw = timing.best_peak(doc, "copy")
     eager = {(r["op"], r["pass"], _shape(r), r.get("dtype"), r.get("kind")): r.get("median_ms")
              for r in rows if r["provider"] == "eager" and r.get("status", "ok") == "ok"}
     out = ["| op | shape | dtype | pass | provider | median ms [q20–q80] | min ms | throughput | "
@@ -98,6 +65,7 @@ def ops_table(doc):
         thr = pct = "-"
         if r.get("median_ms") is not None:
             if r["op"] in ("bottleneck_mlp", "mimic_loss", "mm") and r.get("tflops"):
+                peak = timing.best_peak(doc, "mm", r.get("dtype"))
                 thr = f"{r['tflops']:.3g} TFLOP/s"
                 pct = f"{100 * r['tflops'] / peak:.0f}%" if peak else "-"
             elif r.get("gbps"):
@@ -154,6 +122,16 @@ def student_table(doc):
     return out
 
 
+def _met(x):
+    state = x.get("state") or ("met" if x["pass"] else "missed")
+    word = {"met": "yes", "missed": "NO", "unsettled": "unsettled (runs disagree)"}[state]
+    if x.get("near") and not x.get("confirmed"):
+        word += " (within 10%: unconfirmed, rerun with --confirm)"
+    elif x.get("confirmed"):
+        word += f" (confirmed by {len(x['runs'])} runs)"
+    return word
+
+
 def targets_table(doc):
     t = doc.get("targets") or []
     if not t:
@@ -163,23 +141,79 @@ def targets_table(doc):
         if "measured" not in x:
             out.append(f"| {x['target']} | - | - | {x.get('status', '-')} | {x.get('why', '')} |")
             continue
-        out.append(f"| {x['target']} | {x['measured']:.3g} | {x['threshold']} | "
-                   f"{'yes' if x['pass'] else 'NO'} | {x.get('detail', '')} |")
+        med = f" (median {x['measured_median']:.3g})" if x.get("measured_median") is not None else ""
+        out.append(f"| {x['target']} | {x['measured']:.3g}{med} | {x['threshold']} | {_met(x)} | "
+                   f"{x.get('detail', '')} |")
     return out
+
+
+def stale(doc):
+    """Why `doc` cannot be trusted to be what its command writes today ('' if it can)."""
+    missing = results.missing_fields(doc)
+    if not missing:
+        return ""
+    return (f"written by an older harness (schema {doc.get('schema')}; no {', '.join(missing)}): "
+            f"rerun `{doc.get('command') or 'its command'}`")
+
+
+def side_by_side(doc):
+    """Markdown rows: per H, dtype and thread count, the best-round ms of each provider (training
+    step and inference), the fused/eager ratios and the matmul rate of the same rounds."""
+    by = {}
+    provs = []
+    for r in doc.get("results", []):
+        if r.get("threads") is None or r.get("run", 1) != 1:
+            continue
+        key = (results.case_H(r), r["dtype"], r["threads"])
+        by.setdefault(key, {})[(r["pass"], r["provider"])] = r
+        if r["op"] != "mm" and r["provider"] not in provs:
+            provs.append(r["provider"])
+    if not by:
+        return []
+
+    def ms(r):
+        return f"{r['min_ms']:.4g}" if results.timed_ok(r) else ("-" if r is None else r["status"])
+
+    cols = [("full", p) for p in provs if p != "onnx"] + [("inference", p) for p in provs]
+    head = ["H", "dtype", "threads"] + [f"{'train' if ps == 'full' else 'infer'} {p} ms" for ps, p in cols] \
+        + ["train cpu/eager", "infer cpu/eager", "mm GFLOP/s", "train cpu / mm rate", "load (1 min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (H, dt, th), m in sorted(by.items()):
+        def ratio(ps):
+            f, e = m.get((ps, "cpu")), m.get((ps, "eager"))
+            if not (results.timed_ok(f) and results.timed_ok(e)):
+                return "-"
+            b, med = timing.speedup(f, e)
+            return f"{b:.2f}x ({med:.2f})"
+        mm = m.get(("full", "torch.mm")) or m.get(("inference", "torch.mm"))
+        rate = f"{mm['best_tflops'] * 1e3:.4g}" if results.timed_ok(mm) else "-"
+        f, mmf = m.get(("full", "cpu")), m.get(("full", "torch.mm"))
+        frac = f"{timing.rate_fraction(f, mmf)[0]:.2f}" \
+            if results.timed_ok(f) and results.timed_ok(mmf) else "-"
+        load = next((r["load_avg"] for r in m.values() if r.get("load_avg")), None)
+        ld = "-" if not load or not load[0] else f"{load[0][0]}→{load[1][0] if load[1] else '?'}"
+        lines.append("| " + " | ".join([str(H), dt, str(th)] + [ms(m.get(c)) for c in cols]
+                                       + [ratio("full"), ratio("inference"), rate, frac, ld]) + " |")
+    lines.append("")
+    lines.append("Best-round ms; ratios from the best rounds (medians in brackets); the matmul rate is "
+                 "the best round of a square torch.mm timed in the training step's rotation.")
+    return lines
 
 
 def markdown_for_doc(doc, brief=False, title=None):
     lines = [f"## {title or doc.get('suite')}", ""]
-    for w in doc.get("warnings") or []:
+    warnings = ([f"stale: {stale(doc)}"] if stale(doc) else []) + list(doc.get("warnings") or [])
+    for w in warnings:
         lines.append(f"**WARNING**: {w}")
-    if doc.get("warnings"):
+    if warnings:
         lines.append("")
     if not brief:
         if doc.get("note"):
             lines += [f"> {doc['note']}", ""]
         lines += [f"Created {doc.get('created')}; reproduce with `{doc.get('command')}`.", ""]
         lines += env_lines(doc) + [""]
-    for table in (targets_table(doc), ops_table(doc), memory_table(doc), student_table(doc)):
+    for table in (targets_table(doc), side_by_side(doc), ops_table(doc), memory_table(doc),
+                  student_table(doc)):
         if table:
             lines += table + [""]
     return "\n".join(lines)
@@ -197,25 +231,29 @@ def _plt():
 
 
 def plot_vs_H(docs, path, field="median_ms", op="mimic_loss", pass_="full", ylabel="ms"):
-    """One line per (provider, device, dtype) of `field` against H; None if there is nothing to plot."""
+    """One line per (provider, device, dtype, B, k, threads) of `field` against H; None (and no file)
+    unless some line has two or more H: a single H is a table's job, not a curve's."""
     series = {}
     for doc in docs:
         dev = (doc.get("env") or {}).get("device", "?")
         for r in doc["results"]:
             if r.get("op") != op or r.get("pass") != pass_ or r.get(field) is None:
                 continue
-            if (field == "median_ms") == (r.get("kind") == "memory"):
+            if (field == "median_ms") == (r.get("kind") == "memory") or r.get("run", 1) != 1:
                 continue
-            key = (r["provider"], dev, r.get("dtype"), r["shape"].get("B"), r["shape"].get("k"))
-            series.setdefault(key, []).append((r["shape"]["H"], r[field]))
+            key = (r["provider"], dev, r.get("dtype"), r["shape"].get("B"), r["shape"].get("k"),
+                   r.get("threads"))
+            series.setdefault(key, {})[r["shape"]["H"]] = r[field]
+    series = {k: sorted(v.items()) for k, v in series.items() if len(v) >= 2}
     if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (prov, dev, dt, B, k), pts in sorted(series.items()):
-        pts.sort()
+    for (prov, dev, dt, B, k, th), pts in sorted(series.items(), key=str):
         ys = [y / MIB if field == "peak_mem_bytes" else y for _, y in pts]
-        ax.plot([h for h, _ in pts], ys, marker="o", label=f"{prov} ({dt}, B={B}, k={k}, {dev[:24]})")
+        threads = f", {th} thr" if th else ""
+        ax.plot([h for h, _ in pts], ys, marker="o",
+                label=f"{prov} ({dt}, B={B}, k={k}{threads}, {dev[:24]})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("hidden width H")
@@ -254,32 +292,51 @@ def plot_student(docs, path):
     return path
 
 
+PLOTS = ("time_vs_H.png", "memory_vs_H.png", "student_vs_teacher.png")
+
+
 def render(results_dir, out_md=None, plots=True):
-    """Every *.json under results_dir -> results_dir/README.md (or out_md) and PNG plots beside it."""
-    paths = sorted(glob.glob(os.path.join(results_dir, "*.json")))
-    docs = []
-    for p in paths:
+    """Every *.json in results_dir -> results_dir/README.md (or out_md) and PNG plots beside it.
+
+    Returns (markdown path, plots made, stale): stale lists the files that are not current result
+    documents (each with why). A plot with nothing to show is removed rather than left behind;
+    plots=False keeps the PNGs there are and links them.
+    """
+    if not os.path.isdir(results_dir):
+        raise FileNotFoundError(f"{results_dir}: no such folder of result JSON (give it with --results)")
+    docs, stale_files = [], []
+    for p in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         try:
-            docs.append((p, load(p)))
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            print(f"skipping {p}: {e}")
+            docs.append((p, results.load(p)))
+        except ValueError as e:
+            stale_files.append(str(e))
+            continue
+        why = stale(docs[-1][1])
+        if why:
+            stale_files.append(f"{p}: {why}")
     out_md = out_md or os.path.join(results_dir, "README.md")
     lines = ["# mimic_fast benchmark results", "",
              "Rendered by `mimic-fast bench --report` from the JSON files in this folder; every figure "
              "was measured (see each file's command), none is extrapolated. FLOPs are model FLOPs "
-             "(mimic_fast.ops.flops); '% of peak' is against a matmul timed in the same run.", ""]
+             "(mimic_fast.ops.flops); '% of peak' is against the best round of a matmul timed in the "
+             "same run.", ""]
     made = []
-    if plots and docs:
-        d = [doc for _, doc in docs]
-        for name, fn in (("time_vs_H.png", lambda p: plot_vs_H(d, p)),
-                         ("memory_vs_H.png", lambda p: plot_vs_H(d, p, "peak_mem_bytes",
-                                                                 ylabel="peak MiB")),
-                         ("student_vs_teacher.png", lambda p: plot_student(d, p))):
-            if fn(os.path.join(results_dir, name)):
+    d = [doc for _, doc in docs]
+    makers = {"time_vs_H.png": lambda p: plot_vs_H(d, p),
+              "memory_vs_H.png": lambda p: plot_vs_H(d, p, "peak_mem_bytes", ylabel="peak MiB"),
+              "student_vs_teacher.png": lambda p: plot_student(d, p)}
+    for name in PLOTS:
+        path = os.path.join(results_dir, name)
+        if not plots:
+            if os.path.exists(path):
                 made.append(name)
+        elif docs and makers[name](path):
+            made.append(name)
+        elif os.path.exists(path):
+            os.remove(path)
+    if made:
         lines += [f"![{m[:-4]}]({m})" for m in made] + [""]
     for p, doc in docs:
         lines.append(markdown_for_doc(doc, title=f"{os.path.basename(p)} ({doc.get('suite')})"))
-    with open(out_md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return out_md, made
+    atomic_write_text(out_md, "\n".join(lines) + "\n")
+    return out_md, made if plots else [], stale_files
