@@ -5,14 +5,10 @@ side) | gpu (the GPU script) | model (the Triton cost model), `report` / `--repo
 `compare BASELINE CURRENT`. Every time comes from one timer (mimic_fast._timing.interleave), every
 FLOP count from mimic_fast.ops.flops, every file through results.write. It ships in the package so
 that `mimic-fast bench` and `python -m mimic_fast.bench.probe` (the GPU check's first stage) work
-from an installed wheel. Importing this package is light; the suites import torch work lazily.
+from an installed wheel.
 """
 
 
-def main(argv=None):
-    from .cli import main as _main
-
-    return _main(argv)
-
+from .cli import main
 
 __all__ = ["main"]

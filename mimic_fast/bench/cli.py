@@ -3,6 +3,11 @@
 import argparse
 import sys
 
+import torch
+
+from ..ops import triton_cost
+from . import compare, cpu, gpu, report, suites
+
 
 def _common(p, device_default="cpu"):
     p.add_argument("--device", default=device_default, choices=("cpu", "cuda"))
@@ -89,23 +94,15 @@ def main(argv=None):
     """Entry point of `mimic-fast bench`; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["cpu"]:
-        from .cpu import main as cpu_main
-
-        return cpu_main(argv[1:])
+        return cpu.main(argv[1:])
     if argv[:1] == ["gpu"]:
-        from .gpu import main as gpu_main
-
-        return gpu_main(argv[1:])
+        return gpu.main(argv[1:])
     if argv[:1] == ["model"]:
-        from ..ops.triton_cost import main as model_main
-
-        return model_main(argv[1:])
+        return triton_cost.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.report or args.suite == "report":
-        from .report import render
-
-        md, plots, stale = render(args.results, getattr(args, "out", None), plots=not args.no_plots)
+        md, plots, stale = report.render(args.results, getattr(args, "out", None), plots=not args.no_plots)
         print(f"wrote {md}" + (f" and {', '.join(plots)}" if plots else ""))
         for line in stale:
             print(f"stale: {line}")
@@ -114,22 +111,15 @@ def main(argv=None):
         parser.print_help()
         return 2
     if args.suite == "compare":
-        from .compare import compare_files
-
-        return compare_files(args.baseline, args.current, args.threshold, args.strict)
+        return compare.compare_files(args.baseline, args.current, args.threshold, args.strict)
     if args.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             print("error: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
-    from . import suites
-    from .report import markdown_for_doc
-
     run = {"ops": suites.run_ops, "memory": suites.run_memory, "student": suites.run_student}[args.suite]
     doc = run(args, argv)
     print()
-    print(markdown_for_doc(doc, brief=True))
+    print(report.markdown_for_doc(doc, brief=True))
     if args.json:
         print(f"raw JSON: {args.json}")
     return 0

@@ -144,9 +144,8 @@ def _eager_kd(s, t):
 
 def cuda_loss_module():
     """mimic_fast.ops.cuda when it imports and is usable here, else None."""
-    try:
-        from ..ops import cuda as mod
-    except Exception:  # noqa: BLE001 - the backend may not exist or not be built
+    mod = dispatch._load("cuda")  # None when it could not be imported (dispatch keeps why)
+    if mod is None:
         return None
     try:
         if mod.availability() is not None:

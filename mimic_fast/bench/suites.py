@@ -8,6 +8,7 @@ import gc
 
 import torch
 
+from .. import dispatch
 from .. import models as M
 from .._timing import interleave
 from ..ops import flops
@@ -163,9 +164,7 @@ def run_group(case, providers, passes, warmup=1, rounds=5, compile_mode=None, ch
 
 
 def _cuda_graph_bytes():
-    from ..ops import cuda
-
-    return cuda.graph_stats()["bytes"]
+    return dispatch.get("cuda").graph_stats()["bytes"]
 
 
 def _cuda_peak(runner):

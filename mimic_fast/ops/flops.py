@@ -12,7 +12,7 @@ FLOPs (recompute=True, input_grad=True) are what the fused backward ops run. The
 padded sizes (k, C, H rounded to its tiles) to count padding too.
 """
 import torch
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 PASSES = ("forward", "backward", "full")
 
@@ -68,8 +68,6 @@ def loss_bytes(B, C, dtype, pass_="forward"):
 def model_flops_per_sample(model, in_shape, train=False):
     """Model FLOPs per sample of any `model` (2 per MAC of every Linear/Conv), counted by
     FlopCounterMode on a batch of 2; train=True counts forward + backward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     p = next(model.parameters())
     x = torch.zeros(2, *in_shape, device=p.device, dtype=p.dtype)
     counter = FlopCounterMode(display=False)
