@@ -1,19 +1,19 @@
 // CPU ops of mimic_fast: the bottleneck MLP  y = act((x Uᵀ) Vᵀ + b1) Wᵀ + b2  and the fused mimic
 // loss, streamed over the hidden width H in chunks so that no (B, H) tensor is ever allocated.
 //
-// Design limits: the GEMMs are ATen's (MKL / oneDNN, whatever torch was built with) and only the
-// elementwise epilogues are ours; the hidden layer is recomputed in backward (z = x Uᵀ is saved),
-// which costs one extra (B,k)x(k,H) GEMM, ~19% of the step's FLOPs at the paper's sizes.
+// Design limits: the GEMMs are ATen's or (native bf16/fp16) MKL's and only the elementwise epilogues
+// are ours; the hidden layer is recomputed in backward (z = x Uᵀ is saved), which costs one extra
+// (B,k)x(k,H) GEMM, ~19% of the step's FLOPs at the paper's sizes.
 //
 // The plan is the caller's (mimic_fast/ops/cpu.py): every op takes the chunk width (columns of H per
 // chunk), the loop order and, for bfloat16 / float16, the compute path:
 //  - native: the GEMM operands (x, U, V, W, z, the hidden tile h, dy, da) stay in the input dtype and
-//    every GEMM runs in it with float32 accumulation inside (oneDNN: AMX / AVX512-BF16 where the CPU
-//    has them); the bias/activation epilogue computes in float32 on the cache-resident tile and
-//    writes the low-precision operand of the next GEMM; the sums across chunks (y, dz, db1) and the
-//    loss accumulate in float32. Weights already stored in the input dtype are read as they are.
+//    every GEMM reads them in it and writes float32 (MKL: AMX / AVX512-BF16 where the CPU has them);
+//    the bias/activation epilogue computes in float32 on the cache-resident tile and writes the
+//    low-precision operand of the next GEMM; the sums across chunks (y, dz) and rows (db1, db2) and
+//    the loss stay float32. Weights already stored in the input dtype are read as they are.
 //  - float32: the operands are upcast chunk by chunk and everything is computed in float32 (for CPUs
-//    without a native low-precision matmul, where ATen's bf16/fp16 GEMMs are emulated and slow).
+//    without a native low-precision matmul, where bf16/fp16 GEMMs are emulated or widened).
 // float32 and float64 are computed natively. Outputs are in the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -22,9 +22,22 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cmath>
 #include <tuple>
 #include <vector>
+
+// MKL's mixed-precision CBLAS GEMMs (LP64: MKL_INT is int; CBLAS_LAYOUT / CBLAS_TRANSPOSE are
+// int-sized enums), exported by torch's MKL-linked CPU builds; weak, so that the extension loads
+// where torch has no MKL (then native_gemm_for() is false and the native path is refused).
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const void* a, int lda, const void* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const void* a, int lda, const void* b, int ldb, float beta, float* c,
+                          int ldc) __attribute__((weak));
+}
 
 namespace mimic_fast_cpu {
 namespace {
@@ -43,6 +56,14 @@ constexpr int64_t kGrainElems = 16384;
 constexpr int64_t kPartialBytes = 4 << 20;
 
 bool is_low(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+bool native_gemm_for(at::ScalarType t) {
+  if (t == at::kBFloat16) return cblas_gemm_bf16bf16f32 != nullptr;
+  if (t == at::kHalf) return cblas_gemm_f16f16f32 != nullptr;
+  return false;
+}
 
 // Dtypes of one call: `op` of the GEMM operands and tiles, `acc` of the sums across chunks.
 struct Dtypes {
@@ -64,6 +85,8 @@ void check_plan_args(const char* op, int64_t chunk_h, int64_t loop, bool native,
   TORCH_CHECK(loop >= kLoopAuto && loop <= kLoopChunks, op,
               ": loop code must be 0 (auto), 1 (gemm) or 2 (chunks), got ", loop);
   TORCH_CHECK(!native || is_low(t), op, ": native=True is for bfloat16 / float16 inputs, got ", t);
+  TORCH_CHECK(!native || native_gemm_for(t), op, ": native=True needs MKL's ", t,
+              " -> float32 GEMM, which this torch build does not have");
 }
 
 void check_cpu(const char* op, const char* name, const Tensor& t, at::ScalarType dtype) {
@@ -207,69 +230,6 @@ void epilogue_bwd(Tensor& a, Tensor& d, const T* pb, at::opmath_type<T>* db1, in
   });
 }
 
-// Native low precision (L = BFloat16 / Half): the tiles hold the GEMMs' L outputs, the
-// pre-activation with b1 already added (pre_activation below); the epilogue computes in float32 and
-// writes L. ReLU is one pass; the transcendental activations widen the tile into float32 scratch,
-// run the float32 epilogue above (ATen's SIMD kernels) and narrow it back.
-template <typename L>
-void epilogue_fwd_low(Tensor& a, int64_t activation, Tensor& scratch) {
-  const int64_t B = a.size(0), n = a.size(1);
-  L* pa = a.data_ptr<L>();
-  if (activation == kRelu) {
-    at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / n), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        L* row = pa + r * n;
-        for (int64_t c = 0; c < n; ++c) {
-          const float v = static_cast<float>(row[c]);
-          row[c] = static_cast<L>(v < 0.f ? 0.f : v);
-        }
-      }
-    });
-    return;
-  }
-  Tensor pre = tile(scratch, B, n);
-  pre.copy_(a);
-  epilogue_fwd<float>(pre, nullptr, activation);
-  a.copy_(pre);
-}
-
-template <typename L>
-void epilogue_bwd_low(Tensor& a, Tensor& d, float* db1, int64_t activation, Tensor& scratch_a,
-                      Tensor& scratch_d) {
-  const int64_t B = a.size(0), n = a.size(1);
-  L* pa = a.data_ptr<L>();
-  L* pd = d.data_ptr<L>();
-  if (activation == kRelu) {
-    const int64_t col_grain = std::max<int64_t>(16, kGrainElems / std::max<int64_t>(B, 1));
-    at::parallel_for(0, n, col_grain, [&](int64_t c0, int64_t c1) {
-      const int64_t w = c1 - c0;
-      std::vector<float> sums(db1 ? w : 0, 0.f);
-      for (int64_t r = 0; r < B; ++r) {
-        L* ar = pa + r * n + c0;
-        L* dr = pd + r * n + c0;
-        for (int64_t c = 0; c < w; ++c) {
-          const float v = static_cast<float>(ar[c]);
-          const float g = v > 0.f ? static_cast<float>(dr[c]) : 0.f;  // dh is already L: exact
-          ar[c] = static_cast<L>(v < 0.f ? 0.f : v);
-          dr[c] = static_cast<L>(g);
-          if (db1) sums[c] += g;
-        }
-      }
-      if (db1) {
-        for (int64_t c = 0; c < w; ++c) db1[c0 + c] = sums[c];
-      }
-    });
-    return;
-  }
-  Tensor pre = tile(scratch_a, B, n);
-  Tensor dh = tile(scratch_d, B, n);
-  pre.copy_(a);
-  dh.copy_(d);
-  epilogue_bwd<float>(pre, dh, nullptr, db1, activation);
-  a.copy_(pre);
-  d.copy_(dh);
-}
-
 // ---- the streamed passes -------------------------------------------------------------------------
 
 // Two loop orders over the chunks (the caller's plan picks one; auto: the rule in make_plan):
@@ -336,31 +296,23 @@ void for_each_chunk(const Plan& p, int64_t H, const F& body) {
   });
 }
 
-// Sum of the per-group partials in group order.
+// Sum of the per-group partials in group order, in one parallel region (under co-tenant load each
+// region costs a scheduler wake-up of every thread: one add_ per group cost more than the sums).
 Tensor sum_groups(const Tensor& parts) {
-  Tensor out = parts[0].clone();
-  for (int64_t g = 1; g < parts.size(0); ++g) out.add_(parts[g]);
+  const int64_t G = parts.size(0), numel = parts[0].numel();
+  Tensor out = at::empty(parts[0].sizes(), parts.options());
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "mimic_fast_cpu_sum_groups", [&] {
+    const scalar_t* src = parts.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, numel, kGrainElems, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[i] = src[i];
+      for (int64_t g = 1; g < G; ++g) {
+        const scalar_t* pg = src + g * numel;
+        for (int64_t i = i0; i < i1; ++i) dst[i] += pg[i];
+      }
+    });
+  });
   return out;
-}
-
-// acc += a @ b, accumulated in acc's dtype: one addmm_ when the GEMM's dtype is acc's, else the
-// GEMM's low-precision product (float32 accumulation inside, rounded once) is added in float32.
-void addmm_acc(Tensor& acc, const Tensor& a, const Tensor& b, Tensor& part) {
-  if (a.scalar_type() == acc.scalar_type()) {
-    acc.addmm_(a, b);
-  } else {
-    at::mm_out(part, a, b);
-    acc.add_(part);
-  }
-}
-
-// a = z Vⱼᵀ, plus b1ⱼ inside the GEMM on the native low-precision path: the pre-activation is
-// rounded once (as F.linear's is), so its sign, and with it ReLU's mask, is the exact sum's. The
-// float32 / float64 paths add the bias in their epilogue (the rounding there is negligible).
-void pre_activation(Tensor& a, const Tensor& z, const Tensor& Vj, const c10::optional<Tensor>& b1j,
-                    bool low) {
-  if (low && b1j.has_value()) at::addmm_out(a, *b1j, z, Vj.t());
-  else at::mm_out(a, z, Vj.t());
 }
 
 c10::optional<Tensor> bias_chunk(const c10::optional<Tensor>& b1, int64_t h0, int64_t n,
@@ -369,42 +321,319 @@ c10::optional<Tensor> bias_chunk(const c10::optional<Tensor>& b1, int64_t h0, in
   return b1->narrow(0, h0, n).to(op).contiguous();
 }
 
-// y (without b2, in the accumulation dtype) and z = x Uᵀ (in the operand dtype).
+// ---- float32 / float64 (and the float32 path of bf16 / fp16: operands upcast per chunk) ----------
+
+// y (without b2) and z = x Uᵀ, both in the compute dtype cd.
+std::tuple<Tensor, Tensor> forward_wide(const Tensor& x, const Tensor& U, const Tensor& V,
+                                        const c10::optional<Tensor>& b1, const Tensor& W,
+                                        int64_t activation, int64_t chunk_h, int64_t loop) {
+  const auto cd = dtypes_of(x.scalar_type(), false).op;
+  const auto opts = x.options().dtype(cd);
+  const int64_t B = x.size(0), H = V.size(0), C = W.size(0);
+  Tensor z = at::mm(x.to(cd), U.to(cd).t());
+  const Plan p = make_plan(B, H, chunk_h, loop, C, c10::elementSize(cd));
+  Tensor y_parts = at::zeros({p.groups, B, C}, opts);
+  Tensor work = at::empty({p.slots, B * p.chunk}, opts);
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+    Tensor a = tile(work[slot], B, n);
+    at::mm_out(a, z, V.narrow(0, h0, n).to(cd).t());
+    const auto b1j = bias_chunk(b1, h0, n, cd);
+    AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_epilogue_fwd", [&] {
+      epilogue_fwd<scalar_t>(a, b1j ? b1j->data_ptr<scalar_t>() : nullptr, activation);
+    });
+    y_parts[group].addmm_(a, W.narrow(1, h0, n).to(cd).t());
+  });
+  return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
+    const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
+    const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2,
+    int64_t chunk_h, int64_t loop) {
+  const auto t = x.scalar_type();
+  const auto cd = dtypes_of(t, false).op;
+  const int64_t B = x.size(0), k = U.size(0), H = V.size(0), C = W.size(0);
+  const auto opts = x.options().dtype(cd);
+  const bool native = cd == t;  // write gradients straight into the outputs
+  const Tensor dyc = dy.to(cd).contiguous();
+  const Tensor zc = z.contiguous();
+  Tensor dV = at::empty({H, k}, x.options());
+  Tensor dW = at::empty({C, H}, x.options());
+  Tensor db1 = at::empty({b1.has_value() ? H : 0}, x.options());
+  Tensor db1_cd = native ? db1 : at::empty({db1.numel()}, opts);  // H floats: negligible
+
+  const Plan p = make_plan(B, H, chunk_h, loop, k, c10::elementSize(cd));
+  Tensor dz_parts = at::zeros({p.groups, B, k}, opts);
+  Tensor work_a = at::empty({p.slots, B * p.chunk}, opts);
+  Tensor work_d = at::empty({p.slots, B * p.chunk}, opts);
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+    Tensor a = tile(work_a[slot], B, n);
+    Tensor d = tile(work_d[slot], B, n);
+    const Tensor Vj = V.narrow(0, h0, n).to(cd);
+    at::mm_out(a, zc, Vj.t());
+    at::mm_out(d, dyc, W.narrow(1, h0, n).to(cd));
+    const auto b1j = bias_chunk(b1, h0, n, cd);
+    AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_epilogue_bwd", [&] {
+      scalar_t* pdb1 = b1.has_value() ? db1_cd.data_ptr<scalar_t>() + h0 : nullptr;
+      epilogue_bwd<scalar_t>(a, d, b1j ? b1j->data_ptr<scalar_t>() : nullptr, pdb1, activation);
+    });
+    Tensor dWj = dW.narrow(1, h0, n);
+    Tensor dVj = dV.narrow(0, h0, n);
+    if (native) {
+      at::mm_out(dWj, dyc.t(), a);
+      at::mm_out(dVj, d.t(), zc);
+    } else {
+      dWj.copy_(at::mm(dyc.t(), a));
+      dVj.copy_(at::mm(d.t(), zc));
+    }
+    dz_parts[group].addmm_(d, Vj);
+  });
+  Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
+  if (!native && b1.has_value()) db1.copy_(db1_cd);
+  Tensor dU = at::mm(dz.t(), x.to(cd)).to(t);
+  Tensor dx = at::mm(dz, U.to(cd)).to(t);
+  Tensor db2 = has_b2 ? dyc.sum(0).to(t) : at::empty({0}, x.options());
+  return {dx, dU, dV, db1, dW, db2};
+}
+
+// ---- bf16 / fp16 natively ----------------------------------------------------------------------
+// Every GEMM takes its operands in L = BFloat16 / Half and writes, or accumulates into, float32:
+// MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32 (AMX / AVX512-BF16 where the CPU has them;
+// elsewhere MKL widens to SGEMM). ATen's bf16/fp16 GEMMs would round each product to L (ATen's mm
+// has no float32-out variant on CPU in torch 2.13), and a sum over chunks of rounded partials loses
+// the cancelling parts (dz at k = 1: 15x eager's error). Float32 out means no rounding between a GEMM
+// and its epilogue, and the sums over chunks (y, dz) and rows (db1, db2) stay float32: each output
+// is rounded once. The GEMMs are bound weakly (top of the file): where torch has no MKL,
+// native_gemms() says so and ops/cpu.py keeps such CPUs on the float32 path.
+// (data, transpose flag, leading dimension) of a 2-D view for a row-major CBLAS call.
+struct Operand {
+  const void* data;
+  int trans, ld;
+};
+
+Operand operand(const Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, cols)) {
+    return {t.data_ptr(), kNoTrans, static_cast<int>(t.stride(0))};
+  }
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, rows)) {
+    return {t.data_ptr(), kTrans, static_cast<int>(t.stride(1))};
+  }
+  TORCH_INTERNAL_ASSERT(false, "mimic_fast cpu: GEMM operand with strides ", t.strides());
+  return {};
+}
+
+// c (float32, row-major) = a @ b, or c += a @ b; a, b in bf16 / fp16, any row- or column-major view.
+void mm_f32(const Tensor& a, const Tensor& b, Tensor& c, bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1 && c.size(0) == M &&
+                        c.size(1) == N && b.size(0) == K);
+  TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX,
+              "mimic_fast cpu: GEMM sizes must fit in 32 bits, got ", M, " x ", K, " x ", N);
+  const Operand A = operand(a), Bm = operand(b);
+  const float beta = accumulate ? 1.f : 0.f;
+  auto* gemm = a.scalar_type() == at::kBFloat16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+  gemm(kRowMajor, A.trans, Bm.trans, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+       1.f, A.data, A.ld, Bm.data, Bm.ld, beta, c.data_ptr<float>(), static_cast<int>(c.stride(0)));
+}
+
+// A copy of t with a GEMM-compatible layout when its strides are neither row- nor column-major.
+Tensor gemm_ready(const Tensor& t) {
+  const bool row = t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1));
+  const bool col = t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0));
+  return row || col ? t : t.contiguous();
+}
+
+// act and act' of a float32 tile: `a` becomes act(a) and `slope` (if given) act'(a) taken before,
+// with ATen's SIMD kernels (dispatched by CPU capability), not scalar transcendental calls.
+void activation_and_slope(Tensor& a, Tensor* slope, int64_t activation) {
+  if (activation == kGelu) {
+    if (slope) at::gelu_backward_outf(at::ones_like(a), a, "none", *slope);
+    at::gelu_(a, "none");
+  } else if (activation == kSigmoid) {
+    at::sigmoid_(a);
+    if (slope) at::mul_out(*slope, a, at::rsub(a, 1));  // s (1 - s)
+  } else if (activation == kTanh) {
+    at::tanh_(a);
+    if (slope) at::rsub_out(*slope, a * a, 1);  // 1 - t²
+  }
+}
+
+// Forward epilogue: h (B, n) in L = act(a + b1) from the float32 a (overwritten by other activations).
+template <typename L>
+void epilogue_fwd_low(Tensor& a, const c10::optional<Tensor>& b1j, Tensor& h, int64_t activation) {
+  const int64_t B = a.size(0), n = a.size(1);
+  const bool relu = activation == kRelu;
+  const L* pb = b1j ? b1j->data_ptr<L>() : nullptr;
+  if (!relu) {
+    if (pb) a.add_(*b1j);
+    activation_and_slope(a, nullptr, activation);
+  }
+  const float* pa = a.data_ptr<float>();
+  L* ph = h.data_ptr<L>();
+  at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* ar = pa + r * n;
+      L* hr = ph + r * n;
+      if (relu) {
+        for (int64_t c = 0; c < n; ++c) {
+          const float v = ar[c] + (pb ? static_cast<float>(pb[c]) : 0.f);
+          hr[c] = static_cast<L>(v < 0.f ? 0.f : v);  // NaN passes through, as torch.relu
+        }
+      } else {
+        for (int64_t c = 0; c < n; ++c) hr[c] = static_cast<L>(ar[c]);
+      }
+    }
+  });
+}
+
+// Backward epilogue: from a = z Vⱼᵀ and dh = dy Wⱼ (float32, (B, n)), write h = act(a + b1) and
+// da = dh ⊙ act'(a + b1) in L and db1 = Σ_rows da (of da as rounded: what the GEMMs see, as
+// autograd's sum) in float32. Split over columns so every column's sum runs over the rows in order:
+// db1 is bitwise the same for any thread count.
+template <typename L>
+void epilogue_bwd_low(Tensor& a, Tensor& slope, const Tensor& dh, const c10::optional<Tensor>& b1j,
+                      Tensor& h, Tensor& da, float* db1, int64_t activation) {
+  const int64_t B = a.size(0), n = a.size(1);
+  const bool relu = activation == kRelu;
+  const L* pb = b1j ? b1j->data_ptr<L>() : nullptr;
+  if (!relu) {
+    if (pb) a.add_(*b1j);
+    activation_and_slope(a, &slope, activation);
+  }
+  const float* pa = a.data_ptr<float>();
+  const float* ps = relu ? nullptr : slope.data_ptr<float>();
+  const float* pdh = dh.data_ptr<float>();
+  L* ph = h.data_ptr<L>();
+  L* pda = da.data_ptr<L>();
+  const int64_t col_grain = std::max<int64_t>(16, kGrainElems / std::max<int64_t>(B, 1));
+  at::parallel_for(0, n, col_grain, [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::vector<float> sums(db1 ? w : 0, 0.f);
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t off = r * n + c0;
+      const float* ar = pa + off;
+      const float* dr = pdh + off;
+      L* hr = ph + off;
+      L* gr = pda + off;
+      if (relu) {
+        const L* br = pb ? pb + c0 : nullptr;
+        for (int64_t c = 0; c < w; ++c) {
+          const float v = ar[c] + (br ? static_cast<float>(br[c]) : 0.f);
+          hr[c] = static_cast<L>(v < 0.f ? 0.f : v);
+          gr[c] = static_cast<L>(v > 0.f ? dr[c] : 0.f);
+        }
+      } else {
+        const float* sr = ps + off;
+        for (int64_t c = 0; c < w; ++c) {
+          hr[c] = static_cast<L>(ar[c]);
+          gr[c] = static_cast<L>(dr[c] * sr[c]);
+        }
+      }
+      if (db1) {
+        for (int64_t c = 0; c < w; ++c) sums[c] += static_cast<float>(gr[c]);
+      }
+    }
+    if (db1) {
+      for (int64_t c = 0; c < w; ++c) db1[c0 + c] = sums[c];
+    }
+  });
+}
+
+// y (B, C) without b2 in float32 and z (B, k) in L.
+template <typename L>
+std::tuple<Tensor, Tensor> forward_low(const Tensor& x, const Tensor& U, const Tensor& V,
+                                       const c10::optional<Tensor>& b1, const Tensor& W,
+                                       int64_t activation, int64_t chunk_h, int64_t loop) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  const int64_t B = x.size(0), k = U.size(0), H = V.size(0), C = W.size(0);
+  Tensor z32 = at::empty({B, k}, f32);
+  mm_f32(gemm_ready(x), gemm_ready(U).t(), z32, false);
+  Tensor z = z32.to(x.scalar_type());
+  const Tensor Vg = gemm_ready(V), Wg = gemm_ready(W);
+  const Plan p = make_plan(B, H, chunk_h, loop, C, sizeof(float));
+  Tensor y_parts = at::zeros({p.groups, B, C}, f32);
+  Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);
+  Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+    Tensor a = tile(work_a[slot], B, n);
+    Tensor h = tile(work_h[slot], B, n);
+    mm_f32(z, Vg.narrow(0, h0, n).t(), a, false);
+    epilogue_fwd_low<L>(a, bias_chunk(b1, h0, n, x.scalar_type()), h, activation);
+    Tensor yg = y_parts[group];
+    mm_f32(h, Wg.narrow(1, h0, n).t(), yg, true);
+  });
+  return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
+    const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
+    const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2,
+    int64_t chunk_h, int64_t loop) {
+  const auto t = x.scalar_type();
+  const auto f32 = x.options().dtype(at::kFloat);
+  const int64_t B = x.size(0), D = x.size(1), k = U.size(0), H = V.size(0), C = W.size(0);
+  const Tensor dy32 = dy.to(at::kFloat).contiguous();
+  const Tensor dyL = dy32.to(t);
+  const Tensor zg = gemm_ready(z), Vg = gemm_ready(V), Wg = gemm_ready(W);
+  Tensor dV = at::empty({H, k}, x.options());
+  Tensor dW = at::empty({C, H}, x.options());
+  Tensor db1 = at::empty({b1.has_value() ? H : 0}, x.options());
+  Tensor db1_32 = at::empty({db1.numel()}, f32);
+
+  const Plan p = make_plan(B, H, chunk_h, loop, k, sizeof(float));
+  const bool relu = activation == kRelu;
+  Tensor dz_parts = at::zeros({p.groups, B, k}, f32);
+  Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);                       // a, then act(a)
+  Tensor work_s = relu ? Tensor() : at::empty({p.slots, B * p.chunk}, f32);    // act'(a)
+  Tensor work_dh = at::empty({p.slots, B * p.chunk}, f32);
+  Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
+  Tensor work_da = at::empty({p.slots, B * p.chunk}, x.options());
+  Tensor work_dw = at::empty({p.slots, std::max(C, k) * p.chunk}, f32);       // dWⱼ, then dVⱼ
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+    Tensor a = tile(work_a[slot], B, n);
+    Tensor slope = relu ? Tensor() : tile(work_s[slot], B, n);
+    Tensor dh = tile(work_dh[slot], B, n);
+    Tensor h = tile(work_h[slot], B, n);
+    Tensor da = tile(work_da[slot], B, n);
+    const Tensor Vj = Vg.narrow(0, h0, n);
+    const Tensor Wj = Wg.narrow(1, h0, n);
+    mm_f32(zg, Vj.t(), a, false);
+    mm_f32(dyL, Wj, dh, false);
+    epilogue_bwd_low<L>(a, slope, dh, bias_chunk(b1, h0, n, t), h, da,
+                        b1.has_value() ? db1_32.data_ptr<float>() + h0 : nullptr, activation);
+    Tensor dWj = tile(work_dw[slot], C, n);
+    mm_f32(dyL.t(), h, dWj, false);
+    dW.narrow(1, h0, n).copy_(dWj);
+    Tensor dVj = tile(work_dw[slot], n, k);
+    mm_f32(da.t(), zg, dVj, false);
+    dV.narrow(0, h0, n).copy_(dVj);
+    Tensor dzg = dz_parts[group];
+    mm_f32(da, Vj, dzg, true);
+  });
+  Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
+  if (b1.has_value()) db1.copy_(db1_32);
+  const Tensor dzL = dz.to(t);
+  Tensor dU32 = at::empty({k, D}, f32);
+  mm_f32(dzL.t(), gemm_ready(x), dU32, false);
+  Tensor dx32 = at::empty({B, D}, f32);
+  mm_f32(dzL, gemm_ready(U), dx32, false);
+  Tensor db2 = has_b2 ? dy32.sum(0).to(t) : at::empty({0}, x.options());
+  return {dx32.to(t), dU32.to(t), dV, db1, dW, db2};
+}
+
+// y (without b2) in the accumulation dtype and z in the GEMMs' operand dtype, on either path.
 std::tuple<Tensor, Tensor> forward_acc(const Tensor& x, const Tensor& U, const Tensor& V,
                                        const c10::optional<Tensor>& b1, const Tensor& W,
                                        int64_t activation, int64_t chunk_h, int64_t loop,
                                        bool native) {
-  const auto dt = dtypes_of(x.scalar_type(), native);
-  const auto op_opts = x.options().dtype(dt.op);
-  const auto acc_opts = x.options().dtype(dt.acc);
-  const int64_t B = x.size(0), H = V.size(0), C = W.size(0);
-  const bool low = dt.op != dt.acc;  // native bfloat16 / float16
-  Tensor z = at::mm(x.to(dt.op), U.to(dt.op).t());
-  const Plan p = make_plan(B, H, chunk_h, loop, C, c10::elementSize(dt.acc));
-  Tensor y_parts = at::zeros({p.groups, B, C}, acc_opts);
-  Tensor work = at::empty({p.slots, B * p.chunk}, op_opts);
-  Tensor y_part = low ? at::empty({p.slots, B, C}, op_opts) : Tensor();
-  // float32 scratch of the transcendental epilogues (native path only)
-  Tensor scratch = low && activation != kRelu ? at::empty({p.slots, B * p.chunk}, acc_opts) : Tensor();
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
-    Tensor a = tile(work[slot], B, n);
-    const auto b1j = bias_chunk(b1, h0, n, dt.op);
-    pre_activation(a, z, V.narrow(0, h0, n).to(dt.op), b1j, low);
-    if (low) {
-      Tensor s = scratch.defined() ? scratch[slot] : Tensor();
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt.op, "mimic_fast_cpu_epilogue_fwd_low", [&] {
-        epilogue_fwd_low<scalar_t>(a, activation, s);
-      });
-    } else {
-      AT_DISPATCH_FLOATING_TYPES(dt.op, "mimic_fast_cpu_epilogue_fwd", [&] {
-        epilogue_fwd<scalar_t>(a, b1j ? b1j->data_ptr<scalar_t>() : nullptr, activation);
-      });
-    }
-    Tensor yg = y_parts[group];
-    Tensor part = low ? y_part[slot] : Tensor();
-    addmm_acc(yg, a, W.narrow(1, h0, n).to(dt.op).t(), part);
+  if (!native) return forward_wide(x, U, V, b1, W, activation, chunk_h, loop);
+  std::tuple<Tensor, Tensor> out;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "mimic_fast_cpu_forward_low", [&] {
+    out = forward_low<scalar_t>(x, U, V, b1, W, activation, chunk_h, loop);
   });
-  return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
+  return out;
 }
 
 std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& U, const Tensor& V,
@@ -430,10 +659,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   check_activation(activation);
   const auto t = x.scalar_type();
   check_plan_args(op, chunk_h, loop, native, t);
-  const auto dt = dtypes_of(t, native);
-  const bool low = dt.op != dt.acc;
-  const int64_t B = x.size(0), k = U.size(0), H = V.size(0), C = W.size(0);
-  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == dt.op, op, ": z must be a CPU ", dt.op,
+  const auto zt = dtypes_of(t, native).op;
+  const int64_t B = x.size(0), k = U.size(0), C = W.size(0);
+  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == zt, op, ": z must be a CPU ", zt,
               " tensor (what cpu_mlp_fwd saved with the same native=", native, "), got ",
               z.scalar_type(), " on ", z.device());
   TORCH_CHECK(z.dim() == 2 && z.size(0) == B && z.size(1) == k, op, ": z has shape ", z.sizes(),
@@ -442,67 +670,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
               ": dy must be a floating-point CPU tensor, got ", dy.scalar_type(), " on ", dy.device());
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == B && dy.size(1) == C, op, ": dy has shape ", dy.sizes(),
               ": expected (", B, ", ", C, ")");
-
-  const auto op_opts = x.options().dtype(dt.op);
-  const auto acc_opts = x.options().dtype(dt.acc);
-  const bool direct = dt.op == t;  // the GEMMs write dV, dW straight into the outputs
-  const Tensor dy_acc = dy.to(dt.acc).contiguous();
-  const Tensor dy_op = dy_acc.to(dt.op);
-  const Tensor zc = z.contiguous();
-  Tensor dV = at::empty({H, k}, x.options());
-  Tensor dW = at::empty({C, H}, x.options());
-  Tensor db1 = at::empty({b1.has_value() ? H : 0}, x.options());
-  // db1 sums in the accumulation dtype (H elements: negligible)
-  Tensor db1_acc = dt.acc == t ? db1 : at::empty({db1.numel()}, acc_opts);
-
-  const Plan p = make_plan(B, H, chunk_h, loop, k, c10::elementSize(dt.acc));
-  Tensor dz_parts = at::zeros({p.groups, B, k}, acc_opts);
-  Tensor work_a = at::empty({p.slots, B * p.chunk}, op_opts);
-  Tensor work_d = at::empty({p.slots, B * p.chunk}, op_opts);
-  Tensor dz_part = low ? at::empty({p.slots, B, k}, op_opts) : Tensor();
-  const bool scratch = low && activation != kRelu;
-  Tensor scratch_a = scratch ? at::empty({p.slots, B * p.chunk}, acc_opts) : Tensor();
-  Tensor scratch_d = scratch ? at::empty({p.slots, B * p.chunk}, acc_opts) : Tensor();
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
-    Tensor a = tile(work_a[slot], B, n);
-    Tensor d = tile(work_d[slot], B, n);
-    const Tensor Vj = V.narrow(0, h0, n).to(dt.op);
-    const auto b1j = bias_chunk(b1, h0, n, dt.op);
-    pre_activation(a, zc, Vj, b1j, low);
-    at::mm_out(d, dy_op, W.narrow(1, h0, n).to(dt.op));
-    if (low) {
-      Tensor sa = scratch ? scratch_a[slot] : Tensor();
-      Tensor sd = scratch ? scratch_d[slot] : Tensor();
-      float* pdb1 = b1.has_value() ? db1_acc.data_ptr<float>() + h0 : nullptr;
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(dt.op, "mimic_fast_cpu_epilogue_bwd_low", [&] {
-        epilogue_bwd_low<scalar_t>(a, d, pdb1, activation, sa, sd);
-      });
-    } else {
-      AT_DISPATCH_FLOATING_TYPES(dt.op, "mimic_fast_cpu_epilogue_bwd", [&] {
-        scalar_t* pdb1 = b1.has_value() ? db1_acc.data_ptr<scalar_t>() + h0 : nullptr;
-        epilogue_bwd<scalar_t>(a, d, b1j ? b1j->data_ptr<scalar_t>() : nullptr, pdb1, activation);
-      });
-    }
-    Tensor dWj = dW.narrow(1, h0, n);
-    Tensor dVj = dV.narrow(0, h0, n);
-    if (direct) {
-      at::mm_out(dWj, dy_op.t(), a);
-      at::mm_out(dVj, d.t(), zc);
-    } else {
-      dWj.copy_(at::mm(dy_op.t(), a));
-      dVj.copy_(at::mm(d.t(), zc));
-    }
-    Tensor dzg = dz_parts[group];
-    Tensor part = low ? dz_part[slot] : Tensor();
-    addmm_acc(dzg, d, Vj, part);
+  if (!native) return backward_wide(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h, loop);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(t, "mimic_fast_cpu_backward_low", [&] {
+    out = backward_low<scalar_t>(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h, loop);
   });
-  Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
-  if (b1.has_value() && dt.acc != t) db1.copy_(db1_acc);
-  const Tensor dz_op = dz.to(dt.op);
-  Tensor dU = at::mm(dz_op.t(), x.to(dt.op)).to(t);
-  Tensor dx = at::mm(dz_op, U.to(dt.op)).to(t);
-  Tensor db2 = has_b2 ? dy_acc.sum(0).to(t) : at::empty({0}, x.options());
-  return {dx, dU, dV, db1, dW, db2};
+  return out;
 }
 
 // y (B, C) and the teacher t in the accumulation dtype A; b2 in the input dtype B2.
@@ -582,6 +755,11 @@ std::tuple<Tensor, Tensor, Tensor> mimic_fwd(const Tensor& x, const Tensor& U, c
   return {loss, z, dy_unit};
 }
 
+// Whether the native path's GEMMs are linked here, for (bfloat16, float16).
+std::vector<int64_t> native_gemms() {
+  return {native_gemm_for(at::kBFloat16), native_gemm_for(at::kHalf)};
+}
+
 }  // namespace
 }  // namespace mimic_fast_cpu
 
@@ -597,6 +775,8 @@ TORCH_LIBRARY(mimic_fast, m) {
   m.def("cpu_mimic_fwd(Tensor x, Tensor U, Tensor V, Tensor? b1, Tensor W, Tensor? b2, "
         "Tensor teacher, int activation, int reduction, int chunk_h, int loop, bool native) -> "
         "(Tensor, Tensor, Tensor)");
+  // No tensor arguments, so a catch-all kernel: whether MKL's bf16 / fp16 -> f32 GEMMs are linked.
+  m.def("cpu_native_gemms() -> int[]", &mimic_fast_cpu::native_gemms);
 }
 
 TORCH_LIBRARY_IMPL(mimic_fast, CPU, m) {

@@ -5,10 +5,11 @@ pool; the (B, H) hidden layer never exists. The plan of a call (plan(): chunk wi
 compute path) is made here and passed to the C++ ops as arguments:
 
 - compute path, per dtype (compute_path()): float32 / float64 natively. bfloat16 / float16 natively
-  (operands in their dtype, float32 accumulation, float32 epilogue) where the CPU has a native
-  matmul for the dtype and oneDNN can use it, read from the CPU's features (never from a timing,
-  so results never depend on the machine's load); elsewhere computed in float32, because ATen's
-  emulated bf16/fp16 GEMMs are far slower there (~100x on an AVX2-only CPU) than float32 ones.
+  (operands in their dtype, MKL's bf16/fp16 -> float32 GEMMs, float32 epilogues and sums) where the
+  CPU has a native matmul for the dtype (AMX-BF16 / AVX512-BF16, AMX-FP16) and torch's MKL has the
+  GEMMs, read from the CPU's features (never from a timing, so results never depend on the
+  machine's load); elsewhere computed in float32: without the matrix units MKL widens to SGEMM
+  anyway, and the float32 path keeps h and da in float32 too.
 - chunk width: one operand-dtype tile of B x chunk is half of the core's L2 (so the epilogue and the
   GEMMs reading the tile back hit cache), a multiple of 64 in [64, 4096].
 - loop order: "auto" lets the C++ op choose by thread count (chunks order when every thread gets
@@ -54,11 +55,11 @@ except (ImportError, OSError) as e:  # not built, or built against another torch
 
 # ---- the compute path of bfloat16 / float16: from the CPU's features -------------------------------
 # A native low-precision matmul with float32 accumulation, per dtype: the feature flags of
-# torch.cpu.get_capabilities() that provide one, and the oneDNN check ATen's GEMMs go through.
+# torch.cpu.get_capabilities() that provide one.
 NATIVE_FEATURES = {
     torch.bfloat16: (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")),
-    # AVX512-FP16 has no float32-accumulating fp16 dot product (oneDNN widens fp16 to fp32 there):
-    # only AMX-FP16 is a native fp16 matmul.
+    # AVX512-FP16 has no float32-accumulating fp16 dot product (MKL / oneDNN widen fp16 to fp32
+    # there): only AMX-FP16 is a native fp16 matmul.
     torch.float16: (("amx_fp16", "AMX-FP16"),),
 }
 
@@ -72,15 +73,16 @@ def _read_capabilities():
                 "amx_fp16": torch.cpu._is_amx_fp16_supported()}
 
 
-def _read_onednn():
-    ok = torch.backends.mkldnn.is_available()
-    return {torch.bfloat16: ok and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-            torch.float16: ok and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
+def _read_gemms():
+    if _IMPORT_ERROR is not None:
+        return {torch.bfloat16: False, torch.float16: False}
+    bf16, fp16 = torch.ops.mimic_fast.cpu_native_gemms()
+    return {torch.bfloat16: bool(bf16), torch.float16: bool(fp16)}
 
 
 # Read once, at import (cheap: cpuinfo flags), so that torch.compile traces plan() as plain Python.
 _CAPABILITIES = _read_capabilities()
-_ONEDNN = _read_onednn()
+_GEMMS = _read_gemms()
 
 
 def _capabilities():
@@ -88,28 +90,29 @@ def _capabilities():
     return _CAPABILITIES
 
 
-def _onednn():
-    """Whether ATen's GEMMs can use oneDNN for bfloat16 / float16 here."""
-    return _ONEDNN
+def _gemms():
+    """Whether torch's MKL has the bf16 / fp16 -> float32 GEMMs the native path runs on."""
+    return _GEMMS
 
 
-def compute_path(dtype, capabilities=None, onednn=None):
+def compute_path(dtype, capabilities=None, gemms=None):
     """("native" | "float32", why) for `dtype` on this CPU, or on one described by `capabilities`
-    (torch.cpu.get_capabilities()-style flags) and `onednn` ({dtype: oneDNN supports it})."""
+    (torch.cpu.get_capabilities()-style flags) and `gemms` ({dtype: MKL's dtype -> float32 GEMM
+    is linked})."""
     if dtype not in LOW_PRECISION:
-        return "native", f"{str(dtype).replace('torch.', '')} GEMMs in MKL / oneDNN"
+        return "native", f"{str(dtype).replace('torch.', '')} GEMMs (MKL)"
     caps = _capabilities() if capabilities is None else capabilities
-    onednn = _onednn() if onednn is None else onednn
+    gemms = _gemms() if gemms is None else gemms
     name = str(dtype).replace("torch.", "")
     have = [label for flag, label in NATIVE_FEATURES[dtype] if caps.get(flag)]
     wanted = " or ".join(label for _, label in NATIVE_FEATURES[dtype])
     if not have:
         return "float32", (f"computed in float32: this CPU has no {wanted}, so {name} GEMMs would "
                            f"be emulated, slower than float32 ones")
-    if not onednn.get(dtype):
-        return "float32", (f"computed in float32: the CPU has {', '.join(have)} but torch's oneDNN "
-                           f"cannot run {name} GEMMs here")
-    return "native", (f"native {name} GEMMs with float32 accumulation (oneDNN on {', '.join(have)}), "
+    if not gemms.get(dtype):
+        return "float32", (f"computed in float32: the CPU has {', '.join(have)} but this torch has no "
+                           f"MKL {name} -> float32 GEMM")
+    return "native", (f"native {name} GEMMs with float32 accumulation (MKL on {', '.join(have)}), "
                       f"float32 epilogues and sums")
 
 
