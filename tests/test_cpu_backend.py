@@ -120,24 +120,25 @@ def test_float32_mimic_loss_matches_float64_reference(B, D, k, H, C, lead, n, re
     _compare_all(out, grads, out_r, grads_r, torch.float32)
 
 
-def test_non_contiguous_inputs(chunk):
-    chunk(64)
+@pytest.mark.parametrize("dtype,native", [(torch.float32, None), (torch.bfloat16, True)])
+def test_non_contiguous_inputs(dtype, native, chunk):
+    chunk(64, native=native)
     B, D, k, H, C = 6, 10, 3, 150, 4
-    x, U, V, b1, W, b2 = make_mlp_inputs(B, D, k, H, C, requires_grad=False)
+    x, U, V, b1, W, b2 = make_mlp_inputs(B, D, k, H, C, dtype=dtype, requires_grad=False)
     # x a column slice, U and V stored transposed, W and b1 strided views.
-    x_nc = torch.cat([x, torch.zeros(B, 3)], 1)[:, :D]
+    x_nc = torch.cat([x, torch.zeros(B, 3, dtype=dtype)], 1)[:, :D]
     U_nc, V_nc = U.t().contiguous().t(), V.t().contiguous().t()
     W_nc = torch.cat([W, W], 1)[:, ::2]
     b1_nc = torch.stack([b1, b1], 1)[:, 0]
     nc = [t.requires_grad_() for t in (x_nc, U_nc, V_nc, b1_nc, W_nc, b2.clone())]
     assert not any(t.is_contiguous() for t in nc[:5])
-    t = torch.randn(B, C)
+    t = torch.randn(B, C).to(dtype)
     loss = mf.mimic_loss(*nc, t, backend="cpu")
     loss.backward()
     ref = to64(nc)
     loss_r = mf.mimic_loss(*ref, t.double(), backend="reference")
     loss_r.backward()
-    _compare_all(loss, _grads(nc), loss_r, _grads(ref), torch.float32)
+    _compare_all(loss, _grads(nc), loss_r, _grads(ref), dtype)
 
 
 # ---- low precision: the 2x rule, both compute paths ---------------------------------------------
