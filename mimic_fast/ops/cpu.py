@@ -175,8 +175,7 @@ def _l2_bytes():
 
 def default_chunk_h(B, dtype):
     """Columns per chunk such that one (B, chunk) tile in the GEMMs' dtype is half of the L2."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    chunk = (_l2_bytes() // 2) // (max(B, 1) * elem)
+    chunk = (_l2_bytes() // 2) // (max(B, 1) * dtype.itemsize)
     return max(MIN_CHUNK, min(MAX_CHUNK, chunk // CHUNK_STEP * CHUNK_STEP))
 
 
