@@ -9,6 +9,8 @@ A backend is a module under mimic_fast/ops exposing
     mlp_fwd(x, U, V, b1, W, b2, activation) -> (y, z)
     mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2) -> (dx, dU, dV, db1, dW, db2)
     mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction) -> (loss, z, dy_unit)
+    logit_mse_loss(s, t, reduction, zero_mean) -> loss   # optional: the loss ops (LOSS_OPS), with
+    kd_loss(s, t, temperature) -> loss                   # autograd; loss in float32 or s's dtype
     auto_reasons(p: Problem) -> list[str]  # optional: why `auto` should pass over it (it still
                                           # serves the inputs when named)
 
@@ -16,7 +18,8 @@ x is (B, D) (any strides), b1/b2 may be None; z is whatever the backend wants sa
 (x Uᵀ, (B, k)); y and loss are in x's dtype; dy may be x's dtype or float32; dy_unit is
 ∂loss/∂y for a unit upstream gradient (float32, (B, C)), scaled by the real one in backward.
 `auto` picks the first backend in AUTO_ORDER for the device that can serve the inputs, and never
-catches a failure of the chosen one.
+catches a failure of the chosen one. A backend without a function for an op (the loss ops are
+optional) cannot serve it, and says so among its reasons.
 """
 import importlib
 import platform
@@ -26,11 +29,28 @@ import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
-# Why AUTO_ORDER is what it is (mf.info() shows it): no GPU figure has been measured yet, so on CUDA
+# Why AUTO_ORDER is what it is (mf.info() shows it). CUDA: no GPU figure has been measured yet, so
 # the fused Triton kernels (no (B, H) traffic at all) come before the chunked cuBLAS backend by
 # design, not by measurement; scripts/gpu_check.sh measures both side by side to replace this rule.
-AUTO_REASON = ("fixed order, not measured: no GPU benchmark has been committed yet, so on CUDA the "
-               "fused triton kernels come first by design, then cuda, then reference")
+# CPU: the cpu backend in every dtype: the only other CPU backend, reference, runs the same chunked
+# algorithm as PyTorch ops and is slower everywhere; an unfused eager path is not offered because
+# no backend may hold the (B, H) hidden layer. Where the cpu backend is not faster than plain
+# PyTorch, the reason says so (figures: benchmarks/NOTES.md, cpu backend).
+AUTO_REASON = ("on CUDA a fixed order, not measured: no GPU benchmark has been committed yet, so the "
+               "fused triton kernels come first by design, then cuda, then reference. On CPU the cpu "
+               "backend in every dtype (its compute path per dtype is in its entry): reference runs "
+               "the same chunked algorithm in PyTorch ops and is slower, and no backend holds the "
+               "(B, H) hidden layer, so there is no unfused alternative. Against plain PyTorch "
+               "(measured on a 2-core AVX2 EPYC, B=256, D=1845, k=250, C=183): inference 1.1-1.5x; "
+               "fp32 training 1.2-1.3x at H=32768 but 0.9-1.0x at H=8000 (the backward's recompute "
+               "of the hidden layer is ~15% more FLOPs and eager's (B, H) tensors are cheap there); "
+               "bf16 6-55x where the CPU lacks bf16 matrix units (plain PyTorch emulates bf16 GEMMs, "
+               "the cpu backend computes in float32); steps under ~1 ms (tiny B and H) are slower "
+               "than plain PyTorch by a fixed ~0.2 ms per call; the native bf16/fp16 path on "
+               "AMX / AVX512-BF16 CPUs is not measured yet")
+LOSS_AUTO_REASON = ("logit_mse_loss / kd_loss: the first backend in the same order that has the op "
+                    "and can serve the inputs (cuda's one-pass kernels on CUDA; elsewhere the "
+                    "reference's PyTorch ops, as the cpu and triton backends have no loss ops)")
 _MODULES = {
     "reference": "mimic_fast.ops.reference",
     "cpu": "mimic_fast.ops.cpu",
@@ -41,10 +61,21 @@ _loaded = {}
 _import_errors = {}
 
 
-class Problem(NamedTuple):
-    """What a backend needs to know to say whether it can serve a call."""
+# Problem.op -> the backend function that serves it, and the public op it serves.
+OP_FUNCTIONS = {"mlp": "mlp_fwd", "mimic": "mimic_fwd", "logit_mse": "logit_mse_loss", "kd": "kd_loss"}
+PUBLIC_OPS = {"mlp": "bottleneck_mlp", "mimic": "mimic_loss", "logit_mse": "logit_mse_loss",
+              "kd": "kd_loss"}
+LOSS_OPS = ("logit_mse", "kd")
 
-    op: str  # "mlp" or "mimic"
+
+class Problem(NamedTuple):
+    """What a backend needs to know to say whether it can serve a call.
+
+    For the loss ops (LOSS_OPS) dtype is the student logits', teacher_dtype the teacher's, B the
+    number of rows and C the logits per row; D, k, H are 0 and activation is None.
+    """
+
+    op: str  # "mlp", "mimic", "logit_mse" or "kd"
     device: torch.device
     dtype: torch.dtype
     B: int
@@ -54,6 +85,20 @@ class Problem(NamedTuple):
     C: int
     activation: str
     teacher_dtype: object = None  # torch.dtype for "mimic"
+
+
+def loss_problem(op, student_logits, teacher_logits):
+    """The Problem of a loss op on (..., C) logits (already validated)."""
+    C = student_logits.shape[-1]
+    rows = student_logits.numel() // C if C else 0
+    return Problem(op, student_logits.device, student_logits.dtype, rows, 0, 0, 0, C, None,
+                   teacher_logits.dtype)
+
+
+def implements(name, op):
+    """Whether backend `name` has a function for `op` (a key of OP_FUNCTIONS)."""
+    module = _load(name)
+    return module is not None and hasattr(module, OP_FUNCTIONS[op])
 
 
 def _import_all():
@@ -87,6 +132,8 @@ def why_not(name, problem):
     unavailable = module.availability()
     if unavailable is not None:
         return [unavailable]
+    if not implements(name, problem.op):
+        return [f"it has no {PUBLIC_OPS[problem.op]} op"]
     return list(module.reasons(problem))
 
 
@@ -122,7 +169,8 @@ def info():
                      "torch_cuda": torch.version.cuda},
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backends": {},
-        "auto": {"order": {dev: list(order) for dev, order in AUTO_ORDER.items()}, "why": AUTO_REASON},
+        "auto": {"order": {dev: list(order) for dev, order in AUTO_ORDER.items()}, "why": AUTO_REASON,
+                 "losses": LOSS_AUTO_REASON},
     }
     try:
         import triton
@@ -136,7 +184,8 @@ def info():
             entry = {"available": False, "reason": f"could not be imported ({_import_errors[name]})"}
         else:
             reason = module.availability()
-            entry = {"available": reason is None, "reason": reason}
+            entry = {"available": reason is None, "reason": reason,
+                     "ops": [PUBLIC_OPS[op] for op in OP_FUNCTIONS if implements(name, op)]}
             entry.update(module.describe())
         report["backends"][name] = entry
     return report
@@ -148,13 +197,16 @@ def format_info(report=None):
     lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"cuda device: {report['cuda_device']}", "backend    available  why not / details"]
     for name, entry in report["backends"].items():
-        details = entry["reason"] or ", ".join(f"{k}={v}" for k, v in entry.items()
-                                               if k not in ("available", "reason"))
+        details = entry["reason"] or ", ".join(
+            f"{k}={'/'.join(v) if k == 'ops' else v}" for k, v in entry.items()
+            if k not in ("available", "reason"))
         lines.append(f"{name:<10} {'yes' if entry['available'] else 'no':<10} {details}")
     auto = report.get("auto")
     if auto:
         lines.append("auto: " + "; ".join(f"{dev}: {' > '.join(o)}" for dev, o in auto["order"].items())
                      + f" ({auto['why']})")
+        if auto.get("losses"):
+            lines.append(f"auto for the losses: {auto['losses']}")
     return "\n".join(lines)
 
 

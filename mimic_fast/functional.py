@@ -4,11 +4,9 @@ Each function validates once (mimic_fast._checks), picks a backend once (mimic_f
 hands flattened (B, D) inputs to an autograd.Function; leading batch dims are restored on the way out.
 """
 import torch
-import torch.nn.functional as F
 
 from . import dispatch
 from ._checks import check_logit_pair, check_mlp, check_positive, check_reduction
-from .ops import cuda as _cuda_ops
 from .ops.autograd import BottleneckMLPFunction, MimicLossFunction
 
 
@@ -80,43 +78,36 @@ def mimic_loss(x, U, V, b1, W, b2, teacher_logits, activation="relu", reduction=
     return loss.reshape(*dims.lead, dims.C) if reduction == "none" else loss
 
 
-def logit_mse_loss(student_logits, teacher_logits, reduction="mean", zero_mean=False):
+def _loss(op, student_logits, teacher_logits, backend, *args):
+    name = dispatch.select(backend, dispatch.loss_problem(op, student_logits, teacher_logits))
+    loss = getattr(dispatch.get(name), dispatch.OP_FUNCTIONS[op])(student_logits, teacher_logits,
+                                                                   *args)
+    # The backends return float32 (or wider) or s's dtype; the public dtype is s's, or float32
+    # under autocast as F.mse_loss / F.kl_div give.
+    dtype = student_logits.dtype
+    return loss.float() if _float32_loss(dtype, student_logits.device.type) else loss.to(dtype)
+
+
+def logit_mse_loss(student_logits, teacher_logits, reduction="mean", zero_mean=False, backend="auto"):
     """F.mse_loss on logits (Ba & Caruana's logit regression), accumulated in float32.
 
     zero_mean=True first subtracts each row's mean from both sides (Hinton et al. 2015: KD at high
     temperature then equals this loss up to a constant factor). Gradients flow to both arguments,
     as with F.mse_loss; detach the teacher's logits if they must not receive one.
+    `backend`: "auto" | "reference" | "cuda" (mf.info() lists which backends have the op).
     """
     check_logit_pair(student_logits, teacher_logits)
     check_reduction(reduction)
-    if _cuda_ops.loss_kernels_serve(student_logits, teacher_logits):  # one-pass CUDA kernel
-        return _cuda_ops.logit_mse_loss(student_logits, teacher_logits, reduction, zero_mean)
-    s, t = student_logits, teacher_logits
-    acc = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
-    s32, t32 = s.to(acc), t.to(acc)
-    if zero_mean:
-        s32 = s32 - s32.mean(dim=-1, keepdim=True)
-        t32 = t32 - t32.mean(dim=-1, keepdim=True)
-    loss = F.mse_loss(s32, t32, reduction=reduction)
-    return loss if _float32_loss(s.dtype, s.device.type) else loss.to(s.dtype)
+    return _loss("logit_mse", student_logits, teacher_logits, backend, reduction, zero_mean)
 
 
-def kd_loss(student_logits, teacher_logits, temperature=4.0):
+def kd_loss(student_logits, teacher_logits, temperature=4.0, backend="auto"):
     """Hinton knowledge distillation: KL(softmax(t/T) ‖ softmax(s/T)), batch-mean, times T².
 
     The T² factor keeps the gradient scale independent of T when mixed with a hard-label loss.
     Leading dims are flattened: the batch is every row of (..., C).
+    `backend`: "auto" | "reference" | "cuda" (mf.info() lists which backends have the op).
     """
     check_logit_pair(student_logits, teacher_logits)
     check_positive("temperature", temperature)
-    if _cuda_ops.loss_kernels_serve(student_logits, teacher_logits):  # two-pass CUDA kernel
-        return _cuda_ops.kd_loss(student_logits, teacher_logits, temperature)
-    C = student_logits.shape[-1]
-    acc = torch.promote_types(student_logits.dtype, torch.float32)
-    s = student_logits.reshape(-1, C).to(acc) / temperature
-    t = teacher_logits.reshape(-1, C).to(acc) / temperature
-    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean",
-                  log_target=True)
-    loss = kl * (temperature * temperature)
-    dtype = student_logits.dtype
-    return loss if _float32_loss(dtype, student_logits.device.type) else loss.to(dtype)
+    return _loss("kd", student_logits, teacher_logits, backend, temperature)

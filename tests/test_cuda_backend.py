@@ -84,7 +84,10 @@ def test_asking_for_cuda_when_unavailable_raises_with_the_reason():
     with pytest.raises(ValueError, match="backend 'cuda' cannot serve") as err:
         mf.bottleneck_mlp(x, U, V, b1, W, b2, backend="cuda")
     assert cuda.availability() in str(err.value)
-    assert not cuda.loss_kernels_serve(x, x)
+    for loss in (lambda: mf.logit_mse_loss(x, x, backend="cuda"), lambda: mf.kd_loss(x, x, backend="cuda")):
+        with pytest.raises(ValueError, match="backend 'cuda' cannot serve") as err:
+            loss()
+        assert cuda.availability() in str(err.value)
 
 
 # ---- CPU: autograd wiring of the loss functions (emulated kernels, float64) --------------------------
@@ -273,7 +276,7 @@ def test_logit_mse_kernel_matches_functional(shape, reduction, zero_mean, s_dtyp
     loss64 = functional.logit_mse_loss(s64, t64, reduction, zero_mean)
     # Plain PyTorch on the same mixed-dtype inputs is the 2x rule's baseline.
     sb, tb = s.detach().requires_grad_(), t.detach().requires_grad_()
-    base = functional.logit_mse_loss(sb, tb, reduction, zero_mean)
+    base = functional.logit_mse_loss(sb, tb, reduction, zero_mean, backend="reference")
     assert loss.dtype == s_dtype and loss.shape == loss64.shape
     _check(loss, loss64, base, "loss")
     g = torch.rand_like(loss64) + 0.5
@@ -294,7 +297,8 @@ def test_kd_kernel_matches_functional(C, T, s_dtype, t_dtype):
     loss = cuda.kd_loss(s, t.detach(), T)
     loss64 = functional.kd_loss(s64, t64.detach(), T)
     sb = s.detach().requires_grad_()
-    base = functional.kd_loss(sb, t.detach().to(s_dtype), T) if s_dtype in LOW else None
+    base = (functional.kd_loss(sb, t.detach().to(s_dtype), T, backend="reference")
+            if s_dtype in LOW else None)
     assert loss.dtype == s_dtype and loss.dim() == 0
     _check(loss, loss64, base, "kd")
     (ds,) = torch.autograd.grad(loss, (s,))

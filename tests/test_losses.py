@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import mimic_fast as mf
+from mimic_fast import dispatch
 from mimic_fast.testing import assert_close, assert_within_2x
 
 
@@ -66,3 +67,58 @@ def test_loss_module():
     s, t = torch.randn(3, 4), torch.randn(3, 4)
     assert_close(m(s, t), mf.logit_mse_loss(s, t, "sum", True), "module")
     assert "reduction='sum', zero_mean=True" in repr(m)
+
+
+# ---- dispatch: backend=, reasons, mf.info() -------------------------------------------------------
+
+LOSSES = {"logit_mse_loss": lambda s, t, **kw: mf.logit_mse_loss(s, t, "sum", True, **kw),
+          "kd_loss": lambda s, t, **kw: mf.kd_loss(s, t, 2.0, **kw)}
+
+
+@pytest.mark.parametrize("op", LOSSES)
+def test_losses_go_through_dispatch(op):
+    s = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 9, dtype=torch.float64)
+    ours = LOSSES[op](s, t)
+    named = LOSSES[op](s, t, backend="reference")
+    assert_close(ours, named, op)
+    problem = dispatch.loss_problem("logit_mse" if op == "logit_mse_loss" else "kd", s, t)
+    assert (problem.B, problem.C, problem.dtype) == (5, 9, torch.float64)
+    assert dispatch.select("auto", problem) == "reference"  # no CPU backend has loss kernels
+    # A backend without the op is refused with the reason, never silently replaced.
+    with pytest.raises(ValueError, match=rf"backend 'cpu' cannot serve these inputs: .*no {op} op"):
+        LOSSES[op](s, t, backend="cpu")
+    with pytest.raises(ValueError, match=r"backend 'cuda' cannot serve these inputs: .+"):
+        LOSSES[op](s, t, backend="cuda")
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'"):
+        LOSSES[op](s, t, backend="fast")
+
+
+def test_cuda_loss_reasons_name_device_and_dtypes():
+    cuda = dispatch.get("cuda")
+    p = dispatch.loss_problem("kd", torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3))
+    why = cuda.reasons(p)
+    assert any("CUDA tensors only" in r for r in why) and any("float64" in r for r in why)
+    p = p._replace(device=torch.device("cuda", 0), dtype=torch.bfloat16, teacher_dtype=torch.float64)
+    assert any("teacher_logits dtype torch.float64" in r for r in cuda.reasons(p))
+
+
+def test_info_lists_the_loss_ops_per_backend():
+    report = mf.info()
+    ops = {name: entry.get("ops") for name, entry in report["backends"].items()}
+    assert {"logit_mse_loss", "kd_loss"} <= set(ops["reference"])
+    if ops["cpu"] is not None:  # the C++ extension may be missing; then its entry has no ops
+        assert "bottleneck_mlp" in ops["cpu"] and "logit_mse_loss" not in ops["cpu"]
+    assert "reference's PyTorch ops" in report["auto"]["losses"]
+    assert "auto for the losses:" in dispatch.format_info(report)
+
+
+def test_losses_under_autocast_are_float32_and_exact():
+    s, t = torch.randn(6, 11), torch.randn(6, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mse = mf.logit_mse_loss(s.bfloat16(), t)
+        kd = mf.kd_loss(s.bfloat16(), t.bfloat16(), 3.0)
+    assert mse.dtype == kd.dtype == torch.float32
+    assert_close(mse, F.mse_loss(s.bfloat16().double(), t.double()), "mse", dtype=torch.float32)
+    assert_close(mf.logit_mse_loss(s.bfloat16(), t.bfloat16()).float(), mse, "bf16 mse",
+                 dtype=torch.bfloat16)

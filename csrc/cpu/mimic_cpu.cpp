@@ -1,21 +1,20 @@
 // CPU ops of mimic_fast: the bottleneck MLP  y = act((x Uᵀ) Vᵀ + b1) Wᵀ + b2  and the fused mimic
 // loss, streamed over the hidden width H in chunks so that no (B, H) tensor is ever allocated.
 //
-// Design limits: the GEMMs are ATen's (MKL / oneDNN / OpenBLAS, whatever torch was built with) and
-// only the elementwise epilogues are ours; the hidden layer is recomputed in backward (z = x Uᵀ is
-// saved), which costs one extra (B,k)x(k,H) GEMM, ~19% of the step's FLOPs at the paper's sizes.
+// Design limits: the GEMMs are ATen's or (native bf16/fp16) MKL's and only the elementwise epilogues
+// are ours; the hidden layer is recomputed in backward (z = x Uᵀ is saved), which costs one extra
+// (B,k)x(k,H) GEMM, ~19% of the step's FLOPs at the paper's sizes.
 //
-// Chunk size: each chunk keeps two (B, chunk) compute-dtype tiles live (pre-activation / hidden,
-// and dh / da in backward) plus the V and W column blocks they touch (chunk x (k + C)). The tile is
-// B * chunk * sizeof(float) ~= 1 MiB, half of a 2 MiB per-core L2 (current Xeon / EPYC): at B = 256
-// that is 1024 columns, wide enough for the GEMMs to run near their peak (they lose efficiency
-// below ~256 columns). Measured on a 2-core Xeon (benchmarks/tune_cpu.py): 512 and 1024 columns
-// are equal at best, and 1024 was the steadier under co-tenant load. Clamped to [64, 4096] columns,
-// a multiple of 64 (GEMM micro-kernel widths). MIMIC_FAST_CPU_CHUNK_H overrides it (read per call:
-// for tuning and CPUs with very different caches).
-//
-// Dtypes: float32 and float64 are computed natively; bfloat16 / float16 are upcast to float32 chunk
-// by chunk (float32 accumulation everywhere) and outputs are cast back to the input dtype.
+// The plan is the caller's (mimic_fast/ops/cpu.py): every op takes the chunk width (columns of H per
+// chunk), the loop order and, for bfloat16 / float16, the compute path:
+//  - native: the GEMM operands (x, U, V, W, z, the hidden tile h, dy, da) stay in the input dtype and
+//    every GEMM reads them in it and writes float32 (MKL: AMX / AVX512-BF16 where the CPU has them);
+//    the bias/activation epilogue computes in float32 on the cache-resident tile and writes the
+//    low-precision operand of the next GEMM; the sums across chunks (y, dz) and rows (db1, db2) and
+//    the loss stay float32. Weights already stored in the input dtype are read as they are.
+//  - float32: the operands are upcast chunk by chunk and everything is computed in float32 (for CPUs
+//    without a native low-precision matmul, where bf16/fp16 GEMMs are emulated or widened).
+// float32 and float64 are computed natively. Outputs are in the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,46 +22,71 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <tuple>
 #include <vector>
+
+// MKL's mixed-precision CBLAS GEMMs (LP64: MKL_INT is int; CBLAS_LAYOUT / CBLAS_TRANSPOSE are
+// int-sized enums), exported by torch's MKL-linked CPU builds; weak, so that the extension loads
+// where torch has no MKL (then native_gemm_for() is false and the native path is refused).
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const void* a, int lda, const void* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const void* a, int lda, const void* b, int ldb, float beta, float* c,
+                          int ldc) __attribute__((weak));
+}
 
 namespace mimic_fast_cpu {
 namespace {
 
 using at::Tensor;
 
-// Codes of mimic_fast/activations.py ACTIVATION_CODES; reductions of the Python wrapper.
+// Codes of mimic_fast/activations.py ACTIVATION_CODES; reductions of the Python wrapper; loop orders
+// of mimic_fast/ops/cpu.py LOOP_CODES.
 enum Activation : int64_t { kRelu = 0, kSigmoid = 1, kTanh = 2, kGelu = 3 };
 enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
+enum LoopCode : int64_t { kLoopAuto = 0, kLoopGemm = 1, kLoopChunks = 2 };
 
-constexpr int64_t kTileBytes = 1 << 20;
-constexpr int64_t kMinChunk = 64;
-constexpr int64_t kMaxChunk = 4096;
 // Elements per at::parallel_for task: below this, thread wake-up costs more than the work.
 constexpr int64_t kGrainElems = 16384;
+// Cap on the per-group partials (G x B x k for dz): they are workspace like the tiles.
+constexpr int64_t kPartialBytes = 4 << 20;
 
-int64_t chunk_h(int64_t B, int64_t H, int64_t tile_bytes) {
-  int64_t chunk = 0;
-  if (const char* env = std::getenv("MIMIC_FAST_CPU_CHUNK_H")) {
-    chunk = std::atoll(env);
-    TORCH_CHECK(chunk > 0, "MIMIC_FAST_CPU_CHUNK_H must be a positive integer, got '", env, "'");
-  } else {
-    chunk = tile_bytes / (std::max<int64_t>(B, 1) * static_cast<int64_t>(sizeof(float)));
-    chunk = std::clamp<int64_t>(chunk / kMinChunk * kMinChunk, kMinChunk, kMaxChunk);
-  }
-  return std::max<int64_t>(1, std::min(chunk, H));
+bool is_low(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+bool native_gemm_for(at::ScalarType t) {
+  if (t == at::kBFloat16) return cblas_gemm_bf16bf16f32 != nullptr;
+  if (t == at::kHalf) return cblas_gemm_f16f16f32 != nullptr;
+  return false;
 }
 
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+// Dtypes of one call: `op` of the GEMM operands and tiles, `acc` of the sums across chunks.
+struct Dtypes {
+  at::ScalarType op, acc;
+};
+
+Dtypes dtypes_of(at::ScalarType t, bool native) {
+  if (is_low(t)) return {native ? t : at::kFloat, at::kFloat};
+  return {t, t};
 }
 
 void check_activation(int64_t activation) {
   TORCH_CHECK(activation >= kRelu && activation <= kGelu,
               "activation code must be 0 (relu), 1 (sigmoid), 2 (tanh) or 3 (gelu), got ", activation);
+}
+
+void check_plan_args(const char* op, int64_t chunk_h, int64_t loop, bool native, at::ScalarType t) {
+  TORCH_CHECK(chunk_h >= 1, op, ": chunk_h must be a positive number of columns, got ", chunk_h);
+  TORCH_CHECK(loop >= kLoopAuto && loop <= kLoopChunks, op,
+              ": loop code must be 0 (auto), 1 (gemm) or 2 (chunks), got ", loop);
+  TORCH_CHECK(!native || is_low(t), op, ": native=True is for bfloat16 / float16 inputs, got ", t);
+  TORCH_CHECK(!native || native_gemm_for(t), op, ": native=True needs MKL's ", t,
+              " -> float32 GEMM, which this torch build does not have");
 }
 
 void check_cpu(const char* op, const char* name, const Tensor& t, at::ScalarType dtype) {
@@ -112,7 +136,8 @@ Tensor tile(const Tensor& flat, int64_t rows, int64_t cols) {
 
 // ---- fused epilogues (elementwise over one (B, n) tile; all tiles are contiguous) ---------------
 // at::parallel_for runs on torch's intra-op pool: OpenMP in torch's CPU builds (see
-// torch.__config__.parallel_info()), so it shares threads with the BLAS calls around it.
+// torch.__config__.parallel_info()), so it shares threads with the BLAS calls around it. Inside the
+// `chunks` loop order it runs inline on the calling thread.
 
 template <typename T>
 void add_bias(T* a, const T* bias, int64_t B, int64_t n) {
@@ -124,12 +149,11 @@ void add_bias(T* a, const T* bias, int64_t B, int64_t n) {
   });
 }
 
-// Forward: a <- act(a + b1).
+// Forward, a tile in its compute dtype T (float / double): a <- act(a + b1).
 template <typename T>
-void epilogue_fwd(Tensor& a, const c10::optional<Tensor>& bias, int64_t activation) {
+void epilogue_fwd(Tensor& a, const T* pb, int64_t activation) {
   const int64_t B = a.size(0), n = a.size(1);
   T* pa = a.data_ptr<T>();
-  const T* pb = bias.has_value() ? bias->data_ptr<T>() : nullptr;
   if (activation == kRelu) {
     at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -155,17 +179,16 @@ void epilogue_fwd(Tensor& a, const c10::optional<Tensor>& bias, int64_t activati
   else at::gelu_(a, "none");
 }
 
-// Backward: with a = z Vⱼᵀ (pre-bias) and d = dy Wⱼ = dh on entry, leave h = act(a + b1) in a,
-// da = dh ⊙ act'(a + b1) in d, and (if db1) db1 = Σ_rows da. Split over columns so every column's
-// sum runs over the rows in order: db1 is bitwise the same for any thread count.
+// Backward, tiles in their compute dtype T: with a = z Vⱼᵀ (pre-bias) and d = dy Wⱼ = dh on entry,
+// leave h = act(a + b1) in a, da = dh ⊙ act'(a + b1) in d, and (if db1) db1 = Σ_rows da. Split over
+// columns so every column's sum runs over the rows in order: db1 is bitwise the same for any
+// thread count.
 template <typename T>
-void epilogue_bwd(Tensor& a, Tensor& d, const c10::optional<Tensor>& bias, T* db1,
-                  int64_t activation) {
+void epilogue_bwd(Tensor& a, Tensor& d, const T* pb, at::opmath_type<T>* db1, int64_t activation) {
   using acc_t = at::opmath_type<T>;
   const int64_t B = a.size(0), n = a.size(1);
   T* pa = a.data_ptr<T>();
   T* pd = d.data_ptr<T>();
-  const T* pb = bias.has_value() ? bias->data_ptr<T>() : nullptr;
   const int64_t col_grain = std::max<int64_t>(16, kGrainElems / std::max<int64_t>(B, 1));
 
   if (activation == kGelu) {
@@ -202,14 +225,14 @@ void epilogue_bwd(Tensor& a, Tensor& d, const c10::optional<Tensor>& bias, T* db
       }
     }
     if (db1) {
-      for (int64_t c = 0; c < w; ++c) db1[c0 + c] = static_cast<T>(sums[c]);
+      for (int64_t c = 0; c < w; ++c) db1[c0 + c] = sums[c];
     }
   });
 }
 
 // ---- the streamed passes -------------------------------------------------------------------------
 
-// Two loop orders over the chunks (MIMIC_FAST_CPU_LOOP=gemm|chunks overrides the rule below):
+// Two loop orders over the chunks (the caller's plan picks one; auto: the rule in make_plan):
 //  gemm:   chunks in sequence, each GEMM and epilogue spread over all threads (a barrier per GEMM);
 //  chunks: threads take groups of chunks dynamically (an atomic counter, so a thread that the OS
 //          preempts on a shared machine holds up the others by one group at most) and run them with
@@ -222,36 +245,29 @@ enum class Loop { kGemm, kChunks };
 
 struct Plan {
   Loop loop;
-  int64_t chunk, nchunks, groups;
+  int64_t chunk, nchunks, groups, slots;
 };
 
-// Cap on the per-group partials (G x B x k for dz): they are workspace like the tiles.
-constexpr int64_t kPartialBytes = 4 << 20;
-
-Plan plan(int64_t B, int64_t H, int64_t partial_cols) {
+Plan make_plan(int64_t B, int64_t H, int64_t chunk_h, int64_t loop, int64_t partial_cols,
+               int64_t acc_bytes) {
   Plan p;
   const int64_t T = at::get_num_threads();
-  p.chunk = chunk_h(B, H, kTileBytes);
+  p.chunk = std::max<int64_t>(1, std::min(chunk_h, H));
   p.nchunks = (H + p.chunk - 1) / p.chunk;
-  // Chunks order when there are enough chunks for every thread to take a few.
-  p.loop = (T > 1 && p.nchunks >= 2 * T) ? Loop::kChunks : Loop::kGemm;
-  if (const char* env = std::getenv("MIMIC_FAST_CPU_LOOP")) {
-    const std::string s(env);
-    TORCH_CHECK(s == "gemm" || s == "chunks", "MIMIC_FAST_CPU_LOOP must be 'gemm' or 'chunks', got '",
-                s, "'");
-    p.loop = s == "gemm" ? Loop::kGemm : Loop::kChunks;
+  if (loop == kLoopAuto) {
+    // Chunks order when there are enough chunks for every thread to take a few.
+    p.loop = (T > 1 && p.nchunks >= 2 * T) ? Loop::kChunks : Loop::kGemm;
+  } else {
+    p.loop = loop == kLoopGemm ? Loop::kGemm : Loop::kChunks;
   }
   const int64_t by_memory =
-      kPartialBytes / std::max<int64_t>(1, B * partial_cols * static_cast<int64_t>(sizeof(float)));
+      kPartialBytes / std::max<int64_t>(1, B * partial_cols * acc_bytes);
   p.groups = p.loop == Loop::kGemm
                  ? 1
                  : std::min({p.nchunks, 8 * T, std::max<int64_t>(T, by_memory)});
+  // Workspace slots: one per thread that can run a group.
+  p.slots = p.loop == Loop::kGemm ? 1 : std::min<int64_t>(p.groups, T);
   return p;
-}
-
-// Workspace slots: one per thread that can run a group.
-int64_t num_slots(const Plan& p) {
-  return p.loop == Loop::kGemm ? 1 : std::min<int64_t>(p.groups, at::get_num_threads());
 }
 
 // body(h0, n, slot, group) for every chunk [h0, h0 + n): slot picks the running thread's workspace,
@@ -269,9 +285,8 @@ void for_each_chunk(const Plan& p, int64_t H, const F& body) {
     run_group(0, 0);
     return;
   }
-  const int64_t slots = num_slots(p);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+  at::parallel_for(0, p.slots, 1, [&](int64_t s0, int64_t s1) {
     // Pool threads do not inherit the caller's thread-local state: keep autograd out of the GEMMs
     // (they write into out= views, which autograd refuses when a weight requires grad).
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -281,68 +296,65 @@ void for_each_chunk(const Plan& p, int64_t H, const F& body) {
   });
 }
 
-// Sum of the per-group partials in group order.
+// Sum of the per-group partials in group order, in one parallel region (under co-tenant load each
+// region costs a scheduler wake-up of every thread: one add_ per group cost more than the sums).
 Tensor sum_groups(const Tensor& parts) {
-  Tensor out = parts[0].clone();
-  for (int64_t g = 1; g < parts.size(0); ++g) out.add_(parts[g]);
+  const int64_t G = parts.size(0), numel = parts[0].numel();
+  Tensor out = at::empty(parts[0].sizes(), parts.options());
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "mimic_fast_cpu_sum_groups", [&] {
+    const scalar_t* src = parts.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, numel, kGrainElems, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[i] = src[i];
+      for (int64_t g = 1; g < G; ++g) {
+        const scalar_t* pg = src + g * numel;
+        for (int64_t i = i0; i < i1; ++i) dst[i] += pg[i];
+      }
+    });
+  });
   return out;
 }
 
-// y (without b2) and z = x Uᵀ, both in the compute dtype.
-std::tuple<Tensor, Tensor> forward_cd(const Tensor& x, const Tensor& U, const Tensor& V,
-                                      const c10::optional<Tensor>& b1, const Tensor& W,
-                                      int64_t activation) {
-  const auto cd = compute_dtype(x.scalar_type());
+c10::optional<Tensor> bias_chunk(const c10::optional<Tensor>& b1, int64_t h0, int64_t n,
+                                 at::ScalarType op) {
+  if (!b1.has_value()) return c10::nullopt;
+  return b1->narrow(0, h0, n).to(op).contiguous();
+}
+
+// ---- float32 / float64 (and the float32 path of bf16 / fp16: operands upcast per chunk) ----------
+
+// y (without b2) and z = x Uᵀ, both in the compute dtype cd.
+std::tuple<Tensor, Tensor> forward_wide(const Tensor& x, const Tensor& U, const Tensor& V,
+                                        const c10::optional<Tensor>& b1, const Tensor& W,
+                                        int64_t activation, int64_t chunk_h, int64_t loop) {
+  const auto cd = dtypes_of(x.scalar_type(), false).op;
   const auto opts = x.options().dtype(cd);
   const int64_t B = x.size(0), H = V.size(0), C = W.size(0);
   Tensor z = at::mm(x.to(cd), U.to(cd).t());
-  const Plan p = plan(B, H, C);
+  const Plan p = make_plan(B, H, chunk_h, loop, C, c10::elementSize(cd));
   Tensor y_parts = at::zeros({p.groups, B, C}, opts);
-  Tensor work = at::empty({num_slots(p), B * p.chunk}, opts);
+  Tensor work = at::empty({p.slots, B * p.chunk}, opts);
   for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
     Tensor a = tile(work[slot], B, n);
     at::mm_out(a, z, V.narrow(0, h0, n).to(cd).t());
-    c10::optional<Tensor> b1j;
-    if (b1.has_value()) b1j = b1->narrow(0, h0, n).to(cd).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_epilogue_fwd",
-                               [&] { epilogue_fwd<scalar_t>(a, b1j, activation); });
+    const auto b1j = bias_chunk(b1, h0, n, cd);
+    AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_epilogue_fwd", [&] {
+      epilogue_fwd<scalar_t>(a, b1j ? b1j->data_ptr<scalar_t>() : nullptr, activation);
+    });
     y_parts[group].addmm_(a, W.narrow(1, h0, n).to(cd).t());
   });
   return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
 }
 
-std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& U, const Tensor& V,
-                                   const c10::optional<Tensor>& b1, const Tensor& W,
-                                   const c10::optional<Tensor>& b2, int64_t activation) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  check_mlp("cpu_mlp_fwd", x, U, V, b1, W, b2);
-  check_activation(activation);
-  auto [y, z] = forward_cd(x, U, V, b1, W, activation);
-  if (b2.has_value()) y.add_(b2->to(y.scalar_type()));
-  return {y.to(x.scalar_type()), z};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
     const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
-    const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const char* op = "cpu_mlp_bwd";
-  check_mlp(op, x, U, V, b1, W, c10::nullopt);
-  check_activation(activation);
-  const auto dt = x.scalar_type();
-  const auto cd = compute_dtype(dt);
+    const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2,
+    int64_t chunk_h, int64_t loop) {
+  const auto t = x.scalar_type();
+  const auto cd = dtypes_of(t, false).op;
   const int64_t B = x.size(0), k = U.size(0), H = V.size(0), C = W.size(0);
-  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == cd, op, ": z must be a CPU ", cd,
-              " tensor (what cpu_mlp_fwd saved), got ", z.scalar_type(), " on ", z.device());
-  TORCH_CHECK(z.dim() == 2 && z.size(0) == B && z.size(1) == k, op, ": z has shape ", z.sizes(),
-              ": expected (", B, ", ", k, ")");
-  TORCH_CHECK(dy.device().is_cpu() && dy.is_floating_point(), op,
-              ": dy must be a floating-point CPU tensor, got ", dy.scalar_type(), " on ", dy.device());
-  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == B && dy.size(1) == C, op, ": dy has shape ", dy.sizes(),
-              ": expected (", B, ", ", C, ")");
-
   const auto opts = x.options().dtype(cd);
-  const bool native = cd == dt;  // write gradients straight into the outputs
+  const bool native = cd == t;  // write gradients straight into the outputs
   const Tensor dyc = dy.to(cd).contiguous();
   const Tensor zc = z.contiguous();
   Tensor dV = at::empty({H, k}, x.options());
@@ -350,21 +362,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   Tensor db1 = at::empty({b1.has_value() ? H : 0}, x.options());
   Tensor db1_cd = native ? db1 : at::empty({db1.numel()}, opts);  // H floats: negligible
 
-  const Plan p = plan(B, H, k);
+  const Plan p = make_plan(B, H, chunk_h, loop, k, c10::elementSize(cd));
   Tensor dz_parts = at::zeros({p.groups, B, k}, opts);
-  Tensor work_a = at::empty({num_slots(p), B * p.chunk}, opts);
-  Tensor work_d = at::empty({num_slots(p), B * p.chunk}, opts);
+  Tensor work_a = at::empty({p.slots, B * p.chunk}, opts);
+  Tensor work_d = at::empty({p.slots, B * p.chunk}, opts);
   for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
     Tensor a = tile(work_a[slot], B, n);
     Tensor d = tile(work_d[slot], B, n);
     const Tensor Vj = V.narrow(0, h0, n).to(cd);
     at::mm_out(a, zc, Vj.t());
     at::mm_out(d, dyc, W.narrow(1, h0, n).to(cd));
-    c10::optional<Tensor> b1j;
-    if (b1.has_value()) b1j = b1->narrow(0, h0, n).to(cd).contiguous();
+    const auto b1j = bias_chunk(b1, h0, n, cd);
     AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_epilogue_bwd", [&] {
       scalar_t* pdb1 = b1.has_value() ? db1_cd.data_ptr<scalar_t>() + h0 : nullptr;
-      epilogue_bwd<scalar_t>(a, d, b1j, pdb1, activation);
+      epilogue_bwd<scalar_t>(a, d, b1j ? b1j->data_ptr<scalar_t>() : nullptr, pdb1, activation);
     });
     Tensor dWj = dW.narrow(1, h0, n);
     Tensor dVj = dV.narrow(0, h0, n);
@@ -379,31 +390,213 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   });
   Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
   if (!native && b1.has_value()) db1.copy_(db1_cd);
-  Tensor dU = at::mm(dz.t(), x.to(cd)).to(dt);
-  Tensor dx = at::mm(dz, U.to(cd)).to(dt);
-  Tensor db2 = has_b2 ? dyc.sum(0).to(dt) : at::empty({0}, x.options());
+  Tensor dU = at::mm(dz.t(), x.to(cd)).to(t);
+  Tensor dx = at::mm(dz, U.to(cd)).to(t);
+  Tensor db2 = has_b2 ? dyc.sum(0).to(t) : at::empty({0}, x.options());
   return {dx, dU, dV, db1, dW, db2};
 }
 
-template <typename T>
-void loss_epilogue(const Tensor& y, const Tensor* b2, const Tensor& t, Tensor& dy_unit,
+// ---- bf16 / fp16 natively ----------------------------------------------------------------------
+// Every GEMM takes its operands in L = BFloat16 / Half and writes, or accumulates into, float32:
+// MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32 (AMX / AVX512-BF16 where the CPU has them;
+// elsewhere MKL widens to SGEMM). ATen's bf16/fp16 GEMMs would round each product to L (ATen's mm
+// has no float32-out variant on CPU in torch 2.13), and a sum over chunks of rounded partials loses
+// the cancelling parts (dz at k = 1: 15x eager's error). Float32 out means no rounding between a GEMM
+// and its epilogue, and the sums over chunks (y, dz) and rows (db1, db2) stay float32: each output
+// is rounded once. The GEMMs are bound weakly (top of the file): where torch has no MKL,
+// native_gemms() says so and ops/cpu.py keeps such CPUs on the float32 path.
+// (data, transpose flag, leading dimension) of a 2-D view for a row-major CBLAS call.
+struct Operand {
+  const void* data;
+  int trans, ld;
+};
+
+Operand operand(const Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, cols)) {
+    return {t.data_ptr(), kNoTrans, static_cast<int>(t.stride(0))};
+  }
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, rows)) {
+    return {t.data_ptr(), kTrans, static_cast<int>(t.stride(1))};
+  }
+  TORCH_INTERNAL_ASSERT(false, "mimic_fast cpu: GEMM operand with strides ", t.strides());
+  return {};
+}
+
+// c (float32, row-major) = a @ b, or c += a @ b; a, b in bf16 / fp16, any row- or column-major view.
+void mm_f32(const Tensor& a, const Tensor& b, Tensor& c, bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1 && c.size(0) == M &&
+                        c.size(1) == N && b.size(0) == K);
+  TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX,
+              "mimic_fast cpu: GEMM sizes must fit in 32 bits, got ", M, " x ", K, " x ", N);
+  const Operand A = operand(a), Bm = operand(b);
+  const float beta = accumulate ? 1.f : 0.f;
+  auto* gemm = a.scalar_type() == at::kBFloat16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+  gemm(kRowMajor, A.trans, Bm.trans, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+       1.f, A.data, A.ld, Bm.data, Bm.ld, beta, c.data_ptr<float>(), static_cast<int>(c.stride(0)));
+}
+
+// A copy of t with a GEMM-compatible layout when its strides are neither row- nor column-major.
+Tensor gemm_ready(const Tensor& t) {
+  const bool row = t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1));
+  const bool col = t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0));
+  return row || col ? t : t.contiguous();
+}
+
+// The epilogues are the float32 ones above, run on the GEMMs' float32 tiles, then ATen's copy_ writes
+// the low-precision operands of the next GEMMs (its conversion kernels are SIMD, dispatched by CPU
+// capability at run time; this extension is compiled for baseline x86-64: a scalar bf16 epilogue
+// here cost 10% of the step). db1 sums the float32 da.
+// y (B, C) without b2 in float32 and z (B, k) in L.
+std::tuple<Tensor, Tensor> forward_low(const Tensor& x, const Tensor& U, const Tensor& V,
+                                       const c10::optional<Tensor>& b1, const Tensor& W,
+                                       int64_t activation, int64_t chunk_h, int64_t loop) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  const int64_t B = x.size(0), k = U.size(0), H = V.size(0), C = W.size(0);
+  Tensor z32 = at::empty({B, k}, f32);
+  mm_f32(gemm_ready(x), gemm_ready(U).t(), z32, false);
+  Tensor z = z32.to(x.scalar_type());
+  const Tensor Vg = gemm_ready(V), Wg = gemm_ready(W);
+  const Plan p = make_plan(B, H, chunk_h, loop, C, sizeof(float));
+  Tensor y_parts = at::zeros({p.groups, B, C}, f32);
+  Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);
+  Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+    Tensor a = tile(work_a[slot], B, n);
+    Tensor h = tile(work_h[slot], B, n);
+    mm_f32(z, Vg.narrow(0, h0, n).t(), a, false);
+    const auto b1j = bias_chunk(b1, h0, n, at::kFloat);
+    epilogue_fwd<float>(a, b1j ? b1j->data_ptr<float>() : nullptr, activation);
+    h.copy_(a);
+    Tensor yg = y_parts[group];
+    mm_f32(h, Wg.narrow(1, h0, n).t(), yg, true);
+  });
+  return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
+    const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
+    const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2,
+    int64_t chunk_h, int64_t loop) {
+  const auto t = x.scalar_type();
+  const auto f32 = x.options().dtype(at::kFloat);
+  const int64_t B = x.size(0), D = x.size(1), k = U.size(0), H = V.size(0), C = W.size(0);
+  const Tensor dy32 = dy.to(at::kFloat).contiguous();
+  const Tensor dyL = dy32.to(t);
+  const Tensor zg = gemm_ready(z), Vg = gemm_ready(V), Wg = gemm_ready(W);
+  Tensor dV = at::empty({H, k}, x.options());
+  Tensor dW = at::empty({C, H}, x.options());
+  Tensor db1 = at::empty({b1.has_value() ? H : 0}, x.options());
+  Tensor db1_32 = at::empty({db1.numel()}, f32);
+
+  const Plan p = make_plan(B, H, chunk_h, loop, k, sizeof(float));
+  Tensor dz_parts = at::zeros({p.groups, B, k}, f32);
+  Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);   // a, then h
+  Tensor work_dh = at::empty({p.slots, B * p.chunk}, f32);  // dh, then da
+  Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
+  Tensor work_da = at::empty({p.slots, B * p.chunk}, x.options());
+  Tensor work_dw = at::empty({p.slots, std::max(C, k) * p.chunk}, f32);       // dWⱼ, then dVⱼ
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+    Tensor a = tile(work_a[slot], B, n);
+    Tensor dh = tile(work_dh[slot], B, n);
+    Tensor h = tile(work_h[slot], B, n);
+    Tensor da = tile(work_da[slot], B, n);
+    const Tensor Vj = Vg.narrow(0, h0, n);
+    const Tensor Wj = Wg.narrow(1, h0, n);
+    mm_f32(zg, Vj.t(), a, false);
+    mm_f32(dyL, Wj, dh, false);
+    const auto b1j = bias_chunk(b1, h0, n, at::kFloat);
+    epilogue_bwd<float>(a, dh, b1j ? b1j->data_ptr<float>() : nullptr,
+                        b1.has_value() ? db1_32.data_ptr<float>() + h0 : nullptr, activation);
+    h.copy_(a);
+    da.copy_(dh);
+    Tensor dWj = tile(work_dw[slot], C, n);
+    mm_f32(dyL.t(), h, dWj, false);
+    dW.narrow(1, h0, n).copy_(dWj);
+    Tensor dVj = tile(work_dw[slot], n, k);
+    mm_f32(da.t(), zg, dVj, false);
+    dV.narrow(0, h0, n).copy_(dVj);
+    Tensor dzg = dz_parts[group];
+    mm_f32(da, Vj, dzg, true);
+  });
+  Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
+  if (b1.has_value()) db1.copy_(db1_32);
+  const Tensor dzL = dz.to(t);
+  Tensor dU32 = at::empty({k, D}, f32);
+  mm_f32(dzL.t(), gemm_ready(x), dU32, false);
+  Tensor dx32 = at::empty({B, D}, f32);
+  mm_f32(dzL, gemm_ready(U), dx32, false);
+  Tensor db2 = has_b2 ? dy32.sum(0).to(t) : at::empty({0}, x.options());
+  return {dx32.to(t), dU32.to(t), dV, db1, dW, db2};
+}
+
+// y (without b2) in the accumulation dtype and z in the GEMMs' operand dtype, on either path.
+std::tuple<Tensor, Tensor> forward_acc(const Tensor& x, const Tensor& U, const Tensor& V,
+                                       const c10::optional<Tensor>& b1, const Tensor& W,
+                                       int64_t activation, int64_t chunk_h, int64_t loop,
+                                       bool native) {
+  if (!native) return forward_wide(x, U, V, b1, W, activation, chunk_h, loop);
+  return forward_low(x, U, V, b1, W, activation, chunk_h, loop);
+}
+
+std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& U, const Tensor& V,
+                                   const c10::optional<Tensor>& b1, const Tensor& W,
+                                   const c10::optional<Tensor>& b2, int64_t activation,
+                                   int64_t chunk_h, int64_t loop, bool native) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  check_mlp("cpu_mlp_fwd", x, U, V, b1, W, b2);
+  check_activation(activation);
+  check_plan_args("cpu_mlp_fwd", chunk_h, loop, native, x.scalar_type());
+  auto [y, z] = forward_acc(x, U, V, b1, W, activation, chunk_h, loop, native);
+  if (b2.has_value()) y.add_(*b2);  // b2 in the input dtype, added in the accumulation dtype
+  return {y.to(x.scalar_type()), z};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
+    const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
+    const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2,
+    int64_t chunk_h, int64_t loop, bool native) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const char* op = "cpu_mlp_bwd";
+  check_mlp(op, x, U, V, b1, W, c10::nullopt);
+  check_activation(activation);
+  const auto t = x.scalar_type();
+  check_plan_args(op, chunk_h, loop, native, t);
+  const auto zt = dtypes_of(t, native).op;
+  const int64_t B = x.size(0), k = U.size(0), C = W.size(0);
+  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == zt, op, ": z must be a CPU ", zt,
+              " tensor (what cpu_mlp_fwd saved with the same native=", native, "), got ",
+              z.scalar_type(), " on ", z.device());
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == B && z.size(1) == k, op, ": z has shape ", z.sizes(),
+              ": expected (", B, ", ", k, ")");
+  TORCH_CHECK(dy.device().is_cpu() && dy.is_floating_point(), op,
+              ": dy must be a floating-point CPU tensor, got ", dy.scalar_type(), " on ", dy.device());
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == B && dy.size(1) == C, op, ": dy has shape ", dy.sizes(),
+              ": expected (", B, ", ", C, ")");
+  if (!native) return backward_wide(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h, loop);
+  return backward_low(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h, loop);
+}
+
+// y (B, C) and the teacher t in the accumulation dtype A; b2 in the input dtype B2.
+template <typename A, typename B2>
+void loss_epilogue(const Tensor& y, const B2* pb, const Tensor& t, Tensor& dy_unit,
                    Tensor& row_sq, Tensor* sq, double scale) {
   const int64_t B = y.size(0), C = y.size(1);
-  const T* py = y.data_ptr<T>();
-  const T* pt = t.data_ptr<T>();
-  const T* pb = b2 ? b2->data_ptr<T>() : nullptr;
-  T* pg = dy_unit.data_ptr<T>();
+  const A* py = y.data_ptr<A>();
+  const A* pt = t.data_ptr<A>();
+  A* pg = dy_unit.data_ptr<A>();
   double* prow = row_sq.data_ptr<double>();
-  T* psq = sq ? sq->data_ptr<T>() : nullptr;
-  const T s = static_cast<T>(scale);
+  A* psq = sq ? sq->data_ptr<A>() : nullptr;
+  const A s = static_cast<A>(scale);
   at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(C, 1)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       double acc = 0;
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = r * C + c;
-        const T res = (pb ? py[i] + pb[c] : py[i]) - pt[i];
-        const T sqv = res * res;
+        const A res = (pb ? py[i] + static_cast<A>(pb[c]) : py[i]) - pt[i];
+        const A sqv = res * res;
         pg[i] = s * res;
         if (psq) psq[i] = sqv;
         acc += static_cast<double>(sqv);
@@ -416,11 +609,13 @@ void loss_epilogue(const Tensor& y, const Tensor* b2, const Tensor& t, Tensor& d
 std::tuple<Tensor, Tensor, Tensor> mimic_fwd(const Tensor& x, const Tensor& U, const Tensor& V,
                                              const c10::optional<Tensor>& b1, const Tensor& W,
                                              const c10::optional<Tensor>& b2, const Tensor& teacher,
-                                             int64_t activation, int64_t reduction) {
+                                             int64_t activation, int64_t reduction, int64_t chunk_h,
+                                             int64_t loop, bool native) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const char* op = "cpu_mimic_fwd";
   check_mlp(op, x, U, V, b1, W, b2);
   check_activation(activation);
+  check_plan_args(op, chunk_h, loop, native, x.scalar_type());
   TORCH_CHECK(reduction >= kMean && reduction <= kNone, op,
               ": reduction code must be 0 (mean), 1 (sum) or 2 (none), got ", reduction);
   const int64_t B = x.size(0), C = W.size(0);
@@ -429,19 +624,22 @@ std::tuple<Tensor, Tensor, Tensor> mimic_fwd(const Tensor& x, const Tensor& U, c
               teacher.device());
   TORCH_CHECK(teacher.dim() == 2 && teacher.size(0) == B && teacher.size(1) == C, op,
               ": teacher has shape ", teacher.sizes(), ": expected (", B, ", ", C, ")");
-  auto [y, z] = forward_cd(x, U, V, b1, W, activation);
-  const auto cd = y.scalar_type();
-  const Tensor t = teacher.to(cd).contiguous();
-  c10::optional<Tensor> b2c;
-  if (b2.has_value()) b2c = b2->to(cd).contiguous();
+  auto [y, z] = forward_acc(x, U, V, b1, W, activation, chunk_h, loop, native);
+  const auto acc = y.scalar_type();
+  const Tensor t = teacher.to(acc).contiguous();
+  const Tensor b2c = b2.has_value() ? b2->contiguous() : Tensor();
   const double numel = static_cast<double>(B * C);
   const double scale = reduction == kMean ? 2.0 / std::max(numel, 1.0) : 2.0;
   Tensor dy_unit = at::empty({B, C}, y.options());
   Tensor row_sq = at::empty({B}, y.options().dtype(at::kDouble));
   Tensor sq = reduction == kNone ? at::empty({B, C}, y.options()) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_loss", [&] {
-    loss_epilogue<scalar_t>(y, b2c ? &*b2c : nullptr, t, dy_unit, row_sq,
-                            reduction == kNone ? &sq : nullptr, scale);
+  AT_DISPATCH_FLOATING_TYPES(acc, "mimic_fast_cpu_loss", [&] {
+    using A = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mimic_fast_cpu_loss_b2",
+                                    [&] {
+      loss_epilogue<A, scalar_t>(y, b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr, t, dy_unit,
+                                 row_sq, reduction == kNone ? &sq : nullptr, scale);
+    });
   });
   Tensor loss;
   if (reduction == kNone) {
@@ -457,26 +655,28 @@ std::tuple<Tensor, Tensor, Tensor> mimic_fwd(const Tensor& x, const Tensor& U, c
   return {loss, z, dy_unit};
 }
 
-int64_t cpu_chunk_h(int64_t B, int64_t H) {
-  TORCH_CHECK(B >= 0 && H >= 1, "cpu_chunk_h: expected B >= 0 and H >= 1, got B=", B, ", H=", H);
-  return plan(B, H, 1).chunk;
+// Whether the native path's GEMMs are linked here, for (bfloat16, float16).
+std::vector<int64_t> native_gemms() {
+  return {native_gemm_for(at::kBFloat16), native_gemm_for(at::kHalf)};
 }
 
 }  // namespace
 }  // namespace mimic_fast_cpu
 
 // This file owns the namespace's TORCH_LIBRARY block; other extensions add theirs with
-// TORCH_LIBRARY_FRAGMENT(mimic_fast, m).
+// TORCH_LIBRARY_FRAGMENT(mimic_fast, m). chunk_h, loop and native are the caller's plan
+// (mimic_fast/ops/cpu.py plan()).
 TORCH_LIBRARY(mimic_fast, m) {
   m.def("cpu_mlp_fwd(Tensor x, Tensor U, Tensor V, Tensor? b1, Tensor W, Tensor? b2, "
-        "int activation) -> (Tensor, Tensor)");
+        "int activation, int chunk_h, int loop, bool native) -> (Tensor, Tensor)");
   m.def("cpu_mlp_bwd(Tensor dy, Tensor x, Tensor z, Tensor U, Tensor V, Tensor? b1, Tensor W, "
-        "int activation, bool has_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int activation, bool has_b2, int chunk_h, int loop, bool native) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_mimic_fwd(Tensor x, Tensor U, Tensor V, Tensor? b1, Tensor W, Tensor? b2, "
-        "Tensor teacher, int activation, int reduction) -> (Tensor, Tensor, Tensor)");
-  // No tensor arguments, so a catch-all kernel: the chunk width a call of batch B would use now
-  // (it depends on the thread count and the MIMIC_FAST_CPU_* variables).
-  m.def("cpu_chunk_h(int B, int H) -> int", &mimic_fast_cpu::cpu_chunk_h);
+        "Tensor teacher, int activation, int reduction, int chunk_h, int loop, bool native) -> "
+        "(Tensor, Tensor, Tensor)");
+  // No tensor arguments, so a catch-all kernel: whether MKL's bf16 / fp16 -> f32 GEMMs are linked.
+  m.def("cpu_native_gemms() -> int[]", &mimic_fast_cpu::native_gemms);
 }
 
 TORCH_LIBRARY_IMPL(mimic_fast, CPU, m) {

@@ -5,7 +5,7 @@ per chunk cuBLAS GEMMs through ATen (ReLU's bias+activation fused into the GEMM 
 bias+activation epilogue otherwise; backward recomputes the tile. Each chunk loop is replayed from a
 CUDA graph captured on its second call with the same shapes and parameters (set_graphs / graphs()). float32 / float16 / bfloat16 only (float64: use "reference"); needs torch with CUDA and the
 extension mimic_fast._C_cuda (built by setup.py when nvcc is found). Also the one-pass loss kernels
-with autograd: logit_mse_loss and kd_loss, which mimic_fast.functional routes CUDA tensors to.
+with autograd: logit_mse_loss and kd_loss (mimic_fast.dispatch's loss ops, `auto`'s choice on CUDA).
 """
 import contextlib
 import math
@@ -93,8 +93,7 @@ def reasons(problem):
         out.append(f"tensors are on {problem.device}; the cuda backend runs on CUDA tensors only")
     if problem.dtype not in SUPPORTED_DTYPES:
         out.append(f"dtype {problem.dtype} is not supported ({_dtype_list()})")
-    if problem.op == "mimic" and problem.teacher_dtype is not None \
-            and problem.teacher_dtype not in SUPPORTED_DTYPES:
+    if problem.teacher_dtype is not None and problem.teacher_dtype not in SUPPORTED_DTYPES:
         out.append(f"teacher_logits dtype {problem.teacher_dtype} is not supported ({_dtype_list()})")
     # The capability query is not traceable; under torch.compile it ran in eager mode already.
     if not out and not torch.compiler.is_compiling():
@@ -176,14 +175,6 @@ def mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction, chunk_h=None):
 
 
 # ---- the loss kernels with autograd ---------------------------------------------------------------
-def loss_kernels_serve(student_logits, teacher_logits):
-    """True when logit_mse_loss / kd_loss below run the CUDA kernels for these (validated) inputs."""
-    if not (_IMPORT_ERROR is None and student_logits.is_cuda and teacher_logits.is_cuda
-            and student_logits.dtype in SUPPORTED_DTYPES and teacher_logits.dtype in SUPPORTED_DTYPES):
-        return False
-    return torch.compiler.is_compiling() or _arch_reason(student_logits.device) is None
-
-
 def _rows(x):
     C = x.shape[-1]
     return x.reshape(math.prod(x.shape[:-1]), C)

@@ -3,8 +3,10 @@
 It never creates a (B, H) tensor: the hidden layer is formed CHUNK_H columns at a time and
 recomputed chunk by chunk in backward (z = x Uᵀ is kept from forward, not recomputed). Half
 precision is computed in float32 (upcast), so this is also the oracle kernels are checked against.
+The logit losses are plain PyTorch ops accumulated in float32 (autograd through them as usual).
 """
 import torch
+import torch.nn.functional as F
 
 from ..activations import act, act_grad
 
@@ -95,3 +97,30 @@ def mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction):
     else:
         loss, dy_unit = sq, 2.0 * r
     return loss.to(x.dtype), z, dy_unit.to(torch.promote_types(dy_unit.dtype, torch.float32))
+
+
+def _accumulation_dtype(*dtypes):
+    acc = torch.float32
+    for d in dtypes:
+        acc = torch.promote_types(acc, d)
+    return acc
+
+
+def logit_mse_loss(s, t, reduction, zero_mean):
+    """F.mse_loss in float32 (or wider), optionally on row-centred logits; loss in that dtype."""
+    acc = _accumulation_dtype(s.dtype, t.dtype)
+    s32, t32 = s.to(acc), t.to(acc)
+    if zero_mean:
+        s32 = s32 - s32.mean(dim=-1, keepdim=True)
+        t32 = t32 - t32.mean(dim=-1, keepdim=True)
+    return F.mse_loss(s32, t32, reduction=reduction)
+
+
+def kd_loss(s, t, temperature):
+    """KL(softmax(t/T) ‖ softmax(s/T)) · T², batch-mean over the rows of (..., C), in float32+."""
+    C = s.shape[-1]
+    acc = _accumulation_dtype(s.dtype)
+    ls = F.log_softmax(s.reshape(-1, C).to(acc) / temperature, dim=-1)
+    lt = F.log_softmax(t.reshape(-1, C).to(acc) / temperature, dim=-1)
+    kl = F.kl_div(ls, lt, reduction="batchmean", log_target=True)
+    return kl * (temperature * temperature)
