@@ -16,6 +16,7 @@ from mimic_fast.bench import cpu, main, providers, results, timing
 from mimic_fast.bench.compare import compare, compare_files
 from mimic_fast.bench.report import markdown_for_doc, render
 from mimic_fast.bench.suites import flag_noise
+from mimic_fast.ops import cpu as cpu_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -434,17 +435,17 @@ def test_cpu_variants_reach_the_backend(monkeypatch):
 
     class Spy:
         def __call__(self, *a):
-            seen.append((os.environ.get("MIMIC_FAST_CPU_LOOP"), os.environ.get("MIMIC_FAST_CPU_CHUNK_H")))
+            seen.append(tuple(a[-3:-1]))  # the op's (chunk_h, loop) arguments
             return real(*a)
 
     pytest.importorskip("mimic_fast._C")
-    monkeypatch.delenv("MIMIC_FAST_CPU_CHUNK_H", raising=False)
     monkeypatch.setattr(torch.ops.mimic_fast, "cpu_mimic_fwd", Spy())
     case = providers.Case("mimic_loss", 8, 5, 12, 3, 40)
+    before = cpu_ops.plan(8, 40, torch.float32)
     r = providers.Runner("cpu:chunks:16", case, providers.make_inputs(case))
     r.full()
-    assert seen and set(seen) == {("chunks", "16")}
-    assert "MIMIC_FAST_CPU_CHUNK_H" not in os.environ  # restored after the call
+    assert seen and set(seen) == {(16, cpu_ops.LOOP_CODES["chunks"])}
+    assert cpu_ops.plan(8, 40, torch.float32) == before  # the knob is restored after the call
     assert providers.unavailable("cpu:gemm:x", case)
 
 

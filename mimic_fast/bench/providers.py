@@ -20,6 +20,7 @@ from .. import dispatch
 from .. import functional as mf
 from ..export import export_student
 from ..nn import WideShallowStudent
+from ..ops import cpu as cpu_ops
 from ..ops import flops
 from ..testing import ATOL_2X, TOLERANCES, assert_close, assert_within_2x
 from ..testing import eager_mlp as _eager_mlp
@@ -235,27 +236,16 @@ def onnx_forward(path):
     return lambda i: torch.from_numpy(session.run(None, {name: i["x"].detach().numpy()})[0])
 
 
-VARIANT_ENV = ("MIMIC_FAST_CPU_LOOP", "MIMIC_FAST_CPU_CHUNK_H")
-
-
 @contextlib.contextmanager
 def cpu_variant(provider):
     """Run the cpu backend as the variant `provider` names ("cpu:LOOP:CHUNK", e.g. "cpu:gemm:512";
-    plain "cpu" = its own rules) through the cpu backend's tuning knob."""
+    plain "cpu" = its own plan) through the cpu backend's one tuning knob."""
     parts = provider.split(":")
     if len(parts) == 1:
         yield
         return
-    old = {k: os.environ.get(k) for k in VARIANT_ENV}
-    os.environ.update(dict(zip(VARIANT_ENV, parts[1:])))
-    try:
+    with cpu_ops.tuning(chunk_h=int(parts[2]), loop=parts[1]):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def base_provider(provider):
