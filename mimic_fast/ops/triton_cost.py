@@ -6,11 +6,11 @@ Counts, per kernel, with its first config the autotuner keeps for the target:
   flops         executed (padding and recompute included), 2 per multiply-add
   hbm_bytes     unique bytes to and from device memory: every operand read once, outputs written
                 once (what the L2 cannot hide); the torch ops around the kernels are counted too
-  l2_bytes      tile bytes the programs load (every program reads its tiles, through L2)
+  l2_bytes      tile bytes the programs load and store (every program's tiles go through L2)
   atomic_bytes  the backward's dz reduce-adds into the (B, KP) fp32 buffer (through L2)
-time_s = max(flops / peak, hbm_bytes / bandwidth): the floor each kernel cannot beat. No L2 or
-atomic throughput is assumed (none has been measured here); their byte counts are reported so that a
-GPU run can say whether they, not the two ceilings, bound the time.
+time_s = max(flops / (peak x busy), hbm_bytes / copy bandwidth, l2_bytes / L2 bandwidth,
+atomic_bytes / reduce-add rate) per kernel (`kernel_time`; busy = the grid's wave quantisation),
+summed over the kernels of a pass, at the rates of a GPU preset (`GPUS`) or measured ones.
 
     mimic-fast bench model [--B 4096 --H 8000 400000 --dtype bfloat16 --target sm_90a]
 """
@@ -23,15 +23,39 @@ import torch
 from . import triton_fused as T
 from .flops import element_size, mlp_flops
 
-# The H200 of the device tool, measured there (2026-10-28): bf16 matmul on random data, device copy.
-H200_PEAK_TFLOPS = 788.0
-H200_BANDWIDTH_TBS = 4.3
+# Rates per GPU kind (issue 18): the matmul peak and copy bandwidth are those recorded for the lent
+# GPU kinds of this workplace (bf16 matmul on random data, device copy); the L2 and reduce-add rates
+# are published or estimated figures, explicit assumptions: L2 read ~6.9 TB/s on H100 PCIe and
+# 9.7-10.3 TB/s on H200 (te42kyfo/gpu-benches gpu-l2-cache), reduce-add throughput ~2.4-4 TB/s.
+GPUS = {
+    "h100": {"name": "H100 SXM", "tflops": 798.0, "hbm_tbs": 3.0, "l2_tbs": 7.0, "reduce_add_tbs": 3.0},
+    "h200": {"name": "H200", "tflops": 788.0, "hbm_tbs": 4.3, "l2_tbs": 10.0, "reduce_add_tbs": 3.0},
+}
+TERMS = ("compute", "hbm", "l2", "reduce_add")
 PAPER = dict(D=1845, k=250, C=183)
 
 
 def floor_flops(B, D, k, H, C, pass_="full"):
     """FLOPs of the fused math with one recompute, dx included and no padding."""
     return mlp_flops(B, D, k, H, C, pass_, input_grad=True, recompute=True)
+
+
+def kernel_time(flops, hbm, l2, reduce_add, rates, busy=1.0):
+    """{term: seconds} of one kernel and the bounding term: max(FLOPs / (peak x busy), HBM / copy
+    bandwidth, L2 / L2 bandwidth, reduce-adds / reduce-add rate). `busy` is the wave quantisation
+    of its grid (programs / (waves x SMs)): a half-empty last wave leaves tensor cores idle."""
+    terms = {"compute": flops / (rates["tflops"] * 1e12 * busy),
+             "hbm": hbm / (rates["hbm_tbs"] * 1e12),
+             "l2": l2 / (rates["l2_tbs"] * 1e12),
+             "reduce_add": reduce_add / (rates["reduce_add_tbs"] * 1e12)}
+    bound = max(terms, key=terms.get)
+    return terms[bound], bound, terms
+
+
+def _busy(programs, sms):
+    if programs <= 0:
+        return 1.0
+    return programs / (math.ceil(programs / sms) * sms)
 
 
 def _kernel_cost(launch, config, elem):
@@ -58,6 +82,7 @@ def _kernel_cost(launch, config, elem):
         weights = (a["V"].shape[0] * KP + C * H) * elem
         hbm = weights + rows * KP * elem + a["YP"].numel() * 4
         l2 = (rows // meta["BLOCK_B"]) * h_exec * (KP + CP) * elem + rows * KP * elem
+        l2 += a["YP"].numel() * 4
         return flops, hbm, l2, 0, programs
     if name == "_fused_mlp_dz_kernel":
         rows = a["DZP"].shape[1]
@@ -78,7 +103,7 @@ def _kernel_cost(launch, config, elem):
         weights_in = (a["V"].numel() + C * H) * elem  # the user's V: read once, not padded
         out = a["DV"].numel() * a["DV"].element_size() + a["DW"].numel() * a["DW"].element_size()
         hbm = weights_in + out + rows * (KP + CP) * elem
-        l2 = n_h * rows * (KP + CP) * elem
+        l2 = n_h * rows * (KP + CP) * elem + weights_in + out
         atomic = n_h * rows * KP * 4 if a["DZ_ATOMIC"] else 0
         return flops, hbm, l2, atomic, programs
     raise ValueError(f"no cost formula for {name}")
@@ -101,15 +126,29 @@ def _torch_ops(op, B, D, k, H, C, elem, p, deterministic):
     return flops, hbm
 
 
+def rates_for(gpu="h100", peak_tflops=None, bandwidth_tbs=None, l2_tbs=None, reduce_add_tbs=None):
+    """The preset's rates, each replaced by a measured one where given."""
+    if gpu not in GPUS:
+        raise ValueError(f"unknown gpu preset {gpu!r}: expected one of {sorted(GPUS)}")
+    r = dict(GPUS[gpu])
+    for key, v in (("tflops", peak_tflops), ("hbm_tbs", bandwidth_tbs), ("l2_tbs", l2_tbs),
+                   ("reduce_add_tbs", reduce_add_tbs)):
+        if v:
+            r[key] = float(v)
+    r["preset"] = gpu
+    return r
+
+
 def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak_tflops=None,
-            bandwidth_tbs=None, target="sm_90a", deterministic=False):
+            bandwidth_tbs=None, target="sm_90a", deterministic=False, gpu="h100", l2_tbs=None,
+            reduce_add_tbs=None):
     """Predicted cost of the triton backend for one call, per pass.
 
     Returns {"forward": {...}, "full": {...}, "plan": {...}}; each pass has "flops" (executed),
     "model_flops" (floor_flops: one recompute, no padding), "bytes" (HBM), "l2_bytes",
-    "atomic_bytes", "time_s" (sum over kernels of max(flops / peak, bytes / bandwidth)) and
-    "kernels" (one dict per launch). Defaults: the H200's measured 788 TFLOP/s and 4.3 TB/s; pass
-    the peaks measured in the same run to put a prediction beside a measurement.
+    "atomic_bytes", "time_s" (sum over kernels of `kernel_time`) and "kernels" (one dict per
+    launch, with the term that bounds it). Rates: the `gpu` preset's, each replaced by a measured
+    one where given (pass the peaks of the same run to put a prediction beside a measurement).
     """
     from . import triton_offline as O
 
@@ -118,8 +157,8 @@ def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak
                            "TRITON_INTERPRET unset")
     dt = getattr(torch, str(dtype).replace("torch.", ""))
     elem = element_size(dt)
-    peak = (peak_tflops or H200_PEAK_TFLOPS) * 1e12
-    bw = (bandwidth_tbs or H200_BANDWIDTH_TBS) * 1e12
+    rates = rates_for(gpu, peak_tflops, bandwidth_tbs, l2_tbs, reduce_add_tbs)
+    sms = T.OFFLINE_DEVICE.sms
     fwd_op = "mimic" if op == "mimic" else "forward"
     with T.device_override(T.OFFLINE_DEVICE), O._tf32(dt):
         p = T.plan(B, k, H, C, elem, deterministic)
@@ -133,14 +172,17 @@ def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak
             configs = O.candidates(launch, target)
             config = configs[0] if configs else None
             flops, hbm, l2, atomic, programs = _kernel_cost(launch, config, elem)
+            t, bound, terms = kernel_time(flops, hbm, l2, atomic, rates, _busy(programs, sms))
             kernels.append({"kernel": launch.name, "config": O._config_label(config),
                             "programs": programs, "flops": flops, "bytes": hbm, "l2_bytes": l2,
-                            "atomic_bytes": atomic, "time_s": max(flops / peak, hbm / bw)})
+                            "atomic_bytes": atomic, "time_s": t, "bound": bound,
+                            "terms_s": terms})
         flops, hbm = _torch_ops("mimic" if name == "forward" else "backward", B, D, k, H, C, elem,
                                 p, deterministic)
+        t, bound, terms = kernel_time(flops, hbm, 0, 0, rates)
         kernels.append({"kernel": "torch ops (x Uᵀ, pads, dx, dU)", "config": "-", "programs": 0,
                         "flops": flops, "bytes": hbm, "l2_bytes": 0, "atomic_bytes": 0,
-                        "time_s": max(flops / peak, hbm / bw)})
+                        "time_s": t, "bound": bound, "terms_s": terms})
         passes[name] = kernels
 
     def total(kernels, pass_):
@@ -154,13 +196,15 @@ def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak
     return {"forward": total(passes["forward"], "forward"),
             "full": total(passes["forward"] + passes["backward"], "full"),
             "plan": p._asdict(), "target": target, "dtype": str(dt).replace("torch.", ""),
-            "peak_tflops": peak / 1e12, "bandwidth_tbs": bw / 1e12}
+            "rates": rates, "peak_tflops": rates["tflops"], "bandwidth_tbs": rates["hbm_tbs"]}
 
 
 def format_prediction(pred, shape):
     B, D, k, H, C = shape
-    lines = [f"B={B} D={D} k={k} H={H} C={C} {pred['dtype']} on {pred['target']} at "
-             f"{pred['peak_tflops']:.0f} TFLOP/s, {pred['bandwidth_tbs']:.1f} TB/s"]
+    r = pred["rates"]
+    lines = [f"B={B} D={D} k={k} H={H} C={C} {pred['dtype']} on {pred['target']}, {r['name']} preset: "
+             f"{r['tflops']:.0f} TFLOP/s, HBM {r['hbm_tbs']:.1f} TB/s, L2 {r['l2_tbs']:.1f} TB/s, "
+             f"reduce-add {r['reduce_add_tbs']:.1f} TB/s"]
     for name in ("forward", "full"):
         t = pred[name]
         lines.append(f"  {name:<8} {t['flops'] / 1e12:8.3f} TFLOP executed "
@@ -169,11 +213,11 @@ def format_prediction(pred, shape):
                      f"L2 {t['l2_bytes'] / 1e9:7.1f} GB, dz atomics {t['atomic_bytes'] / 1e9:6.1f} GB"
                      f" -> {t['time_s'] * 1e3:7.3f} ms")
     lines.append(f"  {'kernel':<32} {'config':<22} {'programs':>8} {'GFLOP':>9} {'HBM MB':>8} "
-                 f"{'L2 GB':>7} {'atom GB':>7} {'ms':>7}")
+                 f"{'L2 GB':>7} {'atom GB':>7} {'ms':>7}  bound")
     for x in pred["full"]["kernels"]:
         lines.append(f"  {x['kernel'][:32]:<32} {x['config'][:22]:<22} {x['programs']:>8} "
                      f"{x['flops'] / 1e9:>9.1f} {x['bytes'] / 1e6:>8.1f} {x['l2_bytes'] / 1e9:>7.2f} "
-                     f"{x['atomic_bytes'] / 1e9:>7.2f} {x['time_s'] * 1e3:>7.3f}")
+                     f"{x['atomic_bytes'] / 1e9:>7.2f} {x['time_s'] * 1e3:>7.3f}  {x['bound']}")
     return "\n".join(lines)
 
 
@@ -188,8 +232,11 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--target", default="sm_90a", choices=("sm_90a", "sm_80"))
     p.add_argument("--deterministic", action="store_true", help="the deterministic dz kernel")
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--bandwidth-tbs", type=float, default=None)
+    p.add_argument("--gpu", default="h100", choices=sorted(GPUS),
+                   help="rate preset (default h100: H100 SXM 798 TFLOP/s, 3.0 TB/s HBM, 7 TB/s L2, "
+                        "3 TB/s reduce-add; h200: 788, 4.3, 10, 3)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="replaces the preset's")
+    p.add_argument("--bandwidth-tbs", type=float, default=None, help="replaces the preset's")
     p.add_argument("--json", default=None, help="also write the predictions as JSON")
     args = p.parse_args(argv)
     if T.K is None:
@@ -204,7 +251,7 @@ def main(argv=None):
         shape = (args.B, args.D, args.k, H, args.C)
         pred = predict(*shape, dtype=args.dtype, peak_tflops=args.peak_tflops,
                        bandwidth_tbs=args.bandwidth_tbs, target=args.target,
-                       deterministic=args.deterministic)
+                       deterministic=args.deterministic, gpu=args.gpu)
         print(format_prediction(pred, shape))
         out.append({"shape": dict(zip("B D k H C".split(), shape)), **pred})
     if args.json:
