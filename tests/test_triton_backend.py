@@ -318,8 +318,8 @@ def test_no_batch_by_hidden_allocation_and_the_workspace_bound():
     t = torch.randn(B, 3)
     p = T.plan(B, 4, H, 3, 4)
     unit = max(p.bwd_block_h, p.gemm_block_m)
-    assert p.ws_rows <= max(unit, H // P.WORKSPACE_FRACTION) and p.n_chunks > 1
-    assert p.workspace_bytes <= P.WORKSPACE_BYTES
+    assert p.ws_rows <= max(unit, H // 4) and p.n_chunks > 1  # the documented bound, written out
+    assert p.workspace_bytes <= 256 * 2**20
     with AllocationRecorder() as rec:
         loss, z, dy = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "relu", "mean")
         T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "relu", True)
