@@ -4,7 +4,11 @@
     y = mf.bottleneck_mlp(x, U, V, b1, W, b2, activation="relu")
     loss = mf.mimic_loss(x, U, V, b1, W, b2, teacher_logits)
 
-The core import is light: the pipeline (models, data, train, cli) loads only when imported.
+The core import is light: the pipeline (data, files, teachers, train, pipeline, cli) loads only when
+imported. Imports only point down, bottom to top: base (_io, activations, _checks, testing,
+distributed), the ops backends, dispatch, ops.autograd, functional, nn, models/convert/export, this
+package root, data, files, teachers, train, pipeline, and the entry points (cli, sweep, demo, bench);
+tests/test_layers.py holds the order (LAYERS) and enforces it.
 """
 from . import convert, export, nn
 from .dispatch import info

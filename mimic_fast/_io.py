@@ -4,14 +4,16 @@ disk and who may write them.
 Atomic writes: a temp file in the same directory, fsync, os.replace onto the target, fsync the
 directory; a crash (even kill -9 or power loss) leaves the old file or the new one, never a torn one.
 A temp file orphaned by a kill between the write and the rename is removed by the next write of the
-same target. Writer locks: one `filelock` lock file per folder (a store, a training run), so a second
-writer is refused naming the holder's pid; the OS drops the lock of a killed process, so a stale lock
-is taken over by the next run.
+same target. Writer locks: one `filelock` lock file per folder (a store, a training run, a sweep), so
+a second writer is refused naming the holder's pid (or, where asked, waits for the first); the OS
+drops the lock of a killed process, so a stale lock is taken over by the next run.
 """
 import glob
 import os
 import tempfile
 import threading
+
+from filelock import FileLock, Timeout
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "writer_lock", "LockedError",
            "LOCK_NAME"]
@@ -92,27 +94,27 @@ _held_guard = threading.Lock()
 
 
 class writer_lock:
-    """`with writer_lock(folder, "logit store"):` holds folder/.mimic_fast.lock (non-blocking).
+    """`with writer_lock(folder, "logit store"):` holds folder/.mimic_fast.lock.
 
-    Raises LockedError naming the holder's pid when another process holds it. Re-entrant within a
-    process (the CLI holds a run folder's lock around the library call that takes it again).
+    Raises LockedError naming the holder's pid when another process holds it, or with wait=True
+    blocks until that process lets it go (sweep shards wait for the one preparing their shared
+    folder). Re-entrant within a process (the CLI holds a run folder's lock around the library call
+    that takes it again).
     """
 
-    def __init__(self, folder, what):
-        self.folder, self.what = os.fspath(folder), what
+    def __init__(self, folder, what, wait=False):
+        self.folder, self.what, self.wait = os.fspath(folder), what, wait
         self.lock_path = os.path.realpath(os.path.join(self.folder, LOCK_NAME))
         self.owner_path = os.path.join(os.path.dirname(self.lock_path), OWNER_NAME)
 
     def __enter__(self):
-        from filelock import FileLock, Timeout
-
         with _held_guard:
             entry = _held.get(self.lock_path)
             if entry is not None:
                 entry[1] += 1
                 return self
             os.makedirs(self.folder, exist_ok=True)
-            lock = FileLock(self.lock_path, timeout=0)
+            lock = FileLock(self.lock_path, timeout=-1 if self.wait else 0)
             try:
                 lock.acquire()
             except Timeout:

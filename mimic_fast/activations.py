@@ -1,14 +1,17 @@
 """The hidden-layer activations every backend supports, in plain PyTorch (the reference for kernels).
 
-Kernels pass the activation as an integer code (`ACTIVATION_CODES`), so the table here is the one
-place that fixes both the names and the codes.
+Kernels pass the activation as an integer code (`ACTIVATION_CODES`) and models build the nn module of
+a name (`ACTIVATION_MODULES`, the exact-erf GELU), so the tables here are the one place that fixes
+the names, the codes and the modules.
 """
 import math
 
 import torch
+from torch import nn
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu")
 ACTIVATION_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU}
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -47,18 +50,3 @@ def act_grad(a, activation):
         pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
         return cdf + a * pdf
     raise ValueError(f"unknown activation {activation!r}")
-
-
-def module_activation(module):
-    """The activation name of an nn activation module, or None if it is not one we fuse."""
-    import torch.nn as nn
-
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid"
-    if isinstance(module, nn.Tanh):
-        return "tanh"
-    if isinstance(module, nn.GELU) and module.approximate == "none":
-        return "gelu"
-    return None

@@ -3,15 +3,33 @@ import-logits, distill, export, sweep, bench, info.
 
 The pipeline commands hand files to each other through --out folders (teacher.pt; transfer.pt +
 logits/; student.pt) and run unchanged under `torchrun --nproc_per_node N -m mimic_fast ...`.
-Heavy imports happen inside the commands, so `--help` stays fast.
 """
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
 
-DATASETS = ("digits", "cifar10", "npz")
-TRANSFER_FORMAT = "mimic_fast.transfer/1"
+import numpy as np
+import torch
+
+from . import pipeline as P
+from . import train as T
+from ._io import atomic_write_text, writer_lock
+from .data import DATASETS, LogitStore
+from .data.store import HEADER_NAME
+from .data.transfer import METHODS
+from .demo import add_arguments as demo_arguments
+from .demo import config_from_args, run_demo
+from .dispatch import format_info
+from .distributed import default_device, dist_info, init_distributed, on_rank0
+from .export import export_student, latency
+from .models import build_model
+from .sweep import add_arguments as sweep_arguments
+from .sweep import run_from_args
+from .teachers import load_module
+from .train import DEFAULT_LR
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,8 +54,6 @@ def _add_data(p, recorded=None):
 
 
 def _add_training(p, epochs, kind, batch_size):
-    from .train import DEFAULT_LR  # one default per loop, shared with the Python API
-
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--batch-size", type=int, default=batch_size,
@@ -81,38 +97,11 @@ def _parse_ints(text, name):
 
 
 def _load_data(args):
-    from .data import load_dataset
-
     if args.dataset in ("cifar10", "npz") and args.data is None:
         raise ValueError(f"--dataset {args.dataset} needs --data PATH")
     if not 0 < args.label_fraction <= 1:
         raise ValueError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
-    splits = load_dataset(args.dataset, root=args.data, seed=args.split_seed)
-    # Rows travel flat (N, D), as digits' do: every models.build_model net unflattens them to
-    # input_shape itself, while a WideShallowStudent (snn-mimic-*) takes only flat rows.
-    for part in (splits.train, splits.test):
-        part.tensors = (part.tensors[0].reshape(len(part.tensors[0]), -1), *part.tensors[1:])
-    if splits.unlabelled is not None:
-        splits.unlabelled = splits.unlabelled.reshape(len(splits.unlabelled), -1)
-    return splits
-
-
-def _labelled_rows(splits, args):
-    """(labelled indices, unlabelled indices) of the training split."""
-    import torch
-
-    from .demo import labelled_split
-
-    y = splits.train.tensors[1]
-    if args.label_fraction >= 1:
-        return torch.arange(len(y)), torch.empty(0, dtype=torch.long)
-    return labelled_split(y, args.label_fraction, args.split_seed)
-
-
-def _data_record(args, splits):
-    from .data.recipe import data_recipe
-
-    return data_recipe(splits, args.dataset, args.split_seed, args.label_fraction, args.data)
+    return P.load_data(args.dataset, args.data, args.split_seed, args.label_fraction)
 
 
 def _inherit_recipe(args, recorded, source):
@@ -127,39 +116,12 @@ def _inherit_recipe(args, recorded, source):
 
 def _lock_folder(folder, what):
     """The writer lock of an output folder, taken by rank 0 (errors raised on every rank)."""
-    import contextlib
-
-    from . import train as T
-
     stack = contextlib.ExitStack()
-    T._on_rank0(lambda: stack.enter_context(T.writer_lock(folder, what)), T.dist_info()[1])
+    on_rank0(lambda: stack.enter_context(writer_lock(folder, what)))
     return stack
 
 
-# where a transfer row that equals a test row came from (TransferSet.sources codes)
-_LEAK_ORIGIN = ("the training split itself (X repeats rows of X_test)",
-                "the training split (X) or X_unlabelled",
-                "a generated row")
-
-
-def _test_overlap(test_digests, digests, allowed, where, sources=None):
-    """Refuse transfer rows that are test rows (by input digest) unless explicitly allowed."""
-    import numpy as np
-
-    hits = np.flatnonzero(np.isin(digests, test_digests))
-    if len(hits) and not allowed:
-        origin = ("" if sources is None else
-                  f", from {_LEAK_ORIGIN[int(sources[int(hits[0])])]}")
-        raise ValueError(f"{len(hits)} rows of {where} are test rows (first: row {int(hits[0])}"
-                         f"{origin}): the student would train on the teacher's answers for the rows "
-                         "it is tested on. Fix the data (no row of X or X_unlabelled may repeat a "
-                         "test row), or pass --allow-test-rows to keep them, knowingly")
-    return len(hits)
-
-
 def _is_rank0():
-    from .train import dist_info
-
     return dist_info()[0] == 0
 
 
@@ -168,28 +130,27 @@ def _say(*a):
         print(*a, flush=True)
 
 
+def _warn(command):
+    def warn(text):
+        if _is_rank0():
+            print(f"mimic-fast {command}: WARNING: {text}", file=sys.stderr)
+    return warn
+
+
 # ----------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------
 def cmd_info(args):
-    from .dispatch import format_info
-
     print(format_info())
     return 0
 
 
 def cmd_demo(args):
-    from .demo import config_from_args, run_demo
-
     run_demo(args.out, config_from_args(args), progress=args.progress)
     return 0
 
 
 def _build(name, splits, overrides):
-    import torch
-
-    from .models import build_model
-
     kwargs = dict(input_shape=tuple(splits.input_shape), num_classes=splits.num_classes, **overrides)
     options = ", ".join(f"--{k} {v}" for k, v in overrides.items()) or "its defaults"
     try:
@@ -207,30 +168,9 @@ def _build(name, splits, overrides):
                          "smaller --hidden (or --bottleneck)") from None
 
 
-def _warn_test_rows_in_training(X_lab, splits):
-    """The data's own X may repeat rows of its X_test: the teacher then trains on test rows."""
-    import numpy as np
-    from torch.utils.data import TensorDataset
-
-    from .data import input_digests
-
-    n = int(np.isin(input_digests(TensorDataset(X_lab)), input_digests(splits.test)).sum())
-    if n and _is_rank0():
-        print(f"mimic-fast train-teacher: WARNING: {n} labelled training rows equal test rows (the "
-              "data's X repeats rows of X_test): the teacher's test accuracy is not a held-out "
-              "result; deduplicate the data", file=sys.stderr)
-
-
 def cmd_train_teacher(args):
-    import torch
-    from torch.utils.data import TensorDataset
-
-    from . import train as T
-
-    T.init_distributed()
-    splits = _load_data(args)
-    lab, _ = _labelled_rows(splits, args)
-    X, y = splits.train.tensors
+    init_distributed()
+    data = _load_data(args)
     overrides = {}
     if args.hidden:
         overrides["hidden"] = _parse_ints(args.hidden, "--hidden")
@@ -238,209 +178,86 @@ def cmd_train_teacher(args):
         overrides["channels"] = _parse_ints(args.channels, "--channels")
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
-    _warn_test_rows_in_training(X[lab], splits)
+    n = data.labelled_test_rows()
+    if n:  # the data's own X may repeat rows of its X_test: the teacher then trains on test rows
+        _warn("train-teacher")(f"{n} labelled training rows equal test rows (the data's X repeats "
+                               "rows of X_test): the teacher's test accuracy is not a held-out "
+                               "result; deduplicate the data")
     torch.manual_seed(args.seed)
-    model, spec = _build(args.model, splits, overrides)
+    model, spec = _build(args.model, data.splits, overrides)
     _say(f"teacher {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-         f"{len(lab)} labelled rows of {len(y)}")
+         f"{len(data.labelled)} labelled rows of {len(data.splits.train)}")
     with _lock_folder(args.out, "train-teacher output folder"):  # the run and teacher.pt
-        data = _data_record(args, splits)  # in the checkpoint too: a resume on other data is refused
-        res = T.train_teacher(model, TensorDataset(X[lab], y[lab]), splits.test, out_dir=args.out,
-                              resume=args.resume, device=args.device, progress=args.progress,
-                              spec=spec, data=data, **_training_options(args))
-        if _is_rank0():
-            path = os.path.join(args.out, "teacher.pt")
-            T.save_model(path, res.model, spec, data=data, history=res.history)
-            _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {path}")
+        res = P.train_on_labels(data, model, spec, args.out, resume=args.resume, test=True,
+                                device=args.device, progress=args.progress, **_training_options(args))
+        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote "
+             f"{os.path.join(args.out, P.TEACHER_FILE)}")
     return 0
-
-
-def _load_teachers(paths, output=None):
-    """(teacher, spec for teacher.json, [data recipe or None of each member], teacher_id or None)
-    of --teacher."""
-    from .models import TeacherEnsemble
-    from .teachers import load_teacher
-
-    models, specs, data = [], [], []
-    for p in paths:
-        m, info = load_teacher(p, output=output)
-        models.append(m)
-        specs.append(info["spec"] or {"teacher": p, "kind": info["kind"], "output": output})
-        data.append(info["data"])
-    if len(models) == 1:
-        teacher, spec = models[0], specs[0]
-    else:
-        teacher, spec = TeacherEnsemble(models).eval(), {"class": "TeacherEnsemble", "members": specs}
-    # a plain function has no weights to fingerprint: the store knows it by the --teacher values
-    teacher_id = None if any(True for _ in teacher.parameters()) else f"functions {list(paths)}"
-    return teacher, spec, data, teacher_id
-
-
-def _probe_teacher(teacher, names, splits):
-    """Run the teacher on one training row before anything is written: a teacher for other inputs
-    or another number of classes is refused here, naming it, not deep in the collection."""
-    import torch
-
-    from .data.store import _param_dtype
-
-    x = splits.train.tensors[0][:1]
-    name = " + ".join(names)
-    try:
-        with torch.no_grad():
-            out = teacher(x.to(_param_dtype(teacher) or x.dtype))
-    except (RuntimeError, TypeError, IndexError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"teacher {name} fails on a --dataset row of shape {tuple(x.shape[1:])} "
-                         f"(batch {tuple(x.shape)}): {type(e).__name__}: {first}; it must take "
-                         "rows of that shape") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or len(out) != 1:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"teacher {name} returned {shape} for a batch of shape {tuple(x.shape)}: "
-                         "expected logits (batch, classes)")
-    if out.shape[1] != splits.num_classes:
-        raise ValueError(f"teacher {name} outputs {out.shape[1]} logits per row but the dataset has "
-                         f"{splits.num_classes} classes: a teacher of another task")
-
-
-def _build_transfer(args, splits):
-    import torch
-
-    from .data import build_transfer_set
-
-    lab, unl = _labelled_rows(splits, args)
-    X, y = splits.train.tensors
-    X_unl = X[unl] if len(unl) else None
-    if splits.unlabelled is not None:
-        extra = splits.unlabelled.reshape(len(splits.unlabelled), *X.shape[1:])
-        X_unl = extra if X_unl is None else torch.cat([X_unl, extra])
-    X_lab = X[lab]
-    image = len(splits.input_shape) == 3
-    if args.method == "shift" and image:  # shifting needs (N, C, H, W); rows go back to X's shape
-        X_lab = X_lab.reshape(len(X_lab), *splits.input_shape)
-        X_unl = None if X_unl is None else X_unl.reshape(len(X_unl), *splits.input_shape)
-    kwargs = {}
-    if args.method == "noise":
-        kwargs["std"] = args.noise_std
-    ts = build_transfer_set(X_lab, X_unl, n_generated=args.n_generated, method=args.method,
-                            seed=args.seed, y_labelled=y[lab], generate_from=args.generate_from,
-                            **kwargs)
-    ts.x = ts.x.reshape(len(ts.x), *X.shape[1:])
-    return ts
-
-
-def _transfer_set(args, splits, recipe, path, check=None):
-    """The transfer set of `recipe`: reused from `path` (refused if made otherwise) or built and
-    written there; rows equal to test rows are refused unless --allow-test-rows. `check(transfer)`
-    may refuse it before it is written."""
-    from . import train as T
-    from .data import TransferSet, input_digests
-    from .data.recipe import check_recipe
-
-    if os.path.exists(path) and not args.overwrite:
-        saved = T.load_torch_file(path, "mimic_fast transfer set",
-                                  "rerun with --overwrite to rebuild it")
-        if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
-            raise ValueError(f"{path} is not a mimic_fast transfer set (format "
-                             f"{saved.get('format') if isinstance(saved, dict) else None!r}); "
-                             "use another --out, or --overwrite to replace it")
-        # every option but the data file's path: a moved file with the same rows is the same data
-        # (the row fingerprints say so), as distill and resume accept it
-        check_recipe(saved.get("recipe"), recipe, path, [k for k in recipe if k != "data"],
-                     hint="use another --out, the options it was made with, or --overwrite to "
-                          "rebuild it and its logits (nothing is overwritten without it)")
-        transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
-        allowed = bool(saved.get("allow_test_rows"))
-        _say(f"reusing {path}: {transfer}")
-    else:
-        transfer = _build_transfer(args, splits)
-        allowed = args.allow_test_rows
-    n_test = _test_overlap(input_digests(splits.test), input_digests(transfer), allowed,
-                           "the transfer set", transfer.sources)
-    if check is not None:  # the caller's last word before anything is written
-        check(transfer)
-    if n_test:
-        print(f"mimic-fast {args.command}: WARNING: {n_test} transfer rows are test rows "
-              "(--allow-test-rows): test accuracies of students trained on them are not "
-              "held-out results", file=sys.stderr)
-    if _is_rank0() and (args.overwrite or not os.path.exists(path)):
-        T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x,
-                             "sources": transfer.sources, "labels": transfer.labels,
-                             "allow_test_rows": allowed, "test_rows_in_transfer": n_test}, path)
-        _say(f"transfer set {transfer}; wrote {path}")
-    return transfer
 
 
 def cmd_collect_logits(args):
-    import torch
-
-    from . import train as T
-    from .data import collect_logits
-    from .data.recipe import DATA_FIELDS, check_recipe
-
-    T.init_distributed()
+    init_distributed()
     # the teachers first: a bad --teacher must fail before anything is written
-    teacher, spec, members_data, teacher_id = _load_teachers(args.teacher, args.teacher_output)
-    _inherit_recipe(args, members_data[0], args.teacher[0])
-    splits = _load_data(args)
-    data = _data_record(args, splits)
-    for p, d in zip(args.teacher, members_data):  # every member of an ensemble, not the first only
-        if d is None:
-            print(f"mimic-fast collect-logits: warning: {p} records no data recipe: it cannot be "
-                  "checked to have never seen the test rows", file=sys.stderr)
-        else:  # another split would put the teacher's training rows in the test set it is scored on
-            check_recipe(d, data, p, DATA_FIELDS,
+    teachers = P.load_teachers(args.teacher, args.teacher_output)
+    _inherit_recipe(args, teachers.recipes[0], args.teacher[0])
+    data = _load_data(args)
+
+    def unchecked(path):
+        print(f"mimic-fast collect-logits: warning: {path} records no data recipe: it cannot be "
+              "checked to have never seen the test rows", file=sys.stderr)
+
+    # every member of an ensemble, not the first only
+    P.check_teacher_data(args.teacher, teachers.recipes, data, unchecked=unchecked,
                          hint="collect with the teacher's recipe (leave --split-seed and "
                               "--label-fraction unset to inherit it) or train a teacher on this one")
-    _probe_teacher(teacher, args.teacher, splits)
-    recipe = {**data, "n_generated": args.n_generated, "method": args.method,
-              "generate_from": args.generate_from, "seed": args.seed,
-              "noise_std": args.noise_std if args.method == "noise" else None}
-    path = os.path.join(args.out, "transfer.pt")
+    P.probe_teacher(teachers.teacher, " + ".join(args.teacher), data)
     with _lock_folder(args.out, "collect-logits output folder"):
-        transfer = _transfer_set(args, splits, recipe, path)
-        device = T.default_device(args.device)
-        teacher.to(device)
-        dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
-        store = collect_logits(teacher, transfer, os.path.join(args.out, "logits"),
-                               batch_size=args.batch_size, dtype=dtype, device=device,
-                               progress=args.progress and _is_rank0(), overwrite=args.overwrite,
-                               teacher_id=teacher_id,
-                               remedy="use another --out, or rerun with --overwrite to replace it")
-        acc = T.evaluate(teacher, splits.test, device=device)  # every rank: it is sharded
+        transfer = P.transfer_set(
+            os.path.join(args.out, P.TRANSFER_FILE), data, args.n_generated, args.method,
+            args.generate_from, args.seed, args.noise_std, overwrite=args.overwrite,
+            allow_test_rows=args.allow_test_rows, allow_option="--allow-test-rows",
+            remedy="use another --out, the options it was made with, or --overwrite to rebuild it "
+                   "and its logits (nothing is overwritten without it)",
+            log=_say, warn=_warn(args.command))
+        device = default_device(args.device)
+        teacher = teachers.teacher.to(device)
+        logits = P.collect(teacher, transfer, args.out, dtype=_DTYPES[args.dtype],
+                           batch_size=args.batch_size, device=device,
+                           progress=args.progress and _is_rank0(), overwrite=args.overwrite,
+                           teacher_id=teachers.teacher_id,
+                           remedy="use another --out, or rerun with --overwrite to replace it")
+        acc = T.evaluate(teacher, data.splits.test, device=device)  # every rank: it is sharded
         if _is_rank0():
-            T.atomic_write_text(os.path.join(args.out, "teacher.json"),
-                                json.dumps({"teachers": args.teacher, "spec": spec,
-                                            "test_accuracy": acc}, indent=2))
-            _say(f"teacher test accuracy {acc:.4f}; logits of {len(transfer)} rows in {store.path}")
+            atomic_write_text(os.path.join(args.out, "teacher.json"),
+                              json.dumps({"teachers": args.teacher, "spec": teachers.spec,
+                                          "test_accuracy": acc}, indent=2))
+            _say(f"teacher test accuracy {acc:.4f}; logits of {len(logits.transfer)} rows in "
+                 f"{logits.store.path}")
     return 0
 
 
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
 def cmd_import_logits(args):
-    import numpy as np
-    import torch
-
-    from .data import LogitStore
-    from .data.store import HEADER_NAME
-
-    splits = _load_data(args)
+    data = _load_data(args)
     try:
         logits = np.load(args.logits, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise ValueError(f"--logits {args.logits} is not a readable .npy file ({e})") from None
     if logits.dtype.kind != "f":
         raise ValueError(f"--logits {args.logits} holds {logits.dtype}: expected float logits")
-    store_path = os.path.join(args.out, "logits")
+    store_path = os.path.join(args.out, P.LOGITS_DIR)
     if os.path.exists(os.path.join(store_path, HEADER_NAME)) and not args.overwrite:
         raise FileExistsError(f"a logit store exists at {store_path}; rerun with --overwrite to "
                               "replace it, or use another --out")
-    recipe = {**_data_record(args, splits), "n_generated": 0, "method": args.method,
-              "generate_from": args.generate_from, "seed": args.seed, "noise_std": None}
+    classes = data.splits.num_classes
 
     def fits(transfer):  # refused before transfer.pt is written: a rejected import leaves nothing
-        if logits.ndim != 2 or len(logits) != len(transfer) or logits.shape[1] != splits.num_classes:
+        if logits.ndim != 2 or len(logits) != len(transfer) or logits.shape[1] != classes:
             raise ValueError(f"--logits {args.logits} has shape {logits.shape} but the transfer set "
                              f"of --dataset {args.dataset} ({transfer}) needs ({len(transfer)}, "
-                             f"{splits.num_classes}): row i must be the teacher's logits for row i "
+                             f"{classes}): row i must be the teacher's logits for row i "
                              "(the training split in load order, labelled rows first when "
                              "--label-fraction < 1, then X_unlabelled)")
         bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
@@ -454,21 +271,20 @@ def cmd_import_logits(args):
                              "float16 can store (65504): use --dtype float32")
 
     with _lock_folder(args.out, "import-logits output folder"):
-        transfer = _transfer_set(args, splits, recipe, os.path.join(args.out, "transfer.pt"),
-                                 check=fits)
-        dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
-        store = LogitStore.from_array(store_path, logits, transfer, dtype=dtype,
-                                      overwrite=args.overwrite, source=os.path.basename(args.logits))
+        transfer = P.transfer_set(
+            os.path.join(args.out, P.TRANSFER_FILE), data, overwrite=args.overwrite,
+            allow_test_rows=args.allow_test_rows, allow_option="--allow-test-rows", check=fits,
+            remedy="use another --out, the options it was made with, or --overwrite to rebuild it "
+                   "and its logits (nothing is overwritten without it)",
+            log=_say, warn=_warn(args.command))
+        store = LogitStore.from_array(store_path, logits, transfer.transfer,
+                                      dtype=_DTYPES[args.dtype], overwrite=args.overwrite,
+                                      source=os.path.basename(args.logits))
     _say(f"imported {store.n} rows of {store.num_classes} logits into {store.path} (verified)")
     return 0
 
 
 def cmd_export(args):
-    import torch
-
-    from .export import export_student, latency
-    from .teachers import load_module
-
     model, kind = load_module(args.model)
     if not isinstance(model, torch.nn.Module):  # a factory may return a plain function
         raise ValueError(f"--model {args.model}: the {kind} gave a {type(model).__name__}, not an "
@@ -487,46 +303,13 @@ def cmd_export(args):
 
 
 def cmd_distill(args):
-    import torch
-
-    from . import train as T
-    from .data import LogitDataset, LogitStore, TransferSet, input_digests
-    from .data.recipe import DATA_FIELDS, check_recipe
-
-    T.init_distributed()
-    path = os.path.join(args.logits, "transfer.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --logits must be the --out folder of "
-                                "`mimic-fast collect-logits`")
-    saved = T.load_torch_file(path, "mimic_fast transfer set",
-                              "rebuild it with `mimic-fast collect-logits ... --overwrite`")
-    if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
-        raise ValueError(f"{path} is not a mimic_fast transfer set (expected format "
-                         f"{TRANSFER_FORMAT!r}); rebuild it with `mimic-fast collect-logits`")
-    made = saved.get("recipe") or {}
-    _inherit_recipe(args, made, path)
-    splits = _load_data(args)
-    transfer = TransferSet(saved["x"], saved["sources"], saved["labels"])
-    # the student is sized from --dataset: data other than the logits' would fail deep in a kernel
-    rows = transfer.x[0].numel()
-    if rows != splits.in_features:
-        raise ValueError(f"--logits {args.logits} holds rows of {rows} features (made from --dataset "
-                         f"{made.get('dataset')} --data {made.get('data')}), but --dataset "
-                         f"{args.dataset} has {splits.in_features} features")
-    # the transfer set's labels and its exclusion of test rows hold only for the recipe it was made
-    # with: another split seed or label fraction here would put test rows into training
-    data = _data_record(args, splits)
-    check_recipe(made, data, path, DATA_FIELDS,
-                 hint="distill with the recipe of the logits (leave --split-seed and --label-fraction "
-                      "unset to inherit it) or collect logits for this one")
-    store = LogitStore.open(os.path.join(args.logits, "logits"), transfer, verify=args.verify,
-                            check_inputs=args.check_inputs)
-    if store.num_classes != splits.num_classes:
-        raise ValueError(f"--logits {args.logits} holds {store.num_classes} classes but --dataset "
-                         f"{args.dataset} has {splits.num_classes}")
-    _test_overlap(input_digests(splits.test), store.inputs, saved.get("allow_test_rows"),
-                  f"the transfer set {path}")
-    dataset = LogitDataset(transfer, store, with_labels=args.alpha > 0, check_inputs=args.check_inputs)
+    init_distributed()
+    transfer, payload = P.read_transfer(args.logits)
+    _inherit_recipe(args, payload.get("recipe") or {},
+                    os.path.join(args.logits, P.TRANSFER_FILE))
+    data = _load_data(args)
+    logits = P.open_logits(args.logits, data, transfer, payload, verify=args.verify,
+                           check_inputs=args.check_inputs)
     overrides = {}
     if args.hidden is not None:
         overrides["hidden"] = args.hidden
@@ -535,30 +318,26 @@ def cmd_distill(args):
     if args.activation is not None:
         overrides["activation"] = args.activation
     torch.manual_seed(args.seed)
-    student, spec = _build(args.student, splits, overrides)
+    student, spec = _build(args.student, data.splits, overrides)
     _say(f"student {args.student}: {sum(p.numel() for p in student.parameters()):,} parameters; "
          f"transfer set {transfer}")
     with _lock_folder(args.out, "distill output folder"):  # the run and student.pt
-        res = T.distill(student, dataset, splits.test, loss=args.loss, alpha=args.alpha,
-                        temperature=args.temperature, out_dir=args.out, resume=args.resume,
-                        device=args.device, progress=args.progress, spec=spec, data=data,
-                        **_training_options(args))
-        if _is_rank0():
-            out = os.path.join(args.out, "student.pt")
-            T.save_model(out, res.model, spec, data=data, history=res.history, loss=args.loss,
-                         alpha=args.alpha, transfer=made)
-            _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote {out}")
+        res = P.distill_student(data, student, spec, logits, args.out, loss=args.loss,
+                                alpha=args.alpha, temperature=args.temperature,
+                                check_inputs=args.check_inputs, resume=args.resume,
+                                device=args.device, progress=args.progress,
+                                **_training_options(args))
+        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote "
+             f"{os.path.join(args.out, P.STUDENT_FILE)}")
     return 0
 
 
 def cmd_sweep(args):
-    from .sweep import run_from_args
-
     return run_from_args(args)
 
 
 def cmd_bench(argv):
-    try:
+    try:  # optional: the benchmark harness may be left out of an installation
         from .bench import main as bench_main
     except ImportError as e:
         print(f"mimic-fast bench: the benchmark package mimic_fast.bench could not be imported ({e})",
@@ -578,8 +357,6 @@ def build_parser():
                "train-teacher, collect-logits); only rank 0 writes.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    from .demo import add_arguments as demo_arguments
 
     d = sub.add_parser("demo", help="the paper's effect on digits in a few CPU minutes (the README's "
                                     "main command)",
@@ -616,11 +393,11 @@ def build_parser():
                         "(logits), a tuple index (0), or a dotted path (0.logits)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--n-generated", type=int, default=0, help="generated rows to add (default 0)")
-    c.add_argument("--method", choices=("munge", "noise", "shift"), default="munge",
+    c.add_argument("--method", choices=METHODS, default="munge",
                    help="generator of the extra rows (shift: images only)")
     c.add_argument("--generate-from", choices=("labelled", "all"), default="labelled",
                    help="rows the generator starts from")
-    c.add_argument("--noise-std", type=float, default=0.1, help="--method noise: the std")
+    c.add_argument("--noise-std", type=float, default=P.NOISE_STD, help="--method noise: the std")
     c.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="storage dtype of the logits")
     c.add_argument("--batch-size", type=int, default=256)
@@ -648,8 +425,7 @@ def build_parser():
                    help="replace transfer.pt and the store already in --out")
     m.add_argument("--allow-test-rows", action="store_true",
                    help="keep transfer rows that equal test rows (refused by default)")
-    m.set_defaults(func=cmd_import_logits, n_generated=0, method="munge", generate_from="labelled",
-                   seed=0, noise_std=None)
+    m.set_defaults(func=cmd_import_logits)
 
     e = sub.add_parser("export", help="write a trained student as plain ONNX / torch.export ops",
                        description="Unfuse the model's fused layers (on a copy) and write it with a "
@@ -692,8 +468,6 @@ def build_parser():
     _add_training(s, epochs=20, kind="distill", batch_size=256)
     s.set_defaults(func=cmd_distill)
 
-    from .sweep import add_arguments as sweep_arguments
-
     w = sub.add_parser("sweep", help="the compression curve: students of every size on labels and by "
                                      "mimicry, against the teacher",
                        description="Train a grid of students (--hidden, --bottleneck, --conv-layers) "
@@ -727,7 +501,6 @@ def _os_error_line(e):
     if e.filename is None or e.strerror is None:  # our own messages (FileExistsError, LockedError...)
         return str(e)
     where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-    import errno
 
     hint = {errno.EACCES: "check the permissions of the file and its folder",
             errno.EPERM: "check the permissions of the file and its folder",

@@ -19,10 +19,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 from torch.nn.utils import parametrize
 
 from ._checks import check_int_at_least
-from .activations import ACTIVATIONS
+from .activations import ACTIVATION_MODULES, ACTIVATIONS
 from .nn import BottleneckLinear, WideShallowStudent
 
 __all__ = ["factorize_linear", "fuse_student", "unfuse", "mimic_loss_of", "FusionReport"]
@@ -108,7 +109,7 @@ def _join(prefix, name):
 
 
 # ----------------------------------------------------------------------------------- the pattern
-_ACT_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.GELU: "gelu"}
+_ACT_MODULES = {module: name for name, module in ACTIVATION_MODULES.items()}  # class -> name
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
                   torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu"}
 _ACT_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
@@ -384,8 +385,6 @@ class _FusedGraphModule(fx.GraphModule):
 
 
 def _unpickle_fused_graph_module(body, import_block):
-    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
-
     forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
     gm = _deserialize_graph_module(forward, body, graph_module_cls=_FusedGraphModule)
     if getattr(gm, "_mimic_fast_fusion", None):  # unfuse() deletes it: nothing left to remap
@@ -535,9 +534,6 @@ def _remap_old_keys(module, state_dict, prefix, *args):
 
 
 # ------------------------------------------------------------------------------------- unfuse
-_ACT_CLASSES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU}
-
-
 def _plain_linear(weight, bias):
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     layer.weight, layer.bias = weight, bias
@@ -550,7 +546,7 @@ def plain_layers(student):
     if not isinstance(student, WideShallowStudent):
         raise TypeError(f"student must be a WideShallowStudent, got {type(student).__name__}")
     return nn.Sequential(_plain_linear(student.U, None), _plain_linear(student.V, student.b1),
-                         _ACT_CLASSES[student.activation](), _plain_linear(student.W, student.b2))
+                         ACTIVATION_MODULES[student.activation](), _plain_linear(student.W, student.b2))
 
 
 def _plain_by_role(student, record):

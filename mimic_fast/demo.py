@@ -17,10 +17,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import dispatch
+from . import pipeline as P
 from . import train as T
+from ._io import atomic_write_bytes, atomic_write_text
+from .models import count_parameters
 from .nn import WideShallowStudent
 
-__all__ = ["DemoConfig", "run_demo", "add_arguments", "main", "labelled_split"]
+__all__ = ["DemoConfig", "run_demo", "add_arguments", "main"]
 
 
 @dataclass
@@ -63,21 +67,6 @@ class DemoConfig:
                    mimic_epochs=3, mimic_lr=0.05, n_generated=300, throughput_batch=64, quick=True)
 
 
-def labelled_split(y, fraction, seed):
-    """(labelled, unlabelled) row indices: round(fraction * count) labelled rows per class (at least
-    one), drawn with `seed`; the rest are unlabelled."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    labelled = []
-    for c in y.unique().tolist():
-        rows = (y == c).nonzero().squeeze(1)
-        k = max(1, round(fraction * len(rows)))
-        labelled.append(rows[torch.randperm(len(rows), generator=g)[:k]])
-    labelled = torch.cat(labelled).sort().values
-    mask = torch.zeros(len(y), dtype=torch.bool)
-    mask[labelled] = True
-    return labelled, (~mask).nonzero().squeeze(1)
-
-
 def _student(cfg, in_features, num_classes):
     return WideShallowStudent(in_features, num_classes, hidden=cfg.student_hidden,
                               bottleneck=cfg.student_bottleneck)
@@ -88,40 +77,30 @@ def _curve(history):
 
 
 def _run_seed(cfg, seed, workdir, progress, log):
-    from torch.utils.data import TensorDataset
-
-    from .data import LogitDataset, build_transfer_set, collect_logits, load_dataset
-    from .models import CNN, TeacherEnsemble, count_parameters
-
-    splits = load_dataset("digits", seed=seed)
-    X, y = splits.train.tensors
-    lab, unl = labelled_split(y, cfg.label_fraction, seed)
-    labelled = TensorDataset(X[lab], y[lab])
+    data = P.load_data("digits", split_seed=seed, label_fraction=cfg.label_fraction)
+    splits = data.splits
     D, C = splits.in_features, splits.num_classes
     common = dict(optimizer="sgd", schedule="cosine", weight_decay=cfg.weight_decay, progress=progress)
-    out = {"seed": seed, "n_labelled": len(lab), "n_unlabelled": len(unl), "n_test": len(splits.test)}
+    out = {"seed": seed, "n_labelled": len(data.labelled), "n_unlabelled": len(data.unlabelled),
+           "n_test": len(splits.test)}
 
     # 1. teacher: each member on the labelled rows (labels only), logits averaged
     t0 = time.perf_counter()
-    members, member_acc = [], []
-    for m in range(cfg.teacher_members):
-        torch.manual_seed(1000 * seed + m)
-        net = CNN(splits.input_shape, C, channels=cfg.teacher_channels, hidden=cfg.teacher_hidden,
-                  dropout=cfg.teacher_dropout)
-        res = T.train_teacher(net, labelled, None, epochs=cfg.teacher_epochs,
-                              batch_size=cfg.teacher_batch, lr=cfg.teacher_lr, seed=1000 * seed + m,
-                              **common)
-        members.append(res.model)
-        member_acc.append(T.evaluate(res.model, splits.test))
-    teacher = TeacherEnsemble(members).eval() if len(members) > 1 else members[0]
-    out["teacher"] = {"accuracy": T.evaluate(teacher, splits.test), "member_accuracy": member_acc,
+    teachers = P.train_teachers(
+        data, cfg.teacher_members, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
+        lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, channels=cfg.teacher_channels,
+        hidden=cfg.teacher_hidden, dnn_hidden=(), dropout=cfg.teacher_dropout,  # digits: CNNs
+        progress=progress)
+    teacher = teachers.teacher
+    out["teacher"] = {"accuracy": T.evaluate(teacher, splits.test),
+                      "member_accuracy": [T.evaluate(m, splits.test) for m in teachers.members],
                       "params": count_parameters(teacher), "train_s": time.perf_counter() - t0}
 
     # 2. the student on the labelled rows only
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    res = T.train_teacher(_student(cfg, D, C), labelled, splits.test, epochs=cfg.label_epochs,
-                          batch_size=cfg.label_batch, lr=cfg.label_lr, seed=seed, **common)
+    res = P.train_on_labels(data, _student(cfg, D, C), test=True, epochs=cfg.label_epochs,
+                            batch_size=cfg.label_batch, lr=cfg.label_lr, seed=seed, **common)
     label_student = res.model
     out["student_labels"] = {"accuracy": res.final["test_accuracy"], "curve": _curve(res.history),
                              "params": count_parameters(label_student),
@@ -129,19 +108,20 @@ def _run_seed(cfg, seed, workdir, progress, log):
 
     # 3. the same student by mimicry: logit regression on the teacher's stored logits
     t0 = time.perf_counter()
-    transfer = build_transfer_set(X[lab], X[unl], n_generated=cfg.n_generated, method="munge",
-                                  seed=seed, y_labelled=y[lab])
-    store = collect_logits(teacher, transfer, os.path.join(workdir, f"logits-seed{seed}"),
-                           dtype=torch.float32, progress=False, overwrite=True)
+    folder = os.path.join(workdir, f"seed{seed}")
+    transfer = P.transfer_set(os.path.join(folder, P.TRANSFER_FILE), data, cfg.n_generated, "munge",
+                              seed=seed)
+    logits = P.collect(teacher, transfer, folder, dtype=torch.float32)
     collect_s = time.perf_counter() - t0
     torch.manual_seed(seed)  # same initial weights as the labels-only student
-    res = T.distill(_student(cfg, D, C), LogitDataset(transfer, store), splits.test, loss="mse",
-                    epochs=cfg.mimic_epochs, batch_size=cfg.mimic_batch, lr=cfg.mimic_lr, seed=seed,
-                    **common)
+    res = P.distill_student(data, _student(cfg, D, C), None, logits, loss="mse",
+                            epochs=cfg.mimic_epochs, batch_size=cfg.mimic_batch, lr=cfg.mimic_lr,
+                            seed=seed, **common)
     mimic_student = res.model
     out["student_mimic"] = {"accuracy": res.final["test_accuracy"], "curve": _curve(res.history),
                             "params": count_parameters(mimic_student), "collect_s": collect_s,
-                            "train_s": time.perf_counter() - t0, "transfer_rows": transfer.counts(),
+                            "train_s": time.perf_counter() - t0,
+                            "transfer_rows": logits.transfer.counts(),
                             "final_soft_loss": res.final["soft_loss"]}
     example = splits.test.tensors[0][0]
     out["throughput"] = {
@@ -228,7 +208,7 @@ def _plot(result, path):
     ax1.set_title("student training curves (one line per seed)")
     ax1.legend(loc="lower right")
     fig.tight_layout()
-    T.atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -265,7 +245,7 @@ def _run(cfg, out, progress, log):
         "backend": _backend_used(cfg),
     }
     os.makedirs(out, exist_ok=True)
-    T.atomic_write_text(os.path.join(out, "demo.json"), json.dumps(result, indent=2, default=_jsonable))
+    atomic_write_text(os.path.join(out, "demo.json"), json.dumps(result, indent=2, default=_jsonable))
     _plot(result, os.path.join(out, "demo.png"))
     log("")
     log(format_table(result))
@@ -279,8 +259,6 @@ def _run(cfg, out, progress, log):
 
 
 def _backend_used(cfg):
-    from . import dispatch
-
     p = dispatch.Problem("mimic", torch.device("cpu"), torch.float32, cfg.mimic_batch, 64,
                          cfg.student_bottleneck, cfg.student_hidden, 10, "relu", torch.float32)
     try:

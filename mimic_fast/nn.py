@@ -12,6 +12,7 @@ from torch import nn
 from . import functional as MF
 from ._checks import check_int_at_least, check_reduction
 from .activations import check_activation
+from .dispatch import BACKENDS
 
 
 def _uniform_(tensor, fan_in):
@@ -78,8 +79,6 @@ class WideShallowStudent(nn.Module):
         self.in_features, self.num_classes = in_features, num_classes
         self.hidden, self.bottleneck = hidden, bottleneck
         self.activation = check_activation(activation)
-        from .dispatch import BACKENDS
-
         if backend != "auto" and backend not in BACKENDS:  # refused now, not at the first forward
             raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of "
                              f"{', '.join(BACKENDS)}")

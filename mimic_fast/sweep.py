@@ -6,13 +6,15 @@ transfer set (training split only: labelled + unlabelled + generated rows) once;
 (conv layers x bottleneck x width) is then trained twice per seed, on the labelled rows and on the
 stored logits, with the same architecture, initial weights, optimiser, schedule, batch size and
 number of optimizer steps (the labelled rows are cycled up to the transfer set's length).
-Each such run is a folder under OUT/points/ built on train.py's atomic checkpoints, so a killed sweep
-resumes with the same command and `--shard i/n` runs every n-th run; the report (sweep.json, .png,
-.md) gathers whatever runs exist. Limits: the teacher and the transfer set live in memory; shards
+The teacher, transfer set and logits are the pipeline's (mimic_fast.pipeline), in its layout: OUT holds
+transfer.pt and logits/ as a collect-logits folder does (`mimic-fast distill --logits OUT` trains on
+them) and a trained teacher's members are OUT/teacher/member-i/teacher.pt. Each run is a folder under
+OUT/points/ built on train.py's atomic checkpoints, so a killed sweep resumes with the same command
+and `--shard i/n` runs every n-th run; the report (sweep.json, .png, .md) gathers whatever runs
+exist. Limits: the teacher and the transfer set live in memory; shards
 must share OUT on one file system (the first one prepares the teacher and logits under a lock).
 """
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -20,11 +22,22 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
 
+from . import __version__, sweep_report
+from . import pipeline as P
 from . import train as T
-from .demo import DemoConfig, labelled_split
+from ._io import LockedError, atomic_write_text, writer_lock
+from .data import DATASETS, state_hash
+from .data.recipe import DATA_FIELDS, check_recipe
+from .data.transfer import METHODS
+from .demo import DemoConfig
+from .distributed import default_device
+from .files import load_checkpoint, load_model
+from .models import build_model, count_parameters
+from .nn import WideShallowStudent
 
 __all__ = ["SweepConfig", "Run", "grid", "shard", "run", "report", "add_arguments",
            "config_from_args", "main"]
@@ -32,10 +45,7 @@ __all__ = ["SweepConfig", "Run", "grid", "shard", "run", "report", "add_argument
 FORMAT = "mimic_fast.sweep/1"
 RESULT_FORMAT = "mimic_fast.sweep_run/1"
 CONFIG_NAME = "sweep-config.json"
-TRANSFER_FORMAT = "mimic_fast.transfer/1"
 MODES = ("labels", "mimic")
-DATASETS = ("digits", "cifar10", "npz")
-METHODS = ("munge", "noise", "shift")
 _DEMO = DemoConfig()  # the teacher recipe and the student defaults are the demo's: one place
 
 
@@ -89,7 +99,7 @@ class SweepConfig:
         --teacher file, as the cli's pipeline commands do) and sequences as tuples of ints."""
         cfg = SweepConfig(**asdict(self))
         if cfg.teacher and (cfg.split_seed is None or cfg.label_fraction is None):
-            recorded = T.load_model(cfg.teacher[0])[1].get("data") or {}
+            recorded = load_model(cfg.teacher[0])[1].get("data") or {}
             for name in ("split_seed", "label_fraction"):
                 if getattr(cfg, name) is None:
                     setattr(cfg, name, recorded.get(name))
@@ -184,53 +194,13 @@ def shard(runs, spec):
 
 
 # ----------------------------------------------------------------------------------------------
-# the shared stage: data, teacher, transfer set, logit store
+# the shared stage: data, teacher, transfer set, logit store (the pipeline's, in OUT)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class _Prepared:
-    splits: object
-    labelled: TensorDataset
-    transfer: object
-    store: object
-    recipe: dict  # data.recipe.data_recipe of the splits, recorded in every student.pt
+    data: P.PipelineData
+    logits: P.Logits
     info: dict  # data, transfer and teacher records of the report
-
-
-class _Cycled(Dataset):
-    """`base` (a TensorDataset) cycled to `length` rows: row i is base row i mod len(base). The
-    labels-only student sees as many rows per epoch as the mimic student, so both take the same
-    number of optimizer steps under the same schedule."""
-
-    def __init__(self, base, length):
-        self.base, self.length = base, int(length)
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        return self.base[int(i) % len(self.base)]
-
-    def get_batch(self, indices):
-        idx = torch.as_tensor(indices, dtype=torch.long) % len(self.base)
-        return tuple(t[idx] for t in self.base.tensors)
-
-
-def _load(cfg):
-    from .data import load_dataset
-
-    splits = load_dataset(cfg.dataset, root=cfg.data, seed=cfg.split_seed)
-    # rows travel flat (N, D) as in the cli: the conv models unflatten them, the wide students
-    # take flat rows only
-    for part in (splits.train, splits.test):
-        part.tensors = (part.tensors[0].reshape(len(part.tensors[0]), -1), *part.tensors[1:])
-    if splits.unlabelled is not None:
-        splits.unlabelled = splits.unlabelled.reshape(len(splits.unlabelled), -1)
-    y = splits.train.tensors[1]
-    if cfg.label_fraction >= 1:
-        lab, unl = torch.arange(len(y)), torch.empty(0, dtype=torch.long)
-    else:
-        lab, unl = labelled_split(y, cfg.label_fraction, cfg.split_seed)
-    return splits, lab, unl
 
 
 def _read_json(path, remedy):
@@ -242,102 +212,36 @@ def _read_json(path, remedy):
         raise ValueError(f"{path} is damaged (not valid JSON: {e}); {remedy}") from None
 
 
-def _data_record(cfg, splits):
-    from .data.recipe import data_recipe
-
-    return data_recipe(splits, cfg.dataset, cfg.split_seed, cfg.label_fraction, cfg.data)
-
-
-def _check_teacher_data(path, recorded, wanted):
-    """A teacher made from another recipe may have trained on this sweep's test rows (another split)
-    or on other labels (another fraction): refused, as collect-logits does."""
-    from .data.recipe import DATA_FIELDS, check_recipe
-
-    if recorded is None:
-        return "unchecked: the teacher file records no data recipe"
-    check_recipe(recorded, wanted, path, DATA_FIELDS,
-                 hint="sweep with the teacher's recipe (leave --split-seed and --label-fraction unset "
-                      "to inherit it)")
-    return "checked: the same dataset, split and labelled rows as the students"
+def _given_teacher(cfg, data):
+    """The --teacher files as one teacher (an ensemble of several), each checked against the data:
+    a teacher made from another recipe may have trained on this sweep's test rows (another split)
+    or on other labels (another fraction)."""
+    teachers = P.load_teachers(cfg.teacher)
+    checked = P.check_teacher_data(
+        cfg.teacher, teachers.recipes, data,
+        hint="sweep with the teacher's recipe (leave --split-seed and --label-fraction unset to "
+             "inherit it)")
+    checks = ["checked: the same dataset, split and labelled rows as the students" if ok else
+              "unchecked: the teacher file records no data recipe" for ok in checked]
+    return teachers.teacher, {"kind": "checkpoint", "paths": list(cfg.teacher), "data_check": checks,
+                              "spec": teachers.spec, "members": len(teachers.members)}
 
 
-def _teacher_member(cfg, splits):
-    from .models import CNN, DNN
-
-    C = splits.num_classes
-    if len(splits.input_shape) == 3:
-        kw = dict(channels=cfg.teacher_channels, hidden=cfg.teacher_hidden, dropout=cfg.teacher_dropout)
-        return CNN(splits.input_shape, C, **kw), {"name": "cnn", "kwargs": {
-            "input_shape": list(splits.input_shape), "num_classes": C, **kw}}
-    kw = dict(hidden=cfg.teacher_dnn_hidden, dropout=cfg.teacher_dropout)
-    return DNN(splits.in_features, C, **kw), {"name": "dnn-2k", "kwargs": {
-        "in_features": splits.in_features, "num_classes": C, **kw}}
-
-
-def _ensemble(members, specs, info):
-    from .models import TeacherEnsemble
-
-    teacher = TeacherEnsemble(members).eval() if len(members) > 1 else members[0].eval()
-    spec = specs[0] if len(specs) == 1 else {"class": "TeacherEnsemble", "members": specs}
-    return teacher, {**info, "spec": spec, "members": len(members)}
-
-
-def _given_teacher(cfg, wanted):
-    """The --teacher files as one teacher (an ensemble of several), each checked against the data."""
-    members, specs, checks = [], [], []
-    for p in cfg.teacher:
-        model, payload = T.load_model(p)
-        checks.append(_check_teacher_data(p, payload.get("data"), wanted))
-        members.append(model)
-        specs.append(payload["spec"])
-    return _ensemble(members, specs, {"kind": "checkpoint", "paths": list(cfg.teacher),
-                                      "data_check": checks})
-
-
-def _trained_teacher(cfg, splits, lab, out, log, wanted):
+def _trained_teacher(cfg, data, out, log):
     """The demo's teacher recipe, one resumable folder per member under out/teacher/."""
-    from .data.recipe import DATA_FIELDS, check_recipe
-
-    X, y = splits.train.tensors
-    labelled = TensorDataset(X[lab], y[lab])
-    members, specs = [], []
-    for m in range(cfg.teacher_members):
-        folder = os.path.join(out, "teacher", f"member-{m}")
-        path = os.path.join(folder, "teacher.pt")
-        if os.path.isfile(path):
-            model, payload = T.load_model(path)
-            check_recipe(payload.get("data"), wanted, path, DATA_FIELDS, hint=_STALE_HINT)
-            spec = payload["spec"]
-        else:
-            seed = 1000 * cfg.split_seed + m  # the demo's member seeds
-            torch.manual_seed(seed)
-            model, spec = _teacher_member(cfg, splits)
-            log(f"teacher member {m + 1}/{cfg.teacher_members}: {spec['name']} on {len(lab)} labelled "
-                "rows")
-            res = T.train_teacher(
-                model, labelled, None, out_dir=folder,
-                resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)), device=cfg.device,
-                progress=False, spec=spec, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
-                optimizer="sgd", lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, schedule="cosine",
-                seed=seed)
-            model = res.model.cpu().eval()
-            T.save_model(path, model, spec, data=wanted, history=res.history)
-        members.append(model)
-        specs.append(spec)
-    kind = "CNN" if specs[0]["name"] == "cnn" else "DNN"
-    return _ensemble(members, specs, {
+    teachers = P.train_teachers(
+        data, cfg.teacher_members, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
+        lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, channels=cfg.teacher_channels,
+        hidden=cfg.teacher_hidden, dnn_hidden=cfg.teacher_dnn_hidden, dropout=cfg.teacher_dropout,
+        out=os.path.join(out, "teacher"), hint=_STALE_HINT, device=cfg.device, log=log)
+    n = len(teachers.members)
+    first = teachers.spec["members"][0] if n > 1 else teachers.spec
+    kind = "CNN" if first["name"] == "cnn" else "DNN"
+    return teachers.teacher, {
         "kind": "trained", "recipe": f"the demo's: {kind} members on the labelled rows, SGD + cosine, "
                                      "logits averaged",
-        "data_check": ["trained here on the students' labelled rows"] * len(members)})
-
-
-def _refuse_test_rows(transfer, splits, path):
-    """The number of transfer rows equal to a test row, measured: 0, or a ValueError."""
-    leaked = count_test_rows(transfer, splits.test)
-    if leaked:  # impossible by construction unless the data itself repeats test rows
-        raise ValueError(f"{leaked} transfer-set row(s) of {path} equal a test row: the data holds "
-                         "test rows in its training split or X_unlabelled; deduplicate it first")
-    return leaked
+        "data_check": ["trained here on the students' labelled rows"] * n,
+        "spec": teachers.spec, "members": n}
 
 
 # a data file changed under the same path: everything made from the old one is stale
@@ -348,8 +252,6 @@ _STALE_HINT = ("the data changed since this sweep's files were made; use another
 def _check_saved_data(out, wanted):
     """Refuse an OUT whose recorded data (sweep-config.json) is not this data: its teacher, transfer
     set and finished runs were made from other rows (e.g. the npz was rewritten in place)."""
-    from .data.recipe import DATA_FIELDS, check_recipe
-
     path = os.path.join(out, CONFIG_NAME)
     if os.path.isfile(path):
         saved = (_read_json(path, "use another --out").get("info") or {}).get("data")
@@ -357,79 +259,29 @@ def _check_saved_data(out, wanted):
             check_recipe(saved, wanted, path, DATA_FIELDS, hint=_STALE_HINT)
 
 
-def _transfer(cfg, splits, lab, unl, out, wanted):
-    """Labelled + unlabelled rows of the training split (+ the npz's X_unlabelled) + generated rows
-    from the labelled ones; none may equal a test row. The test split is read only for that check."""
-    from .data import TransferSet, build_transfer_set
-
-    recipe = {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
-              "label_fraction": cfg.label_fraction, "n_generated": cfg.n_generated,
-              "method": cfg.method, "generate_from": "labelled", "seed": cfg.split_seed}
-    from .data.recipe import DATA_FIELDS, check_recipe
-
-    path = os.path.join(out, "transfer.pt")
-    if os.path.exists(path):
-        saved = T.load_torch_file(path, "mimic_fast sweep transfer set",
-                                  "delete it (and OUT/logits) to rebuild it, or use another --out")
-        if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT or (
-                saved.get("recipe") != recipe):
-            got = saved.get("recipe") if isinstance(saved, dict) else None
-            raise ValueError(f"{path} was made with other options ({got}); use another --out")
-        # the options name the data by path only: the rows' fingerprints tell a rewritten file
-        check_recipe(saved.get("data"), wanted, path, DATA_FIELDS, hint=_STALE_HINT)
-        ts = TransferSet(saved["x"], saved["sources"], saved["labels"])
-        return ts, {**recipe, "test_rows": _refuse_test_rows(ts, splits, path)}
-    X, y = splits.train.tensors
-    X_lab, X_unl = X[lab], (X[unl] if len(unl) else None)
-    if splits.unlabelled is not None:
-        X_unl = splits.unlabelled if X_unl is None else torch.cat([X_unl, splits.unlabelled])
-    if cfg.method == "shift":
-        if len(splits.input_shape) != 3:
-            raise ValueError(f"method shift needs images (C, H, W); this data has rows of shape "
-                             f"{tuple(splits.input_shape)}")
-        X_lab = X_lab.reshape(len(X_lab), *splits.input_shape)
-        X_unl = None if X_unl is None else X_unl.reshape(len(X_unl), *splits.input_shape)
-    ts = build_transfer_set(X_lab, X_unl, n_generated=cfg.n_generated, method=cfg.method,
-                            seed=cfg.split_seed, y_labelled=y[lab])
-    ts.x = ts.x.reshape(len(ts.x), -1)
-    test_rows = _refuse_test_rows(ts, splits, path)
-    T.atomic_torch_save({"format": TRANSFER_FORMAT, "recipe": recipe, "data": wanted, "x": ts.x,
-                         "sources": ts.sources, "labels": ts.labels}, path)
-    return ts, {**recipe, "test_rows": test_rows}
-
-
-def count_test_rows(dataset, test):
-    """How many rows of `dataset` have the input of a row of `test` (by the logit store's per-row
-    input digests: the rule collect-logits applies)."""
-    import numpy as np
-
-    from .data.store import input_digests
-
-    return int(np.isin(input_digests(dataset), input_digests(test)).sum())
-
-
 def _prepare(cfg, out, log):
-    from filelock import FileLock
-
-    from .data import collect_logits
-    from .models import count_parameters
-
-    splits, lab, unl = _load(cfg)
+    """Labelled + unlabelled rows of the training split (+ the npz's X_unlabelled) + generated rows
+    from the labelled ones make the transfer set; none may equal a test row (the test split is
+    read only for that check and for the teacher's accuracy)."""
+    data = P.load_data(cfg.dataset, cfg.data, cfg.split_seed, cfg.label_fraction)
+    splits = data.splits
     os.makedirs(out, exist_ok=True)
     # shards sharing OUT: the first one trains the teacher and fills the store, the others wait
-    with FileLock(os.path.join(out, ".prepare.lock")):
-        wanted = _data_record(cfg, splits)
+    with writer_lock(out, "sweep folder", wait=True):
+        wanted = data.recipe
         _check_saved_data(out, wanted)
         # refusals first: a teacher of other data, then test rows in the transfer set
-        given = _given_teacher(cfg, wanted) if cfg.teacher else None
-        transfer, transfer_info = _transfer(cfg, splits, lab, unl, out, wanted)
-        teacher, teacher_info = given or _trained_teacher(cfg, splits, lab, out, log, wanted)
-        dev = T.default_device(cfg.device)
+        given = _given_teacher(cfg, data) if cfg.teacher else None
+        transfer = P.transfer_set(
+            os.path.join(out, P.TRANSFER_FILE), data, cfg.n_generated, cfg.method, "labelled",
+            cfg.split_seed, remedy="delete it (and OUT/logits) to rebuild it, or use another --out")
+        teacher, teacher_info = given or _trained_teacher(cfg, data, out, log)
+        dev = default_device(cfg.device)
         teacher.to(dev)
-        logits = os.path.join(out, "logits")
-        store = collect_logits(teacher, transfer, logits, dtype=torch.float32, device=dev,
-                               progress=False, remedy=f"use another --out, or delete {logits} to "
-                                                      "collect the logits again")
+        logits_dir = os.path.join(out, P.LOGITS_DIR)
+        logits = P.collect(teacher, transfer, out, dtype=torch.float32, device=dev,
+                           remedy=f"use another --out, or delete {logits_dir} to collect the logits "
+                                  "again")
         teacher_path = os.path.join(out, "teacher.json")
         # keyed by the rows it was measured on: a rewritten data file is measured again
         rows = {k: wanted[k] for k in ("train_rows", "test_rows")}
@@ -448,23 +300,25 @@ def _prepare(cfg, out, log):
             if len(getattr(teacher, "members", [])) > 1:
                 measured["member_accuracy"] = [T.evaluate(m, splits.test, device=dev)
                                                for m in teacher.members]
-            T.atomic_write_text(teacher_path, json.dumps({**measured, "data_rows": rows}, indent=2))
+            atomic_write_text(teacher_path, json.dumps({**measured, "data_rows": rows}, indent=2))
         teacher.cpu()
-    counts = transfer.counts()
     n_extra = 0 if splits.unlabelled is None else len(splits.unlabelled)
+    options = {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
+               "label_fraction": cfg.label_fraction, "n_generated": cfg.n_generated,
+               "method": cfg.method, "generate_from": "labelled", "seed": cfg.split_seed}
     info = {
-        "data": {**_data_record(cfg, splits), "n_train": len(splits.train),
-                 "n_labelled": len(lab), "n_unlabelled_train": len(unl),
-                 "n_unlabelled_extra": n_extra, "n_test": len(splits.test), "meta": splits.meta},
-        "transfer": {"rows": len(transfer), "composition": counts, **transfer_info,
+        "data": {**wanted, "n_train": len(splits.train), "n_labelled": len(data.labelled),
+                 "n_unlabelled_train": len(data.unlabelled), "n_unlabelled_extra": n_extra,
+                 "n_test": len(splits.test), "meta": splits.meta},
+        "transfer": {"rows": len(logits.transfer), "composition": logits.transfer.counts(),
+                     **options, "test_rows": transfer.test_rows,
                      "note": "training split only: its labelled and unlabelled rows"
                              + (", the file's X_unlabelled" if n_extra else "")
                              + (f", {cfg.n_generated} {cfg.method} rows generated from the labelled "
                                 "rows" if cfg.n_generated else "")},
         "teacher": {**teacher_info, **measured},
     }
-    return _Prepared(splits, TensorDataset(*[t[lab] for t in splits.train.tensors]), transfer, store,
-                     wanted, info)
+    return _Prepared(data, logits, info)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,12 +327,8 @@ def _prepare(cfg, out, log):
 def _student(run, cfg, splits):
     """The student of a grid point and its save_model spec (conv layers: 2-D on images, 1-D on
     (channels, length) or flat rows)."""
-    from .models import build_model
-
     D, C = splits.in_features, splits.num_classes
     if run.conv_layers == 0:
-        from .nn import WideShallowStudent
-
         kw = {"in_features": D, "num_classes": C, "hidden": run.hidden, "bottleneck": run.bottleneck}
         return WideShallowStudent(**kw), {"class": "WideShallowStudent", "kwargs": kw}
     name = f"conv-student-{run.conv_layers}"
@@ -487,42 +337,34 @@ def _student(run, cfg, splits):
     return build_model(name, **kw), {"name": name, "kwargs": kw}
 
 
-def state_hash(model):
-    """sha256 of every parameter and buffer (names, shapes, bytes): equal iff the weights are."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _run_folder(out, run):
     return os.path.join(out, "points", run.point, f"{run.mode}-seed{run.seed}")
 
 
 def _train_run(run, cfg, prep, out):
-    from .data import LogitDataset
-    from .models import count_parameters
-
     folder = _run_folder(out, run)
     torch.manual_seed(run.seed)  # the same initial weights for both modes of a seed
-    model, spec = _student(run, cfg, prep.splits)
+    splits = prep.data.splits
+    model, spec = _student(run, cfg, splits)
     init = state_hash(model)
-    common = dict(out_dir=folder, resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)),
-                  device=cfg.device, progress=False, spec=spec, **cfg.training(run.seed))
+    common = dict(resume=os.path.isfile(os.path.join(folder, T.CHECKPOINT)), device=cfg.device,
+                  progress=False, extra={"mode": run.mode}, **cfg.training(run.seed))
+    rows = len(prep.logits.transfer)
     if run.mode == "labels":
-        res = T.train_teacher(model, _Cycled(prep.labelled, len(prep.transfer)), None, **common)
+        res = P.train_on_labels(prep.data, model, spec, folder, P.STUDENT_FILE, rows=rows, **common)
+        kind = "teacher"
     else:
-        res = T.distill(model, LogitDataset(prep.transfer, prep.store), None, loss="mse", **common)
-    ckpt = torch.load(os.path.join(folder, T.CHECKPOINT), map_location="cpu", weights_only=False)
-    dev = T.default_device(cfg.device)
-    example = prep.splits.test.tensors[0][0]
+        res = P.distill_student(prep.data, model, spec, prep.logits, folder, test=False, loss="mse",
+                                **common)
+        kind = "distill"
+    ckpt = load_checkpoint(os.path.join(folder, T.CHECKPOINT), kind)
+    dev = default_device(cfg.device)
+    example = splits.test.tensors[0][0]
     result = {
         "format": RESULT_FORMAT, "run": asdict(run), "point": run.point, "spec": spec,
         "params": count_parameters(res.model), "init_sha256": init,
-        "test_accuracy": T.evaluate(res.model, prep.splits.test, device=dev),
-        "train_rows": len(prep.transfer), "steps": int(ckpt["step"]),
+        "test_accuracy": T.evaluate(res.model, splits.test, device=dev),
+        "train_rows": rows, "steps": int(ckpt["step"]),
         "training": {k: ckpt["config"][k] for k in ("optimizer", "lr", "momentum", "weight_decay",
                                                     "schedule", "epochs", "batch_size", "seed")},
         "final_loss": res.final.get("loss"),
@@ -531,9 +373,8 @@ def _train_run(run, cfg, prep, out):
                        for b in cfg.throughput_batches},
         "device": str(dev),
     }
-    T.save_model(os.path.join(folder, "student.pt"), res.model, spec, data=prep.recipe, mode=run.mode)
     # result.json last: its presence marks the run done
-    T.atomic_write_text(os.path.join(folder, "result.json"), json.dumps(result, indent=2))
+    atomic_write_text(os.path.join(folder, "result.json"), json.dumps(result, indent=2))
     return result
 
 
@@ -567,10 +408,6 @@ def command_line(cfg):
 
 
 def _versions():
-    import numpy as np
-
-    from . import __version__
-
     return {"mimic_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
 
@@ -586,7 +423,7 @@ def _write_config(cfg, out, info):
         text = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{out} holds a sweep made with other options (saved -> now): {text}; use "
                          "another --out (only the grid, seeds, device and threads may change)")
-    T.atomic_write_text(path, json.dumps({"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
+    atomic_write_text(path, json.dumps({"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
                                           "command": command_line(cfg), "info": info}, indent=2))
 
 
@@ -618,22 +455,17 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
         todo = [r for r in mine if _read_result(out, r) is None]
         if len(todo) < len(mine):
             log(f"{len(mine) - len(todo)} run(s) already done in {out}/points: kept")
-        from filelock import FileLock, Timeout
-        from tqdm.auto import tqdm
-
         say = (lambda line: tqdm.write(line, file=sys.stdout)) if progress else log
         bar = tqdm(todo, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
         for r in bar:
             bar.set_postfix_str(r.name, refresh=True)
             # a run another process is training (a duplicated shard) is left to it
-            os.makedirs(os.path.dirname(_run_folder(out, r)), exist_ok=True)
-            lock = FileLock(_run_folder(out, r) + ".lock", timeout=0)
             try:
-                with lock:
+                with writer_lock(_run_folder(out, r), "sweep run folder"):
                     if _read_result(out, r) is not None:  # finished meanwhile by another process
                         continue
                     res = _train_run(r, cfg, prep, out)
-            except Timeout:
+            except LockedError:
                 say(f"{r.name}: being trained by another process; skipped")
                 continue
             say(f"{r.name}: {res['params']:,} params, test accuracy {res['test_accuracy']:.4f}, "
@@ -666,8 +498,6 @@ def _check_pairs(results):
 
 def report(out="runs/sweep", log=print, invocation=None):
     """Gather every finished run under out/points into out/sweep.json, sweep.png and sweep.md."""
-    from . import sweep_report
-
     path = os.path.join(out, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no sweep in {out}: {path} is missing (run `mimic-fast sweep --out "
@@ -721,8 +551,8 @@ def report(out="runs/sweep", log=print, invocation=None):
                                "weights, optimiser, schedule, batch size and optimizer steps (checked)"},
         "points": points, "missing": missing,
     }
-    T.atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(result, indent=2))
-    T.atomic_write_text(os.path.join(out, "sweep.md"), sweep_report.markdown(result))
+    atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(result, indent=2))
+    atomic_write_text(os.path.join(out, "sweep.md"), sweep_report.markdown(result))
     sweep_report.plot(result, os.path.join(out, "sweep.png"))
     log("")
     log(sweep_report.markdown(result))

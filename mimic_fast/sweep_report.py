@@ -4,7 +4,7 @@ matplotlib is imported only by plot(), so `import mimic_fast.sweep` stays light.
 """
 import math
 
-from . import train as T
+from ._io import atomic_write_bytes
 
 COLORS = {"labels": "#d98c3f", "mimic": "#3f7fd9"}
 NAMES = {"labels": "on labels", "mimic": "by mimicry"}
@@ -156,5 +156,5 @@ def plot(result, path):
     for ax in (ax0, ax1):
         ax.set_ylim(max(0.0, math.floor(min(lows)) - 2), min(100.0, math.ceil(acc) + 2))
     fig.tight_layout()
-    T.atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

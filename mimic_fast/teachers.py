@@ -16,93 +16,12 @@ import zipfile
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
+from .files import MODEL_FORMAT, load_model
+from .models import Teacher, as_teacher, pick_output
+
+# Teacher, as_teacher and pick_output live with the models (the logit store wraps callables too)
 __all__ = ["load_teacher", "load_module", "as_teacher", "pick_output", "Teacher"]
-
-
-class Teacher(nn.Module):
-    """Wraps any callable (a module, TorchScript, an exported program's module, a function) as an
-    nn.Module whose forward returns the logits tensor chosen by `output`."""
-
-    def __init__(self, fn, output=None, name=None):
-        super().__init__()
-        if not callable(fn):
-            raise TypeError(f"teacher must be callable (an nn.Module or a function), got "
-                            f"{type(fn).__name__}")
-        if isinstance(fn, nn.Module):
-            self.net = fn  # registered: parameters, .to(device) and the store's fingerprint see it
-        else:
-            self.fn = fn
-        self.output = None if output is None else str(output)
-        self.name = name or getattr(fn, "__qualname__", type(fn).__name__)
-
-    def _call(self, x):
-        return self.net(x) if "net" in self._modules else self.fn(x)
-
-    def forward(self, x):
-        return pick_output(self._call(x), self.output, self.name)
-
-    def train(self, mode=True):
-        self.training = mode
-        net = self._modules.get("net")
-        if net is not None:
-            try:
-                net.train(mode)
-            except NotImplementedError:
-                # A torch.export module refuses train()/eval(): its graph was exported in one mode
-                # and has no dropout/batch-norm switch left.
-                pass
-        return self
-
-    def extra_repr(self):
-        return f"name={self.name!r}, output={self.output!r}"
-
-
-def pick_output(out, output, name="teacher"):
-    """The logits tensor of a teacher's output `out`, following the selector `output`."""
-    if output is not None:
-        for part in output.split("."):
-            if isinstance(out, Mapping) and part in out:
-                out = out[part]
-            elif isinstance(out, (tuple, list)) and part.lstrip("-").isdigit():
-                index = int(part)
-                if not -len(out) <= index < len(out):
-                    raise ValueError(f"{name} returned a {type(out).__name__} of {len(out)} items: "
-                                     f"index {index} does not exist (--teacher-output {output})")
-                out = out[index]
-            elif hasattr(out, part):
-                out = getattr(out, part)
-            else:
-                raise ValueError(f"{name}'s output ({_describe(out)}) has no key, index or attribute "
-                                 f"{part!r} (--teacher-output {output})")
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"{name} returned {_describe(out)}, not a logits tensor: pick one with "
-                         f"output= / --teacher-output (a dict key, tuple index or attribute name, "
-                         f"e.g. logits or 0)")
-    return out
-
-
-def _describe(out):
-    if isinstance(out, Mapping):
-        return f"a {type(out).__name__} with keys {list(out)}"
-    if isinstance(out, (tuple, list)):
-        kinds = ", ".join(type(o).__name__ for o in out)
-        return f"a {type(out).__name__} of {len(out)} items ({kinds})"
-    if isinstance(out, torch.Tensor):
-        return f"a tensor of shape {tuple(out.shape)}"
-    attrs = [a for a in ("logits", "last_hidden_state") if hasattr(out, a)]
-    return f"a {type(out).__name__}" + (f" with attributes {attrs}" if attrs else "")
-
-
-def as_teacher(fn, output=None):
-    """`fn` (any callable) as a Teacher module; an nn.Module without `output` is returned as is."""
-    if isinstance(fn, nn.Module) and output is None:
-        return fn
-    if isinstance(fn, Teacher) and output is not None:
-        inner = fn._modules["net"] if "net" in fn._modules else fn.fn
-        return Teacher(inner, output, fn.name)
-    return Teacher(fn, output)
 
 
 def _from_factory(spec):
@@ -140,8 +59,6 @@ def _archive_kind(path):
 
 def _from_file(path, map_location):
     """(model, kind, payload of a mimic_fast model file or None)."""
-    from .train import MODEL_FORMAT, load_model
-
     kind = _archive_kind(path)
     if kind == "export":
         return torch.export.load(path).module(), "torch.export program", None

@@ -7,9 +7,11 @@ A resume with a changed lr, momentum, weight decay or longer --epochs applies it
 closed-form function of the step, rebuilt for the new length); other changes are refused. A
 non-finite loss or weight stops the run before anything is written from it. One writer per output
 folder (a lock file). Under torch.distributed (torchrun) the model is wrapped in DDP, only rank 0
-writes and evaluation is sharded. Limits: map-style datasets only; the learning-rate schedule steps
-once per batch.
+writes and evaluation is sharded. The checkpoint and model file formats are mimic_fast.files' (whose
+save_model / load_model are re-exported here); ranks and devices mimic_fast.distributed's. Limits:
+map-style datasets only; the learning-rate schedule steps once per batch.
 """
+import contextlib
 import json
 import math
 import os
@@ -25,17 +27,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, Subset,
                               default_collate)
+from tqdm.auto import tqdm
 
-import contextlib
-
-from ._io import atomic_write_bytes, atomic_write_text, writer_lock  # noqa: F401 (cli/demo use them)
+from ._io import atomic_write_text, writer_lock
+from .convert import mimic_loss_of
+from .data.recipe import DATA_FIELDS, recipe_differences
+from .distributed import default_device, dist_info, on_rank0, unwrap
+from .files import load_checkpoint, load_model, save_checkpoint, save_model
 from .functional import kd_loss, logit_mse_loss
-from .nn import WideShallowStudent
+
+__all__ = ["train_teacher", "distill", "evaluate", "throughput", "TrainConfig", "TrainResult",
+           "save_model", "load_model", "set_seed", "make_optimizer", "lr_factor", "CHECKPOINT",
+           "METRICS", "DEFAULT_LR", "OPTIMIZERS", "SCHEDULES", "DISTILL_LOSSES"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-CHECKPOINT_FORMAT = "mimic_fast.checkpoint/1"
-MODEL_FORMAT = "mimic_fast.model/1"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
 DISTILL_LOSSES = ("mse", "kd")
@@ -60,70 +66,6 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def dist_info():
-    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(backend=None):
-    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, ...).
-
-    Does nothing and returns False when WORLD_SIZE is unset or 1. backend: nccl with CUDA, else gloo.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        return dist.is_available() and dist.is_initialized()
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
-    return True
-
-
-def default_device(device=None):
-    """`device`, or cuda if available, else cpu; under torch.distributed a bare "cuda" means this
-    rank's GPU (LOCAL_RANK), so that `--device cuda` works under torchrun."""
-    rank, world = dist_info()
-    local = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else 0
-    if device is None:
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:1, got {device!r} "
-                         f"({e})") from None
-    if device.type == "cuda":
-        # checked here: torch would fail later, deep inside model.to(), with an AssertionError
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was requested but CUDA is not available "
-                             f"(torch {torch.__version__}); use device='cpu'")
-        if device.index is None:
-            device = torch.device("cuda", local)
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} does not exist: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def atomic_torch_save(obj, path):
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
-def load_torch_file(path, what, hint, map_location="cpu"):
-    """torch.load(path) for files this package wrote, refusing a truncated or foreign file with a
-    ValueError that names it (torch raises RuntimeError/UnpicklingError/EOFError... instead)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise  # the OS's own error, naming the file
-    except Exception as e:  # a truncated zip even surfaces as OSError(EINVAL)
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{path} is not a {what}, or it is truncated or damaged (torch.load failed: "
-                         f"{type(e).__name__}: {first}); {hint}") from None
-
-
 def _rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -146,56 +88,6 @@ def _model_device(model, device):
         return torch.device(device)
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def unwrap(model):
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def save_model(path, model, spec=None, **extra):
-    """Atomically save a model's weights with the spec needed to rebuild it (see load_model).
-
-    spec: {"name": <models.build_model name>, "kwargs": {...}} or {"class": "WideShallowStudent",
-    "kwargs": {...}}; extra entries (metrics, dataset name) are stored beside it.
-    """
-    payload = {"format": MODEL_FORMAT, "spec": spec, "state_dict": unwrap(model).state_dict()}
-    payload.update(extra)
-    atomic_torch_save(payload, path)
-
-
-def build_from_spec(spec):
-    if spec is None:
-        raise ValueError("model file has no spec: it cannot be rebuilt, load its state_dict yourself")
-    kwargs = dict(spec.get("kwargs", {}))
-    if spec.get("class") == "WideShallowStudent":
-        return WideShallowStudent(**kwargs)
-    if spec.get("class") == "TeacherEnsemble":
-        from .models import TeacherEnsemble
-
-        return TeacherEnsemble([build_from_spec(s) for s in spec["members"]])
-    if "name" in spec:
-        from .models import build_model
-
-        return build_model(spec["name"], **kwargs)
-    raise ValueError(f"unknown model spec {spec!r}: expected a 'name' (models.build_model) or a "
-                     "'class' of WideShallowStudent / TeacherEnsemble")
-
-
-def load_model(path, map_location="cpu"):
-    """(model, payload) from a file written by save_model; the model is in eval mode."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model file {path} does not exist: expected a .pt file written by "
-                                f"save_model (e.g. teacher.pt of `mimic-fast train-teacher`)")
-    payload = load_torch_file(path, "mimic_fast model file", "train or save it again", map_location)
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a mimic_fast model file (expected format {MODEL_FORMAT!r})")
-    try:
-        model = build_from_spec(payload["spec"])
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path} holds a model that cannot be rebuilt from its spec "
-                         f"({type(e).__name__}: {e})") from None
-    return model.eval(), payload
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,21 +193,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict_logits(model, dataset, batch_size=1024, device=None):
-    """Logits for every x of a dataset whose items start with x; float32 on CPU. `device` defaults
-    to the model's."""
-    model = unwrap(model)
-    device = _model_device(model, device)
-    was_training = model.training
-    model.eval()
-    out = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        out.append(model(batch[0].to(device)).float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
-
-
 @torch.no_grad()
 def evaluate(model, dataset, batch_size=1024, device=None):
     """Top-1 accuracy on a dataset of (x, y, ...) items (on the model's device unless `device`);
@@ -433,42 +310,6 @@ def _gather_rng():
     return states
 
 
-def _on_rank0(fn, world):
-    """Run fn() on rank 0 and raise its error (ValueError/OSError) on every rank: a lone raise on
-    rank 0 would leave the others waiting at the next collective."""
-    rank = dist_info()[0]
-    outcome = None
-    if rank == 0:
-        try:
-            outcome = ("ok", fn())
-        except (ValueError, OSError) as e:
-            outcome = ("error", e)
-    if world > 1:
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0)
-        outcome = box[0]
-    if outcome[0] == "error":
-        raise outcome[1]
-    return outcome[1]
-
-
-def _load_checkpoint(path, kind):
-    hint = ("delete it to start the run over, or restore it from a backup "
-            "(resume never overwrites it with a fresh run)")
-    ckpt = load_torch_file(path, "mimic_fast training checkpoint", hint)
-    needed = ("format", "epoch", "config", "model", "optimizer", "rng", "history")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a mimic_fast training checkpoint (expected format "
-                         f"{CHECKPOINT_FORMAT!r}); {hint}")
-    missing = [k for k in needed if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint; {hint}")
-    if ckpt["config"].get("kind") != kind:
-        raise ValueError(f"{path} is a {ckpt['config'].get('kind')!r} checkpoint, not a {kind} one: "
-                         "use another output directory")
-    return ckpt
-
-
 def _resume_changes(ckpt, run_config, spec, path):
     """{option: (saved, now)} of the changes a resume applies; refuses (ValueError, every difference
     listed) the ones it cannot apply honestly (also another model spec or data recipe)."""
@@ -476,8 +317,6 @@ def _resume_changes(ckpt, run_config, spec, path):
     changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
     refused = {k: d for k, d in changed.items() if k not in RESUMABLE_CHANGES}
     if "data" in refused and isinstance(refused["data"][0], dict) and isinstance(refused["data"][1], dict):
-        from .data.recipe import DATA_FIELDS, recipe_differences  # fields, not two whole dicts
-
         # only the fields that decide the rows: a moved data file with the same rows may resume
         diff = recipe_differences(*refused.pop("data"), DATA_FIELDS)
         refused.update({f"data {k}": v for k, v in diff.items()})
@@ -514,7 +353,7 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
     with contextlib.ExitStack() as held:
         if out_dir is not None:
             # one writer per output folder: a second run would interleave checkpoints and metrics
-            _on_rank0(lambda: held.enter_context(writer_lock(out_dir, f"{kind} run folder")), world)
+            on_rank0(lambda: held.enter_context(writer_lock(out_dir, f"{kind} run folder")))
         return _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, resume,
                            device, progress, extra_config, spec, rank, world)
 
@@ -553,7 +392,7 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
     run_config = {"kind": kind, **asdict(config), **extra_config, "world_size": world}
     history, start, resumes = [], 0, []
     if resume_path is not None:
-        ckpt = _load_checkpoint(resume_path, kind)  # every rank reads it: the same error everywhere
+        ckpt = load_checkpoint(resume_path, kind)  # every rank reads it: the same error everywhere
         changed = _resume_changes(ckpt, run_config, spec, resume_path)
         try:
             unwrap(model).load_state_dict(ckpt["model"])
@@ -584,8 +423,6 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
         _write_metrics(out_dir, [])
     # lr, momentum and weight decay of this call, also over a loaded optimizer state
     _set_hyperparameters(optimizer, config, lr_at(start * steps_per_epoch))
-
-    from tqdm.auto import tqdm
 
     show = progress and rank == 0
     params = [p for p in model.parameters()]
@@ -651,10 +488,10 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
         if rank == 0 and out_dir is not None:
             # checkpoint first, then the metrics line: a crash in between is repaired on resume from
             # the checkpoint's own history
-            atomic_torch_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
-                               "config": run_config, "spec": spec, "model": unwrap(model).state_dict(),
-                               "optimizer": optimizer.state_dict(), "rng": rng, "history": history,
-                               "resumes": resumes}, os.path.join(out_dir, CHECKPOINT))
+            save_checkpoint(os.path.join(out_dir, CHECKPOINT), epoch=epoch, step=step, config=run_config,
+                            spec=spec, model=unwrap(model).state_dict(),
+                            optimizer=optimizer.state_dict(), rng=rng, history=history,
+                            resumes=resumes)
             _append_metrics(out_dir, line)
         if show:
             tqdm.write(_format_line(kind, line))
@@ -793,8 +630,6 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
         raise ValueError("distill dataset items must be (x, teacher_logits[, index[, y]]), got "
                          f"{type(first).__name__} of length {size}")
     label = _label_field(dataset, first) if alpha > 0 else None
-    from .convert import mimic_loss_of
-
     fused_loss = mimic_loss_of(student) if loss == "mse" and fused is not False else None
     can_fuse = fused_loss is not None
     if fused is None:

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mimic_fast import train as T  # noqa: E402
-from mimic_fast.data.store import LogitStore, collect_logits  # noqa: E402
+from mimic_fast.data import LogitStore, collect_logits  # noqa: E402
 
 N, D, C = 300, 8, 5
 WORKER = textwrap.dedent("""
@@ -46,7 +46,7 @@ WORKER = textwrap.dedent("""
     from torch.utils.data import TensorDataset
     sys.path.insert(0, {repo!r})
     from mimic_fast import train as T
-    from mimic_fast.data.store import collect_logits
+    from mimic_fast.data import collect_logits
 
     class Teacher(nn.Module):  # elementwise: bit-identical logits for any batch split
         def __init__(self, shift=0.0, delay=0.0):

@@ -24,10 +24,11 @@ WORKER = textwrap.dedent("""
     from torch.utils.data import TensorDataset
     import mimic_fast as mf
     from mimic_fast import train as T
+    from mimic_fast.distributed import dist_info, init_distributed
 
     out, alpha = sys.argv[1], float(sys.argv[2])
-    assert T.init_distributed(), "WORLD_SIZE from torchrun should start torch.distributed"
-    rank, world = T.dist_info()
+    assert init_distributed(), "WORLD_SIZE from torchrun should start torch.distributed"
+    rank, world = dist_info()
     data = torch.load(out + "/data.pt")
     torch.manual_seed(3)
     student = mf.nn.WideShallowStudent(data["D"], data["C"], hidden=data["H"], bottleneck=data["K"])

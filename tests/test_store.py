@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from mimic_fast.data.store import (CHECKED_ROWS, HEADER_NAME, LOGITS_NAME, LogitDataset, LogitStore,
-                                   collect_logits, fingerprint)
+from mimic_fast.data import collect_logits, fingerprint
+from mimic_fast.data.collect import CHECKED_ROWS
+from mimic_fast.data.store import HEADER_NAME, LOGITS_NAME, LogitDataset, LogitStore
 
 REPO = str(Path(__file__).resolve().parents[1])
 
@@ -26,7 +27,7 @@ WORKER = textwrap.dedent("""
     import sys, time
     import torch
     from torch.utils.data import TensorDataset
-    from mimic_fast.data.store import collect_logits
+    from mimic_fast.data import collect_logits
 
     N, D, C = {N}, 8, 5
 
@@ -281,7 +282,7 @@ class _Crash(Exception):
 def test_injected_crash_points_resume_exactly(tmp_path, monkeypatch, where):
     """Deterministic crash points the SIGKILL test can only hit by chance: inside a chunk's rows, and
     between writing the new header and renaming it into place (the old header must win)."""
-    import mimic_fast.data.store as store_mod
+    import mimic_fast._io as io_mod
 
     _, w = _worker(tmp_path, n=45)
     teacher = w.Teacher()
@@ -301,7 +302,7 @@ def test_injected_crash_points_resume_exactly(tmp_path, monkeypatch, where):
             if len(calls) == 4:  # initial header, chunk 0, chunk 1, then dies committing chunk 2
                 raise _Crash
             real_replace(src, dst)
-        monkeypatch.setattr(store_mod.os, "replace", failing_replace)
+        monkeypatch.setattr(io_mod.os, "replace", failing_replace)
     with pytest.raises(_Crash):
         collect_logits(teacher, w.data(), tmp_path / "s", batch_size=3, chunk_rows=8, progress=False)
     monkeypatch.undo()

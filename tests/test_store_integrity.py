@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from mimic_fast._io import LockedError, atomic_write_text
-from mimic_fast.data.store import (HEADER_NAME, INPUTS_NAME, LOGITS_NAME, LogitDataset, LogitStore,
-                                   collect_logits)
+from mimic_fast.data import collect_logits
+from mimic_fast.data.store import HEADER_NAME, INPUTS_NAME, LOGITS_NAME, LogitDataset, LogitStore
 
 REPO = str(Path(__file__).resolve().parents[1])
 N, D, C = 43, 6, 4  # 43 rows in chunks of 8: 6 chunks, the last one short
@@ -166,7 +166,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     import torch
     from torch.utils.data import TensorDataset
-    from mimic_fast.data.store import collect_logits
+    from mimic_fast.data import collect_logits
 
     class Slow(torch.nn.Module):
         def __init__(self, shift, delay):

@@ -16,9 +16,8 @@ from torch.utils.data import TensorDataset
 
 from mimic_fast import cli, sweep
 from mimic_fast import train as T
-from mimic_fast.data import load_dataset
+from mimic_fast.data import input_digests, labelled_split, load_dataset, state_hash
 from mimic_fast.data.recipe import data_recipe
-from mimic_fast.demo import labelled_split
 from mimic_fast.models import DNN
 
 TIMINGS = {"train_s", "train_s_mean", "throughput", "invocation"}
@@ -119,12 +118,31 @@ def test_honest_comparison_labels_and_mimic_share_everything_but_the_targets(ful
             # the recorded init hash is the seed's fresh student, and training moved away from it
             torch.manual_seed(seed)
             fresh, _ = sweep._student(sweep.Run(0, 32, h, "labels", seed), sweep.SweepConfig(), splits)
-            assert lab["init_sha256"] == sweep.state_hash(fresh)
+            assert lab["init_sha256"] == state_hash(fresh)
             loaded = [T.load_model(os.path.join(folder, f"{m}-seed{seed}", "student.pt"))
                       for m in ("labels", "mimic")]
-            assert len({sweep.state_hash(m) for m, _ in loaded} | {lab["init_sha256"]}) == 3
+            assert len({state_hash(m) for m, _ in loaded} | {lab["init_sha256"]}) == 3
             assert all(p["data"]["label_fraction"] == 0.15 and p["data"]["split_seed"] == 0
                        for _, p in loaded)  # each student.pt records the data recipe it used
+
+
+def test_a_sweeps_out_is_an_ordinary_pipeline_folder(full_run, tmp_path, capsys):
+    """distill --logits OUT trains on a sweep's transfer set and store as on collect-logits' own
+    (the one transfer.pt schema: the split and label fraction are inherited from it)."""
+    out, result = full_run
+    student = str(tmp_path / "student")
+    assert cli.main(["distill", "--dataset", "digits", "--logits", out, "--hidden", "16",
+                     "--bottleneck", "4", "--epochs", "1", "--batch-size", "128", "--out", student,
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "--split-seed 0 (recorded in" in printed and "--label-fraction 0.15 (recorded in" in printed
+    model, payload = T.load_model(os.path.join(student, "student.pt"))
+    assert payload["transfer"]["n_generated"] == 200 and payload["transfer"]["method"] == "munge"
+    assert payload["transfer"]["train_rows"] == payload["data"]["train_rows"]
+    # another split than the sweep's is refused, as for any collect-logits folder
+    assert cli.main(["distill", "--dataset", "digits", "--logits", out, "--split-seed", "1",
+                     "--out", str(tmp_path / "s1"), "--epochs", "1", "--no-progress"]) == 2
+    assert "made from another data recipe (split_seed: 0 in" in capsys.readouterr().err
 
 
 def test_the_test_split_never_enters_the_transfer_set(full_run):
@@ -132,7 +150,8 @@ def test_the_test_split_never_enters_the_transfer_set(full_run):
     splits = load_dataset("digits", seed=0)
     saved = torch.load(os.path.join(out, "transfer.pt"), weights_only=False)
     X_train, X_test = splits.train.tensors[0], splits.test.tensors[0]
-    assert sweep.count_test_rows(TensorDataset(saved["x"]), splits.test) == 0
+    test = input_digests(splits.test)
+    assert not np.isin(input_digests(TensorDataset(saved["x"])), test).any()
     assert result["transfer"]["test_rows"] == 0
     # the non-generated rows are exactly the training split, each once
     real = saved["x"][saved["sources"] < 2]
@@ -141,7 +160,7 @@ def test_the_test_split_never_enters_the_transfer_set(full_run):
     assert result["transfer"]["composition"] == {"labelled": 216, "unlabelled": 1221, "generated": 200}
     # the check does count rows it is given
     mixed = TensorDataset(torch.cat([saved["x"][:5], X_test[3:5]]))
-    assert sweep.count_test_rows(mixed, splits.test) == 2
+    assert np.isin(input_digests(mixed), test).sum() == 2
 
 
 def test_killed_sweep_resumes_to_the_same_report(full_run, teacher_file, tmp_path, monkeypatch):
@@ -258,12 +277,22 @@ def test_sweep_on_a_user_npz_trains_its_own_teacher(tmp_path, capsys):
     assert all(p["params"] == 12 * 32 + 32 * p["hidden"] + p["hidden"] + p["hidden"] * 3 + 3
                for p in result["points"])
     assert "--dataset npz" in result["command"] and "mine.npz" in result["command"]
+    # its teacher members are ordinary teacher.pt files, and OUT an ordinary collect-logits folder
+    member = os.path.join(out, "teacher", "member-0", "teacher.pt")
+    capsys.readouterr()
+    assert cli.main(["collect-logits", "--dataset", "npz", "--data", path, "--teacher", member,
+                     "--out", str(tmp_path / "c"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert "--label-fraction 1.0 (recorded in" in capsys.readouterr().out
+    assert cli.main(["distill", "--dataset", "npz", "--data", path, "--logits", out, "--hidden", "8",
+                     "--bottleneck", "2", "--epochs", "1", "--out", str(tmp_path / "s"),
+                     "--no-progress"]) == 0, capsys.readouterr().err
     capsys.readouterr()
     # a file whose unlabelled rows repeat test rows is refused: they would leak into the transfer set
     bad = str(tmp_path / "leaky.npz")
     np.savez(bad, X=X, y=y, X_test=X_test, y_test=y_test, X_unlabelled=np.concatenate([X_unl, X_test[:4]]))
     assert cli.main([*argv[:4], bad, *argv[5:-3], "--out", str(tmp_path / "leak"), "--no-progress"]) == 2
-    assert "4 transfer-set row(s) of" in capsys.readouterr().err
+    assert "4 rows of the transfer set are test rows (first: row 360, from the training split (X) " \
+           "or X_unlabelled)" in capsys.readouterr().err
     assert not os.path.exists(str(tmp_path / "leak" / "transfer.pt"))  # nothing kept from it
 
 

@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 from mimic_fast import cli
 from mimic_fast import train as T
 from mimic_fast.data import LogitStore, collect_logits, load_dataset
+from mimic_fast.files import build_from_spec
 from mimic_fast.teachers import Teacher, as_teacher, load_teacher, pick_output
 from mimic_fast.testing import assert_close
 
@@ -67,7 +68,7 @@ def _files(tmp_path):
     m = _plain()
     x = torch.randn(2, D)
     paths = {}
-    T.save_model(tmp_path / "project.pt", m := T.build_from_spec(spec := {
+    T.save_model(tmp_path / "project.pt", m := build_from_spec(spec := {
         "name": "dnn-2k", "kwargs": {"in_features": D, "num_classes": C, "hidden": (8,)}}), spec)
     paths["mimic_fast model file"] = (tmp_path / "project.pt", m.eval())
     m = _plain()

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset, TensorDataset
 import mimic_fast as mf
 from mimic_fast.testing import assert_close
 from mimic_fast import train as T
+from mimic_fast.distributed import default_device
 
 D, C, N = 8, 3, 64
 
@@ -243,13 +244,13 @@ def test_save_and_load_model_roundtrip(tmp_path):
 
 def test_bad_device_is_a_clear_error():
     with pytest.raises(ValueError, match="device must be"):
-        T.default_device("foo")
+        default_device("foo")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             T.train_teacher(_mlp(), _xy(), device="cuda", epochs=1, progress=False)
     else:
         with pytest.raises(ValueError, match="does not exist"):
-            T.default_device(f"cuda:{torch.cuda.device_count()}")
+            default_device(f"cuda:{torch.cuda.device_count()}")
 
 
 def test_resume_with_another_model_size_is_a_clear_error(tmp_path):

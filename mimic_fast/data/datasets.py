@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["DataSplits", "load_dataset", "DATASETS"]
+__all__ = ["DataSplits", "load_dataset", "labelled_split", "DATASETS"]
 
 DATASETS = ("digits", "cifar10", "npz")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -92,6 +92,21 @@ def load_dataset(name, root=None, seed=0, test_fraction=0.2):
             raise ValueError("npz needs root= the path of an .npz file with arrays X and y")
         return _load_npz(Path(root), seed, test_fraction)
     raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+
+
+def labelled_split(y, fraction, seed):
+    """(labelled, unlabelled) row indices: round(fraction * count) labelled rows per class (at least
+    one), drawn with `seed`; the rest are unlabelled."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    labelled = []
+    for c in y.unique().tolist():
+        rows = (y == c).nonzero().squeeze(1)
+        k = max(1, round(fraction * len(rows)))
+        labelled.append(rows[torch.randperm(len(rows), generator=g)[:k]])
+    labelled = torch.cat(labelled).sort().values
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[labelled] = True
+    return labelled, (~mask).nonzero().squeeze(1)
 
 
 def _load_digits(seed, test_fraction):

@@ -7,6 +7,9 @@ transfer sets add their own options. Two recipes are compared field by field and
 refused listing every differing field: test rows must never reach a teacher's or a student's
 training data by a seed or a fraction that silently differs from the one recorded.
 """
+import os
+
+from .identity import fingerprint
 
 __all__ = ["DATA_FIELDS", "data_recipe", "recipe_differences", "check_recipe"]
 
@@ -18,10 +21,6 @@ def data_recipe(splits, dataset, split_seed, label_fraction, data=None):
     """The recipe of DataSplits `splits` loaded as `dataset` (+ `data` path) with this split seed
     and label fraction: a JSON-able dict (paths made absolute; row fingerprints of train and test:
     one pass over the inputs)."""
-    import os
-
-    from .store import fingerprint
-
     return {"dataset": dataset, "data": None if data is None else os.path.abspath(data),
             "split_seed": split_seed, "label_fraction": label_fraction,
             "input_shape": list(splits.input_shape), "num_classes": splits.num_classes,
