@@ -91,10 +91,6 @@ PENDING = {
     ("mimic_fast.bench.timing", "mimic_fast"),
     ("mimic_fast.bench.timing", "numpy"),
     ("mimic_fast.ops.flops", "torch"),
-    ("mimic_fast.ops.triton_cost", "json"),
-    ("mimic_fast.ops.triton_cost", "mimic_fast.ops.triton_offline"),
-    ("mimic_fast.ops.triton_kernels", "torch"),
-    ("mimic_fast.ops.triton_offline", "inspect"),
 }
 
 

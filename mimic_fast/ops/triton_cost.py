@@ -16,6 +16,7 @@ pads, dx, dU) are one line per pass, counted the same way.
     mimic-fast bench model [--gpu h100|h200] [--B 4096 --H 8000 400000 --dtype bfloat16] [--json F]
 """
 import argparse
+import json
 import math
 import sys
 
@@ -269,8 +270,6 @@ def main(argv=None):
                     "step_ms": pred["full"]["time_s"] * 1e3,
                     "forward_ms": pred["forward"]["time_s"] * 1e3, **pred})
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"raw JSON: {args.json}")

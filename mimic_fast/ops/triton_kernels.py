@@ -12,6 +12,7 @@ Offsets that can pass 2³¹ (rows x strides of B, H, C·H, splits) are int64 or 
 """
 import time
 
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
@@ -49,8 +50,6 @@ def _configs(kernel):
 
 def _device():
     """(max shared memory per block, capability) of the current GPU; (None, None) without one."""
-    import torch
-
     if INTERPRET or not torch.cuda.is_available():
         return None, None
     dev = torch.cuda.current_device()
@@ -96,8 +95,6 @@ TUNING_LOG = []  # one dict per autotuning run: kernel, key, seconds, config (gp
 
 def _capturing():
     """Whether this thread is capturing a CUDA graph (benchmarking would break the capture)."""
-    import torch
-
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

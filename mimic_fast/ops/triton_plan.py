@@ -1,5 +1,5 @@
 """The launch plan of the triton backend: every tile, split, padded size, workspace and launch of one
-call, as plain data (no triton import, no kernel launch). The launchers (ops/triton_fused.py) run
+call, as plain data (no triton import, no kernel launch; torch only to ask for the GPU's SMs). The launchers (ops/triton_fused.py) run
 these launches; the cost model (ops/triton_cost.py) counts them; the offline compile gate
 (ops/triton_offline.py) compiles them.
 
@@ -23,6 +23,8 @@ import contextlib
 import math
 import os
 from typing import Any, Dict, NamedTuple, Tuple
+
+import torch
 
 # The interpreter (TRITON_INTERPRET=1, CPU tests) runs every program in Python: small tiles there.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -202,10 +204,6 @@ def current_device(interpret=INTERPRET):
         return _device_override[-1]
     if interpret:
         return INTERPRETER_DEVICE
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return OFFLINE_DEVICE
     if not torch.cuda.is_available():
         return OFFLINE_DEVICE
     idx = torch.cuda.current_device()
