@@ -1,8 +1,8 @@
 """`bash scripts/gpu_check.sh --dry-run` on CPU: the one GPU command cannot rot between GPU runs.
 
 The dry run collects (pytest --collect-only) every test file, -k selector and pytest option the
-script names and fails when one selects nothing, runs the probe and the benchmark harness end to end
-at tiny shapes, and checks that $OUT holds at most 8 files, none deeper than two folders (what the
+script names and fails when one selects nothing, runs the probe, the headline (triton vs eager, the
+cost model beside it) and the benchmark harness end to end at tiny shapes, and checks that $OUT holds at most 8 files, none deeper than two folders (what the
 GPU machine returns). ~40 s on 2 cores.
 """
 import json
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-STAGES = ("probe", "triton", "selectors", "build", "bench", "student", "cuda", "rest-tri", "rest",
+STAGES = ("probe", "headline", "triton", "selectors", "build", "bench", "student", "cuda", "rest-tri", "rest",
           "outputs")
 
 
@@ -30,8 +30,14 @@ def test_dry_run_passes_and_writes_the_expected_files(tmp_path):
             if line.split() and line.split()[0] in STAGES}
     assert rows == {s: "0" for s in STAGES}, summary
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["bench.json", "bench.log", "build.log", "env.json", "student.json", "summary.txt",
-                     "tests.log"], files
+    assert files == ["bench.json", "bench.log", "build.log", "env.json", "headline.json",
+                     "student.json", "summary.txt", "tests.log"], files
+    head = json.loads((tmp_path / "headline.json").read_text())  # triton vs eager, model beside it
+    assert [c["shape"]["H"] for c in head["cases"]] == [256, 64] and head["peaks_after"]
+    for c in head["cases"]:
+        assert c["providers"]["triton"]["median_ms"] > 0 and c["providers"]["eager"]["median_ms"] > 0
+        assert c["providers"]["triton"]["predicted"]["step_ms"] > 0
+    assert "step times (headline.json) on cpu" in summary
     bench = json.loads((tmp_path / "bench.json").read_text())
     for label, model in bench["cost_model"].items():  # mimic_fast.ops.triton_cost beside the figures
         assert "error" not in model, (label, model)

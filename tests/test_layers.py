@@ -61,18 +61,6 @@ FUNCTION_LEVEL_ALLOWED = {
                         "says so when it is missing)",
 }
 
-# Function-level imports in modules that other work of issue 16 is rewriting (the benchmark harness,
-# the Triton plan apart from the launchers, the FLOP registrations). Each entry must still occur (a
-# stale one fails), so the list only shrinks; a new function-level import anywhere fails.
-PENDING = {
-    ("mimic_fast.bench.gpu", "mimic_fast.ops.triton_cost"),
-    ("mimic_fast.ops.triton_cost", "json"),
-    ("mimic_fast.ops.triton_cost", "mimic_fast.ops.triton_offline"),
-    ("mimic_fast.ops.triton_kernels", "torch"),
-    ("mimic_fast.ops.triton_offline", "inspect"),
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # the checker (a function of a source tree, so the tests below can plant bugs in a copy)
 # ----------------------------------------------------------------------------------------------
@@ -135,12 +123,12 @@ def layer_of(module, layers=LAYERS):
     return hits
 
 
-def check(root, layers=LAYERS, allowed=FUNCTION_LEVEL_ALLOWED, pending=frozenset(),
-          extensions=EXTENSIONS, package=PACKAGE):
+def check(root, layers=LAYERS, allowed=FUNCTION_LEVEL_ALLOWED, extensions=EXTENSIONS,
+          package=PACKAGE):
     """Every violation of the layering contract in the source tree at root, as text lines."""
     mods = modules_of(root, package)
     known = set(mods) | set(extensions)
-    problems, edges, seen_pending = [], {}, set()
+    problems, edges = [], {}
     for m in sorted(known):
         hits = layer_of(m, layers)
         if len(hits) != 1:
@@ -151,11 +139,8 @@ def check(root, layers=LAYERS, allowed=FUNCTION_LEVEL_ALLOWED, pending=frozenset
             where = f"{path.relative_to(root)}:{line}"
             ours = target.split(".")[0] == package
             if in_function and target not in allowed:
-                if (m, target) in pending:
-                    seen_pending.add((m, target))
-                else:
-                    problems.append(f"{where}: {m} imports {target} inside a function: only "
-                                    "optional or heavy dependencies may (FUNCTION_LEVEL_ALLOWED)")
+                problems.append(f"{where}: {m} imports {target} inside a function: only "
+                                "optional or heavy dependencies may (FUNCTION_LEVEL_ALLOWED)")
             if not ours:
                 continue
             if target not in known:
@@ -168,9 +153,6 @@ def check(root, layers=LAYERS, allowed=FUNCTION_LEVEL_ALLOWED, pending=frozenset
                                 f"{target} (layer {layers[b[0]][0]})")
     for cycle in _cycles(edges):
         problems.append("import cycle: " + " -> ".join(cycle + [cycle[0]]))
-    for m, target in sorted(set(pending) - seen_pending):
-        problems.append(f"PENDING lists {m} -> {target}, which is no longer a function-level "
-                        "import: remove the entry")
     return problems
 
 
@@ -226,7 +208,7 @@ def _a_cycle(component, edges):
 # the contract on this tree
 # ----------------------------------------------------------------------------------------------
 def test_imports_only_point_down_and_functions_import_only_optional_dependencies():
-    problems = check(ROOT, pending=PENDING)
+    problems = check(ROOT)
     assert not problems, "\n".join(problems)
 
 

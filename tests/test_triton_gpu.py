@@ -1,8 +1,8 @@
 """The triton backend on a CUDA GPU at the paper's sizes (TIMIT: D = 1845, k = 250, C = 183).
 
 bf16 / fp16 / fp32 forward and every gradient against the float64 reference with the 2x rule (eager
-PyTorch in the same dtype is the baseline); the deterministic dz kernel (bit-identical runs) and the
-default reduce-add dz; peak memory far below one (B, H) tensor. Skipped without CUDA. Ids are
+PyTorch in the same dtype is the baseline); bit-identical reruns (no reduce-adds); peak memory far
+below one (B, H) tensor (the da workspace is at most a quarter of one). Skipped without CUDA. Ids are
 readable (`bf16`, `paper`); `-k gpu_check` selects the correctness checks scripts/gpu_check.sh runs
 first (mid shape and the paper shape, forward and backward, bf16). Run:
     python -m pytest tests/test_triton_gpu.py -q
@@ -30,7 +30,7 @@ DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, i
 SHAPES = [pytest.param((2048, 8000), id="mid"), pytest.param((4096, 400000), id="paper")]
 
 
-_TUNED = (TK._fused_mlp_fwd_kernel, TK._fused_mlp_bwd_kernel, TK._fused_mlp_dz_kernel)
+_TUNED = (TK._fused_mlp_fwd_kernel, TK._fused_mlp_bwd_kernel, TK._gemm_kernel)
 _ALL_CONFIGS = [list(kernel.configs) for kernel in _TUNED]
 
 
@@ -181,20 +181,22 @@ def test_mimic_loss_2x_rule(reduction, dtype):
     _check_2x(fused, eager, ref, inputs)
 
 
-def test_deterministic_mode_bit_identical_and_default_mode_correct():
+def test_reruns_are_bit_identical():
+    """Two passes through a bounded workspace, partials summed in a fixed order: no reduce-adds,
+    so every run gives the same bits (torch's deterministic mode changes nothing)."""
     inputs = _inputs(2048, 8000, torch.bfloat16)
     t = _teacher(2048, torch.bfloat16)
     fused = _mimic(t)
+    first = _run(fused, _fresh(inputs))
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        first = _run(fused, _fresh(inputs))
         second = _run(fused, _fresh(inputs))
     finally:
         torch.use_deterministic_algorithms(previous)
     assert torch.equal(first[0], second[0])
     for n, a, b in zip(NAMES, first[1], second[1]):
-        assert torch.equal(a, b), f"grad {n} differs between two runs in deterministic mode"
+        assert torch.equal(a, b), f"grad {n} differs between two runs"
     _check_2x(fused, lambda ts: F.mse_loss(eager_mlp(*ts, "relu"), t),
               _mimic(t.double(), backend="reference"), inputs)
 

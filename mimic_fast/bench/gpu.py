@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .._timing import interleave
+from ..ops import triton_cost
 from . import results, timing
 from .providers import LOSS_PROVIDERS, Case, Runner, make_inputs, oom_estimate_bytes, unavailable
 from .suites import PAPER, _base_record, flag_noise, run_group, run_student
@@ -122,14 +123,10 @@ def floor_ms(case, pass_, peaks):
 
 def cost_model(case, peaks):
     """mimic_fast.ops.triton_cost's prediction for the Triton kernels at the measured peaks, or
-    {"error": why} (the model is optional here: the benchmark must run without it)."""
-    try:
-        from ..ops.triton_cost import predict
-    except ImportError as e:
-        return {"error": f"mimic_fast.ops.triton_cost unavailable: {e}"}
+    {"error": why}."""
     tf, bw = _peak_rates(peaks)
     try:
-        res = predict(case.B, case.D, case.k, case.H, case.C, dtype=case.dtype,
+        res = triton_cost.predict(case.B, case.D, case.k, case.H, case.C, dtype=case.dtype,
                       op="mimic" if case.op == "mimic_loss" else "mlp", activation=case.activation,
                       peak_tflops=tf, bandwidth_tbs=bw / 1e3 if bw else None,
                       deterministic=torch.are_deterministic_algorithms_enabled())

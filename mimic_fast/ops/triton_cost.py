@@ -1,31 +1,42 @@
-"""Cost model of the triton backend: executed FLOPs and memory traffic per kernel, from the launches
-the real launchers make (ops/triton_offline.trace: the same grids, tiles and padded sizes), and the
-time they imply at a peak rate and bandwidth.
+"""Cost model of the triton backend: executed FLOPs and memory traffic of every launch of the plan
+(ops/triton_plan.py: the grids, tiles, padded sizes and workspace the launchers use), and the time
+they imply on a GPU. Pure Python: no GPU, no compiler (it runs anywhere, the interpreter too).
 
-Counts, per kernel, with its first config the autotuner keeps for the target:
+Per launch, with the tiles of the plan:
   flops         executed (padding and recompute included), 2 per multiply-add
-  hbm_bytes     unique bytes to and from device memory: every operand read once, outputs written
-                once (what the L2 cannot hide); the torch ops around the kernels are counted too
-  l2_bytes      tile bytes the programs load (every program reads its tiles, through L2)
-  atomic_bytes  the backward's dz reduce-adds into the (B, KP) fp32 buffer (through L2)
-time_s = max(flops / peak, hbm_bytes / bandwidth): the floor each kernel cannot beat. No L2 or
-atomic throughput is assumed (none has been measured here); their byte counts are reported so that a
-GPU run can say whether they, not the two ceilings, bound the time.
+  hbm_bytes     unique bytes to and from device memory: every operand read once per launch, outputs
+                written once (z and dy tiles re-read by every program stay in L2)
+  l2_bytes      the bytes the programs load and store (every program's tiles go through L2)
+  reduce_add    bytes reduce-added into memory (none in this design; the term stays for comparisons)
+time_s = max(flops / (peak x busy), hbm / copy bandwidth, l2 / L2 bandwidth, reduce_add / reduce-add
+rate) (`kernel_time`; busy = the grid's wave quantisation), summed over the launches of a pass, at
+the rates of a GPU preset (`GPUS`) or measured ones. The torch ops around the kernels (x Uᵀ, the
+pads, dx, dU) are one line per pass, counted the same way.
 
-    mimic-fast bench model [--B 4096 --H 8000 400000 --dtype bfloat16 --target sm_90a]
+    mimic-fast bench model [--gpu h100|h200] [--B 4096 --H 8000 400000 --dtype bfloat16] [--json F]
 """
 import argparse
+import json
 import math
 import sys
 
-import torch
-
-from . import triton_fused as T
+from . import triton_plan as P
 from .flops import element_size, mlp_flops
 
-# The H200 of the device tool, measured there (2026-10-28): bf16 matmul on random data, device copy.
-H200_PEAK_TFLOPS = 788.0
-H200_BANDWIDTH_TBS = 4.3
+# Rates per GPU kind (issue 18): the matmul peak and copy bandwidth are those recorded for the lent
+# GPU kinds of this workplace (bf16 matmul on random data, device copy); the L2 and reduce-add rates
+# are published or estimated figures, explicit assumptions: L2 read ~6.9 TB/s on H100 PCIe and
+# 9.7-10.3 TB/s on H200 (te42kyfo/gpu-benches gpu-l2-cache), reduce-add throughput ~2.4-4 TB/s.
+GPUS = {
+    "h100": {"name": "H100 SXM", "tflops": 798.0, "hbm_tbs": 3.0, "l2_tbs": 7.0, "reduce_add_tbs": 3.0,
+             "l2_mb": 50},
+    "h200": {"name": "H200", "tflops": 788.0, "hbm_tbs": 4.3, "l2_tbs": 10.0, "reduce_add_tbs": 3.0,
+             "l2_mb": 50},
+}
+# A da workspace chunk of at most this share of L2 is read back by pass 2 from L2 (pass 1 has just
+# written it; z, dy and the weight tiles in flight take a few MB): its bytes then never reach HBM.
+L2_RESIDENT_SHARE = 1 / 3
+TERMS = ("compute", "hbm", "l2", "reduce_add")
 PAPER = dict(D=1845, k=250, C=183)
 
 
@@ -34,146 +45,198 @@ def floor_flops(B, D, k, H, C, pass_="full"):
     return mlp_flops(B, D, k, H, C, pass_, input_grad=True, recompute=True)
 
 
-def _kernel_cost(launch, config, elem):
-    """(flops, hbm_bytes, l2_bytes, atomic_bytes, programs) of one recorded launch."""
-    a = launch.bound(config)
-    meta = {**a, **(config.kwargs if config is not None else {})}
-    name = launch.name
-    if name == "_reduce_splits_kernel":
-        P = a["P"]
-        S, M, N = P.shape[0], a["M"], a["N"]
-        out_elem = a["OUT"].element_size() if a["STORE_OUT"] else 0
-        io = S * M * N * 4 + M * N * out_elem
-        if a["MIMIC"]:
-            io += M * N * (a["T"].element_size() + 4)
-        return 3 * S * M * N, io, 0, 0, math.prod(launch.grid_for(meta))
-    KP, CP = a["KP"], a["C1"] + a["C2"]
-    H, C = a["H"], a["C"]
-    programs = math.prod(launch.grid_for(meta))
-    if name == "_fused_mlp_fwd_kernel":
-        rows = a["YP"].shape[1]
-        bh = meta["BLOCK_H"]
-        h_exec = math.ceil(H / bh) * bh
-        flops = 2 * rows * h_exec * (KP + CP)
-        weights = (a["V"].shape[0] * KP + C * H) * elem
-        hbm = weights + rows * KP * elem + a["YP"].numel() * 4
-        l2 = (rows // meta["BLOCK_B"]) * h_exec * (KP + CP) * elem + rows * KP * elem
-        return flops, hbm, l2, 0, programs
-    if name == "_fused_mlp_dz_kernel":
-        rows = a["DZP"].shape[1]
-        bh = meta["BLOCK_H"]
-        h_exec = math.ceil(H / bh) * bh
-        flops = 2 * rows * h_exec * (2 * KP + CP)
-        weights = (a["V"].shape[0] * KP + C * H) * elem
-        hbm = weights + rows * (KP + CP) * elem + a["DZP"].numel() * 4
-        l2 = (rows // meta["BLOCK_B"]) * h_exec * (KP + CP) * elem + rows * (KP + CP) * elem
-        return flops, hbm, l2, 0, programs
-    if name == "_fused_mlp_bwd_kernel":
-        bb, bh = meta["BLOCK_B"], meta["BLOCK_H"]
-        n_h, chunks = launch.grid_for(meta)
-        rows = bb * a["tiles_per_chunk"] * chunks
-        h_exec = n_h * bh
-        gemms = 2 * KP + 2 * CP + (KP if a["DZ_ATOMIC"] else 0)
-        flops = 2 * rows * h_exec * gemms
-        weights_in = (a["V"].numel() + C * H) * elem  # the user's V: read once, not padded
-        out = a["DV"].numel() * a["DV"].element_size() + a["DW"].numel() * a["DW"].element_size()
-        hbm = weights_in + out + rows * (KP + CP) * elem
-        l2 = n_h * rows * (KP + CP) * elem
-        atomic = n_h * rows * KP * 4 if a["DZ_ATOMIC"] else 0
-        return flops, hbm, l2, atomic, programs
-    raise ValueError(f"no cost formula for {name}")
+def kernel_time(flops, hbm, l2, reduce_add, rates, busy=1.0):
+    """(seconds, bounding term, {term: seconds}) of one kernel: max(FLOPs / (peak x busy), HBM /
+    copy bandwidth, L2 / L2 bandwidth, reduce-adds / reduce-add rate). `busy` is the wave
+    quantisation of its grid (programs / (waves x SMs)): a part-empty last wave idles tensor cores."""
+    terms = {"compute": flops / (rates["tflops"] * 1e12 * busy),
+             "hbm": hbm / (rates["hbm_tbs"] * 1e12),
+             "l2": l2 / (rates["l2_tbs"] * 1e12),
+             "reduce_add": reduce_add / (rates["reduce_add_tbs"] * 1e12)}
+    bound = max(terms, key=terms.get)
+    return terms[bound], bound, terms
 
 
-def _torch_ops(op, B, D, k, H, C, elem, p, deterministic):
-    """(flops, hbm_bytes) of the torch ops around the kernels: z = x Uᵀ, padding, dx, dU, db2."""
-    if op in ("forward", "mimic"):
+def rates_for(gpu="h100", peak_tflops=None, bandwidth_tbs=None, l2_tbs=None, reduce_add_tbs=None):
+    """The preset's rates, each replaced by a measured one where given."""
+    if gpu not in GPUS:
+        raise ValueError(f"unknown gpu preset {gpu!r}: expected one of {sorted(GPUS)}")
+    r = dict(GPUS[gpu])
+    for key, v in (("tflops", peak_tflops), ("hbm_tbs", bandwidth_tbs), ("l2_tbs", l2_tbs),
+                   ("reduce_add_tbs", reduce_add_tbs)):
+        if v:
+            r[key] = float(v)
+    r["preset"] = gpu
+    return r
+
+
+# ---------------------------------------------------------------------------------------- counts
+def _role(launch):
+    """fwd, bwd (pass 1), dV (= DAᵀ z), dz (+= DA V_j), the reductions by what they sum."""
+    a = launch.args
+    if launch.kernel == "gemm":
+        return "dz" if a["A_T"] else "dV"
+    if launch.kernel == "reduce":
+        name = a["P"].name
+        return {"yp": "reduce y" + (" + loss" if a["MIMIC"] else ""), "dzp": "reduce dz",
+                "dvp": "reduce dV", "dwp": "reduce dW", "db1p": "reduce db1"}[name]
+    return launch.kernel
+
+
+def launch_counts(p, launch, l2_resident=False):
+    """(flops, hbm_bytes, l2_bytes, reduce_add_bytes, programs) of one planned launch.
+    l2_resident: the da workspace chunk stays in L2 between pass 1 and pass 2 (no HBM for it)."""
+    a, e = launch.args, p.elem
+    ws = 0 if l2_resident else 1
+    KP, CP, C, k = p.KP, p.CP, p.C, p.k
+    programs = math.prod(launch.grid)
+    if launch.kernel == "fwd":
+        h_exec = _cdiv(p.H, p.fwd_block_h) * p.fwd_block_h
+        batch_tiles = p.rows // p.fwd_block_b
+        flops = 2 * p.rows * h_exec * (KP + CP)
+        yp = p.fwd_splits * p.rows * CP * 4
+        hbm = p.H_pad * KP * e + C * p.H * e + p.H_pad * e + p.rows * KP * e + yp
+        l2 = batch_tiles * h_exec * (KP + C + 1) * e + p.rows * KP * e + yp
+        return flops, hbm, l2, 0, programs
+    if launch.kernel == "bwd":
+        n = launch.grid[0] * p.bwd_block_h
+        flops = 2 * p.rows * n * (KP + 2 * CP)
+        dw = (p.bwd_bchunks * CP * n * 4) if p.bwd_bchunks > 1 else C * n * e
+        outs = n * p.rows * e + n * KP * e + dw + n * 4  # da, VP, dW, db1
+        weights = n * (k + C + 1) * e
+        hbm = weights + p.rows * (KP + CP) * e + outs - (1 - ws) * n * p.rows * e
+        l2 = (n // p.bwd_block_h) * p.rows * (KP + CP) * e + weights * p.bwd_bchunks + outs
+        return flops, hbm, l2, 0, programs
+    if launch.kernel == "gemm":
+        bm, m_tiles, splits = p.gemm_block_m, launch.grid[0], launch.grid[1]
+        K = splits * a["n_k"] * p.gemm_block_k  # executed (zero-filled blocks past the chunk too)
+        flops = 2 * m_tiles * bm * K * KP
+        if a["A_T"]:  # dz: A = DA (rows x n), B = VP (n x KP), fp32 partials read and written
+            n = a["B_LO"].shape[0]
+            partial = splits * p.rows * KP * 4 * (2 if a["ACCUMULATE"] else 1)
+            hbm = ws * p.rows * n * e + n * KP * e + partial
+            l2 = p.rows * n * e + m_tiles * n * KP * e + partial
+        else:  # dV: A = DAᵀ (n x rows), B = z (rows x KP), dV rows or fp32 partials written
+            n = a["A"].shape[0]
+            out = splits * n * KP * 4 if a["PARTIAL"] else n * k * e
+            hbm = ws * n * p.rows * e + p.rows * KP * e + out
+            l2 = n * p.rows * e + m_tiles * p.rows * KP * e + out
+        return flops, hbm, l2, 0, programs
+    if launch.kernel == "reduce":
+        S, M, N = a["n_splits"], a["M"], a["N"]
+        out = M * N * (4 if a["MIMIC"] else e)
+        io = S * M * N * 4 + out + (M * N * (e + 4) if a["MIMIC"] else 0)
+        return S * M * N, io, io, 0, programs
+    raise ValueError(f"no cost formula for launch {launch.kernel!r}")
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def torch_counts(p, D, pass_, w_aligned):
+    """(flops, hbm_bytes) of the torch ops around the kernels of a pass."""
+    B, k, e = p.B, p.k, p.elem
+    if pass_ == "forward":  # z = x Uᵀ; z -> z_pad; V -> V_pad; b1 pad; W padded if unaligned
         flops = 2 * B * D * k
-        hbm = (B * D + k * D + B * k) * elem + 2 * B * k * elem  # GEMM, then z -> z_pad
-        hbm += p.H_pad * p.KP * elem + H * k * elem  # V -> V_pad for the streamed V tiles
+        hbm = (B * D + k * D + B * k) * e + (B * k + p.rows * p.KP) * e
+        hbm += (p.H * k + p.H_pad * p.KP) * e + 2 * p.H_pad * e
+        hbm += 0 if w_aligned else (p.C * p.H + p.C * p.H_pad) * e
         return flops, hbm
+    # dy scale (max |dy|), dy -> dy_pad / s, z -> z_pad, dx = dz U, dU = dzᵀ x, db2
     flops = 2 * 2 * B * D * k
-    hbm = 2 * (B * k + k * D + B * D) * elem + B * D * elem  # dx = dz U, dU = dzᵀ x
-    hbm += B * (p.KP + p.CP) * elem * 2 + B * C * 4  # z_pad, dy_pad
-    if not p.dz_kernel:
-        hbm += p.rows_bwd * p.KP * 4 * 2  # dzᵀ fp32 buffer: zeroed, read back
-    else:
-        hbm += p.H_pad * p.KP * elem + H * k * elem  # V -> V_pad for the dz kernel
+    hbm = 3 * B * p.C * 4 + p.rows * p.CP * e + (B * k + p.rows * p.KP) * e
+    hbm += 2 * (B * k + k * D + B * D) * e + B * D * e
+    hbm += 0 if w_aligned else (p.C * p.H + p.C * p.H_pad) * e
     return flops, hbm
 
 
 def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak_tflops=None,
-            bandwidth_tbs=None, target="sm_90a", deterministic=False):
+            bandwidth_tbs=None, target="sm_90a", deterministic=False, gpu="h100", l2_tbs=None,
+            reduce_add_tbs=None, sms=None):
     """Predicted cost of the triton backend for one call, per pass.
 
-    Returns {"forward": {...}, "full": {...}, "plan": {...}}; each pass has "flops" (executed),
-    "model_flops" (floor_flops: one recompute, no padding), "bytes" (HBM), "l2_bytes",
-    "atomic_bytes", "time_s" (sum over kernels of max(flops / peak, bytes / bandwidth)) and
-    "kernels" (one dict per launch). Defaults: the H200's measured 788 TFLOP/s and 4.3 TB/s; pass
-    the peaks measured in the same run to put a prediction beside a measurement.
+    Returns {"forward": {...}, "full": {...}, "plan": {...}, "rates": {...}}; each pass has
+    "flops" (executed), "model_flops" (floor_flops: one recompute, no padding), "bytes" (HBM),
+    "l2_bytes", "atomic_bytes" (reduce-adds), "time_s" (sum over launches of `kernel_time`),
+    "kernels" (one dict per launch, with the term that bounds it) and "roles" (the launches of
+    each kind summed). Rates: the `gpu` preset's, each replaced by a measured one where given (pass
+    the peaks of the same run to put a prediction beside a measurement). `deterministic` is
+    accepted for callers of the old signature: there is one path, deterministic by construction.
+    `target` names the compile target the tiles are for (sm_90a; the backend serves Hopper only).
     """
-    from . import triton_offline as O
-
-    if T.K is None or T.K.INTERPRET:
-        raise RuntimeError("the cost model plans the compiled GPU kernels: it needs triton with "
-                           "TRITON_INTERPRET unset")
-    dt = getattr(torch, str(dtype).replace("torch.", ""))
+    del deterministic, activation  # one path; the activation does not change the counts
+    if target != "sm_90a":
+        raise ValueError(f"the cost model plans the sm_90a kernels, not {target!r}")
+    dt = str(dtype).replace("torch.", "")
     elem = element_size(dt)
-    peak = (peak_tflops or H200_PEAK_TFLOPS) * 1e12
-    bw = (bandwidth_tbs or H200_BANDWIDTH_TBS) * 1e12
+    rates = rates_for(gpu, peak_tflops, bandwidth_tbs, l2_tbs, reduce_add_tbs)
+    device = P.Device(sms) if sms else P.OFFLINE_DEVICE
+    p = P.plan(B, k, H, C, elem, device=device, interpret=False)
+    w_aligned = (H * elem) % 16 == 0
     fwd_op = "mimic" if op == "mimic" else "forward"
-    with T.device_override(T.OFFLINE_DEVICE), O._tf32(dt):
-        p = T.plan(B, k, H, C, elem, deterministic)
-        traced = {"forward": O.trace(fwd_op, B, D, k, H, C, dt, activation, True, deterministic),
-                  "backward": O.trace("backward", B, D, k, H, C, dt, activation, True,
-                                      deterministic)}
+    l2_resident = p.workspace_bytes <= rates["l2_mb"] * 1e6 * L2_RESIDENT_SHARE
     passes = {}
-    for name, launches in traced.items():
-        kernels = []
-        for launch in launches:
-            configs = O.candidates(launch, target)
-            config = configs[0] if configs else None
-            flops, hbm, l2, atomic, programs = _kernel_cost(launch, config, elem)
-            kernels.append({"kernel": launch.name, "config": O._config_label(config),
+    for name, op_ in (("forward", fwd_op), ("backward", "backward")):
+        records = []
+        for launch in P.pass_launches(p, op_):
+            flops, hbm, l2, red, programs = launch_counts(p, launch, l2_resident)
+            t, bound, terms = kernel_time(flops, hbm, l2, red, rates, P.busy(programs, p.sms))
+            records.append({"kernel": P.KERNELS[launch.kernel], "role": _role(launch),
                             "programs": programs, "flops": flops, "bytes": hbm, "l2_bytes": l2,
-                            "atomic_bytes": atomic, "time_s": max(flops / peak, hbm / bw)})
-        flops, hbm = _torch_ops("mimic" if name == "forward" else "backward", B, D, k, H, C, elem,
-                                p, deterministic)
-        kernels.append({"kernel": "torch ops (x Uᵀ, pads, dx, dU)", "config": "-", "programs": 0,
+                            "atomic_bytes": red, "time_s": t, "bound": bound, "terms_s": terms})
+        flops, hbm = torch_counts(p, D, name, w_aligned)
+        t, bound, terms = kernel_time(flops, hbm, 0, 0, rates)
+        records.append({"kernel": "torch ops", "role": f"torch ops ({name})", "programs": 0,
                         "flops": flops, "bytes": hbm, "l2_bytes": 0, "atomic_bytes": 0,
-                        "time_s": max(flops / peak, hbm / bw)})
-        passes[name] = kernels
+                        "time_s": t, "bound": bound, "terms_s": terms})
+        passes[name] = records
 
-    def total(kernels, pass_):
-        return {"flops": sum(x["flops"] for x in kernels),
+    def total(records, pass_):
+        roles = {}
+        for r in records:
+            x = roles.setdefault(r["role"], {"launches": 0, "flops": 0, "bytes": 0, "l2_bytes": 0,
+                                             "atomic_bytes": 0, "time_s": 0.0, "bounds": {}})
+            x["launches"] += 1
+            for key in ("flops", "bytes", "l2_bytes", "atomic_bytes", "time_s"):
+                x[key] += r[key]
+            x["bounds"][r["bound"]] = x["bounds"].get(r["bound"], 0) + 1
+        return {"flops": sum(x["flops"] for x in records),
                 "model_flops": floor_flops(B, D, k, H, C, pass_),
-                "bytes": sum(x["bytes"] for x in kernels),
-                "l2_bytes": sum(x["l2_bytes"] for x in kernels),
-                "atomic_bytes": sum(x["atomic_bytes"] for x in kernels),
-                "time_s": sum(x["time_s"] for x in kernels), "kernels": kernels}
+                "bytes": sum(x["bytes"] for x in records),
+                "l2_bytes": sum(x["l2_bytes"] for x in records),
+                "atomic_bytes": sum(x["atomic_bytes"] for x in records),
+                "time_s": sum(x["time_s"] for x in records), "kernels": records, "roles": roles}
 
+    plan = p._asdict()
+    plan["workspace_bytes"] = p.workspace_bytes
+    plan["workspace_in_l2"] = l2_resident
     return {"forward": total(passes["forward"], "forward"),
             "full": total(passes["forward"] + passes["backward"], "full"),
-            "plan": p._asdict(), "target": target, "dtype": str(dt).replace("torch.", ""),
-            "peak_tflops": peak / 1e12, "bandwidth_tbs": bw / 1e12}
+            "plan": plan, "target": target, "dtype": dt, "rates": rates,
+            "peak_tflops": rates["tflops"], "bandwidth_tbs": rates["hbm_tbs"]}
 
 
 def format_prediction(pred, shape):
     B, D, k, H, C = shape
-    lines = [f"B={B} D={D} k={k} H={H} C={C} {pred['dtype']} on {pred['target']} at "
-             f"{pred['peak_tflops']:.0f} TFLOP/s, {pred['bandwidth_tbs']:.1f} TB/s"]
+    r = pred["rates"]
+    lines = [f"B={B} D={D} k={k} H={H} C={C} {pred['dtype']} on {pred['target']}, {r['name']} "
+             f"preset: {r['tflops']:.0f} TFLOP/s, HBM {r['hbm_tbs']:.1f} TB/s, L2 {r['l2_tbs']:.1f} "
+             f"TB/s, reduce-add {r['reduce_add_tbs']:.1f} TB/s"]
     for name in ("forward", "full"):
         t = pred[name]
         lines.append(f"  {name:<8} {t['flops'] / 1e12:8.3f} TFLOP executed "
                      f"({t['flops'] / t['model_flops']:.3f}x the one-recompute floor "
                      f"{t['model_flops'] / 1e12:.3f}), HBM {t['bytes'] / 1e9:6.3f} GB, "
-                     f"L2 {t['l2_bytes'] / 1e9:7.1f} GB, dz atomics {t['atomic_bytes'] / 1e9:6.1f} GB"
+                     f"L2 {t['l2_bytes'] / 1e9:6.1f} GB, reduce-adds {t['atomic_bytes'] / 1e9:4.1f} GB"
                      f" -> {t['time_s'] * 1e3:7.3f} ms")
-    lines.append(f"  {'kernel':<32} {'config':<22} {'programs':>8} {'GFLOP':>9} {'HBM MB':>8} "
-                 f"{'L2 GB':>7} {'atom GB':>7} {'ms':>7}")
-    for x in pred["full"]["kernels"]:
-        lines.append(f"  {x['kernel'][:32]:<32} {x['config'][:22]:<22} {x['programs']:>8} "
-                     f"{x['flops'] / 1e9:>9.1f} {x['bytes'] / 1e6:>8.1f} {x['l2_bytes'] / 1e9:>7.2f} "
-                     f"{x['atomic_bytes'] / 1e9:>7.2f} {x['time_s'] * 1e3:>7.3f}")
+    lines.append(f"  {'launches of':<24} {'n':>3} {'GFLOP':>9} {'HBM MB':>9} {'L2 GB':>7} "
+                 f"{'ms':>7}  bound (launches)")
+    for role, x in pred["full"]["roles"].items():
+        bounds = ", ".join(f"{b} ({n})" for b, n in x["bounds"].items())
+        lines.append(f"  {role[:24]:<24} {x['launches']:>3} {x['flops'] / 1e9:>9.1f} "
+                     f"{x['bytes'] / 1e6:>9.1f} {x['l2_bytes'] / 1e9:>7.2f} "
+                     f"{x['time_s'] * 1e3:>7.3f}  {bounds}")
     return "\n".join(lines)
 
 
@@ -186,30 +249,27 @@ def main(argv=None):
     p.add_argument("--C", type=int, default=PAPER["C"])
     p.add_argument("--H", type=int, nargs="+", default=[8000, 400000])
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--target", default="sm_90a", choices=("sm_90a", "sm_80"))
-    p.add_argument("--deterministic", action="store_true", help="the deterministic dz kernel")
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--bandwidth-tbs", type=float, default=None)
+    p.add_argument("--gpu", default="h100", choices=sorted(GPUS),
+                   help="rate preset (default h100: H100 SXM 798 TFLOP/s, 3.0 TB/s HBM, 7 TB/s L2, "
+                        "3 TB/s reduce-add; h200: 788, 4.3, 10, 3)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="replaces the preset's")
+    p.add_argument("--bandwidth-tbs", type=float, default=None, help="replaces the preset's")
     p.add_argument("--json", default=None, help="also write the predictions as JSON")
     args = p.parse_args(argv)
-    if T.K is None:
-        print(f"mimic-fast bench model: error: {T._IMPORT_ERROR}", file=sys.stderr)
-        return 2
-    if T.K.INTERPRET:
-        print("mimic-fast bench model: error: the model plans the compiled GPU kernels: unset "
-              "TRITON_INTERPRET", file=sys.stderr)
-        return 2
     out = []
     for H in args.H:
         shape = (args.B, args.D, args.k, H, args.C)
-        pred = predict(*shape, dtype=args.dtype, peak_tflops=args.peak_tflops,
-                       bandwidth_tbs=args.bandwidth_tbs, target=args.target,
-                       deterministic=args.deterministic)
+        try:
+            pred = predict(*shape, dtype=args.dtype, peak_tflops=args.peak_tflops,
+                           bandwidth_tbs=args.bandwidth_tbs, gpu=args.gpu)
+        except ValueError as e:
+            print(f"mimic-fast bench model: error: {e}", file=sys.stderr)
+            return 2
         print(format_prediction(pred, shape))
-        out.append({"shape": dict(zip("B D k H C".split(), shape)), **pred})
+        out.append({"shape": dict(zip("B D k H C".split(), shape)),
+                    "step_ms": pred["full"]["time_s"] * 1e3,
+                    "forward_ms": pred["forward"]["time_s"] * 1e3, **pred})
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"raw JSON: {args.json}")

@@ -1,12 +1,24 @@
 """The Triton kernels compiled for a GPU that is not here: the speed gate of a machine without one.
 
-`trace()` runs the real launchers on meta tensors with the kernels swapped for recorders, so every
-launch's arguments, constexprs and grid are exactly what a GPU run would pass (the cost model reads
-the same records). `compile_launch()` then compiles one launch and config through Triton's own
-compiler for sm_90a or sm_80 (TRITON_INTERPRET must be unset) and reads what decides speed: ptxas
-registers, spills and shared memory, and in the PTX the tensor-core MMAs (wgmma / mma.sync) and the
-async copies (cp.async, TMA) of the pipelined loops. Reports are cached by the compiler's own
-content hash, so re-runs cost nothing.
+The launches come from the plan (ops/triton_plan.py: the same grids, tiles and arguments the
+launchers run), bound to meta tensors. `compile_launch()` compiles one launch and config through
+Triton's own compiler for sm_90a (TRITON_INTERPRET must be unset) and reads what decides speed:
+  ptxas      registers, spilled bytes, shared memory (against the SM's limit and the pruning's
+             estimate)
+  PTX        tensor-core MMAs (wgmma / mma.sync), async copies (cp.async, TMA), and in the main
+             loop (the loop with the most wgmmas: the backward branch's body) the MMA work every
+             warpgroup issues: Σ m·n·k of its wgmma instructions × num_warps / 4 (each warpgroup runs
+             every instruction), which must be at most 1.10x the tile's own multiply-adds
+             (triton_plan.tile_macs): no warpgroup repeats another's MMAs
+  TTGIR      load/compute overlap in the main loop (the scf.for with the most warp_group_dots):
+             its prefetch distance d = async loads issued before the loop (the pipeliner's prologue,
+             plus any one-off loads, fewer than one iteration's) // async loads in one iteration;
+             the loads for iteration i+1 are in flight before iteration i's MMAs when d >= 2, or
+             d = 1 and the loop body issues its loads before its first MMA. d = 0 (no async load
+             in the loop, or no loop) fails. The reduce kernel: no int32 product of its loop
+             variable (split offsets advance a 64-bit pointer).
+Reports are cached by the compiler's content hash (compiler facts only; what they are checked
+against is recomputed every run), so re-runs cost nothing.
 
     python -m mimic_fast.ops.triton_offline [--jobs 2] [--json out.json]   # the whole matrix
 """
@@ -20,124 +32,73 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Dict, NamedTuple, Tuple
 
 import torch
 
-from . import triton_fused as T
+from . import triton_plan as P
 
-K = T.K
-KERNELS = ("_fused_mlp_fwd_kernel", "_fused_mlp_bwd_kernel", "_fused_mlp_dz_kernel",
-           "_reduce_splits_kernel")
+try:
+    from . import triton_kernels as K
+except ImportError:  # reported by main()
+    K = None
+
 TARGETS = {"sm_90a": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}  # capability, max shared memory
 # The backend serves Hopper only (triton_fused.reasons): sm_80 compiles are for reports, not the gate.
 GATE_TARGETS = ("sm_90a",)
-PAPER = dict(D=1845, k=250, C=183)
-REPORT_VERSION = "2"  # bump when compile_launch's report gains or changes a field (cache key)
+PAPER = dict(B=4096, D=1845, k=250, C=183)
+REPLICATION_LIMIT = 1.10
+SMEM_BYTES_PER_CLK = 128  # Hopper's shared-memory bandwidth per SM (informational figure)
+MMA_MACS_PER_CLK = 2048  # dense 16-bit tensor-core multiply-adds per SM per clock on Hopper (TF32: half)
+REPORT_VERSION = "4"  # bump when compile_launch's cached report gains or changes a field
 CACHE_DIR = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")),
                          "mimic_fast", "triton_offline")
+_DTYPES = {"op": None, "f32": torch.float32}
 
 
-class Launch(NamedTuple):
-    name: str  # kernel name in triton_kernels
-    grid: Any  # tuple, or a function of the config's meta-parameters
-    args: Tuple
-    kwargs: Dict
-
-    def grid_for(self, meta):
-        return self.grid(meta) if callable(self.grid) else self.grid
-
-    def configs(self):
-        """Autotune configs of this kernel ([None]: not autotuned)."""
-        fn = getattr(K, self.name)
-        return list(fn.configs) if hasattr(fn, "configs") else [None]
-
-    def jit_fn(self):
-        fn = getattr(K, self.name)
-        return fn.fn if hasattr(fn, "configs") else fn
-
-    def bound(self, config=None):
-        """All arguments by name, the config's meta-parameters included."""
-        import inspect
-
-        sig = inspect.signature(self.jit_fn().fn)
-        kwargs = dict(self.kwargs)
-        if config is not None:
-            kwargs.update(config.kwargs)
-        b = sig.bind_partial(*self.args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
-        return dict(b.arguments)
+# --------------------------------------------------------------------------------- meta tensors
+def meta_tensors(p, dtype, op, reduction="mean"):
+    """Every buffer a pass's launches name, as meta tensors of the planned shapes."""
+    specs = P.forward_buffers(p) if op in ("forward", "mimic") else P.backward_buffers(p)
+    m = dict(device="meta")
+    out = {n: torch.empty(s.shape, dtype=_DTYPES[s.dtype] or dtype, **m) for n, s in specs.items()}
+    out.update(_dummy=torch.empty(1, dtype=dtype, **m), b2=torch.empty(p.C, dtype=dtype, **m),
+               t=torch.empty(p.B, p.C, dtype=dtype, **m), y=torch.empty(p.B, p.C, dtype=dtype, **m),
+               dy_unit=torch.empty(p.B, p.C, dtype=torch.float32, **m),
+               loss=torch.empty(P.reduce_grid(p, p.B, p.C), dtype=torch.float32, **m),
+               db1_row=torch.empty(1, p.H, dtype=dtype, **m))
+    if op in ("forward", "mimic"):  # W as the user passes it: (C, H) rows
+        out["W_tma"] = torch.empty(p.C, p.H, dtype=dtype, **m)
+    return out
 
 
-class _Recorder:
-    def __init__(self, name, sink):
-        self.name, self.sink = name, sink
-        real = getattr(K, name)
-        self.configs = getattr(real, "configs", None)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.sink.append(Launch(self.name, grid, args, kwargs))
-        return launch
-
-
-@contextlib.contextmanager
-def record_launches():
-    """Within: the launchers record their kernel launches instead of running them."""
-    sink = []
-    saved = {n: getattr(K, n) for n in KERNELS}
-    try:
-        for n in KERNELS:
-            setattr(K, n, _Recorder(n, sink))
-        yield sink
-    finally:
-        for n, fn in saved.items():
-            setattr(K, n, fn)
-
-
-def _meta_inputs(B, D, k, H, C, dtype, bias):
-    m = dict(device="meta", dtype=dtype)
-    return (torch.empty(B, D, **m), torch.empty(k, D, **m), torch.empty(H, k, **m),
-            torch.empty(H, **m) if bias else None, torch.empty(C, H, **m),
-            torch.empty(C, **m) if bias else None)
-
-
-def trace(op, B, D, k, H, C, dtype=torch.bfloat16, activation="relu", bias=True,
-          deterministic=False):
-    """The launches of one pass: op "forward" (bottleneck_mlp), "mimic" (mimic_loss forward) or
-    "backward", on meta tensors, as planned for an H200 (132 SMs; `candidates` then applies a
-    target's pruning)."""
-    x, U, V, b1, W, b2 = _meta_inputs(B, D, k, H, C, dtype, bias)
-    with record_launches() as launches, T.device_override(T.OFFLINE_DEVICE):
-        if op == "forward":
-            T.fused_mlp_fwd(x, U, V, b1, W, b2, activation)
-        elif op == "mimic":
-            T.fused_mimic_fwd(x, U, V, b1, W, b2, torch.empty(B, C, device="meta", dtype=dtype),
-                              activation, "mean")
-        elif op == "backward":
-            z = torch.empty(B, k, device="meta", dtype=dtype)
-            dy = torch.empty(B, C, device="meta", dtype=torch.float32)
-            T.fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, bias, deterministic=deterministic)
-        else:
-            raise ValueError(f"unknown op {op!r}: expected 'forward', 'mimic' or 'backward'")
-    return launches
+def plan_case(dname, H, op, B=PAPER["B"], k=PAPER["k"], C=PAPER["C"]):
+    """(plan, launches, meta tensors) of one pass at the paper shape for the offline GPU."""
+    dtype = GATE_DTYPES[dname]
+    p = P.plan(B, k, H, C, dtype.itemsize, device=P.OFFLINE_DEVICE, interpret=False)
+    launches = P.pass_launches(p, op, dot_precision="tf32" if dtype == torch.float32 else None)
+    return p, launches, meta_tensors(p, dtype, op)
 
 
 # ------------------------------------------------------------------------------------- compiling
-def _prepare(launch, config, capability):
+def _jit(launch):
+    fn = K.kernel(launch.kernel)
+    return fn.fn if hasattr(fn, "configs") else fn
+
+
+def _prepare(launch, tensors, config, capability):
     """(ASTSource, options, target) as Triton's JIT would build them for this launch on the target."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    jit = launch.jit_fn()
+    jit = _jit(launch)
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
-    kwargs = dict(launch.kwargs)
+    _, _, kwargs = K.bind(launch, tensors)
     if config is not None:
-        kwargs.update(config.kwargs)
-        kwargs.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        kwargs.update(num_warps=config[0], num_stages=config[1])
     binder = create_function_from_signature(jit.signature, jit.params, backend)
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    bound_args, specialization, options = binder(**kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args,
                                                            specialization, options)
     return ASTSource(jit, signature, constexprs, attrs), options, target
@@ -145,6 +106,8 @@ def _prepare(launch, config, capability):
 
 _PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
+_WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.\w+\.(\w+)\.\w+\s+"
+                    r"\{[^}]*\},\s*(\{?)")
 
 
 def _ptx_counts(ptx):
@@ -154,9 +117,80 @@ def _ptx_counts(ptx):
         "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)\.shared", ptx)),
         "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
         "ld_global_v4": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
-        "ld_global_scalar_b16": len(re.findall(r"ld\.global(?:\.\w+)*\.b16\s", ptx)),
-        "atom_red": len(re.findall(r"\b(?:red|atom)\.global", ptx)),
+        "atom_red": len(re.findall(r"\b(?:red|atom)\.global|cp\.reduce\.async", ptx)),
     }
+
+
+_ELEM_BYTES = {"bf16": 2, "f16": 2, "tf32": 4, "e4m3": 1, "e5m2": 1}
+
+
+def ptx_main_loop(ptx):
+    """The PTX loop (label .. backward branch) with the most wgmmas: its wgmma count, Σ m·n·k per
+    warpgroup, the shapes, and the shared-memory operand bytes per warpgroup (A from shared memory
+    when its operand is a descriptor, not a register list; B always)."""
+    lines = ptx.splitlines()
+    labels, best = {}, None
+    for i, line in enumerate(lines):
+        m = re.match(r"^\$(L__BB\d+_\d+):", line.strip())
+        if m:
+            labels[m.group(1)] = i
+        m = re.search(r"bra(?:\.uni)?\s+\$(L__BB\d+_\d+);", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            body = "\n".join(lines[labels[m.group(1)]:i + 1])
+            mmas = _WGMMA.findall(body)
+            if best is None or len(mmas) > len(best):
+                best = mmas
+    best = best or []
+    macs = sum(int(m) * int(n) * int(k) for m, n, k, _, _ in best)
+    smem = sum((0 if a_regs else int(m) * int(k) * _ELEM_BYTES[t]) + int(n) * int(k) * _ELEM_BYTES[t]
+               for m, n, k, t, a_regs in best)
+    return {"loop_wgmma": len(best), "loop_macs_per_warpgroup": macs,
+            "loop_smem_operand_bytes_per_warpgroup": smem,
+            "loop_wgmma_shapes": sorted({f"m{m}n{n}k{k}" for m, n, k, _, _ in best})}
+
+
+_ASYNC_LOAD = re.compile(r"ttng\.async_tma_copy_global_to_local|ttg\.async_copy_global_to_local")
+
+
+def ttgir_main_loop(ttgir):
+    """The pipelined main loop in TTGIR (the scf.for with the most dots): async loads issued before
+    it (the pipeliner's prologue) and in its body, and whether the body issues a load before its
+    first dot."""
+    lines = ttgir.splitlines()
+    best = None
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        end = next((j for j in range(i + 1, len(lines))
+                    if lines[j].strip().startswith("}") and
+                    len(lines[j]) - len(lines[j].lstrip()) == indent), len(lines) - 1)
+        body = lines[i + 1:end]
+        dots = [j for j, b in enumerate(body) if re.search(r"warp_group_dot |tt\.dot ", b)]
+        if best is None or len(dots) > best[0]:
+            best = (len(dots), i, body, dots)
+    if best is None or best[0] == 0:
+        return {"loop_dots": 0, "prologue_loads": 0, "loop_loads": 0, "loads_before_first_dot": False}
+    n_dots, start, body, dots = best
+    loads = [j for j, b in enumerate(body) if _ASYNC_LOAD.search(b)]
+    func_start = max((j for j in range(start) if "tt.func" in lines[j]), default=0)
+    prologue = sum(1 for b in lines[func_start:start] if _ASYNC_LOAD.search(b))
+    return {"loop_dots": n_dots, "prologue_loads": prologue, "loop_loads": len(loads),
+            "loads_before_first_dot": bool(loads) and loads[0] < dots[0]}
+
+
+def int32_split_offsets(ttgir):
+    """Lines of `ttgir` that multiply a loop's induction variable into an i32 (a split offset
+    s · stride that can pass 2³¹ elements): the reduce kernel must advance a 64-bit pointer instead."""
+    bad, var = [], None
+    for line in ttgir.splitlines():
+        m = re.search(r"scf\.for (%[\w.#]+) =", line)
+        if m:
+            var = m.group(1)
+        elif var and "arith.muli" in line and re.search(r":\s*(?:tensor<[^>]*x)?i32\b", line) \
+                and re.search(re.escape(var) + r"\b", line.split("=", 1)[1]):
+            bad.append(line.strip())
+    return bad
 
 
 def _cache_path(src, options, target):
@@ -166,28 +200,18 @@ def _cache_path(src, options, target):
     return os.path.join(CACHE_DIR, hashlib.sha256(key.encode()).hexdigest() + ".json")
 
 
-def _smem_estimate(launch, config):
-    """triton_kernels.smem_bytes for this launch (what the pruning believes), None for the reduce."""
-    if config is None:
-        return None
-    args = launch.bound(config)
-    z = args["Z"]
-    return K.smem_bytes(_kind(launch.name), args, config.num_stages, args["KP"],
-                        args["C1"] + args["C2"], getattr(z, "base", z).element_size(),
-                        args.get("DZ_ATOMIC", True))
-
-
-def compile_launch(launch, config, target_name="sm_90a", use_cache=True):
-    """Compile one launch with one config for the target; a dict of what decides its speed."""
+def compile_launch(launch, tensors, config, target_name="sm_90a", use_cache=True):
+    """Compile one launch with one config (num_warps, num_stages) for the target; a dict of what
+    decides its speed (the compiler's facts and the gate's expectations)."""
     import triton
     from triton import knobs
 
     capability, smem_limit = TARGETS[target_name]
-    src, options, target = _prepare(launch, config, capability)
+    src, options, target = _prepare(launch, tensors, config, capability)
     path = _cache_path(src, options, target)
     if use_cache and os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            return _with_expectations(json.load(f), launch, _elem(tensors))
     log = io.StringIO()
     t0 = time.perf_counter()
     # Triton's own cache would skip ptxas (and its report): compile afresh, cache the report here.
@@ -200,18 +224,18 @@ def compile_launch(launch, config, target_name="sm_90a", use_cache=True):
     spills = [tuple(map(int, m)) for m in _PTXAS.findall(text)]
     regs = [int(r) for r in _REGS.findall(text)]
     report = {
-        "kernel": launch.name, "target": target_name,
-        "config": None if config is None else {**config.kwargs, "num_warps": config.num_warps,
-                                               "num_stages": config.num_stages},
+        "kernel": P.KERNELS[launch.kernel], "target": target_name,
+        "config": None if config is None else {"num_warps": config[0], "num_stages": config[1]},
         "registers": max(regs) if regs else None,
         "stack_bytes": max((s[0] for s in spills), default=None),
         "spill_store_bytes": max((s[1] for s in spills), default=None),
         "spill_load_bytes": max((s[2] for s in spills), default=None),
         "shared_bytes": compiled.metadata.shared, "shared_limit": smem_limit,
         "num_warps": compiled.metadata.num_warps,
-        "shared_estimate": _smem_estimate(launch, config),
         "compile_s": round(time.perf_counter() - t0, 2),
-        **_ptx_counts(compiled.asm["ptx"]),
+        **_ptx_counts(compiled.asm["ptx"]), **ptx_main_loop(compiled.asm["ptx"]),
+        **ttgir_main_loop(compiled.asm["ttgir"]),
+        "int32_split_offsets": int32_split_offsets(compiled.asm["ttgir"]),
     }
     if use_cache:
         os.makedirs(CACHE_DIR, exist_ok=True)
@@ -219,90 +243,103 @@ def compile_launch(launch, config, target_name="sm_90a", use_cache=True):
         with open(tmp, "w") as f:
             json.dump(report, f)
         os.replace(tmp, path)
-    return report
+    return _with_expectations(report, launch, _elem(tensors))
+
+
+def _with_expectations(report, launch, elem):
+    """The compiler's facts plus what the gate checks them against, computed afresh every time
+    from the plan (a changed estimate or tile in the Python code is always re-checked)."""
+    out = dict(report)
+    if launch.kernel == "reduce":
+        return {**out, "shared_estimate": None, "tile_macs": None}
+    meta = {"elem": elem, "KP": launch.args.get("KP", launch.args.get("BLOCK_N")),
+            "CP": launch.args.get("C1", 0) + launch.args.get("C2", 0),
+            "C1": launch.args.get("C1", 0), **{
+                k: launch.args[k] for k in ("BLOCK_B", "BLOCK_H", "BLOCK_M", "BLOCK_K")
+                if k in launch.args}}
+    stages = (report.get("config") or {}).get("num_stages", 1)
+    out["shared_estimate"] = P.smem_bytes(launch.kernel, meta, stages)
+    out["tile_macs"] = P.tile_macs(launch.kernel, launch.args)
+    warpgroups = max(1, out["num_warps"] // 4)
+    issued = out["loop_macs_per_warpgroup"] * warpgroups
+    out["issued_over_useful"] = round(issued / out["tile_macs"], 4) if out["tile_macs"] else None
+    if out["loop_macs_per_warpgroup"]:
+        clocks = issued / (MMA_MACS_PER_CLK if elem <= 2 else MMA_MACS_PER_CLK // 2)
+        out["smem_operand_bytes_per_clk"] = round(
+            out["loop_smem_operand_bytes_per_warpgroup"] * warpgroups / clocks, 1)
+    loads = out.get("loop_loads", 0)
+    out["prefetch_distance"] = out.get("prologue_loads", 0) // loads if loads else 0
+    return out
+
+
+def _elem(tensors):
+    """Operand bytes of a pass (its padded z)."""
+    return tensors["z_pad"].element_size()
 
 
 # --------------------------------------------------------------------------------- the gate matrix
 GATE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}
-GATE_OPS = (("forward", False), ("mimic", False), ("backward", False), ("backward", True))
+GATE_OPS = ("forward", "mimic", "backward")
 
 
-def _gate_launches(dname, H, op, det, B):
-    dtype = GATE_DTYPES[dname]
-    with _tf32(dtype):
-        return trace(op, B, PAPER["D"], PAPER["k"], H, PAPER["C"], dtype, deterministic=det)
-
-
-def gate_cases(H_values=(8000, 400000), B=4096):
+def gate_cases(H_values=(8000, 400000)):
     """(label, spec) for every config autotune can pick, of every kernel, at the paper shape:
-    bf16, fp16 and fp32-TF32 on the gate's targets, forward, mimic, backward (reduce-add dz and
-    the deterministic dz kernel). A spec is plain data (the worker re-traces it); kernels whose
-    specialisation repeats (H only changes runtime values) are listed once."""
+    bf16, fp16 and fp32-TF32 on the gate's targets, forward, mimic and backward. A spec is plain
+    data (the worker re-plans it); launches whose specialisation repeats (H, chunk offsets and loop
+    counts are runtime values) are listed once."""
     seen, cases = set(), []
     for target in GATE_TARGETS:
+        capability, limit = TARGETS[target]
         for dname in GATE_DTYPES:
             for H in H_values:
-                for op, det in GATE_OPS:
-                    for i, launch in enumerate(_gate_launches(dname, H, op, det, B)):
-                        configs = candidates(launch, target)
+                for op in GATE_OPS:
+                    p, launches, tensors = plan_case(dname, H, op)
+                    for i, launch in enumerate(launches):
+                        configs = candidates(launch, p, target)
                         if not configs:
-                            cases.append((f"{target}/{dname}/H={H}/{op}/{launch.name}/none",
-                                          None))
-                        for j, config in enumerate(configs):
-                            src, options, _ = _prepare(launch, config, TARGETS[target][0])
+                            cases.append((f"{target}/{dname}/H={H}/{op}/{P.KERNELS[launch.kernel]}"
+                                          "/none", None))
+                        for config in configs:
+                            src, options, _ = _prepare(launch, tensors, config, capability)
                             key = (src.hash(), options.hash(), target)
                             if key in seen:
                                 continue
                             seen.add(key)
-                            label = f"{target}/{dname}/H={H}/{op}{'-det' if det else ''}/" \
-                                    f"{launch.name}/{_config_label(config)}"
-                            cases.append((label, (target, dname, H, op, det, B, i, j)))
+                            label = f"{target}/{dname}/H={H}/{op}/{P.KERNELS[launch.kernel]}/" \
+                                    f"{_config_label(launch, config)}"
+                            cases.append((label, (target, dname, H, op, i, tuple(config or ()))))
     return cases
 
 
-@contextlib.contextmanager
-def _tf32(dtype):
-    """fp32 cases are the TF32 path (torch allowing TF32 matmuls)."""
-    if dtype != torch.float32:
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def _config_label(config):
+def _config_label(launch, config):
+    tiles = ",".join(f"{k}={launch.args[k]}" for k in ("BLOCK_B", "BLOCK_H", "BLOCK_M", "BLOCK_K")
+                     if k in launch.args)
+    if launch.kernel == "gemm":
+        tiles += ",A_T" if launch.args["A_T"] else ""
+        tiles += ",acc" if launch.args["ACCUMULATE"] else ""
     if config is None:
-        return "-"
-    kw = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{kw + ',' if kw else ''}w{config.num_warps},s{config.num_stages}"
+        return tiles or "-"
+    return f"{tiles},w{config[0]},s{config[1]}"
 
 
-def candidates(launch, target):
-    """The configs the autotuner's pruning keeps for this launch on the target."""
-    configs = launch.configs()
-    if configs == [None]:
-        return configs
+def candidates(launch, p, target):
+    """The configs (num_warps, num_stages) the autotuner's pruning keeps for this launch on the
+    target ([None]: not autotuned)."""
+    if not launch.autotuned:
+        return [None]
     capability, limit = TARGETS[target]
-    return K.fitting_configs(_kind(launch.name), configs, launch.bound(), limit, capability)
-
-
-def _kind(name):
-    return {"_fused_mlp_fwd_kernel": "fwd", "_fused_mlp_bwd_kernel": "bwd",
-            "_fused_mlp_dz_kernel": "dz"}[name]
+    return P.fitting_configs(launch.kernel, P.CONFIGS[launch.kernel], p.meta(launch.kernel), limit,
+                             capability)
 
 
 def _compile_case(case):
     label, spec = case
     if spec is None:
         return label, {"error": "the pruning keeps no config for this launch"}
-    target, dname, H, op, det, B, i, j = spec
+    target, dname, H, op, i, config = spec
     try:
-        launch = _gate_launches(dname, H, op, det, B)[i]
-        return label, compile_launch(launch, candidates(launch, target)[j], target)
+        _, launches, tensors = plan_case(dname, H, op)
+        return label, compile_launch(launches[i], tensors, config or None, target)
     except Exception as e:  # reported per case; the gate fails on it
         return label, {"error": f"{type(e).__name__}: {e}"}
 
@@ -329,13 +366,56 @@ def problems(label, report):
     if estimate is not None and report["shared_bytes"] > estimate:
         out.append(f"shared memory {report['shared_bytes']} above the pruning's estimate "
                    f"{estimate}: the pruning could keep a config that cannot launch")
-    if report["kernel"] != "_reduce_splits_kernel":
-        if report["target"] == "sm_90a" and not report["wgmma"]:
-            out.append("no wgmma on sm_90a")
-        if not (report["wgmma"] or report["mma_sync"]):
-            out.append("no tensor-core MMA")
-        if not (report["cp_async"] or report["tma"]):
-            out.append("no async copies (cp.async / TMA) in the main loops")
+    if report["kernel"] == P.KERNELS["reduce"]:
+        if report.get("int32_split_offsets"):
+            out.append(f"int32 split offsets: {report['int32_split_offsets'][:2]}")
+        return out
+    if report["target"] == "sm_90a" and not report["wgmma"]:
+        out.append("no wgmma on sm_90a")
+    if not (report["wgmma"] or report["mma_sync"]):
+        out.append("no tensor-core MMA")
+    if not (report["cp_async"] or report["tma"]):
+        out.append("no async copies (cp.async / TMA) in the main loops")
+    if report["atom_red"]:
+        out.append(f"{report['atom_red']} reduce-adds / atomics (the design has none)")
+    ratio = report.get("issued_over_useful")
+    if report["target"] == "sm_90a" and (ratio is None or ratio > REPLICATION_LIMIT):
+        out.append(f"replicated MMA: the main loop's wgmmas issue {ratio}x the tile's "
+                   f"{report.get('tile_macs')} multiply-adds (limit {REPLICATION_LIMIT}x)")
+    d = report.get("prefetch_distance", 0)
+    if not (d >= 2 or (d == 1 and report.get("loads_before_first_dot"))):
+        out.append(f"loads not overlapped with the MMAs: prefetch distance {d} "
+                   f"({report.get('prologue_loads')} prologue / {report.get('loop_loads')} loop "
+                   f"loads), loads {'before' if report.get('loads_before_first_dot') else 'after'}"
+                   f" the first MMA of the loop body")
+    return out
+
+
+def planted_cases():
+    """Configs the gate must reject, each with the rule it breaks: the evidence that its checks can
+    fail (`--planted`). bf16, paper shape, H=400k."""
+    p, launches, tensors = plan_case("bf16", 400000, "backward")
+    bwd, dv = launches[0], launches[1]
+    p64 = p._replace(bwd_block_h=64)
+    bwd64 = P.pass_launches(p64, "backward")[0]
+    pf, fl, ft = plan_case("bf16", 400000, "forward")
+    f64 = P.pass_launches(pf._replace(fwd_block_b=64), "forward")[0]
+    f_wide = P.pass_launches(pf._replace(fwd_block_h=64), "forward")[0]
+    return [
+        ("backward pass 1, 64 hidden rows on 8 warps", bwd64, tensors, (8, 3), "replicated MMA"),
+        ("forward, 64 batch rows on 8 warps", f64, ft, (8, 4), "replicated MMA"),
+        ("dV gemm, 1 stage", dv, tensors, (8, 1), "loads not overlapped"),
+        ("backward pass 1, 2 stages", bwd, tensors, (8, 2), "loads not overlapped"),
+        ("forward, 64 hidden units, 2 stages", f_wide, ft, (8, 2), "loads not overlapped"),
+    ]
+
+
+def run_planted():
+    """{label: (report, problems, expected)} of every planted defect."""
+    out = {}
+    for label, launch, tensors, config, expected in planted_cases():
+        r = compile_launch(launch, tensors, config)
+        out[label] = (r, problems(label, r), expected)
     return out
 
 
@@ -348,21 +428,39 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", default=None)
     p.add_argument("--H", type=int, nargs="+", default=[8000, 400000])
+    p.add_argument("--planted", action="store_true",
+                   help="compile the planted defects instead: each must fail its rule")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    if args.planted:
+        planted = run_planted()
+        missed = 0
+        for label, (r, why, expected) in planted.items():
+            hit = any(w.startswith(expected) for w in why)
+            missed += not hit
+            print(f"{label:<44} issued/useful {r.get('issued_over_useful')}, prefetch distance "
+                  f"{r.get('prefetch_distance')}: {'; '.join(why) or 'passes'}"
+                  f"{'' if hit else f'  MISSED: expected {expected!r}'}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({k: {"report": r, "problems": w, "expected": e}
+                           for k, (r, w, e) in planted.items()}, f, indent=1)
+        return 1 if missed else 0
     reports = run_gate(args.jobs, tuple(args.H))
     bad = 0
-    print(f"{'case':<92} {'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'mma':>4} "
-          f"{'cp.async':>8} {'tma':>4} {'s':>5}")
+    print(f"{'case':<84} {'regs':>4} {'spill':>5} {'smemKB':>6} {'wgmma':>5} {'tma':>4} "
+          f"{'cp.as':>5} {'issued/useful':>13} {'pref':>4} {'smemB/clk':>9} {'s':>5}")
     for label, r in reports.items():
         why = problems(label, r)
         bad += bool(why)
         if "error" in r:
-            print(f"{label:<92} ERROR {r['error'][:200]}")
+            print(f"{label:<84} ERROR {r['error'][:200]}")
             continue
-        print(f"{label:<92} {r['registers']:>4} {r['spill_store_bytes']:>5} "
-              f"{r['shared_bytes'] / 1024:>7.1f} {r['wgmma']:>5} {r['mma_sync']:>4} "
-              f"{r['cp_async']:>8} {r['tma']:>4} {r['compile_s']:>5}"
+        ratio = r.get("issued_over_useful")
+        print(f"{label:<84} {r['registers']:>4} {r['spill_store_bytes']:>5} "
+              f"{r['shared_bytes'] / 1024:>6.1f} {r['wgmma']:>5} {r['tma']:>4} {r['cp_async']:>5} "
+              f"{'-' if ratio is None else f'{ratio:.3f}':>13} {r.get('prefetch_distance', 0):>4} "
+              f"{r.get('smem_operand_bytes_per_clk', '-'):>9} {r['compile_s']:>5}"
               + (f"  FAIL: {'; '.join(why)}" if why else ""))
     print(f"{len(reports)} kernels, {bad} failing, {time.perf_counter() - t0:.0f} s")
     if args.json:
