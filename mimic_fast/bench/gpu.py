@@ -127,9 +127,8 @@ def cost_model(case, peaks):
     tf, bw = _peak_rates(peaks)
     try:
         res = triton_cost.predict(case.B, case.D, case.k, case.H, case.C, dtype=case.dtype,
-                      op="mimic" if case.op == "mimic_loss" else "mlp", activation=case.activation,
-                      peak_tflops=tf, bandwidth_tbs=bw / 1e3 if bw else None,
-                      deterministic=torch.are_deterministic_algorithms_enabled())
+                                  op="mimic" if case.op == "mimic_loss" else "mlp",
+                                  peak_tflops=tf, bandwidth_tbs=bw / 1e3 if bw else None)
     except Exception as e:  # noqa: BLE001 - recorded beside the figures, never fatal
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     res = dict(res)

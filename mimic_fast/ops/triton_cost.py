@@ -151,9 +151,8 @@ def torch_counts(p, D, pass_, w_aligned):
     return flops, hbm
 
 
-def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak_tflops=None,
-            bandwidth_tbs=None, target="sm_90a", deterministic=False, gpu="h100", l2_tbs=None,
-            reduce_add_tbs=None, sms=None):
+def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", peak_tflops=None, bandwidth_tbs=None,
+            target="sm_90a", gpu="h100", l2_tbs=None, reduce_add_tbs=None, sms=None):
     """Predicted cost of the triton backend for one call, per pass.
 
     Returns {"forward": {...}, "full": {...}, "plan": {...}, "rates": {...}}; each pass has
@@ -161,11 +160,10 @@ def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", activation="relu", peak
     "l2_bytes", "atomic_bytes" (reduce-adds), "time_s" (sum over launches of `kernel_time`),
     "kernels" (one dict per launch, with the term that bounds it) and "roles" (the launches of
     each kind summed). Rates: the `gpu` preset's, each replaced by a measured one where given (pass
-    the peaks of the same run to put a prediction beside a measurement). `deterministic` is
-    accepted for callers of the old signature: there is one path, deterministic by construction.
+    the peaks of the same run to put a prediction beside a measurement). The activation does not
+    change the counts, so it is no argument.
     `target` names the compile target the tiles are for (sm_90a; the backend serves Hopper only).
     """
-    del deterministic, activation  # one path; the activation does not change the counts
     if target != "sm_90a":
         raise ValueError(f"the cost model plans the sm_90a kernels, not {target!r}")
     dt = str(dtype).replace("torch.", "")
