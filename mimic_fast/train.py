@@ -30,7 +30,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               default_collate)
 from tqdm.auto import tqdm
 
-from ._io import atomic_write_text, writer_lock
+from ._io import atomic_write_text, refuse_links, writer_lock
 from .convert import mimic_loss_of
 from .data.recipe import DATA_FIELDS, recipe_differences
 from .distributed import default_device, dist_info, on_rank0, unwrap
@@ -383,6 +383,8 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
 def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, resume, device,
                 progress, extra_config, spec, rank, world):
     model.to(device)
+    if out_dir is not None:
+        refuse_links(out_dir, [CHECKPOINT, METRICS])  # before anything is written there
     resume_path = _check_out_dir(out_dir, resume)
 
     # the model is seeded (initialised) by the caller; this seed drives dropout, sampler and RNG draws

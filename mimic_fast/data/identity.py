@@ -106,10 +106,10 @@ def teacher_fingerprint(teacher):
     """Class, parameter count and sha256 over every parameter's and buffer's name, shape, dtype and
     bytes: equal for the same weights reloaded, different after any change of any value."""
     h = hashlib.sha256()
-    n_params = 0
+    params = list(teacher.named_parameters())
+    n_params = sum(t.numel() for _, t in params)
     with torch.no_grad():
-        for name, t in list(teacher.named_parameters()) + list(teacher.named_buffers()):
-            n_params += t.numel() if isinstance(t, torch.nn.Parameter) else 0
+        for name, t in params + list(teacher.named_buffers()):
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
             if t.device.type != "meta":
                 h.update(_tensor_bytes(t))
