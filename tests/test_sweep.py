@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -409,3 +410,15 @@ def test_a_changed_teacher_file_says_what_sweep_can_do(teacher_file, tmp_path, c
     err = capsys.readouterr().err
     assert "was made with teacher" in err and f"delete {os.path.join(out, 'logits')}" in err
     assert "--overwrite" not in err and "overwrite=True" not in err  # sweep has neither
+    # done as told: the finished mimic run trained on the old logits and is not mixed in
+    old = read_json(os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json"), "")
+    shutil.rmtree(os.path.join(out, "logits"))
+    argv = ["sweep", "--out", out, "--teacher", mine, "--hidden", "8", "--seeds", "1", "--epochs",
+            "2", "--n-generated", "200", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mimic-fast sweep: error:") and len(err.splitlines()) == 1
+    assert f"was trained on logit store sha256 {old['inputs']['logit_store']}" in err
+    assert f"delete {out}/points" in err
+    shutil.rmtree(os.path.join(out, "points"))
+    assert cli.main(argv) == 0
