@@ -468,7 +468,9 @@ def build_parser():
                        description="Unfuse the model's fused layers (on a copy) and write it with a "
                                    "dynamic batch as ONNX (needs mimic_fast[export]) or a "
                                    "torch.export .pt2; the file is checked against the model.")
-    e.add_argument("--model", required=True, help="student.pt (or any file --teacher accepts)")
+    e.add_argument("--model", required=True,
+                   help="student.pt (or any file --teacher accepts; a torch.save(module) file runs "
+                        "pickle: trusted files only)")
     e.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
     e.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     e.add_argument("--overwrite", action="store_true",

@@ -43,6 +43,7 @@ TRANSFER_FORMAT = "mimic_fast.transfer/2"
 CHECKPOINT_FORMAT = "mimic_fast.checkpoint/2"
 DIGEST_KEY = "sha256"  # the key of a file's own digest, beside its payload
 _OURS = re.compile(rb"mimic_fast\.(?:model|transfer|checkpoint)/\d+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 
 
 def _save(payload, path):
@@ -73,10 +74,8 @@ def load_torch_file(path, format, what, hint, map_location="cpu"):
         raise  # the OS's own error, naming the file
     except Exception as e:  # a truncated zip even surfaces as OSError(EINVAL)
         _refuse_version(path, written_format(path), format, what, hint)
-        first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"{path} is not a {what}, or it is truncated, damaged or altered (it does "
-                         f"not load as plain tensors and containers: {type(e).__name__}: "
-                         f"{first[:200]}); {hint}") from None
+                         f"not load as plain tensors and containers: {_why(e)}); {hint}") from None
     found = payload.get("format") if isinstance(payload, dict) else None
     if found != format:
         _refuse_version(path, found, format, what, hint)
@@ -87,6 +86,20 @@ def load_torch_file(path, format, what, hint, map_location="cpu"):
         raise ValueError(f"{path} is damaged: its content does not match the sha256 recorded in it "
                          f"when it was written (a changed bit, or an edited file); {hint}")
     return payload
+
+
+def _why(e):
+    """One line of why torch.load(weights_only=True) refused a file (its message advises loading the
+    file with pickle instead, which is exactly what must not happen here)."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it refers to {found.group(1)}, which no file of ours does (it was not run)"
+    if "WeightsUnpickler error:" in text:  # the unpickler's own words follow the advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = text.split("Check the documentation of torch.load")[0]
+    line = " ".join(_ANSI.sub("", text).split())
+    return f"{type(e).__name__}: {line[:200]}"
 
 
 def _refuse_version(path, found, format, what, hint):

@@ -70,9 +70,9 @@ def logits_lock(folder, write=False, wait=False):
 
 
 def refuse_folder_links(folder, *names):
-    """Refuse (OSError naming it) a file of the pipeline's layout in `folder` (or one of `names`)
-    that is a symbolic link, before anything is written there."""
-    refuse_links(folder, (TEACHER_FILE, TRANSFER_FILE, LOGITS_DIR, STUDENT_FILE, *names))
+    """Refuse (OSError naming it) a symbolic link among the files a collection writes in `folder`
+    (transfer.pt, logits/ and the store's files, and `names`), before anything is written there."""
+    refuse_links(folder, (TRANSFER_FILE, LOGITS_DIR, *names))
     refuse_links(os.path.join(folder, LOGITS_DIR), STORE_FILES)
 
 

@@ -451,7 +451,10 @@ class LogitDataset(Dataset):
         return False
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the lock's module may be gone: the OS drops it
+            pass
 
     def __getstate__(self):
         # a worker process reads under its parent's lock: the lock itself stays with the parent
