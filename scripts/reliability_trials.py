@@ -40,7 +40,10 @@
 Prints one line per kind with the counts; exits 1 if any trial failed.
 """
 import argparse
+import contextlib
+import io
 import json
+import logging
 import os
 import pickle
 import random
@@ -64,7 +67,6 @@ sys.path.insert(0, str(REPO))
 from mimic_fast import cli  # noqa: E402
 from mimic_fast import pipeline as P  # noqa: E402
 from mimic_fast import train as T  # noqa: E402
-from mimic_fast._io import LOCK_NAME  # noqa: E402
 from mimic_fast.data import LogitDataset, LogitStore, collect_logits  # noqa: E402
 from mimic_fast.data.datasets import load_dataset  # noqa: E402
 from mimic_fast.data.identity import content_digest  # noqa: E402
@@ -74,7 +76,7 @@ from mimic_fast.files import (DIGEST_KEY, load_checkpoint, load_model, load_tran
                               read_json, save_model, save_transfer, transfer_digest, write_json)
 from mimic_fast.models import DNN  # noqa: E402
 from mimic_fast.nn import WideShallowStudent  # noqa: E402
-from mimic_fast.teachers import load_teacher  # noqa: E402
+from mimic_fast.teachers import PickledTeacherWarning, load_teacher  # noqa: E402
 
 N, D, C = 300, 8, 5
 WORKER = textwrap.dedent("""
@@ -302,13 +304,14 @@ def overwrite_during_distill(work, w, script, n, rng):
     base = work / "odbase"
     collect_logits(w.Teacher(), w.data(), base, batch_size=4, chunk_rows=12, progress=False)
     original = LogitStore.open(base).digest
-    good = during = 0
+    good = 0
+    outcomes = {"overwrite refused while read": 0, "training refused while written": 0,
+                "one after the other": 0}
     for i in range(n):
         path, out = work / f"od{i}", work / f"od{i}-run"
         shutil.copytree(base, path)
         reader = _spawn(script, "distill", path, out, 100)
-        time.sleep(rng.uniform(0, 5.0))  # before, while or after the reader holds the store
-        reading = (path / f"{LOCK_NAME}.{reader.pid}").exists()
+        time.sleep(rng.uniform(0.5, 4.5))  # before, while or after the reader holds the store
         writer = _spawn(script, "collect", path, 1.0, 0.0, "overwrite")
         codes = [reader.wait(timeout=300), writer.wait(timeout=300)]
         outs = [p.stdout.read().decode() for p in (reader, writer)]
@@ -326,15 +329,16 @@ def overwrite_during_distill(work, w, script, n, rng):
             problems.append(f"the training failed: {errs[0][-300:]}")
         if codes[1] != 0 and not (_refusal(errs[1]) and final == original):
             problems.append(f"the overwrite failed or changed the store: {errs[1][-300:]}")
-        during += reading and codes[1] != 0
+        outcomes["overwrite refused while read" if codes[1] else
+                 "training refused while written" if codes[0] else "one after the other"] += 1
         good += not problems
         if problems:
             print(f"  trial {i}: codes {codes}: {'; '.join(problems)}")
         shutil.rmtree(path)
         shutil.rmtree(out, ignore_errors=True)
-    return (f"overwrite during distill: {n} trials ({during} overwrites refused while the store was "
-            f"read), {good} with every finished training on one unchanged store and every refusal "
-            "clean"), good == n
+    counts = ", ".join(f"{v} {k}" for k, v in outcomes.items())
+    return (f"overwrite during distill: {n} trials ({counts}), {good} with every finished training "
+            "on one unchanged store and every refusal clean"), good == n
 
 
 def resume_after_recollect(work, w, n, rng):
@@ -440,8 +444,9 @@ def export_kills(work, w, n, rng):
         in_features=D, num_classes=C, hidden=64, bottleneck=4)})
     (folder / "link.pt").symlink_to(model)  # the model under another name
     good_model = model.read_bytes()
-    refused = sum(cli.main(["export", "--model", str(model), "--out", str(out), *extra]) == 2
-                  for out in (model, folder / "link.pt") for extra in ([], ["--overwrite"]))
+    with contextlib.redirect_stderr(io.StringIO()):  # the refusals' error lines
+        refused = sum(cli.main(["export", "--model", str(model), "--out", str(out), *extra]) == 2
+                      for out in (model, folder / "link.pt") for extra in ([], ["--overwrite"]))
     refused *= model.read_bytes() == good_model
     formats = ["torch-export"]
     try:
@@ -674,6 +679,8 @@ def main():
                    help="run only these kinds (e.g. pickles links)")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="resuming")  # the resumes are the trials' own
+    warnings.filterwarnings("ignore", category=PickledTeacherWarning)  # damaged user teachers
+    logging.getLogger("torch.export").setLevel(logging.ERROR)  # ... that torch.export logs
     rng = random.Random(args.seed)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="mimic-trials-") as tmp:
