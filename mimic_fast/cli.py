@@ -7,7 +7,6 @@ logits/; student.pt) and run unchanged under `torchrun --nproc_per_node N -m mim
 import argparse
 import contextlib
 import errno
-import json
 import os
 import sys
 
@@ -16,7 +15,7 @@ import torch
 
 from . import pipeline as P
 from . import train as T
-from ._io import atomic_write_text, writer_lock
+from ._io import writer_lock
 from .data import DATASETS, LogitStore
 from .data.store import HEADER_NAME
 from .data.transfer import METHODS
@@ -25,6 +24,7 @@ from .demo import config_from_args, run_demo
 from .dispatch import format_info
 from .distributed import default_device, dist_info, init_distributed, on_rank0
 from .export import export_student, latency
+from .files import write_json
 from .models import build_model
 from .sweep import add_arguments as sweep_arguments
 from .sweep import run_from_args
@@ -114,11 +114,21 @@ def _inherit_recipe(args, recorded, source):
                 _say(f"--{name.replace('_', '-')} {value} (recorded in {source})")
 
 
-def _lock_folder(folder, what):
-    """The writer lock of an output folder, taken by rank 0 (errors raised on every rank)."""
+def _hold(lock):
+    """A folder lock (mimic_fast._io) taken by rank 0 (errors raised on every rank)."""
     stack = contextlib.ExitStack()
-    on_rank0(lambda: stack.enter_context(writer_lock(folder, what)))
+    on_rank0(lambda: stack.enter_context(lock))
     return stack
+
+
+def _lock_folder(folder, what):
+    """The writer lock of an output folder, taken by rank 0."""
+    return _hold(writer_lock(folder, what))
+
+
+def _add_wait(p, what):
+    p.add_argument("--wait", action="store_true",
+                   help=f"wait while another process {what} (default: refuse, naming its pid)")
 
 
 def _is_rank0():
@@ -211,26 +221,28 @@ def cmd_collect_logits(args):
                          hint="collect with the teacher's recipe (leave --split-seed and "
                               "--label-fraction unset to inherit it) or train a teacher on this one")
     P.probe_teacher(teachers.teacher, " + ".join(args.teacher), data)
-    with _lock_folder(args.out, "collect-logits output folder"):
+    P.refuse_folder_links(args.out, "teacher.json")
+    # a rebuilt transfer.pt and its logits are written under one hold of the store's writer lock,
+    # refused (before anything is written) while a student trains on them
+    with _lock_folder(args.out, "collect-logits output folder"), contextlib.ExitStack() as held:
         transfer = P.transfer_set(
             os.path.join(args.out, P.TRANSFER_FILE), data, args.n_generated, args.method,
             args.generate_from, args.seed, args.noise_std, overwrite=args.overwrite,
             allow_test_rows=args.allow_test_rows, allow_option="--allow-test-rows",
             remedy="use another --out, the options it was made with, or --overwrite to rebuild it "
                    "and its logits (nothing is overwritten without it)",
-            log=_say, warn=_warn(args.command))
+            log=_say, warn=_warn(args.command), wait=args.wait, hold=held)
         device = default_device(args.device)
         teacher = teachers.teacher.to(device)
         logits = P.collect(teacher, transfer, args.out, dtype=_DTYPES[args.dtype],
                            batch_size=args.batch_size, device=device,
                            progress=args.progress and _is_rank0(), overwrite=args.overwrite,
-                           teacher_id=teachers.teacher_id,
+                           teacher_id=teachers.teacher_id, wait=args.wait,
                            remedy="use another --out, or rerun with --overwrite to replace it")
         acc = T.evaluate(teacher, data.splits.test, device=device)  # every rank: it is sharded
         if _is_rank0():
-            atomic_write_text(os.path.join(args.out, "teacher.json"),
-                              json.dumps({"teachers": args.teacher, "spec": teachers.spec,
-                                          "test_accuracy": acc}, indent=2))
+            write_json(os.path.join(args.out, "teacher.json"),
+                       {"teachers": args.teacher, "spec": teachers.spec, "test_accuracy": acc})
             _say(f"teacher test accuracy {acc:.4f}; logits of {len(logits.transfer)} rows in "
                  f"{logits.store.path}")
     return 0
@@ -270,22 +282,39 @@ def cmd_import_logits(args):
             raise ValueError(f"--logits {args.logits}: row {row} holds |logit| {top:.3g}, more than "
                              "float16 can store (65504): use --dtype float32")
 
-    with _lock_folder(args.out, "import-logits output folder"):
+    P.refuse_folder_links(args.out)
+    # transfer.pt and the store under one hold of the store's writer lock (see collect-logits)
+    with _lock_folder(args.out, "import-logits output folder"), contextlib.ExitStack() as held:
         transfer = P.transfer_set(
             os.path.join(args.out, P.TRANSFER_FILE), data, overwrite=args.overwrite,
             allow_test_rows=args.allow_test_rows, allow_option="--allow-test-rows", check=fits,
             remedy="use another --out, the options it was made with, or --overwrite to rebuild it "
                    "and its logits (nothing is overwritten without it)",
-            log=_say, warn=_warn(args.command))
+            log=_say, warn=_warn(args.command), wait=args.wait, hold=held)
         store = LogitStore.from_array(store_path, logits, transfer.transfer,
                                       dtype=_DTYPES[args.dtype], overwrite=args.overwrite,
-                                      source=os.path.basename(args.logits))
+                                      source=os.path.basename(args.logits), wait=args.wait)
     _say(f"imported {store.n} rows of {store.num_classes} logits into {store.path} (verified)")
     return 0
 
 
+def _check_export_target(out, model_path, overwrite):
+    """Refuse an --out that is --model itself (always) or any existing file (unless --overwrite),
+    before anything is written."""
+    if os.path.lexists(out):
+        same = os.path.exists(model_path) and os.path.exists(out) and os.path.samefile(out, model_path)
+        if same or os.path.realpath(out) == os.path.realpath(model_path):
+            raise ValueError(f"--out {out} is the --model file itself: exporting over it would "
+                             "destroy the model; choose another --out")
+        if not overwrite:
+            raise FileExistsError(f"--out {out} exists: pass --overwrite to replace it (atomically: "
+                                  "a failed or killed export leaves it intact), or choose another "
+                                  "--out")
+
+
 def cmd_export(args):
     model, kind = load_module(args.model)
+    _check_export_target(args.out, args.model, args.overwrite)
     if not isinstance(model, torch.nn.Module):  # a factory may return a plain function
         raise ValueError(f"--model {args.model}: the {kind} gave a {type(model).__name__}, not an "
                          "nn.Module: export needs a module (its layers are what is written)")
@@ -304,6 +333,12 @@ def cmd_export(args):
 
 def cmd_distill(args):
     init_distributed()
+    # the folder's transfer set and logits stay as read until student.pt is written
+    with _hold(P.logits_lock(args.logits, wait=args.wait)):
+        return _distill(args)
+
+
+def _distill(args):
     transfer, payload = P.read_transfer(args.logits)
     _inherit_recipe(args, payload.get("recipe") or {},
                     os.path.join(args.logits, P.TRANSFER_FILE))
@@ -325,7 +360,7 @@ def cmd_distill(args):
         res = P.distill_student(data, student, spec, logits, args.out, loss=args.loss,
                                 alpha=args.alpha, temperature=args.temperature,
                                 check_inputs=args.check_inputs, resume=args.resume,
-                                device=args.device, progress=args.progress,
+                                device=args.device, progress=args.progress, wait=args.wait,
                                 **_training_options(args))
         _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote "
              f"{os.path.join(args.out, P.STUDENT_FILE)}")
@@ -410,6 +445,7 @@ def build_parser():
     c.add_argument("--allow-test-rows", action="store_true",
                    help="keep transfer rows that equal test rows (refused by default: students would "
                         "then be scored on rows they were trained on); recorded in transfer.pt")
+    _add_wait(c, "trains on --out's logits or writes them")
     c.set_defaults(func=cmd_collect_logits)
 
     m = sub.add_parser("import-logits", help="store logits computed elsewhere for distill",
@@ -425,15 +461,20 @@ def build_parser():
                    help="replace transfer.pt and the store already in --out")
     m.add_argument("--allow-test-rows", action="store_true",
                    help="keep transfer rows that equal test rows (refused by default)")
+    _add_wait(m, "trains on --out's logits or writes them")
     m.set_defaults(func=cmd_import_logits)
 
     e = sub.add_parser("export", help="write a trained student as plain ONNX / torch.export ops",
                        description="Unfuse the model's fused layers (on a copy) and write it with a "
                                    "dynamic batch as ONNX (needs mimic_fast[export]) or a "
                                    "torch.export .pt2; the file is checked against the model.")
-    e.add_argument("--model", required=True, help="student.pt (or any file --teacher accepts)")
+    e.add_argument("--model", required=True,
+                   help="student.pt (or any file --teacher accepts; a torch.save(module) file runs "
+                        "pickle: trusted files only)")
     e.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
     e.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (atomically; never the --model file itself)")
     e.add_argument("--input-shape", default=None,
                    help="one row's shape, e.g. 64 or 3,32,32 (default: from the model)")
     e.add_argument("--latency", action="store_true",
@@ -465,6 +506,7 @@ def build_parser():
                         "default: one pass over the inputs) or ~1000 of them (sample: huge stores)")
     s.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the store's checksum pass (huge stores; damage then goes unnoticed)")
+    _add_wait(s, "writes the --logits store")
     _add_training(s, epochs=20, kind="distill", batch_size=256)
     s.set_defaults(func=cmd_distill)
 

@@ -9,6 +9,9 @@ large-H win; at inference a plain GEMM chain is what runtimes optimise. Formats:
     go to a PATH.data file beside it (a warning names it: ship both).
 The batch dimension stays dynamic; each file is checked against the model after it is written
 (the .pt2 with torch.export.load, the ONNX file with onnxruntime when installed, else onnx.checker).
+Files are written in a temp folder beside the target under their final names (an .onnx keeps its
+reference to its .data), checked there, then renamed into place: a failed check or a kill leaves
+the old file intact, and a target that is a symbolic link is refused (mimic_fast._io).
 """
 import contextlib
 import copy
@@ -22,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._io import atomic_write_files
 from ._timing import interleave
 from .convert import unfuse
 from .nn import BottleneckLinear, WideShallowStudent
@@ -109,7 +113,8 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
 
     format: "onnx" or "torch-export"; input_shape: one row's shape (default: the model's
     `input_shape` or its first Linear's in_features). The batch dimension is dynamic. With check,
-    the written file is run on a random batch and compared with `model` (ValueError if it differs).
+    the written file is run on a random batch and compared with `model` (ValueError if it differs)
+    before it replaces any file at `path` (the replacement is atomic; see the module docstring).
     Returns `path`.
     """
     if format not in FORMATS:
@@ -126,24 +131,32 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
         except ImportError:
             raise ValueError("ONNX export needs onnx and onnxscript: pip install "
                              "'mimic_fast[export]'") from None
-    try:
-        with torch.no_grad(), _quiet_onnx():
-            if format == "torch-export":
-                program = torch.export.export(plain, (example,), dynamic_shapes=(batch,))
-                torch.export.save(program, path)
-            else:
-                torch.onnx.export(plain, (example,), path, dynamo=True, dynamic_shapes=(batch,),
-                                  input_names=["x"], output_names=["logits"], verbose=False,
-                                  external_data=external)
-    except Exception as e:  # torch.export / dynamo raise many kinds; keep the cause chained
-        raise ValueError(f"could not export the {type(model).__name__} as {format}: "
-                         f"{type(e).__name__}: {_first_line(e)}") from e
+
+    def write(target):
+        try:
+            with torch.no_grad(), _quiet_onnx():
+                if format == "torch-export":
+                    program = torch.export.export(plain, (example,), dynamic_shapes=(batch,))
+                    torch.export.save(program, target)
+                else:
+                    torch.onnx.export(plain, (example,), target, dynamo=True,
+                                      dynamic_shapes=(batch,), input_names=["x"],
+                                      output_names=["logits"], verbose=False,
+                                      external_data=external)
+        except Exception as e:  # torch.export / dynamo raise many kinds; keep the cause chained
+            raise ValueError(f"could not export the {type(model).__name__} as {format}: "
+                             f"{type(e).__name__}: {_first_line(e)}") from e
+        if check:
+            _check(model, target, format, example)
+
+    if isinstance(path, (str, os.PathLike)):
+        atomic_write_files(path, write)
+    else:  # a file object: written in place, the caller's to keep safe
+        write(path)
     if external:
         warnings.warn(f"the weights are over 2 GB (one .onnx file's limit): wrote {path} and its "
                       f"weights {os.fspath(path)}.data; ship both files, side by side",
                       stacklevel=2)
-    if check:
-        _check(model, path, format, example)
     return path
 
 

@@ -1,60 +1,127 @@
 """The pipeline's file formats: one writer and one loader per kind of file.
 
 - model file (teacher.pt, student.pt): a model's weights, the spec that rebuilds it, and extras
-  (data recipe, history); `save_model` / `load_model`.
+  (data recipe, history, the inputs it was trained on); `save_model` / `load_model`.
 - transfer-set file (transfer.pt): the transfer set's rows, sources and labels with its recipe (the
-  data recipe plus the transfer options) and whether test rows were allowed in; `save_transfer` /
-  `load_transfer`.
+  data recipe plus the transfer options), the digest of its rows (its identity) and whether test
+  rows were allowed in; `save_transfer` / `load_transfer`.
 - checkpoint (checkpoint.pt of a training run): model, optimizer, step, every rank's RNG states and
   the history; `save_checkpoint` / `load_checkpoint`.
-Every file is written atomically (mimic_fast._io) and every loader refuses a truncated, foreign or
-incomplete file with a ValueError that names it and says what to do. Limits: the files are pickles
-(torch.load with weights_only=False): load only files you trust.
+- JSON files of the sweep and of collect-logits (teacher.json, result.json, ...): `write_json` /
+  `read_json`.
+Every file is written atomically (mimic_fast._io) and records the sha256 of its own content
+(data.identity.content_digest of the payload, as loaded: every tensor's bytes, every value); the
+loaders check it before anything is used and refuse a damaged, truncated, foreign or older file with
+one ValueError that names it and says what to do. No loader runs pickle: the .pt files are torch zip
+archives of plain containers and tensors, loaded with torch.load(weights_only=True), which refuses
+any other object instead of constructing it. Format versions: /2 (checksummed, pickle-free); files of
+format /1 (mimic_fast 0.1 before it) are refused, naming the version and the remedy (train, collect
+or run them again): they cannot be verified.
 """
+import json
+import math
 import os
+import re
+import zipfile
 
 import torch
 
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, atomic_write_text
+from .data.identity import content_digest
 from .data.transfer import TransferSet
 from .distributed import unwrap
 from .models import TeacherEnsemble, build_model
 from .nn import WideShallowStudent
 
 __all__ = ["MODEL_FORMAT", "TRANSFER_FORMAT", "CHECKPOINT_FORMAT", "save_model", "load_model",
-           "build_from_spec", "save_transfer", "load_transfer", "save_checkpoint", "load_checkpoint",
-           "load_torch_file"]
+           "build_from_spec", "save_transfer", "load_transfer", "transfer_digest", "save_checkpoint",
+           "load_checkpoint", "load_torch_file", "written_format", "write_json", "read_json",
+           "DIGEST_KEY"]
 
-MODEL_FORMAT = "mimic_fast.model/1"
-TRANSFER_FORMAT = "mimic_fast.transfer/1"
-CHECKPOINT_FORMAT = "mimic_fast.checkpoint/1"
+MODEL_FORMAT = "mimic_fast.model/2"
+TRANSFER_FORMAT = "mimic_fast.transfer/2"
+CHECKPOINT_FORMAT = "mimic_fast.checkpoint/2"
+DIGEST_KEY = "sha256"  # the key of a file's own digest, beside its payload
+_OURS = re.compile(rb"mimic_fast\.(?:model|transfer|checkpoint)/\d+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 
 
-def _save(obj, path):
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+def _save(payload, path):
+    payload = {**payload, DIGEST_KEY: content_digest(payload)}
+    atomic_write_bytes(path, lambda f: torch.save(payload, f))
 
 
-def load_torch_file(path, what, hint, map_location="cpu"):
-    """torch.load(path) for files this package wrote, refusing a truncated or foreign file with a
-    ValueError that names it (torch raises RuntimeError/UnpicklingError/EOFError... instead)."""
+def written_format(path):
+    """The format name ("mimic_fast.model/2", ...) a torch zip archive at `path` carries in its
+    pickle, read as bytes (nothing is unpickled); None for any other file. It tells our files, also
+    damaged or older ones, from a user's."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            found = _OURS.search(z.read(name)) if name else None
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, RuntimeError, EOFError):
+        return None
+    return found.group().decode() if found else None
+
+
+def load_torch_file(path, format, what, hint, map_location="cpu"):
+    """The payload of a file written by _save at `path`: loaded without running code
+    (weights_only=True), its format checked and its digest verified, refusing anything else with one
+    ValueError that names the file (torch raises RuntimeError/UnpicklingError/EOFError... instead)."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # the OS's own error, naming the file
     except Exception as e:  # a truncated zip even surfaces as OSError(EINVAL)
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{path} is not a {what}, or it is truncated or damaged (torch.load failed: "
-                         f"{type(e).__name__}: {first}); {hint}") from None
+        _refuse_version(path, written_format(path), format, what, hint)
+        raise ValueError(f"{path} is not a {what}, or it is truncated, damaged or altered (it does "
+                         f"not load as plain tensors and containers: {_why(e)}); {hint}") from None
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found != format:
+        _refuse_version(path, found, format, what, hint)
+        shown = found if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a {what} (format {shown!r}, expected {format!r}); {hint}")
+    recorded = payload.pop(DIGEST_KEY, None)
+    if recorded != content_digest(payload):
+        raise ValueError(f"{path} is damaged: its content does not match the sha256 recorded in it "
+                         f"when it was written (a changed bit, or an edited file); {hint}")
+    return payload
+
+
+def _why(e):
+    """One line of why torch.load(weights_only=True) refused a file (its message advises loading the
+    file with pickle instead, which is exactly what must not happen here)."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it refers to {found.group(1)}, which no file of ours does (it was not run)"
+    if "WeightsUnpickler error:" in text:  # the unpickler's own words follow the advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = text.split("Check the documentation of torch.load")[0]
+    line = " ".join(_ANSI.sub("", text).split())
+    return f"{type(e).__name__}: {line[:200]}"
+
+
+def _refuse_version(path, found, format, what, hint):
+    """Refuse a file of ours in another format version (one line: the version and the remedy)."""
+    if isinstance(found, str) and found != format and found.split("/")[0] == format.split("/")[0]:
+        raise ValueError(f"{path} is a {what} of format {found}, written by another version of "
+                         f"mimic_fast; this one reads {format} (checksummed, loaded without pickle) "
+                         f"and cannot verify older files: {hint}")
 
 
 # ----------------------------------------------------------------------------------------------
 # model files
 # ----------------------------------------------------------------------------------------------
+MODEL_HINT = "train it again (`mimic-fast train-teacher` / `distill`), or restore it from a backup"
+
+
 def save_model(path, model, spec=None, **extra):
     """Atomically save a model's weights with the spec needed to rebuild it (see load_model).
 
     spec: {"name": <models.build_model name>, "kwargs": {...}} or {"class": "WideShallowStudent",
-    "kwargs": {...}}; extra entries (metrics, dataset name) are stored beside it.
+    "kwargs": {...}}; extra entries (metrics, dataset name) are stored beside it: plain containers,
+    numbers, strings and tensors only (the file loads without pickle).
     """
     payload = {"format": MODEL_FORMAT, "spec": spec, "state_dict": unwrap(model).state_dict()}
     payload.update(extra)
@@ -76,13 +143,11 @@ def build_from_spec(spec):
 
 
 def load_model(path, map_location="cpu"):
-    """(model, payload) from a file written by save_model; the model is in eval mode."""
+    """(model, payload) from a file written by save_model, verified; the model is in eval mode."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} does not exist: expected a .pt file written by "
                                 f"save_model (e.g. teacher.pt of `mimic-fast train-teacher`)")
-    payload = load_torch_file(path, "mimic_fast model file", "train or save it again", map_location)
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a mimic_fast model file (expected format {MODEL_FORMAT!r})")
+    payload = load_torch_file(path, MODEL_FORMAT, "mimic_fast model file", MODEL_HINT, map_location)
     try:
         model = build_from_spec(payload["spec"])
         model.load_state_dict(payload["state_dict"])
@@ -95,23 +160,29 @@ def load_model(path, map_location="cpu"):
 # ----------------------------------------------------------------------------------------------
 # transfer-set files
 # ----------------------------------------------------------------------------------------------
+def transfer_digest(transfer):
+    """The identity of a transfer set: sha256 of its rows, sources and labels (the data a student
+    trains on; not the recipe, so a moved data file with the same rows keeps it)."""
+    return content_digest([transfer.x, transfer.sources, transfer.labels])
+
+
 def save_transfer(path, transfer, recipe, allow_test_rows=False, test_rows=0):
     """Atomically write a TransferSet with its recipe (mimic_fast.pipeline.transfer_recipe: the data
-    recipe and the transfer options), whether test rows were allowed in, and how many there are."""
+    recipe and the transfer options), its identity (transfer_digest), whether test rows were allowed
+    in, and how many there are. Returns the identity."""
+    digest = transfer_digest(transfer)
     _save({"format": TRANSFER_FORMAT, "recipe": recipe, "x": transfer.x, "sources": transfer.sources,
-           "labels": transfer.labels, "allow_test_rows": bool(allow_test_rows),
-           "test_rows_in_transfer": int(test_rows)}, path)
+           "labels": transfer.labels, "transfer_sha256": digest,
+           "allow_test_rows": bool(allow_test_rows), "test_rows_in_transfer": int(test_rows)}, path)
+    return digest
 
 
 def load_transfer(path, hint):
-    """(TransferSet, payload) from a file written by save_transfer; payload["recipe"] is its recipe.
-    `hint`: what the refusal of a damaged or foreign file tells the user to do."""
-    saved = load_torch_file(path, "mimic_fast transfer set", hint)
-    if not isinstance(saved, dict) or saved.get("format") != TRANSFER_FORMAT:
-        found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
-        raise ValueError(f"{path} is not a mimic_fast transfer set (format {found!r}, expected "
-                         f"{TRANSFER_FORMAT!r}); {hint}")
-    missing = [k for k in ("recipe", "x", "sources", "labels") if k not in saved]
+    """(TransferSet, payload) from a file written by save_transfer, verified; payload["recipe"] is
+    its recipe, payload["transfer_sha256"] its identity. `hint`: what the refusal of a damaged or
+    foreign file tells the user to do."""
+    saved = load_torch_file(path, TRANSFER_FORMAT, "mimic_fast transfer set", hint)
+    missing = [k for k in ("recipe", "x", "sources", "labels", "transfer_sha256") if k not in saved]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a complete transfer set; "
                          f"{hint}")
@@ -128,17 +199,14 @@ CHECKPOINT_HINT = ("delete it to start the run over, or restore it from a backup
 
 def save_checkpoint(path, **fields):
     """Atomically write a training checkpoint: epoch, step, config (with its "kind"), spec, model,
-    optimizer, rng, history, resumes."""
+    optimizer, rng (plain containers: no numpy arrays), history, resumes."""
     _save({"format": CHECKPOINT_FORMAT, **fields}, path)
 
 
 def load_checkpoint(path, kind):
-    """The checkpoint at `path` of a `kind` ("teacher" or "distill") run, refused (ValueError naming
-    the file) when damaged, incomplete or of another kind."""
-    ckpt = load_torch_file(path, "mimic_fast training checkpoint", CHECKPOINT_HINT)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a mimic_fast training checkpoint (expected format "
-                         f"{CHECKPOINT_FORMAT!r}); {CHECKPOINT_HINT}")
+    """The checkpoint at `path` of a `kind` ("teacher" or "distill") run, verified; refused
+    (ValueError naming the file) when damaged, incomplete or of another kind."""
+    ckpt = load_torch_file(path, CHECKPOINT_FORMAT, "mimic_fast training checkpoint", CHECKPOINT_HINT)
     missing = [k for k in _CHECKPOINT_FIELDS if k not in ckpt]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint; "
@@ -147,3 +215,44 @@ def load_checkpoint(path, kind):
         raise ValueError(f"{path} is a {ckpt['config'].get('kind')!r} checkpoint, not a {kind} one: "
                          "use another output directory")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON files
+# ----------------------------------------------------------------------------------------------
+def _plain(obj):
+    """obj as it reads back from JSON (tuples as lists; non-finite floats as null, as JSON has none)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj):
+    """Atomically write the dict `obj` as indented JSON with the sha256 of its content (key
+    "sha256", last), which read_json checks. Returns obj as it reads back."""
+    plain = _plain(obj)
+    text = json.dumps({**plain, DIGEST_KEY: content_digest(plain)}, indent=2, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+    return plain
+
+
+def read_json(path, remedy):
+    """The dict of a JSON file written by write_json, verified; a damaged, edited or unchecksummed
+    one is refused (ValueError naming the file and `remedy`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e}); {remedy}") from None
+    if not isinstance(obj, dict) or DIGEST_KEY not in obj:
+        raise ValueError(f"{path} records no sha256 of its content: it was written by another "
+                         f"version of mimic_fast (or by hand) and cannot be verified; {remedy}")
+    recorded = obj.pop(DIGEST_KEY)
+    if recorded != content_digest(obj):
+        raise ValueError(f"{path} is damaged: its content does not match the sha256 recorded in it "
+                         f"when it was written (a changed bit, or an edited file); {remedy}")
+    return obj

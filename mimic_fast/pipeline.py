@@ -13,7 +13,14 @@ wrote, whoever ran it:
 Rows travel flat (N, D): every models.build_model net unflattens them to input_shape itself, while a
 WideShallowStudent takes only flat rows. Test rows never reach a transfer set unless the caller
 allows them. Under torch.distributed every rank calls the same stages; rank 0 writes.
+
+A folder's transfer.pt and logits/ are one unit under the store's lock (logits_lock): a student
+trains while holding it shared, and transfer.pt is only written while holding it alone, so neither
+changes under a training run. A student records the identities of the store and transfer set it
+trained on (student.pt and its checkpoint: a resume on others is refused). Files inside a pipeline
+folder are never symbolic links (refuse_folder_links).
 """
+import contextlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,20 +30,23 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from . import train as T
+from ._io import reader_lock, refuse_links, writer_lock
 from .data import (DataSplits, LogitDataset, LogitStore, TransferSet, build_transfer_set,
                    collect_logits, data_recipe, input_digests, labelled_split, load_dataset)
 from .data.collect import REUSE_REMEDY, param_dtype
+from .data.identity import teacher_fingerprint
 from .data.recipe import DATA_FIELDS, check_recipe
-from .distributed import dist_info
-from .files import load_model, load_transfer, save_model, save_transfer
+from .data.store import STORE_FILES
+from .distributed import dist_info, on_rank0
+from .files import load_model, load_transfer, save_model, save_transfer, transfer_digest
 from .models import CNN, DNN, TeacherEnsemble
 from .teachers import load_teacher
 
 __all__ = ["PipelineData", "load_data", "train_on_labels", "Teachers", "teacher_member",
            "train_teachers", "load_teachers", "check_teacher_data", "probe_teacher", "NOISE_STD",
            "transfer_recipe", "build_transfer", "Transfer", "transfer_set", "collect",
-           "read_transfer", "Logits", "open_logits", "distill_student", "TEACHER_FILE",
-           "TRANSFER_FILE", "LOGITS_DIR", "STUDENT_FILE"]
+           "read_transfer", "Logits", "open_logits", "distill_student", "logits_lock",
+           "refuse_folder_links", "TEACHER_FILE", "TRANSFER_FILE", "LOGITS_DIR", "STUDENT_FILE"]
 
 TEACHER_FILE = "teacher.pt"
 TRANSFER_FILE = "transfer.pt"
@@ -50,6 +60,20 @@ def _is_rank0():
 
 def _quiet(*a):
     pass
+
+
+def logits_lock(folder, write=False, wait=False):
+    """The lock of a pipeline folder's transfer set and logits (the store's, folder/logits):
+    readers share it, a writer of either file holds it alone (mimic_fast._io)."""
+    lock = writer_lock if write else reader_lock
+    return lock(os.path.join(folder, LOGITS_DIR), "logit store", wait=wait)
+
+
+def refuse_folder_links(folder, *names):
+    """Refuse (OSError naming it) a symbolic link among the files a collection writes in `folder`
+    (transfer.pt, logits/ and the store's files, and `names`), before anything is written there."""
+    refuse_links(folder, (TRANSFER_FILE, LOGITS_DIR, *names))
+    refuse_links(os.path.join(folder, LOGITS_DIR), STORE_FILES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +155,8 @@ def train_on_labels(data, model, spec=None, out=None, file=TEACHER_FILE, *, resu
     dataset = data.labelled_set()
     if rows is not None:
         dataset = _Cycled(dataset, rows)
+    if out is not None:
+        refuse_links(out, [file])
     res = T.train_teacher(model, dataset, data.splits.test if test else None, out_dir=out,
                           resume=resume, device=device, progress=progress, spec=spec,
                           data=data.recipe if out is not None else None, **options)
@@ -144,7 +170,7 @@ def train_on_labels(data, model, spec=None, out=None, file=TEACHER_FILE, *, resu
 class Teachers:
     """One teacher (an ensemble of several) with its spec, its members and, for loaded files, each
     member's data recipe (None: the file records none) and the store identity of a teacher without
-    weights."""
+    weights or loaded from a file of the user's (TorchScript, .pt2, pickled module)."""
 
     teacher: torch.nn.Module
     spec: dict
@@ -206,15 +232,19 @@ def train_teachers(data, members, *, epochs, batch_size, lr, weight_decay, chann
 def load_teachers(paths, output=None):
     """The teacher files or factories `paths` (mimic_fast.teachers.load_teacher; several: their
     logits averaged), with the data recipe each records."""
-    models, specs, recipes = [], [], []
+    models, specs, recipes, files = [], [], [], []
     for p in paths:
         m, info = load_teacher(p, output=output)
         models.append(m)
         specs.append(info["spec"] or {"teacher": p, "kind": info["kind"], "output": output})
         recipes.append(info["data"])
+        if info.get("sha256"):
+            files.append(info["sha256"])
     teacher, spec = _ensemble(models, specs)
     # a plain function has no weights to fingerprint: the store knows it by the paths given
     teacher_id = None if any(True for _ in teacher.parameters()) else f"functions {list(paths)}"
+    if files:  # a user's file carries no digest of ours: its bytes identify it (code included)
+        teacher_id = f"{teacher_id or teacher_fingerprint(teacher)}; teacher files sha256 {files}"
     return Teachers(teacher, spec, models, recipes, teacher_id)
 
 
@@ -313,33 +343,42 @@ def _test_rows(digests, data, allowed, allow_option, where, sources=None):
 
 @dataclass
 class Transfer:
-    """A transfer set with its recipe, whether test rows were allowed in and how many there are."""
+    """A transfer set with its recipe, whether test rows were allowed in, how many there are, and
+    its identity (files.transfer_digest)."""
 
     transfer: TransferSet
     recipe: dict
     allowed: bool
     test_rows: int
+    digest: str
 
 
 def transfer_set(path, data, n_generated=0, method="munge", generate_from="labelled", seed=0,
                  noise_std=NOISE_STD, *, overwrite=False, allow_test_rows=False, allow_option=None,
-                 check=None, remedy="use another output folder", log=_quiet, warn=_quiet):
+                 check=None, remedy="use another output folder", log=_quiet, warn=_quiet, wait=False,
+                 hold=None):
     """The transfer set of this recipe at `path` (transfer.pt): reused when it exists (refused,
     with `remedy`, if made from another recipe: every field but the data file's path, since a moved
     file with the same rows is the same data), else built (build_transfer) and written there by
-    rank 0. Rows equal to test rows are refused unless allow_test_rows (recorded in the file; a
-    reused file keeps its own choice; `allow_option` names the caller's switch in the refusal) and
-    then passed to `warn`. `check(transfer)` may refuse the set before anything is written."""
+    rank 0 under the folder's logits_lock (refused while a student trains on the folder; wait=True
+    waits), which `hold` (an ExitStack) keeps for a caller that goes on to write the logits. Rows
+    equal to test rows are refused unless allow_test_rows (recorded in the file; a reused file keeps
+    its own choice; `allow_option` names the caller's switch in the refusal) and then passed to
+    `warn`. `check(transfer)` may refuse the set before anything is written."""
     recipe = transfer_recipe(data, n_generated, method, generate_from, seed, noise_std)
     reuse = os.path.exists(path) and not overwrite
+    folder = os.path.dirname(os.path.abspath(path))
     if reuse:
         transfer, saved = load_transfer(path, remedy)
         check_recipe(saved["recipe"], recipe, path, [k for k in recipe if k != "data"], hint=remedy)
         allowed = bool(saved.get("allow_test_rows"))
+        digest = saved["transfer_sha256"]
         log(f"reusing {path}: {transfer}")
     else:
+        refuse_folder_links(folder)
         transfer = build_transfer(data, n_generated, method, generate_from, seed, noise_std)
         allowed = bool(allow_test_rows)
+        digest = transfer_digest(transfer)
     n_test = _test_rows(input_digests(transfer), data, allowed, allow_option, "the transfer set",
                         transfer.sources)
     if check is not None:  # the caller's last word before anything is written
@@ -347,10 +386,14 @@ def transfer_set(path, data, n_generated=0, method="munge", generate_from="label
     if n_test:
         warn(f"{n_test} transfer rows are test rows ({allow_option or 'allowed'}): test accuracies of "
              "students trained on them are not held-out results")
-    if not reuse and _is_rank0():
-        save_transfer(path, transfer, recipe, allow_test_rows=allowed, test_rows=n_test)
+    if not reuse:
+        with contextlib.ExitStack() as held:
+            def save():
+                (hold or held).enter_context(logits_lock(folder, write=True, wait=wait))
+                save_transfer(path, transfer, recipe, allow_test_rows=allowed, test_rows=n_test)
+            on_rank0(save)
         log(f"transfer set {transfer}; wrote {path}")
-    return Transfer(transfer, recipe, allowed, n_test)
+    return Transfer(transfer, recipe, allowed, n_test, digest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,22 +402,30 @@ def transfer_set(path, data, n_generated=0, method="munge", generate_from="label
 @dataclass
 class Logits:
     """A transfer set and the teacher's logits over it (a logit store), with the transfer set's
-    recipe and whether test rows were allowed in."""
+    recipe, its identity and whether test rows were allowed in."""
 
     transfer: TransferSet
     store: LogitStore
     recipe: dict
+    transfer_digest: str
     allowed: bool = False
+
+    @property
+    def inputs(self):
+        """The identities a student trained on these logits records (and a resume must match)."""
+        return {"logit_store": self.store.digest, "transfer_set": self.transfer_digest}
 
 
 def collect(teacher, transfer, folder, dtype=torch.float16, batch_size=256, device=None,
-            progress=False, overwrite=False, teacher_id=None, remedy=REUSE_REMEDY):
+            progress=False, overwrite=False, teacher_id=None, remedy=REUSE_REMEDY, wait=False):
     """The teacher's logits over `transfer` (a Transfer) in folder/logits (data.collect_logits:
-    resumed when interrupted, reused when complete, refused when made by another teacher)."""
+    resumed when interrupted, reused when complete, refused when made by another teacher, or while
+    a student trains on them unless it may be reused; wait=True waits)."""
+    refuse_folder_links(folder)
     store = collect_logits(teacher, transfer.transfer, os.path.join(folder, LOGITS_DIR),
                            batch_size=batch_size, dtype=dtype, device=device, progress=progress,
-                           overwrite=overwrite, teacher_id=teacher_id, remedy=remedy)
-    return Logits(transfer.transfer, store, transfer.recipe, transfer.allowed)
+                           overwrite=overwrite, teacher_id=teacher_id, remedy=remedy, wait=wait)
+    return Logits(transfer.transfer, store, transfer.recipe, transfer.digest, transfer.allowed)
 
 
 def read_transfer(folder):
@@ -412,7 +463,7 @@ def open_logits(folder, data, transfer, payload, verify=True, check_inputs="all"
                          f"{data.dataset} has {data.splits.num_classes}")
     allowed = bool(payload.get("allow_test_rows"))
     _test_rows(store.inputs, data, allowed, "--allow-test-rows", f"the transfer set {path}")
-    return Logits(transfer, store, made, allowed)
+    return Logits(transfer, store, made, payload["transfer_sha256"], allowed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,20 +471,26 @@ def open_logits(folder, data, transfer, payload, verify=True, check_inputs="all"
 # ----------------------------------------------------------------------------------------------
 def distill_student(data, student, spec, logits, out=None, *, test=True, loss="mse", alpha=0.0,
                     temperature=4.0, check_inputs="all", resume=False, device=None,
-                    progress=False, extra=None, **options):
+                    progress=False, extra=None, wait=False, **options):
     """Train `student` on the teacher's logits (train.distill: logit regression or KD, mixed with
-    the hard labels at `alpha`); test=True evaluates on the test split after each epoch. With
-    `out`: a resumable run folder whose checkpoint records the data recipe, and rank 0 writes
-    out/student.pt with the spec, the data recipe, the history, the loss and the transfer set's
-    recipe (+ `extra`). options: train.TrainConfig fields. Returns the TrainResult."""
-    dataset = LogitDataset(logits.transfer, logits.store, with_labels=alpha > 0,
-                           check_inputs=check_inputs)
-    res = T.distill(student, dataset, data.splits.test if test else None, loss=loss, alpha=alpha,
-                    temperature=temperature, out_dir=out, resume=resume, device=device,
-                    progress=progress, spec=spec, data=data.recipe if out is not None else None,
-                    **options)
-    if out is not None and _is_rank0():
-        save_model(os.path.join(out, STUDENT_FILE), res.model, spec, data=data.recipe,
-                   history=res.history, loss=loss, alpha=alpha, transfer=logits.recipe,
-                   **(extra or {}))
+    the hard labels at `alpha`); test=True evaluates on the test split after each epoch. The store
+    is held shared (LogitDataset) until student.pt is written: no process rewrites it meanwhile
+    (one that is writing it makes this fail naming its pid; wait=True waits). With `out`: a
+    resumable run folder whose checkpoint records the data recipe and the inputs' identities
+    (Logits.inputs: a resume on other logits or another transfer set is refused), and rank 0 writes
+    out/student.pt with the spec, the data recipe, the history, the loss, the transfer set's
+    recipe and the inputs (+ `extra`). options: train.TrainConfig fields. Returns the TrainResult."""
+    if out is not None:
+        refuse_links(out, [STUDENT_FILE])
+    with LogitDataset(logits.transfer, logits.store, with_labels=alpha > 0,
+                      check_inputs=check_inputs, wait=wait) as dataset:
+        res = T.distill(student, dataset, data.splits.test if test else None, loss=loss,
+                        alpha=alpha, temperature=temperature, out_dir=out, resume=resume,
+                        device=device, progress=progress, spec=spec,
+                        data=data.recipe if out is not None else None, inputs=logits.inputs,
+                        **options)
+        if out is not None and _is_rank0():
+            save_model(os.path.join(out, STUDENT_FILE), res.model, spec, data=data.recipe,
+                       history=res.history, loss=loss, alpha=alpha, transfer=logits.recipe,
+                       inputs=logits.inputs, **(extra or {}))
     return res

@@ -11,8 +11,11 @@ transfer.pt and logits/ as a collect-logits folder does (`mimic-fast distill --l
 them) and a trained teacher's members are OUT/teacher/member-i/teacher.pt. Each run is a folder under
 OUT/points/ built on train.py's atomic checkpoints, so a killed sweep resumes with the same command
 and `--shard i/n` runs every n-th run; the report (sweep.json, .png, .md) gathers whatever runs
-exist. Limits: the teacher and the transfer set live in memory; shards
-must share OUT on one file system (the first one prepares the teacher and logits under a lock).
+exist. Every JSON file of a sweep records the sha256 of its content (files.write_json) and is
+refused when it does not match; a finished mimic run records the identities of the logits and
+transfer set it trained on, and a sweep whose logits changed since refuses to mix them in. Limits:
+the teacher and the transfer set live in memory; shards must share OUT on one file system (the
+first one prepares the teacher and logits under a lock; the others wait for it, and for the store).
 """
 import argparse
 import json
@@ -35,15 +38,15 @@ from .data.recipe import DATA_FIELDS, check_recipe
 from .data.transfer import METHODS
 from .demo import DemoConfig
 from .distributed import default_device
-from .files import load_checkpoint, load_model
+from .files import load_checkpoint, load_model, read_json, write_json
 from .models import build_model, count_parameters
 from .nn import WideShallowStudent
 
 __all__ = ["SweepConfig", "Run", "grid", "shard", "run", "report", "add_arguments",
            "config_from_args", "main"]
 
-FORMAT = "mimic_fast.sweep/1"
-RESULT_FORMAT = "mimic_fast.sweep_run/1"
+FORMAT = "mimic_fast.sweep/2"  # 2: every JSON file checksummed, runs bound to their inputs
+RESULT_FORMAT = "mimic_fast.sweep_run/2"
 CONFIG_NAME = "sweep-config.json"
 MODES = ("labels", "mimic")
 _DEMO = DemoConfig()  # the teacher recipe and the student defaults are the demo's: one place
@@ -203,13 +206,14 @@ class _Prepared:
     info: dict  # data, transfer and teacher records of the report
 
 
-def _read_json(path, remedy):
-    """A JSON file the sweep wrote; a damaged one is refused naming it and what to do."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged (not valid JSON: {e}); {remedy}") from None
+def _read_json(path, remedy, format=None):
+    """A JSON file the sweep wrote (files.read_json: verified against its sha256), of `format` when
+    given; a damaged, older or foreign one is refused naming it and what to do."""
+    obj = read_json(path, remedy)
+    if format is not None and obj.get("format") != format:
+        raise ValueError(f"{path} is of format {obj.get('format')!r}, not {format!r} (another version "
+                         f"of mimic_fast wrote it); {remedy}")
+    return obj
 
 
 def _given_teacher(cfg, data):
@@ -254,7 +258,7 @@ def _check_saved_data(out, wanted):
     set and finished runs were made from other rows (e.g. the npz was rewritten in place)."""
     path = os.path.join(out, CONFIG_NAME)
     if os.path.isfile(path):
-        saved = (_read_json(path, "use another --out").get("info") or {}).get("data")
+        saved = (_read_json(path, "use another --out", FORMAT).get("info") or {}).get("data")
         if saved is not None:
             check_recipe(saved, wanted, path, DATA_FIELDS, hint=_STALE_HINT)
 
@@ -279,7 +283,7 @@ def _prepare(cfg, out, log):
         dev = default_device(cfg.device)
         teacher.to(dev)
         logits_dir = os.path.join(out, P.LOGITS_DIR)
-        logits = P.collect(teacher, transfer, out, dtype=torch.float32, device=dev,
+        logits = P.collect(teacher, transfer, out, dtype=torch.float32, device=dev, wait=True,
                            remedy=f"use another --out, or delete {logits_dir} to collect the logits "
                                   "again")
         teacher_path = os.path.join(out, "teacher.json")
@@ -300,7 +304,7 @@ def _prepare(cfg, out, log):
             if len(getattr(teacher, "members", [])) > 1:
                 measured["member_accuracy"] = [T.evaluate(m, splits.test, device=dev)
                                                for m in teacher.members]
-            atomic_write_text(teacher_path, json.dumps({**measured, "data_rows": rows}, indent=2))
+            write_json(teacher_path, {**measured, "data_rows": rows})
         teacher.cpu()
     n_extra = 0 if splits.unlabelled is None else len(splits.unlabelled)
     options = {"dataset": cfg.dataset, "data": cfg.data, "split_seed": cfg.split_seed,
@@ -355,6 +359,7 @@ def _train_run(run, cfg, prep, out):
         kind = "teacher"
     else:
         res = P.distill_student(prep.data, model, spec, prep.logits, folder, test=False, loss="mse",
+                                wait=True,
                                 **common)
         kind = "distill"
     ckpt = load_checkpoint(os.path.join(folder, T.CHECKPOINT), kind)
@@ -374,7 +379,9 @@ def _train_run(run, cfg, prep, out):
         "device": str(dev),
     }
     # result.json last: its presence marks the run done
-    atomic_write_text(os.path.join(folder, "result.json"), json.dumps(result, indent=2))
+    if run.mode == "mimic":
+        result["inputs"] = prep.logits.inputs
+    write_json(os.path.join(folder, "result.json"), result)
     return result
 
 
@@ -382,7 +389,7 @@ def _read_result(out, run):
     path = os.path.join(_run_folder(out, run), "result.json")
     if not os.path.isfile(path):
         return None
-    return _read_json(path, "delete its folder to train that run again")
+    return _read_json(path, "delete its folder to train that run again", RESULT_FORMAT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,15 +423,15 @@ def _write_config(cfg, out, info):
     path = os.path.join(out, CONFIG_NAME)
     saved = None
     if os.path.isfile(path):
-        saved = _read_json(path, "use another --out")
+        saved = _read_json(path, "use another --out", FORMAT)
     recipe = json.loads(json.dumps(cfg.recipe()))  # tuples as lists, as stored
     if saved is not None and saved["recipe"] != recipe:
         diff = {k: (saved["recipe"].get(k), v) for k, v in recipe.items() if saved["recipe"].get(k) != v}
         text = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{out} holds a sweep made with other options (saved -> now): {text}; use "
                          "another --out (only the grid, seeds, device and threads may change)")
-    atomic_write_text(path, json.dumps({"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
-                                          "command": command_line(cfg), "info": info}, indent=2))
+    write_json(path, {"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
+                      "command": command_line(cfg), "info": info})
 
 
 def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print, invocation=None):
@@ -442,7 +449,7 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
         # refuse a changed recipe before any work (the stored info is refreshed once prepared)
         if os.path.isfile(os.path.join(out, CONFIG_NAME)):
             _write_config(cfg, out, _read_json(os.path.join(out, CONFIG_NAME),
-                                               "use another --out").get("info"))
+                                               "use another --out", FORMAT).get("info"))
         log(f"mimic-fast sweep: {cfg.dataset}, {len(runs)} runs ({len(runs) // (2 * cfg.seeds)} points"
             f" x {' / '.join(MODES)} x {cfg.seeds} seeds)"
             + (f", shard {shard_spec}: {len(mine)} runs" if shard_spec else "")
@@ -452,6 +459,7 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
         t = prep.info["teacher"]
         log(f"teacher: {t['params']:,} parameters, test accuracy {t['test_accuracy']:.4f}; transfer "
             f"set {prep.info['transfer']['rows']} rows {prep.info['transfer']['composition']}")
+        _check_inputs(out, runs, prep.logits.inputs)
         todo = [r for r in mine if _read_result(out, r) is None]
         if len(todo) < len(mine):
             log(f"{len(mine) - len(todo)} run(s) already done in {out}/points: kept")
@@ -474,6 +482,19 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
     finally:
         torch.set_num_threads(threads_before)
     return report(out, log=log, invocation=invocation)
+
+
+def _check_inputs(out, runs, inputs):
+    """Refuse a sweep whose finished mimic runs trained on other logits or another transfer set than
+    OUT holds now (collected again since): the report would mix students of two teachers."""
+    for r in runs:
+        res = _read_result(out, r) if r.mode == "mimic" else None
+        if res is not None and res.get("inputs") != inputs:
+            raise ValueError(f"{os.path.join(_run_folder(out, r), 'result.json')} was trained on "
+                             f"{T.describe_inputs(res.get('inputs'))}, but {out} now holds "
+                             f"{T.describe_inputs(inputs)}: its logits were collected again since, "
+                             f"and the report would mix students of both; delete {out}/points to "
+                             "train every run again, or use another --out")
 
 
 def _summary(results, key):
@@ -502,7 +523,7 @@ def report(out="runs/sweep", log=print, invocation=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no sweep in {out}: {path} is missing (run `mimic-fast sweep --out "
                                 f"{out}` first)")
-    saved = _read_json(path, "use another --out")
+    saved = _read_json(path, "use another --out", FORMAT)
     cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
     results = []
     points_dir = os.path.join(out, "points")
@@ -512,8 +533,14 @@ def report(out="runs/sweep", log=print, invocation=None):
         for name in sorted(os.listdir(os.path.join(points_dir, point))):
             p = os.path.join(points_dir, point, name, "result.json")
             if os.path.isfile(p):
-                results.append(_read_json(p, "delete its folder to train that run again"))
+                results.append(_read_json(p, "delete its folder to train that run again",
+                                          RESULT_FORMAT))
     _check_pairs(results)
+    seen = {json.dumps(r.get("inputs"), sort_keys=True) for r in results if r["run"]["mode"] == "mimic"}
+    if len(seen) > 1:
+        raise ValueError(f"the mimic runs under {points_dir} trained on {len(seen)} different logit "
+                         "stores or transfer sets (collected again between runs): their report "
+                         f"would mix them; delete {points_dir} and run the sweep again")
     groups, arch = {}, {}
     for r in results:
         groups.setdefault((r["point"], r["run"]["mode"]), []).append(r)
@@ -551,7 +578,7 @@ def report(out="runs/sweep", log=print, invocation=None):
                                "weights, optimiser, schedule, batch size and optimizer steps (checked)"},
         "points": points, "missing": missing,
     }
-    atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(result, indent=2))
+    result = write_json(os.path.join(out, "sweep.json"), result)
     atomic_write_text(os.path.join(out, "sweep.md"), sweep_report.markdown(result))
     sweep_report.plot(result, os.path.join(out, "sweep.png"))
     log("")

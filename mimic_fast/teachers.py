@@ -1,27 +1,40 @@
 """Bring your own teacher: load one from a file or a Python factory, and pick its logits.
 
 load_teacher(spec) accepts
-  - a mimic_fast model file (save_model: teacher.pt of `mimic-fast train-teacher`),
+  - a mimic_fast model file (save_model: teacher.pt of `mimic-fast train-teacher`), verified against
+    the sha256 it records and loaded without pickle; a damaged or altered one is refused, never
+    loaded another way,
   - a TorchScript archive (torch.jit.save), a torch.export program (torch.export.save, .pt2),
   - a pickled module (torch.save(module)) — loading it RUNS PICKLE: arbitrary code from the file
-    executes, so load only files you trust; the class must be importable here,
+    executes, so load only files you trust (a PickledTeacherWarning says so each time); the class
+    must be importable here,
   - "package.module:factory": a Python callable returning an nn.Module or a plain function.
-A file holding only a state dict is refused with a hint (it has no architecture: use a factory).
+A file of the user's (TorchScript, .pt2, pickle) carries no digest of ours: its sha256 is returned in
+`info` and becomes part of the teacher's identity in a logit store, so a changed file is noticed
+when the store is reused or resumed. A file holding only a state dict is refused with a hint (it has
+no architecture: use a factory).
 `output` picks the logits out of a teacher returning something else: a dict key ("logits"),
 a tuple index ("0"), an attribute (HF-style `.logits`), or a dotted path of those ("0.logits").
 """
 import importlib
 import os
+import warnings
 import zipfile
 from collections.abc import Mapping
 
 import torch
 
-from .files import MODEL_FORMAT, load_model
+from .data.identity import file_sha256
+from .files import load_model, written_format
 from .models import Teacher, as_teacher, pick_output
 
 # Teacher, as_teacher and pick_output live with the models (the logit store wraps callables too)
-__all__ = ["load_teacher", "load_module", "as_teacher", "pick_output", "Teacher"]
+__all__ = ["load_teacher", "load_module", "as_teacher", "pick_output", "Teacher",
+           "PickledTeacherWarning"]
+
+
+class PickledTeacherWarning(UserWarning):
+    """A teacher file was loaded by pickle (torch.save(module)): it could run code."""
 
 
 def _from_factory(spec):
@@ -59,6 +72,9 @@ def _archive_kind(path):
 
 def _from_file(path, map_location):
     """(model, kind, payload of a mimic_fast model file or None)."""
+    if written_format(path) is not None:  # ours, also when damaged or altered: never unpickled
+        model, payload = load_model(path, map_location)  # verified, or refused naming the file
+        return model, "mimic_fast model file", payload
     kind = _archive_kind(path)
     if kind == "export":
         return torch.export.load(path).module(), "torch.export program", None
@@ -69,16 +85,16 @@ def _from_file(path, map_location):
     except Exception:  # not plain tensors and containers: a pickled object (a whole module)
         payload = None
     if payload is None:
+        warnings.warn(f"teacher {path} is a pickled module (torch.save(module)): loading it runs "
+                      "pickle, which executes any code the file holds; use only files you trust "
+                      "(TorchScript or torch.export .pt2 files run no pickle)",
+                      PickledTeacherWarning, stacklevel=4)
         try:
-            # Runs pickle: the file may execute code (documented; load only trusted files).
             payload = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as e:
             raise ValueError(f"teacher {path} is not a mimic_fast model file, TorchScript, "
                              f"torch.export .pt2 or torch.save(module) file (torch.load: "
                              f"{type(e).__name__}: {e})") from None
-    if isinstance(payload, Mapping) and payload.get("format") == MODEL_FORMAT:
-        model, payload = load_model(path, map_location)  # the project's own checks and messages
-        return model, "mimic_fast model file", payload
     if callable(payload):
         return payload, "pickled module", None
     if isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor)
@@ -114,15 +130,18 @@ def load_teacher(spec, output=None, map_location="cpu"):
     """(teacher in eval mode, info) from a file path or "package.module:factory".
 
     The teacher is a mimic_fast model file's module itself, else a Teacher wrapper whose output is
-    checked to be a logits tensor (`output` selects it: see pick_output). info: {"kind", "spec", "data"} with the build spec and
-    data recipe of a mimic_fast model file (else None). Pickled modules and factories run code:
-    use only files and packages you trust.
+    checked to be a logits tensor (`output` selects it: see pick_output). info: {"kind", "spec",
+    "data", "sha256"} with the build spec and data recipe of a mimic_fast model file (else None) and
+    the sha256 of a file of the user's (TorchScript, .pt2, pickle; else None). Pickled modules and
+    factories run code: use only files and packages you trust.
     """
     model, kind, payload = _load(spec, map_location)
+    foreign = kind not in ("mimic_fast model file", "factory")
     if kind == "mimic_fast model file" and output is None:
         teacher = model  # unwrapped: its logit stores keep the identity they always had
     else:  # checks the output is a logits tensor (and says how to pick one); handles eval()
         teacher = Teacher(model, output, name=spec)
     info = {"kind": kind, "spec": payload["spec"] if payload else None,
-            "data": payload.get("data") if payload else None}
+            "data": payload.get("data") if payload else None,
+            "sha256": file_sha256(spec) if foreign else None}
     return teacher.eval(), info

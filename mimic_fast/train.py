@@ -4,9 +4,10 @@ Both share one loop: epoch order from a DistributedSampler seeded by (seed, epoc
 process; after each epoch an atomic checkpoint (model, optimizer, step, every rank's RNG states,
 history) and one JSONL metrics line, so a resumed run reproduces an uninterrupted one bit for bit.
 A resume with a changed lr, momentum, weight decay or longer --epochs applies it (the schedule is a
-closed-form function of the step, rebuilt for the new length); other changes are refused. A
-non-finite loss or weight stops the run before anything is written from it. One writer per output
-folder (a lock file). Under torch.distributed (torchrun) the model is wrapped in DDP, only rank 0
+closed-form function of the step, rebuilt for the new length); other changes are refused, and so
+is a distill resume on other inputs (the checkpoint records the logit store's and the transfer set's
+identities). A non-finite loss or weight stops the run before anything is written from it. One
+writer per output folder (a lock file). Under torch.distributed (torchrun) the model is wrapped in DDP, only rank 0
 writes and evaluation is sharded. The checkpoint and model file formats are mimic_fast.files' (whose
 save_model / load_model are re-exported here); ranks and devices mimic_fast.distributed's. Limits:
 map-style datasets only; the learning-rate schedule steps once per batch.
@@ -29,7 +30,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               default_collate)
 from tqdm.auto import tqdm
 
-from ._io import atomic_write_text, writer_lock
+from ._io import atomic_write_text, refuse_links, writer_lock
 from .convert import mimic_loss_of
 from .data.recipe import DATA_FIELDS, recipe_differences
 from .distributed import default_device, dist_info, on_rank0, unwrap
@@ -38,7 +39,7 @@ from .functional import kd_loss, logit_mse_loss
 
 __all__ = ["train_teacher", "distill", "evaluate", "throughput", "TrainConfig", "TrainResult",
            "save_model", "load_model", "set_seed", "make_optimizer", "lr_factor", "CHECKPOINT",
-           "METRICS", "DEFAULT_LR", "OPTIMIZERS", "SCHEDULES", "DISTILL_LOSSES"]
+           "METRICS", "DEFAULT_LR", "OPTIMIZERS", "SCHEDULES", "DISTILL_LOSSES", "describe_inputs"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -67,7 +68,10 @@ def set_seed(seed):
 
 
 def _rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's key array as a list: the checkpoint holds plain containers only (no pickled arrays)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -75,7 +79,8 @@ def _rng_state():
 
 def _set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         # a checkpoint from a machine with more GPUs than this one: restore the devices present
@@ -294,7 +299,10 @@ def _write_metrics(out_dir, history):
 
 
 def _append_metrics(out_dir, line):
-    with open(os.path.join(out_dir, METRICS), "a", encoding="utf-8") as f:
+    # O_NOFOLLOW: a link planted in the run folder is refused, not written through
+    fd = os.open(os.path.join(out_dir, METRICS),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(_json_line(line))
         f.flush()
         os.fsync(f.fileno())
@@ -314,6 +322,12 @@ def _resume_changes(ckpt, run_config, spec, path):
     """{option: (saved, now)} of the changes a resume applies; refuses (ValueError, every difference
     listed) the ones it cannot apply honestly (also another model spec or data recipe)."""
     saved = ckpt["config"]
+    if saved.get("inputs") != run_config.get("inputs"):
+        raise ValueError(f"cannot resume {path}: it was trained on {describe_inputs(saved.get('inputs'))}"
+                         f" but this run reads {describe_inputs(run_config.get('inputs'))}: the "
+                         "logits or the transfer set were collected or built again since, so the "
+                         "resumed run would mix two data sets. Resume with the inputs it was trained "
+                         "on, or start a new run in another output directory")
     changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
     refused = {k: d for k, d in changed.items() if k not in RESUMABLE_CHANGES}
     if "data" in refused and isinstance(refused["data"][0], dict) and isinstance(refused["data"][1], dict):
@@ -333,6 +347,14 @@ def _resume_changes(ckpt, run_config, spec, path):
         raise ValueError(f"{path} has {done} epochs done but epochs={run_config['epochs']} asks for "
                          f"fewer: resume with epochs >= {done}")
     return changed
+
+
+def describe_inputs(inputs):
+    """The identities a run trained on, in words ({"logit_store": sha256, "transfer_set": sha256})."""
+    if not inputs:
+        return "inputs of no recorded identity"
+    names = {"logit_store": "logit store", "transfer_set": "transfer set"}
+    return " and ".join(f"{names.get(k, k)} sha256 {v}" for k, v in inputs.items())
 
 
 def _first_nonfinite(values, world):
@@ -361,6 +383,8 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
 def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, resume, device,
                 progress, extra_config, spec, rank, world):
     model.to(device)
+    if out_dir is not None:
+        refuse_links(out_dir, [CHECKPOINT, METRICS])  # before anything is written there
     resume_path = _check_out_dir(out_dir, resume)
 
     # the model is seeded (initialised) by the caller; this seed drives dropout, sampler and RNG draws
@@ -602,7 +626,7 @@ def _label_field(dataset, first):
 
 def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperature=4.0,
             fused=None, out_dir=None, resume=False, device=None, progress=True, config=None,
-            spec=None, data=None, **options):
+            spec=None, data=None, inputs=None, **options):
     """Train `student` on a teacher's logits.
 
     dataset items: (x, teacher_logits), (x, teacher_logits, index) or, when alpha > 0,
@@ -614,6 +638,9 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
     mimic_loss method (WideShallowStudent, models.ConvStudent) or one whose output is a
     WideShallowStudent's (e.g. a model after mimic_fast.convert.fuse_student) trains through the
     fused forward+loss op (fused=False forces the unfused path).
+    inputs: the identities of the data it trains on, recorded in the checkpoint; a resume with
+    other inputs is refused naming both (default: the dataset's own `identity`, which a
+    LogitDataset has: its store's digest).
     Other options as in train_teacher (lr default 0.01). Returns a TrainResult.
     """
     if loss not in DISTILL_LOSSES:
@@ -643,6 +670,9 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
     extra = {"loss": loss, "alpha": alpha, "temperature": temperature, "fused": fused}
     if data is not None:
         extra["data"] = data
+    inputs = inputs if inputs is not None else getattr(dataset, "identity", None)
+    if inputs is not None:
+        extra["inputs"] = dict(inputs)
     fields = (0, 1, label) if alpha > 0 else (0, 1)
     return _fit("distill", student, objective, _Batches(dataset, fields), test_set, config,
                 out_dir, resume, device, progress, extra, spec)

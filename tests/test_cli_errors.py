@@ -10,6 +10,7 @@ import torch
 
 import mimic_fast as mf
 from mimic_fast import cli
+from mimic_fast.files import load_transfer, save_transfer
 
 DATA = ["--dataset", "digits", "--label-fraction", "0.2"]
 FAST = ["--epochs", "1", "--no-progress"]
@@ -233,9 +234,9 @@ def test_huge_store_opt_outs_still_check_a_sample(pipeline, tmp_path, capsys):
     store.write_bytes(bytes(raw))
     fast = ["--no-verify", "--check-inputs", "sample"]
     assert _run(capsys, *_distill(str(copy), tmp_path / "s", *fast))[0] == 0  # damage unnoticed, as documented
-    saved = torch.load(copy / "transfer.pt", weights_only=False)
-    saved["x"][[0, -1]] = saved["x"][[-1, 0]]  # first and last rows: always in the sample
-    torch.save(saved, copy / "transfer.pt")
+    transfer, saved = load_transfer(copy / "transfer.pt", "")
+    transfer.x[[0, -1]] = transfer.x[[-1, 0]]  # first and last rows: always in the sample
+    save_transfer(copy / "transfer.pt", transfer, saved["recipe"])  # a valid file, other rows
     code, err = _run(capsys, *_distill(str(copy), tmp_path / "s2", *fast))
     assert code == 2 and "sampled rows differ" in err
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +19,7 @@ from mimic_fast import cli, sweep
 from mimic_fast import train as T
 from mimic_fast.data import input_digests, labelled_split, load_dataset, state_hash
 from mimic_fast.data.recipe import data_recipe
+from mimic_fast.files import read_json, write_json
 from mimic_fast.models import DNN
 
 TIMINGS = {"train_s", "train_s_mean", "throughput", "invocation"}
@@ -92,7 +94,7 @@ def test_full_run_writes_every_point_table_and_figure(full_run):
         assert 0 <= p["accuracy_mean"] <= 1 and p["accuracy_std"] >= 0
         assert p["throughput"]["1"] > 0 and p["throughput"]["16"] > 0
     assert points[(8, "labels")]["params"] == 64 * 32 + 32 * 8 + 8 + 8 * 10 + 10
-    on_disk = json.loads(open(os.path.join(out, "sweep.json")).read())
+    on_disk = read_json(os.path.join(out, "sweep.json"), "")
     assert on_disk["command"].startswith("mimic-fast sweep ") and "--teacher" in on_disk["command"]
     assert on_disk["versions"]["torch"] == torch.__version__
     assert on_disk["teacher"]["params"] > 0 and 0 < on_disk["teacher"]["test_accuracy"] <= 1
@@ -109,8 +111,8 @@ def test_honest_comparison_labels_and_mimic_share_everything_but_the_targets(ful
     for h in (8, 16):
         for seed in (0, 1):
             folder = os.path.join(out, "points", f"conv0-k32-h{h}")
-            lab = json.loads(open(os.path.join(folder, f"labels-seed{seed}", "result.json")).read())
-            mim = json.loads(open(os.path.join(folder, f"mimic-seed{seed}", "result.json")).read())
+            lab = read_json(os.path.join(folder, f"labels-seed{seed}", "result.json"), "")
+            mim = read_json(os.path.join(folder, f"mimic-seed{seed}", "result.json"), "")
             for key in ("spec", "init_sha256", "steps", "training", "train_rows", "params"):
                 assert lab[key] == mim[key], key
             assert lab["steps"] == 2 * math.ceil(rows / 128)  # epochs x batches of the transfer set
@@ -202,7 +204,7 @@ def test_shards_together_equal_one_run(full_run, teacher_file, tmp_path, capsys)
     sweep.run(_config(teacher_file), out, "1/3", progress=False, log=_quiet)
     sweep.run(_config(teacher_file), out, "2/3", progress=False, log=_quiet)
     assert cli.main(["sweep", "--report", "--out", out]) == 0
-    gathered = json.loads(open(os.path.join(out, "sweep.json")).read())
+    gathered = read_json(os.path.join(out, "sweep.json"), "")
     assert gathered["missing"] == []
     assert _timeless(gathered) == _timeless(full_run[1])
     assert "| 32L-16 |" in capsys.readouterr().out
@@ -219,9 +221,9 @@ def test_changed_recipe_or_unfair_runs_are_refused(full_run, teacher_file, tmp_p
     assert len(err.splitlines()) == 1
     # a result whose mimic run took other steps than its labels run cannot enter a report
     path = os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json")
-    result = json.loads(open(path).read())
+    result = read_json(path, "")
     result["steps"] += 1
-    open(path, "w").write(json.dumps(result))
+    write_json(path, result)  # consistent with its checksum, but unfair
     assert cli.main(["sweep", "--report", "--out", out]) == 2
     assert "differ in steps" in capsys.readouterr().err
     assert cli.main(["sweep", "--report", "--out", str(tmp_path / "nothing")]) == 2
@@ -265,7 +267,7 @@ def test_sweep_on_a_user_npz_trains_its_own_teacher(tmp_path, capsys):
             "--teacher-epochs", "3", "--hidden", "8,32", "--seeds", "1", "--epochs", "1",
             "--n-generated", "60", "--throughput-time", "0.01", "--out", out, "--no-progress"]
     assert cli.main(argv) == 0
-    result = json.loads(open(os.path.join(out, "sweep.json")).read())
+    result = read_json(os.path.join(out, "sweep.json"), "")
     assert result["data"]["dataset"] == "npz" and result["data"]["label_fraction"] == 1.0
     assert result["transfer"]["composition"] == {"labelled": 240, "unlabelled": 120, "generated": 60}
     assert result["transfer"]["test_rows"] == 0
@@ -408,3 +410,15 @@ def test_a_changed_teacher_file_says_what_sweep_can_do(teacher_file, tmp_path, c
     err = capsys.readouterr().err
     assert "was made with teacher" in err and f"delete {os.path.join(out, 'logits')}" in err
     assert "--overwrite" not in err and "overwrite=True" not in err  # sweep has neither
+    # done as told: the finished mimic run trained on the old logits and is not mixed in
+    old = read_json(os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json"), "")
+    shutil.rmtree(os.path.join(out, "logits"))
+    argv = ["sweep", "--out", out, "--teacher", mine, "--hidden", "8", "--seeds", "1", "--epochs",
+            "2", "--n-generated", "200", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mimic-fast sweep: error:") and len(err.splitlines()) == 1
+    assert f"was trained on logit store sha256 {old['inputs']['logit_store']}" in err
+    assert f"delete {out}/points" in err
+    shutil.rmtree(os.path.join(out, "points"))
+    assert cli.main(argv) == 0

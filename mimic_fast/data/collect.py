@@ -3,7 +3,9 @@
 The teacher runs over the dataset in order, chunk by chunk; each chunk is committed by the store's
 protocol (rows flushed, checksums from the files, header atomically replaced), so a killed run
 resumes at its first uncommitted chunk. An existing store is resumed or reused only after its
-committed chunks, its rows' inputs and the teacher itself (rerun on a few rows) are checked. Under
+committed chunks, its rows' inputs and the teacher itself (rerun on a few rows) are checked. A
+complete store is reused under the store's reader lock (training runs may go on reading it); one is
+created, resumed or overwritten under its writer lock, refused while anyone reads it. Under
 torch.distributed each rank computes its share of every chunk; rank 0 locks, decides and commits.
 """
 import contextlib
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import writer_lock
+from .._io import reader_lock, writer_lock
 from ..distributed import barrier, broadcast, dist_info
 from ..models import Teacher, as_teacher
 from .identity import batch_inputs, first_field, plan_batches, row_digests, teacher_fingerprint
@@ -102,9 +104,28 @@ def _existing_store(path, identity, dataset, check_inputs, remedy=REUSE_REMEDY):
     return header
 
 
+def _lock_and_decide(held, path, identity, dataset, check_inputs, remedy, overwrite, wait):
+    """Take the store's lock in the mode this call needs (held by `held`) and return the header of
+    the store to reuse or resume (None: create one). A complete store that may be reused is held
+    shared, so training runs reading it go on; anything else is held alone."""
+    try:
+        peek = None if overwrite else read_header(path)
+    except ValueError:
+        peek = None  # refused below, under the writer lock
+    if peek is not None and peek.get("complete") is True:
+        with contextlib.ExitStack() as shared:
+            shared.enter_context(reader_lock(path, "logit store", wait=wait))
+            header = _existing_store(path, identity, dataset, check_inputs, remedy)
+            if header is not None and header["complete"]:
+                held.enter_context(shared.pop_all())
+                return header
+    held.enter_context(writer_lock(path, "logit store", wait=wait))
+    return None if overwrite else _existing_store(path, identity, dataset, check_inputs, remedy)
+
+
 def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, device=None,
                    chunk_rows=None, progress=True, num_workers=0, overwrite=False, teacher_id=None,
-                   check_inputs="all", remedy=REUSE_REMEDY):
+                   check_inputs="all", remedy=REUSE_REMEDY, wait=False):
     """Run `teacher` (eval mode, no_grad) over `dataset` (items x or (x, ...)) and store its logits
     and a digest of every row's input at directory `path`, row i for dataset[i]. Returns the opened
     LogitStore.
@@ -112,8 +133,10 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
     Resumes an interrupted store at its first uncommitted chunk and reuses a complete one, after
     verifying the committed chunks and checking the committed rows' inputs against `dataset`
     (check_inputs "all" or "sample", as in LogitStore.open); refuses (ValueError) a damaged store or
-    one made for another dataset, teacher, or dtype unless overwrite=True. A second process writing
-    the same store is refused (LockedError naming its pid) while the first runs.
+    one made for another dataset, teacher, or dtype unless overwrite=True. Writing (creating,
+    resuming, overwriting) is refused (LockedError naming the pid) while another process reads the
+    store for training or writes it; reusing a complete one only while another writes it.
+    wait=True waits for them instead.
     `chunk_rows` (default 16 batches per rank) is the commit unit: at most that many rows are
     recomputed after a crash; a resumed store keeps its original chunk size. `teacher_id` replaces
     the weight hash in the teacher's identity (use it for teachers too large to hash).
@@ -154,9 +177,8 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
         decision = None
         if rank == 0:
             try:
-                held.enter_context(writer_lock(path, "logit store"))
-                decision = ("ok", None if overwrite else
-                            _existing_store(path, identity, dataset, check_inputs, remedy))
+                decision = ("ok", _lock_and_decide(held, path, identity, dataset, check_inputs,
+                                                   remedy, overwrite, wait))
             except (ValueError, OSError) as e:
                 decision = ("error", e)
         status, header = broadcast(decision)

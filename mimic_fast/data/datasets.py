@@ -1,7 +1,9 @@
 """Labelled data sets as in-memory float32/int64 TensorDatasets.
 
-Limits: everything is loaded into RAM (CIFAR-10: 50k x 3x32x32 float32 = 614 MB); CIFAR batches are
-pickles, so load only files you trust. Scaling is fixed per data set and recorded in `meta`.
+Limits: everything is loaded into RAM (CIFAR-10: 50k x 3x32x32 float32 = 614 MB). CIFAR's python
+batches are pickles: they are read by a restricted unpickler that builds only what the format holds
+(dicts, lists, bytes, str, numbers and numpy arrays) and refuses any other object, so a file cannot
+run code. Scaling is fixed per data set and recorded in `meta`.
 """
 import math
 import pickle
@@ -125,12 +127,32 @@ def _load_digits(seed, test_fraction):
                             "test_fraction": test_fraction, "source": "sklearn.datasets.load_digits"})
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's python batches (a dict of bytes, lists of ints/bytes and a uint8 array)
+    and nothing else: the only callables it hands out rebuild numpy arrays, scalars and dtypes."""
+
+    ALLOWED = {(f"numpy.{core}.{module}", name) for core in ("core", "_core")
+               for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                    ("numeric", "_frombuffer"))}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never "
+                                         "does (only numpy arrays, bytes, lists and numbers)")
+        if module.startswith("numpy.core."):  # numpy 1's name of numpy 2's numpy._core
+            module = "numpy._core." + module[len("numpy.core."):] if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
 def _unpickle(path):
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (unpickling failed: {e})") from None
+            obj = _BatchUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, KeyError) as e:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (unpickling refused or failed: "
+                         f"{e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a CIFAR-10 python batch: expected a dict, got "
                          f"{type(obj).__name__}")

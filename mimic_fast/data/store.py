@@ -9,8 +9,13 @@ of the chunk's logits and of its input digests appended. The header is the only 
 `committed` chunks are ignored, so a run killed at any instant (even SIGKILL) resumes at the first
 uncommitted chunk with nothing lost, duplicated or shifted. Opening a store checks every committed
 chunk's checksum (one sequential read of the file) and, given a dataset, every row's input digest
-(one pass over the inputs; "sample" checks ~1000 rows). One writer at a time (a lock file).
-Limits: numpy cannot hold bfloat16 (use float16 or float32); under torch.distributed all ranks must
+(one pass over the inputs; "sample" checks ~1000 rows). A store's identity (`digest`) is the sha256
+of its header's layout and chunk checksums: what a training run records it trained on.
+Readers and writers (mimic_fast._io's folder lock): a LogitDataset shares the store's lock for its
+lifetime (close() or `with` ends it); collect_logits and from_array write it alone, so a store is
+never rewritten while it is read for training. A store is (re)created by writing new files and
+renaming them into place, never by rewriting the files a reader may have mapped, and never through
+symbolic links. Limits: numpy cannot hold bfloat16 (use float16 or float32); under torch.distributed all ranks must
 see one file system where rank 0 reads the rows other ranks wrote (one node, or a coherent shared
 file system).
 """
@@ -25,17 +30,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._io import atomic_write_text, writer_lock
+from .._io import atomic_write_bytes, atomic_write_text, reader_lock, refuse_links, writer_lock
 from ..distributed import dist_info
-from .identity import checksum, first_field, input_digests
+from .identity import checksum, content_digest, first_field, input_digests
 
-__all__ = ["LogitStore", "LogitDataset", "HEADER_NAME", "LOGITS_NAME", "INPUTS_NAME", "NP_DTYPES"]
+__all__ = ["LogitStore", "LogitDataset", "HEADER_NAME", "LOGITS_NAME", "INPUTS_NAME", "STORE_FILES",
+           "NP_DTYPES", "store_digest"]
 
 HEADER_NAME = "header.json"
 LOGITS_NAME = "logits.npy"
 INPUTS_NAME = "inputs.npy"
+STORE_FILES = (HEADER_NAME, LOGITS_NAME, INPUTS_NAME)
 FORMAT = "mimic_fast.logit_store"
-VERSION = 2  # 2: per-row input digests (inputs.npy) and their per-chunk checksums
+# 2: per-row input digests (inputs.npy) and their per-chunk checksums; 3: teachers identified by a
+# hash of all their weights (and a user's teacher file by its sha256), stores by their digest
+VERSION = 3
 CHECK_INPUTS = ("all", "sample")
 SAMPLE_ROWS = 1024  # rows hashed by check_inputs="sample"
 CHUNK_BATCHES = 16  # default commit unit: this many batches of every rank
@@ -75,7 +84,8 @@ def validate_header(header, directory):
     p = Path(directory) / HEADER_NAME
     if header.get("version") != VERSION:
         raise ValueError(f"{p} is a logit store of format version {header.get('version')!r}; this "
-                         f"mimic_fast reads version {VERSION} (with per-row input digests): {REMEDY}")
+                         f"mimic_fast reads version {VERSION} (teachers identified by all their "
+                         f"weights): {REMEDY}")
     bad = []
     for key, lo in (("n", 1), ("num_classes", 1), ("chunk_rows", 1), ("n_chunks", 1), ("committed", 0)):
         if not _is_int(header.get(key), lo):
@@ -111,6 +121,15 @@ def validate_header(header, directory):
 def write_header(directory, header):
     """Atomic: readers (and a resumed run) see the old header or the new one, never a torn one."""
     atomic_write_text(Path(directory) / HEADER_NAME, json.dumps(header, indent=1))
+
+
+def store_digest(header):
+    """A store's identity: sha256 over its format, layout and every committed chunk's checksums
+    (rows and input digests). Equal for the same rows of the same inputs; the files match it once
+    verified."""
+    keys = ("format", "version", "n", "num_classes", "dtype", "chunk_rows", "committed", "checksums",
+            "input_checksums")
+    return content_digest({k: header.get(k) for k in keys})
 
 
 def chunk_bounds(header, k):
@@ -154,17 +173,36 @@ def open_npy(path, shape, dtype, mode="r"):
 # ----------------------------------------------------------------------------- reading
 
 class LogitStore:
-    """A store opened for reading: `.logits` is the (N, C) memmap, `.header` the committed header.
+    """A store opened for reading: `.logits` is the (N, C) memmap, `.header` the committed header,
+    `.digest` its identity.
 
     Pickles by path (a DataLoader worker reopens the memmap instead of copying it, unverified: the
-    process that opened the store verified it).
+    process that opened the store verified it; a store whose header no longer has this identity is
+    refused there).
     """
 
     def __init__(self, path, header):
         self.path = Path(path)
         self.header = header
         self._logits = self._inputs = None
+        self._reopened = False  # unpickled in another process: check the files are still these
         self._checked = []  # datasets whose inputs were checked against this store (by identity)
+
+    @property
+    def digest(self):
+        """The store's identity (store_digest of its header)."""
+        return store_digest(self.header)
+
+    def check_unchanged(self):
+        """Refuse (ValueError) a store whose header on disk is no longer the one opened: another
+        process collected it again since."""
+        try:
+            now = read_header(self.path)
+        except ValueError:
+            now = None
+        if now is None or store_digest(now) != self.digest:
+            raise ValueError(f"logit store {self.path} changed since it was opened (it was collected "
+                             "or imported again meanwhile): open it again")
 
     @classmethod
     def open(cls, path, dataset=None, allow_partial=False, verify=True, check_inputs="all"):
@@ -200,14 +238,15 @@ class LogitStore:
         return store
 
     @classmethod
-    def from_array(cls, path, logits, dataset, dtype=None, overwrite=False, source=None):
+    def from_array(cls, path, logits, dataset, dtype=None, overwrite=False, source=None, wait=False):
         """Write logits computed elsewhere (an (N, C) numpy array or tensor, row i for dataset[i])
         as an ordinary store at `path`, through the commit protocol collect_logits uses (chunks,
         checksums, every row's input digest), then verify it and check every row against `logits`.
 
         dtype: storage dtype (default: the array's float16/float32/float64, else float32).
         `source` (e.g. the file name) goes into the header's teacher identity with a hash of the
-        rows. An existing store at `path` is refused unless overwrite=True. Single process only.
+        rows. An existing store at `path` is refused unless overwrite=True, and any store while
+        another process reads or writes it (wait=True: wait for it). Single process only.
         """
         arr = logits.detach().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
         if arr.dtype.kind != "f" or arr.ndim != 2:
@@ -229,7 +268,7 @@ class LogitStore:
         digest = hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)).hexdigest()
         teacher_id = f"array {source or ''} {arr.shape} {arr.dtype} sha256 {digest}".replace("  ", " ")
         identity = {"n": len(arr), "dtype": str(np.dtype(NP_DTYPES[dtype])), "teacher": teacher_id}
-        with writer_lock(path, "logit store"):
+        with writer_lock(path, "logit store", wait=wait):
             header = new_header(identity, arr.shape[1], CHUNK_BATCHES * 256)
             create_files(path, header)
             rows, inputs = open_rows(path, header)
@@ -287,6 +326,9 @@ class LogitStore:
     @property
     def logits(self):
         if self._logits is None:
+            if self._reopened:
+                self.check_unchanged()
+                self._reopened = False
             self._logits = open_npy(self.path / LOGITS_NAME, (self.n, self.num_classes),
                                      self.header["dtype"])
         return self._logits
@@ -343,6 +385,7 @@ class LogitStore:
     def __setstate__(self, state):
         self.path, self.header = state["path"], state["header"]
         self._logits = self._inputs = None
+        self._reopened = True
         self._checked = []
 
     def __repr__(self):
@@ -358,19 +401,70 @@ class LogitDataset(Dataset):
 
     `store` is a LogitStore or a store path (opened and verified); every row's input must match the
     digest the store holds for it (check_inputs="all"; "sample" checks ~1000 rows).
+    It holds the store's reader lock from construction to close() (or the end of a `with` block, or
+    garbage collection): no process can collect into or overwrite the store meanwhile, and one that
+    is writing it makes the construction fail naming its pid (wait=True: wait for it). DataLoader
+    workers read under the lock of the process that made the dataset. `identity` is what a training
+    run records it trained on.
     """
 
-    def __init__(self, dataset, store, with_labels=False, check_inputs="all", with_index=True):
-        if not isinstance(store, LogitStore):
-            store = LogitStore.open(store)
-        if not store.complete:
-            raise ValueError(f"logit store {store.path} is incomplete ({store.committed_rows} of "
-                             f"{store.n} rows); finish it with collect_logits first")
-        store.check_dataset(dataset, check_inputs)
+    def __init__(self, dataset, store, with_labels=False, check_inputs="all", with_index=True,
+                 wait=False):
+        self._lock = None
+        path = store.path if isinstance(store, LogitStore) else Path(store)
+        lock = reader_lock(path, "logit store", wait=wait).acquire()
+        try:
+            if isinstance(store, LogitStore):
+                store.check_unchanged()  # opened before the lock was taken: still the same files
+            else:
+                store = LogitStore.open(store)
+            if not store.complete:
+                raise ValueError(f"logit store {store.path} is incomplete ({store.committed_rows} of "
+                                 f"{store.n} rows); finish it with collect_logits first")
+            store.check_dataset(dataset, check_inputs)
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
         self.dataset, self.store, self.with_labels = dataset, store, bool(with_labels)
         self.with_index = bool(with_index)
         self.fields = ("x", "logits") + (("index",) if with_index else ()) + (
             ("y",) if with_labels else ())
+
+    @property
+    def identity(self):
+        """{"logit_store": the store's digest}: recorded by train.distill in its checkpoints."""
+        return {"logit_store": self.store.digest}
+
+    def close(self):
+        """Release the store's reader lock (items cannot be read afterwards). Idempotent."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        self._closed = True
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the lock's module may be gone: the OS drops it
+            pass
+
+    def __getstate__(self):
+        # a worker process reads under its parent's lock: the lock itself stays with the parent
+        return {**self.__dict__, "_lock": None}
+
+    def _rows(self, index):
+        if getattr(self, "_closed", False):
+            raise ValueError(f"this LogitDataset of {self.store.path} is closed (its reader lock was "
+                             "released): make a new one to read the store")
+        return np.array(self.store.logits[index], dtype=np.float32)
 
     def _pick(self, x, t, index, y):
         values = {"x": x, "logits": t, "index": index, "y": y}
@@ -387,7 +481,7 @@ class LogitDataset(Dataset):
     def __getitem__(self, index):
         index = int(index)
         item = self.dataset[index]
-        t = torch.from_numpy(np.array(self.store.logits[index], dtype=np.float32))
+        t = torch.from_numpy(self._rows(index))
         return self._pick(first_field(item), t, index, self._label(item) if self.with_labels else None)
 
     def get_batch(self, indices):
@@ -398,7 +492,7 @@ class LogitDataset(Dataset):
         if tensors is None:
             return torch.utils.data.default_collate([self[int(i)] for i in idx])
         x = tensors[0][idx]
-        t = torch.from_numpy(np.array(self.store.logits[idx.numpy()], dtype=np.float32))
+        t = torch.from_numpy(self._rows(idx.numpy()))
         y = None
         if self.with_labels:
             y = tensors[1][idx] if len(tensors) > 1 else torch.full((len(idx),), -1, dtype=torch.int64)
@@ -420,25 +514,36 @@ def new_header(identity, num_classes, chunk_rows, world=1):
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(), "world_size": world}
 
 
+def _empty_npy(f, dtype, shape):
+    """Write a zero-filled .npy of this dtype and shape to f (sparse: only its header is written)."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                             "fortran_order": False, "shape": tuple(shape)})
+    f.truncate(f.tell() + math.prod(shape) * dtype.itemsize)
+
+
 def create_files(path, header):
-    """Empty logits.npy and inputs.npy of the header's size, then the header (one process)."""
+    """Empty logits.npy and inputs.npy of the header's size, then the header (one process). Each is
+    a new file renamed into place: a reader that mapped the old files keeps the old rows, and a link
+    in the store folder is refused before anything is written."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    refuse_links(path, STORE_FILES)
     # Header first: a crash before the new header exists leaves no header at all, never an old
     # header over new rows.
     (path / HEADER_NAME).unlink(missing_ok=True)
     n = header["n"]
     for name, np_dtype, shape in ((LOGITS_NAME, header["dtype"], (n, header["num_classes"])),
                                   (INPUTS_NAME, np.uint64, (n,))):
-        mm = np.lib.format.open_memmap(path / name, mode="w+", dtype=np.dtype(np_dtype), shape=shape)
-        mm.flush()
-        del mm
+        atomic_write_bytes(path / name, lambda f, d=np.dtype(np_dtype), s=shape: _empty_npy(f, d, s))
     write_header(path, header)
 
 
 def open_rows(path, header, mode="r+"):
-    """(logits, input digests) memmaps of the store at `path`."""
+    """(logits, input digests) memmaps of the store at `path` (mode "r+": for writing, refusing
+    links)."""
     path = Path(path)
+    if mode != "r":
+        refuse_links(path, STORE_FILES)
     n = header["n"]
     return (open_npy(path / LOGITS_NAME, (n, header["num_classes"]), header["dtype"], mode=mode),
             open_npy(path / INPUTS_NAME, (n,), np.uint64, mode=mode))
