@@ -79,7 +79,7 @@ def ratios(dtype, native, activation, shape, op, seed=0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write the per-case ratios here")
     p.add_argument("--seeds", type=int, default=1, help="input draws per case")
     args = p.parse_args()

@@ -82,7 +82,7 @@ def check_mlp(x, U, V, b1, W, b2, activation, teacher_logits=None) -> MLPDims:
             raise ValueError(f"{name} must be at least 1, got 0 (shapes x {_shape(x)}, U {_shape(U)}, "
                              f"V {_shape(V)}, W {_shape(W)})")
     if U.shape[1] != D:
-        raise ValueError(f"U has shape {_shape(U)} but x has D={D} features: expected ({k}, {D})")
+        raise ValueError(_features_mismatch(x, U))
     if V.shape[1] != k:
         raise ValueError(f"V has shape {_shape(V)} but U implies k={k}: expected ({H}, {k})")
     if W.shape[1] != H:
@@ -101,6 +101,29 @@ def check_mlp(x, U, V, b1, W, b2, activation, teacher_logits=None) -> MLPDims:
             raise ValueError(f"teacher_logits has shape {_shape(teacher_logits)} but x {_shape(x)} and "
                              f"W {_shape(W)} imply {expected}")
     return MLPDims(lead, B, D, k, H, C)
+
+
+def _features_mismatch(x, U):
+    """Why x's last dimension does not fit U (k, D): U transposed, rows not flattened, or x of
+    other data."""
+    k, D_u = U.shape
+    D = x.shape[-1]
+    if k == D:
+        return (f"U has shape {_shape(U)} but x has D={D} features: U must be (k, D) = (k, {D}), "
+                f"nn.Linear's (out_features, in_features) layout; this U looks transposed (pass "
+                f"U.t(), of shape ({D_u}, {k}))")
+    rows = 1
+    for s in x.shape[1:]:
+        rows *= s
+    if x.dim() > 2 and rows == D_u:
+        return (f"x has shape {_shape(x)}: its last dimension ({D}) is read as the features and the "
+                f"others as batch dimensions, but U {_shape(U)} takes D={D_u} features; flatten "
+                f"each row first: x.flatten(1), of shape ({x.shape[0]}, {D_u})")
+    if x.dim() == 1:
+        return (f"x has shape {_shape(x)}: a 1-D x is one row (as for nn.Linear) of {D} features, "
+                f"but U {_shape(U)} takes D={D_u}; a batch of rows is (B, {D_u})")
+    return (f"x has D={D} features (shape {_shape(x)}) but U has shape {_shape(U)}, which takes "
+            f"D={D_u}: U must be (k, D) = ({k}, {D}) for this x, or x (..., {D_u}) for this U")
 
 
 def check_logit_pair(student_logits, teacher_logits):

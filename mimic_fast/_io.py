@@ -19,10 +19,15 @@ lock and writers use `filelock`.
 """
 import errno
 import glob
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
+
+from ._wording import option
 
 try:
     import fcntl
@@ -73,11 +78,45 @@ def _temp_prefix(path):
     return "." + os.path.basename(path) + "."
 
 
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _writer_prefix(path):
+    """The temp-name prefix of this process's writes of `path`: .NAME.<pid>-<host>."""
+    return f"{_temp_prefix(path)}{os.getpid()}-{_HOST}."
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        pass
+    return True
+
+
 def _remove_orphans(path):
-    """Temp files or folders of `path` left by a killed writer (.NAME.<random>.tmp)."""
+    """Temp files or folders of `path` left by a writer that was killed: those of a process of this
+    host that is gone (.NAME.<pid>-<host>.<random>.tmp), and those of older versions, which carried
+    no pid (.NAME.<random>.tmp). A live writer's temp (another shard's, another thread's) stays, and
+    so does one of another host, whose process cannot be checked from here."""
     directory = os.path.dirname(os.path.abspath(path))
-    pattern = os.path.join(glob.escape(directory), glob.escape(_temp_prefix(path)) + "*.tmp")
-    for tmp in glob.glob(pattern):
+    prefix = re.escape(_temp_prefix(path))
+    ours = re.compile(prefix + r"(\d+)-([0-9a-f]{8})\.[a-z0-9_]+\.tmp")
+    legacy = re.compile(prefix + r"[a-z0-9_]+\.tmp")
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        m = ours.fullmatch(name)
+        if m is not None:
+            if m.group(2) != _HOST or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                continue
+        elif legacy.fullmatch(name) is None:
+            continue
+        tmp = os.path.join(directory, name)
         try:
             if os.path.isdir(tmp) and not os.path.islink(tmp):
                 shutil.rmtree(tmp)
@@ -96,17 +135,57 @@ def _prepare_target(path):
     return path, directory
 
 
+class _Recorder:
+    """A file object that remembers the OSError its writes raised: torch.save reports a failed write
+    (a full disk) as RuntimeError("... unexpected pos ..."), which says neither the file nor why."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        try:
+            return self._f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _naming(e, path):
+    """`e` (an OSError of the temp file, or none) as an OSError naming the target `path`."""
+    return OSError(e.errno, e.strerror or str(e), path)
+
+
 def atomic_write_bytes(path, write):
-    """Call write(fileobj) on a temp file next to `path`, then atomically replace `path` with it."""
+    """Call write(fileobj) on a temp file next to `path`, then atomically replace `path` with it.
+    An OS error while writing (ENOSPC, EFBIG, EIO...) is raised as an OSError naming `path`."""
     path, directory = _prepare_target(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path), suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_writer_prefix(path), suffix=".tmp")
+    recorder = None
     try:
         # mkstemp makes 0600 files; the user's files get the mode open() would give them.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            recorder = _Recorder(f)
+            try:
+                write(recorder)
+                recorder.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise _naming(e, path) from None
+            except Exception:
+                if recorder.error is not None:  # the writer's own error hides the OS's
+                    raise _naming(recorder.error, path) from None
+                raise
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -126,11 +205,16 @@ def atomic_write_files(path, write):
     the references between them hold. Each move is atomic; a kill before the first leaves the old
     files. A write() that raises leaves nothing (the old files stay)."""
     path, directory = _prepare_target(path)
-    tmp_dir = tempfile.mkdtemp(dir=directory, prefix=_temp_prefix(path), suffix=".tmp")
+    tmp_dir = tempfile.mkdtemp(dir=directory, prefix=_writer_prefix(path), suffix=".tmp")
     name = os.path.basename(path)
     try:
         os.chmod(tmp_dir, 0o777 & ~_umask())
-        write(os.path.join(tmp_dir, name))
+        try:
+            write(os.path.join(tmp_dir, name))
+        except OSError as e:  # a file of the temp folder (a full disk): name the target instead
+            if e.filename is None or str(e.filename).startswith(tmp_dir):
+                raise _naming(e, path) from None
+            raise
         made = sorted(os.listdir(tmp_dir), key=lambda n: n == name)  # the target last
         if name not in made:
             raise FileNotFoundError(f"the writer made no {name} (made {made})")
@@ -223,16 +307,17 @@ class _FolderLock:
     def _refusal(self, holders):
         readers = [pid for pid, mode in holders if mode == "read"]
         writers = [pid for pid, mode in holders if mode != "read"]
+        wait = option("wait=True", "--wait")
         if readers and not writers:  # only a writer waits for readers
             return LockedError(
                 f"{self.what} {self.folder} is being read by pid {', '.join(map(str, readers))} "
                 f"(lock file {self.lock_path}): it cannot be written while it is read; let "
-                f"{'them' if len(readers) > 1 else 'it'} finish, or wait for that (wait=True, --wait)")
+                f"{'them' if len(readers) > 1 else 'it'} finish, or wait for that ({wait})")
         who = f"pid {', '.join(map(str, writers))}" if writers else "pid unknown"
         why = ("two writers would mix their outputs" if self.exclusive else
                "a reader now would see it half-written")
         return LockedError(f"{self.what} {self.folder} is being written by another process ({who}; "
-                           f"lock file {self.lock_path}): wait for it to finish (wait=True, --wait) "
+                           f"lock file {self.lock_path}): wait for it to finish ({wait}) "
                            f"or stop it; {why}")
 
     def acquire(self):

@@ -16,8 +16,9 @@ import torch
 from . import pipeline as P
 from . import train as T
 from ._io import writer_lock
+from ._wording import cli_wording
 from .data import DATASETS, LogitStore
-from .data.store import HEADER_NAME
+from .data.store import HEADER_NAME, overflow_remedy
 from .data.transfer import METHODS
 from .demo import add_arguments as demo_arguments
 from .demo import config_from_args, run_demo
@@ -55,20 +56,23 @@ def _add_data(p, recorded=None):
 
 def _add_training(p, epochs, kind, batch_size):
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--epochs", type=int, default=epochs,
+                   help=f"passes over the training rows (default {epochs})")
     g.add_argument("--batch-size", type=int, default=batch_size,
-                   help="global batch (split evenly over torchrun ranks)")
+                   help=f"global batch, split evenly over torchrun ranks (default {batch_size})")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
-                   help="SGD with Nesterov momentum, or Adam")
+                   help="SGD with Nesterov momentum, or Adam (default sgd)")
     g.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEFAULT_LR[kind]})")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD's Nesterov momentum, in [0, 1) (default 0.9; Adam ignores it)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
     g.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine",
-                   help="per-batch learning-rate schedule")
+                   help="per-batch learning-rate schedule (default cosine)")
     g.add_argument("--step-epochs", type=int, default=0,
                    help="step schedule: multiply the lr by --gamma every this many epochs "
                         "(0: every third of the run)")
-    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--gamma", type=float, default=0.1,
+                   help="step schedule: the lr's factor every --step-epochs, in (0, 1] (default 0.1)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     g.add_argument("--seed", type=int, default=0, help="initialisation, sampling and dropout seed")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
@@ -164,22 +168,20 @@ def _build(name, splits, overrides):
     kwargs = dict(input_shape=tuple(splits.input_shape), num_classes=splits.num_classes, **overrides)
     options = ", ".join(f"--{k} {v}" for k, v in overrides.items()) or "its defaults"
     try:
-        return build_model(name, **kwargs), {"name": name, "kwargs": kwargs}
+        model = P.build_checked(lambda: build_model(name, **kwargs), f"model {name} with {options}")
     except TypeError as e:  # an option this architecture does not have (e.g. a DNN's bottleneck)
         if "unexpected keyword argument" not in str(e):
             raise
         raise ValueError(f"model {name} does not take one of the options {options} ({e}); leave it "
                          "out or choose a model that has it") from None
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
-            raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"model {name} with {options} does not fit in memory ({first}); choose a "
-                         "smaller --hidden (or --bottleneck)") from None
+    return model, {"name": name, "kwargs": kwargs}
 
 
 def cmd_train_teacher(args):
     init_distributed()
+    # options and --device first: refused before anything is read or written
+    T.check_options("teacher", **_training_options(args))
+    default_device(args.device)
     data = _load_data(args)
     overrides = {}
     if args.hidden:
@@ -207,7 +209,8 @@ def cmd_train_teacher(args):
 
 def cmd_collect_logits(args):
     init_distributed()
-    # the teachers first: a bad --teacher must fail before anything is written
+    # the device and the teachers first: a bad --device or --teacher fails before anything is written
+    device = default_device(args.device)
     teachers = P.load_teachers(args.teacher, args.teacher_output)
     _inherit_recipe(args, teachers.recipes[0], args.teacher[0])
     data = _load_data(args)
@@ -232,7 +235,6 @@ def cmd_collect_logits(args):
             remedy="use another --out, the options it was made with, or --overwrite to rebuild it "
                    "and its logits (nothing is overwritten without it)",
             log=_say, warn=_warn(args.command), wait=args.wait, hold=held)
-        device = default_device(args.device)
         teacher = teachers.teacher.to(device)
         logits = P.collect(teacher, transfer, args.out, dtype=_DTYPES[args.dtype],
                            batch_size=args.batch_size, device=device,
@@ -251,36 +253,73 @@ def cmd_collect_logits(args):
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+def _read_logits(path):
+    """The (N, C) float array of an .npy file (memory-mapped), refused in one line naming the file
+    when it is not one: empty, truncated, an .npz archive, pickled objects, an integer or
+    extended-precision array."""
+    try:
+        logits = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"--logits {path} is not a readable .npy file ({type(e).__name__}: {e}): "
+                         "write the (N, C) array with numpy.save") from None
+    if isinstance(logits, np.lib.npyio.NpzFile):
+        names = sorted(logits.files)
+        logits.close()
+        raise ValueError(f"--logits {path} is an .npz archive (arrays {names}), not an .npy file: "
+                         "pass one (N, C) array written with numpy.save")
+    if logits.dtype.kind != "f" or logits.dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"--logits {path} holds {logits.dtype}: expected float16, float32 or float64 "
+                         "logits (convert with .astype(numpy.float64))")
+    return logits
+
+
+def _check_imported(args, logits, n, classes, values=True):
+    """Refuse logits of another shape than the transfer set's (n, classes), or (values) holding
+    NaN/Inf or values beyond the storage dtype."""
+    if logits.ndim != 2 or len(logits) != n or logits.shape[1] != classes:
+        raise ValueError(f"--logits {args.logits} has shape {logits.shape} but the transfer set of "
+                         f"--dataset {args.dataset} needs ({n}, {classes}): row i must be the "
+                         "teacher's logits for row i (the training split in load order, labelled "
+                         "rows first when --label-fraction < 1, then X_unlabelled)")
+    if not values:
+        return
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+    if len(bad):
+        raise ValueError(f"--logits {args.logits}: row {int(bad[0])} holds NaN or Inf "
+                         f"({len(bad)} such rows): a teacher's logits must be finite")
+    top = float(np.abs(logits).max()) if logits.size else 0.0
+    limit = float(np.finfo(args.dtype).max)
+    if top > limit:
+        row = int(np.flatnonzero((np.abs(logits) > limit).any(axis=1))[0])
+        raise ValueError(f"--logits {args.logits}: row {row} holds |logit| {top:.3g}, more than "
+                         f"{args.dtype} can store ({limit:.5g}); {overflow_remedy(_DTYPES[args.dtype])}")
+
+
 def cmd_import_logits(args):
     data = _load_data(args)
-    try:
-        logits = np.load(args.logits, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--logits {args.logits} is not a readable .npy file ({e})") from None
-    if logits.dtype.kind != "f":
-        raise ValueError(f"--logits {args.logits} holds {logits.dtype}: expected float logits")
+    logits = _read_logits(args.logits)
     store_path = os.path.join(args.out, P.LOGITS_DIR)
-    if os.path.exists(os.path.join(store_path, HEADER_NAME)) and not args.overwrite:
-        raise FileExistsError(f"a logit store exists at {store_path}; rerun with --overwrite to "
-                              "replace it, or use another --out")
-    classes = data.splits.num_classes
+    header = os.path.join(store_path, HEADER_NAME)
+    if os.path.exists(header) and not args.overwrite:
+        try:
+            existing = LogitStore.open(store_path, allow_partial=True, verify=False)
+            state = ("complete" if existing.complete else
+                     f"incomplete ({existing.committed_rows} of {existing.n} rows: an import or "
+                     "collection that stopped)")
+        except ValueError:
+            state = "damaged"
+        raise FileExistsError(f"a logit store exists at {store_path} ({state}); rerun with "
+                              "--overwrite to replace it, or use another --out")
+    # checked before anything is written (a rejected import leaves nothing): the transfer set of
+    # an import is the training split, then X_unlabelled (no generated rows)
+    extra = data.splits.unlabelled
+    _check_imported(args, logits, len(data.splits.train) + (0 if extra is None else len(extra)),
+                    data.splits.num_classes)
 
-    def fits(transfer):  # refused before transfer.pt is written: a rejected import leaves nothing
-        if logits.ndim != 2 or len(logits) != len(transfer) or logits.shape[1] != classes:
-            raise ValueError(f"--logits {args.logits} has shape {logits.shape} but the transfer set "
-                             f"of --dataset {args.dataset} ({transfer}) needs ({len(transfer)}, "
-                             f"{classes}): row i must be the teacher's logits for row i "
-                             "(the training split in load order, labelled rows first when "
-                             "--label-fraction < 1, then X_unlabelled)")
-        bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
-        if len(bad):
-            raise ValueError(f"--logits {args.logits}: row {int(bad[0])} holds NaN or Inf "
-                             f"({len(bad)} such rows): a teacher's logits must be finite")
-        top = float(np.abs(logits).max()) if logits.size else 0.0
-        if args.dtype == "float16" and top > np.finfo(np.float16).max:
-            row = int(np.flatnonzero((np.abs(logits) > np.finfo(np.float16).max).any(axis=1))[0])
-            raise ValueError(f"--logits {args.logits}: row {row} holds |logit| {top:.3g}, more than "
-                             "float16 can store (65504): use --dtype float32")
+    def fits(transfer):  # the transfer set actually used (built or reused) has that many rows
+        _check_imported(args, logits, len(transfer), data.splits.num_classes, values=False)
 
     P.refuse_folder_links(args.out)
     # transfer.pt and the store under one hold of the store's writer lock (see collect-logits)
@@ -313,26 +352,40 @@ def _check_export_target(out, model_path, overwrite):
 
 
 def cmd_export(args):
-    model, kind = load_module(args.model)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: time 1 thread and torch's default), got "
+                         f"{args.threads}")
+    model, kind = load_module(args.model, what="--model")
     _check_export_target(args.out, args.model, args.overwrite)
     if not isinstance(model, torch.nn.Module):  # a factory may return a plain function
         raise ValueError(f"--model {args.model}: the {kind} gave a {type(model).__name__}, not an "
                          "nn.Module: export needs a module (its layers are what is written)")
     shape = _parse_ints(args.input_shape, "--input-shape") if args.input_shape else None
-    if args.threads:
-        torch.set_num_threads(args.threads)
     export_student(model, args.out, args.format, input_shape=shape)
     _say(f"wrote {args.out} ({args.format}, plain ops, dynamic batch; checked against the model)")
     if args.latency:
-        _say(f"median CPU latency per batch ({torch.get_num_threads()} torch threads):")
-        for row in latency(model, args.out, args.format, input_shape=shape):
-            _say(f"  batch {row['batch']:>4}: fused {row['fused_s'] * 1e3:8.3f} ms   exported "
-                 f"{row['exported_s'] * 1e3:8.3f} ms")
+        # a small model is fastest on one thread (more only adds synchronisation); 0 times both
+        default = torch.get_num_threads()
+        counts = [args.threads] if args.threads else list(dict.fromkeys([1, default]))
+        _say("median CPU latency per batch (torch and onnxruntime on the same thread count):")
+        for threads in counts:
+            torch.set_num_threads(threads)
+            try:
+                rows = latency(model, args.out, args.format, input_shape=shape)
+            finally:
+                torch.set_num_threads(default)
+            for row in rows:
+                _say(f"  {threads} thread{'s' if threads > 1 else ' '}  batch {row['batch']:>4}: fused "
+                     f"{row['fused_s'] * 1e3:8.3f} ms   exported {row['exported_s'] * 1e3:8.3f} ms")
     return 0
 
 
 def cmd_distill(args):
     init_distributed()
+    # options and --device first: refused before anything is read or written
+    T.check_options("distill", loss=args.loss, alpha=args.alpha, temperature=args.temperature,
+                    **_training_options(args))
+    default_device(args.device)
     # the folder's transfer set and logits stay as read until student.pt is written
     with _hold(P.logits_lock(args.logits, wait=args.wait)):
         return _distill(args)
@@ -354,6 +407,8 @@ def _distill(args):
         overrides["activation"] = args.activation
     torch.manual_seed(args.seed)
     student, spec = _build(args.student, data.splits, overrides)
+    if args.loss == "mse":
+        P.check_logit_scale(logits, args.batch_size)  # before anything is written
     _say(f"student {args.student}: {sum(p.numel() for p in student.parameters()):,} parameters; "
          f"transfer set {transfer}")
     with _lock_folder(args.out, "distill output folder"):  # the run and student.pt
@@ -386,21 +441,23 @@ def cmd_bench(argv):
 # ----------------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="mimic-fast",
+        prog="mimic-fast", allow_abbrev=False,
         description="Mimic learning (Ba & Caruana 2014) with fused wide-shallow students.",
         epilog="Distributed: torchrun --nproc_per_node N -m mimic_fast distill ... (also "
                "train-teacher, collect-logits); only rank 0 writes.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    d = sub.add_parser("demo", help="the paper's effect on digits in a few CPU minutes (the README's "
-                                    "main command)",
+    d = sub.add_parser("demo", allow_abbrev=False,
+                       help="the paper's effect on digits in a few CPU minutes (the README's "
+                            "main command)",
                        description="Low-label digits: deep teacher, shallow student on labels, the same "
                                    "student by mimicry; prints a table, writes demo.json and demo.png.")
     demo_arguments(d)
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train-teacher", help="train a deep teacher on the labelled rows",
+    t = sub.add_parser("train-teacher", allow_abbrev=False,
+                       help="train a deep teacher on the labelled rows",
                        description="Train a teacher (cross-entropy) and write --out/teacher.pt, "
                                    "checkpoint.pt (each epoch) and metrics.jsonl.")
     _add_data(t)
@@ -413,7 +470,8 @@ def build_parser():
     _add_training(t, epochs=30, kind="teacher", batch_size=128)
     t.set_defaults(func=cmd_train_teacher)
 
-    c = sub.add_parser("collect-logits", help="build the transfer set and store the teacher's logits",
+    c = sub.add_parser("collect-logits", allow_abbrev=False,
+                       help="build the transfer set and store the teacher's logits",
                        description="Transfer set = labelled rows + unlabelled rows (+ generated rows); "
                                    "writes --out/transfer.pt and the crash-safe, resumable logit store "
                                    "--out/logits (rerun the same command to resume).")
@@ -421,8 +479,9 @@ def build_parser():
     c.add_argument("--teacher", required=True, nargs="+",
                    help="teacher(s), averaged when several: a mimic_fast teacher.pt, a TorchScript "
                         "file, a torch.export .pt2, a torch.save(module) file (loading it runs "
-                        "pickle: trusted files only), or package.module:factory (a callable "
-                        "returning a module or a function)")
+                        "pickle: trusted files only), or package.module:factory (a callable taking "
+                        "no arguments and returning a module or a function; the current folder is "
+                        "appended to the import path, so a package here is found)")
     c.add_argument("--teacher-output", default=None,
                    help="where the logits are in the teacher's output: a dict key or attribute "
                         "(logits), a tuple index (0), or a dotted path (0.logits)")
@@ -448,7 +507,8 @@ def build_parser():
     _add_wait(c, "trains on --out's logits or writes them")
     c.set_defaults(func=cmd_collect_logits)
 
-    m = sub.add_parser("import-logits", help="store logits computed elsewhere for distill",
+    m = sub.add_parser("import-logits", allow_abbrev=False,
+                       help="store logits computed elsewhere for distill",
                        description="Write --out/transfer.pt (the rows of --dataset) and a verified "
                                    "logit store --out/logits from an (N, C) .npy file whose row i "
                                    "holds the teacher's logits for transfer row i.")
@@ -464,7 +524,8 @@ def build_parser():
     _add_wait(m, "trains on --out's logits or writes them")
     m.set_defaults(func=cmd_import_logits)
 
-    e = sub.add_parser("export", help="write a trained student as plain ONNX / torch.export ops",
+    e = sub.add_parser("export", allow_abbrev=False,
+                       help="write a trained student as plain ONNX / torch.export ops",
                        description="Unfuse the model's fused layers (on a copy) and write it with a "
                                    "dynamic batch as ONNX (needs mimic_fast[export]) or a "
                                    "torch.export .pt2; the file is checked against the model.")
@@ -478,12 +539,16 @@ def build_parser():
     e.add_argument("--input-shape", default=None,
                    help="one row's shape, e.g. 64 or 3,32,32 (default: from the model)")
     e.add_argument("--latency", action="store_true",
-                   help="also print batch-1 and batch-256 CPU latency, fused vs exported")
+                   help="also print batch-1 and batch-256 CPU latency, fused vs exported, each row "
+                        "naming its thread count")
     e.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for the latency runs (torch and onnxruntime; 0: torch's default)")
+                   help="CPU threads of the --latency runs, torch's and onnxruntime's alike (default "
+                        "0: time both 1 thread, usually the fastest for a student this small, and "
+                        "torch's default)")
     e.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("distill", help="train a student on the stored logits",
+    s = sub.add_parser("distill", allow_abbrev=False,
+                       help="train a student on the stored logits",
                        description="Train a student by logit regression (mse) or KD on the logits in "
                                    "--logits, optionally mixed with hard labels: loss = (1 - alpha) * "
                                    "soft + alpha * CE on labelled rows. Writes --out/student.pt, "
@@ -510,18 +575,21 @@ def build_parser():
     _add_training(s, epochs=20, kind="distill", batch_size=256)
     s.set_defaults(func=cmd_distill)
 
-    w = sub.add_parser("sweep", help="the compression curve: students of every size on labels and by "
-                                     "mimicry, against the teacher",
+    w = sub.add_parser("sweep", allow_abbrev=False,
+                       help="the compression curve: students of every size on labels and by "
+                            "mimicry, against the teacher",
                        description="Train a grid of students (--hidden, --bottleneck, --conv-layers) "
                                    "on labels and by mimicry of one teacher's stored logits; writes "
                                    "sweep.json, sweep.png and sweep.md (resumable, --shard i/n).")
     sweep_arguments(w)
     w.set_defaults(func=cmd_sweep)
 
-    b = sub.add_parser("bench", help="benchmarks (see `mimic-fast bench --help`)", add_help=False)
+    b = sub.add_parser("bench", allow_abbrev=False,
+                       help="benchmarks (see `mimic-fast bench --help`)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
 
-    i = sub.add_parser("info", help="backends available here, versions, and why any is missing",
+    i = sub.add_parser("info", allow_abbrev=False,
+                       help="backends available here, versions, and why any is missing",
                        description="Print mimic_fast.info() as a table.")
     i.set_defaults(func=cmd_info)
     return p
@@ -563,25 +631,49 @@ def _error(command, e):
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
+def _run(command, call):
+    """call() with its expected failures as one error line, exit 2: bad input and damaged files
+    (ValueError), the OS's refusals (OSError: missing files, permissions, a full disk), divergence
+    (FloatingPointError) and running out of memory. A failure of any other kind is a bug of ours and
+    keeps its traceback."""
+    try:
+        with cli_wording():
+            return call()
+    except USER_ERRORS as e:
+        return _error(command, e)
+    except (MemoryError, RuntimeError) as e:
+        if not P.out_of_memory(e):
+            raise
+        return _error(command, ValueError(
+            f"out of memory: {P.first_line(e)}; use a smaller model (--hidden, --bottleneck), a "
+            "smaller --batch-size, or a machine with more memory"))
+
+
+def _interrupted(args):
+    out = getattr(args, "out", None)
+    hint = ""
+    if args.command in ("train-teacher", "distill"):
+        checkpoint = os.path.join(out, T.CHECKPOINT) if out else None
+        hint = (f"; completed epochs are kept in {checkpoint}: rerun with --resume"
+                if checkpoint and os.path.isfile(checkpoint) else
+                "; no epoch had finished, so there is nothing to resume: rerun the command")
+    elif args.command in ("collect-logits", "sweep"):
+        hint = "; rerun the same command to resume"
+    print(f"mimic-fast {args.command}: interrupted{hint}", file=sys.stderr)
+    return 130
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     if command == "bench":  # everything after `bench` (--help too) belongs to the bench parser
-        try:
-            _check_environment()
-            return cmd_bench(argv[1:])
-        except USER_ERRORS as e:
-            return _error("bench", e)
-    args = build_parser().parse_args(argv)
+        return _run("bench", lambda: (_check_environment(), cmd_bench(argv[1:]))[1])
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser, under its own usage
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        _check_environment()
-        return args.func(args)
-    except USER_ERRORS as e:
-        return _error(args.command, e)
+        return _run(args.command, lambda: (_check_environment(), args.func(args))[1])
     except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        hint = (f"; completed epochs are kept in {out}/checkpoint.pt: rerun with --resume"
-                if args.command in ("train-teacher", "distill") else
-                "; rerun the same command to resume" if args.command in ("collect-logits", "sweep") else "")
-        print(f"mimic-fast {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        return _interrupted(args)

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._wording import option
+
 __all__ = ["dist_info", "init_distributed", "default_device", "barrier", "broadcast", "on_rank0",
            "unwrap"]
 
@@ -52,8 +54,9 @@ def default_device(device=None):
     if device.type == "cuda":
         # checked here: torch would fail later, deep inside model.to(), with an AssertionError
         if not torch.cuda.is_available():
+            cpu = option("device='cpu'", "--device cpu")
             raise ValueError(f"device {str(device)!r} was requested but CUDA is not available "
-                             f"(torch {torch.__version__}); use device='cpu'")
+                             f"(torch {torch.__version__}); use {cpu}")
         if device.index is None:
             device = torch.device("cuda", local)
         if device.index >= torch.cuda.device_count():

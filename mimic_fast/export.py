@@ -15,6 +15,7 @@ the old file intact, and a target that is a symbolic link is refused (mimic_fast
 """
 import contextlib
 import copy
+import io
 import logging
 import math
 import os
@@ -137,12 +138,14 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
             with torch.no_grad(), _quiet_onnx():
                 if format == "torch-export":
                     program = torch.export.export(plain, (example,), dynamic_shapes=(batch,))
-                    torch.export.save(program, target)
+                    _save_program(program, target)
                 else:
                     torch.onnx.export(plain, (example,), target, dynamo=True,
                                       dynamic_shapes=(batch,), input_names=["x"],
                                       output_names=["logits"], verbose=False,
                                       external_data=external)
+        except OSError:
+            raise  # writing failed (a full disk): the OS's error, naming the file
         except Exception as e:  # torch.export / dynamo raise many kinds; keep the cause chained
             raise ValueError(f"could not export the {type(model).__name__} as {format}: "
                              f"{type(e).__name__}: {_first_line(e)}") from e
@@ -160,6 +163,16 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
     return path
 
 
+def _save_program(program, path):
+    """torch.export.save into memory, then the bytes to `path`: torch's zip writer aborts the whole
+    process (`terminate called`, from a destructor) when a write fails on a full disk, where a
+    Python write raises an OSError that names the file."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
 def _onnx_bytes(model):
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
@@ -171,7 +184,13 @@ def _quiet_onnx():
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch 2.13's own ExportedProgram.run_decompositions deep-copies a pytree LeafSpec,
+            # which warns about its own deprecated isinstance check: torch's, on every ONNX export,
+            # nothing a caller can change
+            warnings.filterwarnings("ignore", category=FutureWarning,
+                                    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            yield
     finally:
         log.setLevel(level)
 

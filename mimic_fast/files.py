@@ -186,7 +186,36 @@ def load_transfer(path, hint):
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a complete transfer set; "
                          f"{hint}")
+    problems = _transfer_problems(saved)
+    if problems:
+        raise ValueError(f"{path} is not a valid transfer set: {'; '.join(problems)}; {hint}")
     return TransferSet(saved["x"], saved["sources"], saved["labels"]), saved
+
+
+def _transfer_problems(saved):
+    """What is wrong with a transfer set's rows, sources and labels (a file written by hand or by a
+    bug can be consistent with its own digest and still not be one)."""
+    x, sources, labels = saved["x"], saved["sources"], saved["labels"]
+    if not isinstance(saved["recipe"], dict):
+        return [f"recipe must be a dict, got {type(saved['recipe']).__name__}"]
+    for name, t in (("x", x), ("sources", sources), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            return [f"{name} must be a tensor, got {type(t).__name__}"]
+    problems = []
+    if x.dim() != 2 or not x.is_floating_point() or len(x) == 0:
+        problems.append(f"x must be (N, D) floating-point rows with N >= 1, got {tuple(x.shape)} "
+                        f"{x.dtype}")
+    elif not torch.isfinite(x).all():
+        problems.append("x holds NaN or Inf")
+    for name, t, lo, hi in (("sources", sources, 0, 2), ("labels", labels, -1, None)):
+        if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            problems.append(f"{name} must be a 1-D integer tensor, got {tuple(t.shape)} {t.dtype}")
+        elif len(t) != len(x):
+            problems.append(f"{name} has {len(t)} entries for {len(x)} rows")
+        elif len(t) and (int(t.min()) < lo or (hi is not None and int(t.max()) > hi)):
+            problems.append(f"{name} must be in {lo}..{hi if hi is not None else 'classes - 1'}, "
+                            f"got {int(t.min())}..{int(t.max())}")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,11 +42,11 @@ from .files import load_model, load_transfer, save_model, save_transfer, transfe
 from .models import CNN, DNN, TeacherEnsemble
 from .teachers import load_teacher
 
-__all__ = ["PipelineData", "load_data", "train_on_labels", "Teachers", "teacher_member",
+__all__ = ["PipelineData", "load_data", "build_checked", "out_of_memory", "first_line", "train_on_labels", "Teachers", "teacher_member",
            "train_teachers", "load_teachers", "check_teacher_data", "probe_teacher", "NOISE_STD",
            "transfer_recipe", "build_transfer", "Transfer", "transfer_set", "collect",
            "read_transfer", "Logits", "open_logits", "distill_student", "logits_lock",
-           "refuse_folder_links", "TEACHER_FILE", "TRANSFER_FILE", "LOGITS_DIR", "STUDENT_FILE"]
+           "refuse_folder_links", "check_logit_scale", "TEACHER_FILE", "TRANSFER_FILE", "LOGITS_DIR", "STUDENT_FILE"]
 
 TEACHER_FILE = "teacher.pt"
 TRANSFER_FILE = "transfer.pt"
@@ -121,6 +121,34 @@ def load_data(dataset, data=None, split_seed=0, label_fraction=1.0):
     else:
         lab, unl = labelled_split(y, label_fraction, split_seed)
     return PipelineData(splits, lab, unl, dataset, data, split_seed, label_fraction)
+
+
+# ----------------------------------------------------------------------------------------------
+# models that may not fit
+# ----------------------------------------------------------------------------------------------
+def first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def out_of_memory(e):
+    """Whether `e` is an allocation that failed (torch's CPU allocator raises RuntimeError, CUDA's
+    torch.OutOfMemoryError, numpy and Python MemoryError)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("can't allocate memory", "not enough memory", "out of memory"))
+
+
+def build_checked(make, what, remedy="choose a smaller --hidden (or --bottleneck)"):
+    """make() (a model's constructor), with a failed allocation refused as a ValueError saying that
+    `what` does not fit in memory and `remedy`."""
+    try:
+        return make()
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        raise ValueError(f"{what} does not fit in memory ({first_line(e)}); {remedy}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,6 +443,15 @@ class Logits:
         """The identities a student trained on these logits records (and a resume must match)."""
         return {"logit_store": self.store.digest, "transfer_set": self.transfer_digest}
 
+    @cached_property
+    def largest(self):
+        """The largest |logit| of the store (one pass over it, on first use)."""
+        top, step = 0.0, 65536
+        for lo in range(0, self.store.committed_rows, step):
+            rows = np.asarray(self.store.logits[lo:lo + step], np.float64)
+            top = max(top, float(np.abs(rows).max()))
+        return top
+
 
 def collect(teacher, transfer, folder, dtype=torch.float16, batch_size=256, device=None,
             progress=False, overwrite=False, teacher_id=None, remedy=REUSE_REMEDY, wait=False):
@@ -461,6 +498,11 @@ def open_logits(folder, data, transfer, payload, verify=True, check_inputs="all"
     if store.num_classes != data.splits.num_classes:
         raise ValueError(f"--logits {folder} holds {store.num_classes} classes but --dataset "
                          f"{data.dataset} has {data.splits.num_classes}")
+    if len(transfer.labels) and int(transfer.labels.max()) >= data.splits.num_classes:
+        raise ValueError(f"{path} holds label {int(transfer.labels.max())} but --dataset "
+                         f"{data.dataset} has {data.splits.num_classes} classes (0.."
+                         f"{data.splits.num_classes - 1}): it was not made from this data; "
+                         "rebuild it with `mimic-fast collect-logits ... --overwrite`")
     allowed = bool(payload.get("allow_test_rows"))
     _test_rows(store.inputs, data, allowed, "--allow-test-rows", f"the transfer set {path}")
     return Logits(transfer, store, made, payload["transfer_sha256"], allowed)
@@ -469,6 +511,22 @@ def open_logits(folder, data, transfer, payload, verify=True, check_inputs="all"
 # ----------------------------------------------------------------------------------------------
 # the student
 # ----------------------------------------------------------------------------------------------
+def check_logit_scale(logits, batch_size):
+    """Refuse logits (a Logits) whose squared error overflows float32 before any step is taken: a
+    batch's sum of squares reaches batch_size * C * max|logit|**2, and a loss of inf would otherwise
+    be reported as a divergence, whose remedy (a lower learning rate) cannot help."""
+    store = logits.store
+    batch_size = max(1, int(batch_size))  # validated with the other options
+    limit = (float(torch.finfo(torch.float32).max) / (4 * batch_size * store.num_classes)) ** 0.5
+    if logits.largest > limit:
+        raise ValueError(f"the logits in {store.path} reach |logit| {logits.largest:.3g}: their "
+                         f"squared error over a batch of {batch_size} rows x {store.num_classes} "
+                         f"classes overflows float32 (|logit| must stay below {limit:.3g}), whatever "
+                         "the learning rate; logits that large are not a teacher's scores: check the "
+                         "teacher or rescale the logits (e.g. divide every row by one constant) and "
+                         "import them again")
+
+
 def distill_student(data, student, spec, logits, out=None, *, test=True, loss="mse", alpha=0.0,
                     temperature=4.0, check_inputs="all", resume=False, device=None,
                     progress=False, extra=None, wait=False, **options):
@@ -480,6 +538,8 @@ def distill_student(data, student, spec, logits, out=None, *, test=True, loss="m
     (Logits.inputs: a resume on other logits or another transfer set is refused), and rank 0 writes
     out/student.pt with the spec, the data recipe, the history, the loss, the transfer set's
     recipe and the inputs (+ `extra`). options: train.TrainConfig fields. Returns the TrainResult."""
+    if loss == "mse":
+        check_logit_scale(logits, options.get("batch_size", T.TrainConfig.batch_size))
     if out is not None:
         refuse_links(out, [STUDENT_FILE])
     with LogitDataset(logits.transfer, logits.store, with_labels=alpha > 0,

@@ -23,7 +23,7 @@ import os
 import platform
 import shlex
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -148,6 +148,7 @@ class SweepConfig:
                 raise FileNotFoundError(f"teacher file {p} does not exist: expected a .pt written by "
                                         "`mimic-fast train-teacher` (or save_model)")
         T.TrainConfig(**self.training()).validate()
+        default_device(self.device)  # an unusable --device is refused before anything is written
 
     def recipe(self):
         """Everything that decides what the runs compute (the grid may change between invocations)."""
@@ -206,13 +207,41 @@ class _Prepared:
     info: dict  # data, transfer and teacher records of the report
 
 
-def _read_json(path, remedy, format=None):
+_NUMBER = (int, float)
+# the keys each JSON file of a sweep must hold, and their types (a file consistent with its own
+# sha256 may still have been written by hand: it is refused naming what is wrong, not a KeyError)
+_SCHEMAS = {
+    "config": {"format": str, "config": dict, "recipe": dict, "command": str, "info": dict},
+    "result": {"format": str, "run": dict, "point": str, "spec": dict, "params": int,
+               "init_sha256": str, "test_accuracy": _NUMBER, "train_rows": int, "steps": int,
+               "training": dict, "train_s": _NUMBER, "throughput": dict, "device": str},
+    "teacher": {"test_accuracy": _NUMBER, "params": int, "throughput": dict, "device": str},
+}
+_RUN_FIELDS = {"conv_layers": int, "bottleneck": int, "hidden": int, "mode": str, "seed": int}
+
+
+def _read_json(path, remedy, format=None, schema=None):
     """A JSON file the sweep wrote (files.read_json: verified against its sha256), of `format` when
-    given; a damaged, older or foreign one is refused naming it and what to do."""
+    given, with the keys of `schema` (a _SCHEMAS name); a damaged, older, foreign or malformed one
+    is refused naming it and what to do."""
     obj = read_json(path, remedy)
     if format is not None and obj.get("format") != format:
         raise ValueError(f"{path} is of format {obj.get('format')!r}, not {format!r} (another version "
                          f"of mimic_fast wrote it); {remedy}")
+    wanted = dict(_SCHEMAS.get(schema, {}))
+    problems = [f"{k} must be {t.__name__ if isinstance(t, type) else 'a number'}, got "
+                f"{type(obj.get(k)).__name__}" for k, t in wanted.items()
+                if not isinstance(obj.get(k), t) or isinstance(obj.get(k), bool)]
+    if schema == "result" and not problems:
+        run = obj["run"]
+        problems = [f"run.{k} must be {t.__name__}" for k, t in _RUN_FIELDS.items()
+                    if not isinstance(run.get(k), t) or isinstance(run.get(k), bool)]
+        if not problems and run["mode"] not in MODES:
+            problems = [f"run.mode must be one of {MODES}, got {run['mode']!r}"]
+        if not problems and not all(isinstance(v, _NUMBER) for v in obj["throughput"].values()):
+            problems = ["throughput must map batch sizes to numbers"]
+    if problems:
+        raise ValueError(f"{path} is not a valid sweep file ({'; '.join(problems)}); {remedy}")
     return obj
 
 
@@ -258,16 +287,15 @@ def _check_saved_data(out, wanted):
     set and finished runs were made from other rows (e.g. the npz was rewritten in place)."""
     path = os.path.join(out, CONFIG_NAME)
     if os.path.isfile(path):
-        saved = (_read_json(path, "use another --out", FORMAT).get("info") or {}).get("data")
+        saved = (_read_json(path, "use another --out", FORMAT, "config")["info"]).get("data")
         if saved is not None:
             check_recipe(saved, wanted, path, DATA_FIELDS, hint=_STALE_HINT)
 
 
-def _prepare(cfg, out, log):
+def _prepare(cfg, data, out, log):
     """Labelled + unlabelled rows of the training split (+ the npz's X_unlabelled) + generated rows
     from the labelled ones make the transfer set; none may equal a test row (the test split is
     read only for that check and for the teacher's accuracy)."""
-    data = P.load_data(cfg.dataset, cfg.data, cfg.split_seed, cfg.label_fraction)
     splits = data.splits
     os.makedirs(out, exist_ok=True)
     # shards sharing OUT: the first one trains the teacher and fills the store, the others wait
@@ -291,7 +319,8 @@ def _prepare(cfg, out, log):
         rows = {k: wanted[k] for k in ("train_rows", "test_rows")}
         measured = None
         if os.path.isfile(teacher_path):
-            measured = _read_json(teacher_path, "delete it to measure the teacher again")
+            measured = _read_json(teacher_path, "delete it to measure the teacher again",
+                                  schema="teacher")
             if measured.pop("data_rows", None) != rows:
                 measured = None
         if measured is None:
@@ -389,7 +418,7 @@ def _read_result(out, run):
     path = os.path.join(_run_folder(out, run), "result.json")
     if not os.path.isfile(path):
         return None
-    return _read_json(path, "delete its folder to train that run again", RESULT_FORMAT)
+    return _read_json(path, "delete its folder to train that run again", RESULT_FORMAT, "result")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,19 +448,51 @@ def _versions():
             "python": platform.python_version()}
 
 
+def _union(saved, cfg):
+    """cfg with its grid widened to every point a sweep on this folder ran before (`saved`: the
+    config recorded in sweep-config.json), so that the recorded command reproduces every point the
+    report shows (one invocation's grid would not: its report gathers all the folder's runs)."""
+    def merged(name):
+        return tuple(dict.fromkeys([*map(int, saved.get(name) or ()), *getattr(cfg, name)]))
+
+    return replace(cfg, hidden=merged("hidden"), bottleneck=merged("bottleneck"),
+                   conv_layers=merged("conv_layers"),
+                   seeds=max(cfg.seeds, int(saved.get("seeds") or 0)))
+
+
 def _write_config(cfg, out, info):
+    """Record the sweep's options, its grid (the union of every grid run on `out`) and the command
+    that reproduces them, under the folder's lock (shards write it too); refuse a changed recipe."""
     path = os.path.join(out, CONFIG_NAME)
-    saved = None
-    if os.path.isfile(path):
-        saved = _read_json(path, "use another --out", FORMAT)
-    recipe = json.loads(json.dumps(cfg.recipe()))  # tuples as lists, as stored
-    if saved is not None and saved["recipe"] != recipe:
-        diff = {k: (saved["recipe"].get(k), v) for k, v in recipe.items() if saved["recipe"].get(k) != v}
-        text = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{out} holds a sweep made with other options (saved -> now): {text}; use "
-                         "another --out (only the grid, seeds, device and threads may change)")
-    write_json(path, {"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
-                      "command": command_line(cfg), "info": info})
+    with writer_lock(out, "sweep folder", wait=True):
+        saved = None
+        if os.path.isfile(path):
+            saved = _read_json(path, "use another --out", FORMAT, "config")
+        recipe = json.loads(json.dumps(cfg.recipe()))  # tuples as lists, as stored
+        if saved is not None and saved["recipe"] != recipe:
+            diff = {k: (saved["recipe"].get(k), v) for k, v in recipe.items()
+                    if saved["recipe"].get(k) != v}
+            text = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{out} holds a sweep made with other options (saved -> now): {text}; "
+                             "use another --out (only the grid, seeds, device and threads may "
+                             "change)")
+        if saved is not None:
+            cfg = _union(saved["config"], cfg)
+        if info is None:
+            info = saved["info"]
+        write_json(path, {"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
+                          "command": command_line(cfg), "info": info})
+
+
+def _check_fits(cfg, data):
+    """Build every student of the grid once (then drop it): one that cannot be allocated is refused
+    before anything is written, not after the teacher and the logits."""
+    for c in cfg.conv_layers:
+        for k in cfg.bottleneck:
+            for h in cfg.hidden:
+                r = Run(c, k, h, MODES[0], 0)
+                P.build_checked(lambda: _student(r, cfg, data.splits), f"student {r.point}",
+                                "choose smaller --hidden (or --bottleneck) values")
 
 
 def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print, invocation=None):
@@ -445,16 +506,16 @@ def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        os.makedirs(out, exist_ok=True)
+        data = P.load_data(cfg.dataset, cfg.data, cfg.split_seed, cfg.label_fraction)
+        _check_fits(cfg, data)
         # refuse a changed recipe before any work (the stored info is refreshed once prepared)
         if os.path.isfile(os.path.join(out, CONFIG_NAME)):
-            _write_config(cfg, out, _read_json(os.path.join(out, CONFIG_NAME),
-                                               "use another --out", FORMAT).get("info"))
+            _write_config(cfg, out, None)
         log(f"mimic-fast sweep: {cfg.dataset}, {len(runs)} runs ({len(runs) // (2 * cfg.seeds)} points"
             f" x {' / '.join(MODES)} x {cfg.seeds} seeds)"
             + (f", shard {shard_spec}: {len(mine)} runs" if shard_spec else "")
             + f"; torch {torch.__version__}, {torch.get_num_threads()} thread(s); out {out}")
-        prep = _prepare(cfg, out, log)
+        prep = _prepare(cfg, data, out, log)
         _write_config(cfg, out, prep.info)
         t = prep.info["teacher"]
         log(f"teacher: {t['params']:,} parameters, test accuracy {t['test_accuracy']:.4f}; transfer "
@@ -518,13 +579,23 @@ def _check_pairs(results):
 
 
 def report(out="runs/sweep", log=print, invocation=None):
-    """Gather every finished run under out/points into out/sweep.json, sweep.png and sweep.md."""
+    """Gather every finished run under out/points into out/sweep.json, sweep.png and sweep.md (under
+    the folder's lock: shards finishing together write one report after the other)."""
     path = os.path.join(out, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no sweep in {out}: {path} is missing (run `mimic-fast sweep --out "
                                 f"{out}` first)")
-    saved = _read_json(path, "use another --out", FORMAT)
-    cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+    with writer_lock(out, "sweep folder", wait=True):
+        return _report(out, path, log, invocation)
+
+
+def _report(out, path, log, invocation):
+    saved = _read_json(path, "use another --out", FORMAT, "config")
+    try:
+        cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in saved["config"].items()})
+    except TypeError as e:  # a key no SweepConfig has
+        raise ValueError(f"{path} is not a valid sweep file (config: {e}); use another --out") from None
     results = []
     points_dir = os.path.join(out, "points")
     for point in sorted(os.listdir(points_dir)) if os.path.isdir(points_dir) else []:
@@ -534,7 +605,7 @@ def report(out="runs/sweep", log=print, invocation=None):
             p = os.path.join(points_dir, point, name, "result.json")
             if os.path.isfile(p):
                 results.append(_read_json(p, "delete its folder to train that run again",
-                                          RESULT_FORMAT))
+                                          RESULT_FORMAT, "result"))
     _check_pairs(results)
     seen = {json.dumps(r.get("inputs"), sort_keys=True) for r in results if r["run"]["mode"] == "mimic"}
     if len(seen) > 1:
@@ -709,5 +780,6 @@ def run_from_args(args):
 
 
 def main(argv=None):
-    parser = add_arguments(argparse.ArgumentParser(prog="mimic-fast sweep", description=__doc__))
+    parser = add_arguments(argparse.ArgumentParser(prog="mimic-fast sweep", description=__doc__,
+                                                   allow_abbrev=False))
     return run_from_args(parser.parse_args(argv))

@@ -99,8 +99,18 @@ def markdown(result):
 
 
 def plot(result, path):
-    """sweep.png: accuracy vs parameters (log) and accuracy vs inference throughput at the largest
-    measured batch, one curve per mode (and per conv depth / bottleneck), the teacher marked."""
+    """Write sweep.png (figure(result))."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def figure(result):
+    """The figure of sweep.png: accuracy vs parameters (log) and accuracy vs inference throughput at
+    the largest measured batch, one curve per mode (and per conv depth / bottleneck), each mimic
+    point labelled with its width H in both panels, the teacher marked; a legend in each."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; set before pyplot is imported
@@ -126,8 +136,11 @@ def plot(result, path):
             ax1.errorbar([p["throughput"][batch] for p in ps], y, yerr=err, **style)
         for p in result["points"]:
             if p["mode"] == "mimic" and p["conv_layers"] == conv and p["bottleneck"] == k:
-                ax0.annotate(f"H={p['hidden']}", (p["params"], 100 * p["accuracy_mean"]),
-                             textcoords="offset points", xytext=(4, -12), fontsize=8, color="#444444")
+                for ax, x in ((ax0, p["params"]), (ax1, p["throughput"].get(batch))):
+                    if x:
+                        ax.annotate(f"H={p['hidden']}", (x, 100 * p["accuracy_mean"]),
+                                    textcoords="offset points", xytext=(4, -12), fontsize=8,
+                                    color="#444444")
     acc = 100 * t["test_accuracy"]
     note = f"teacher ({_teacher_name(t)}): {acc:.1f} %, {t['params']:,} params"
     for ax, x in ((ax0, t["params"]), (ax1, t["throughput"].get(batch))):
@@ -151,10 +164,12 @@ def plot(result, path):
                   f"{result['transfer']['rows']} transfer rows, {seeds} seed{'s' * (seeds > 1)})",
                   fontsize=10)
     ax1.set_title("accuracy vs inference speed (same students)", fontsize=10)
-    ax0.legend(loc="lower right", fontsize=8)
     lows = [100 * (p["accuracy_mean"] - p["accuracy_std"]) for p in result["points"]] + [acc]
+    low = max(0.0, math.floor(min(lows)) - 2)
     for ax in (ax0, ax1):
-        ax.set_ylim(max(0.0, math.floor(min(lows)) - 2), min(100.0, math.ceil(acc) + 2))
+        ax.set_ylim(low, min(100.0, math.ceil(acc) + 2))
+        ax.legend(loc="lower right", fontsize=8)
+        if low > 0:  # a zoomed axis says so: the bars' heights are not ratios of accuracy
+            ax.set_ylabel(f"test accuracy (%; axis from {low:g}, not 0)")
     fig.tight_layout()
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    return fig

@@ -31,6 +31,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_text, refuse_links, writer_lock
+from ._wording import option
 from .convert import mimic_loss_of
 from .data.recipe import DATA_FIELDS, recipe_differences
 from .distributed import default_device, dist_info, on_rank0, unwrap
@@ -39,7 +40,8 @@ from .functional import kd_loss, logit_mse_loss
 
 __all__ = ["train_teacher", "distill", "evaluate", "throughput", "TrainConfig", "TrainResult",
            "save_model", "load_model", "set_seed", "make_optimizer", "lr_factor", "CHECKPOINT",
-           "METRICS", "DEFAULT_LR", "OPTIMIZERS", "SCHEDULES", "DISTILL_LOSSES", "describe_inputs"]
+           "METRICS", "DEFAULT_LR", "OPTIMIZERS", "SCHEDULES", "DISTILL_LOSSES", "describe_inputs",
+           "check_options"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -279,8 +281,8 @@ def _check_out_dir(out_dir, resume):
     if os.path.exists(path):
         if not resume:
             raise FileExistsError(
-                f"{path} exists: pass resume=True (--resume) to continue that run, or choose another "
-                "output directory (nothing is overwritten)")
+                f"{path} exists: pass {option('resume=True', '--resume')} to continue that run, or "
+                f"choose another {option('output directory', '--out')} (nothing is overwritten)")
         return path
     return None
 
@@ -548,6 +550,26 @@ def _format_line(kind, line):
     return " | ".join(parts)
 
 
+def check_options(kind, loss="mse", alpha=0.0, temperature=4.0, **options):
+    """Refuse (ValueError/TypeError) what train_teacher (kind "teacher") or distill ("distill", with
+    its loss, alpha and temperature) would refuse of these options, so that a caller can do it
+    before it writes anything. Returns the TrainConfig."""
+    if kind == "distill":
+        _check_distill(loss, alpha, temperature)
+    config = _config(None, options, kind)
+    config.validate()
+    return config
+
+
+def _check_distill(loss, alpha, temperature):
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"loss must be one of {DISTILL_LOSSES}, got {loss!r}")
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
 def _config(config, overrides, kind):
     config = TrainConfig() if config is None else TrainConfig(**asdict(config))
     for k, v in overrides.items():
@@ -643,12 +665,7 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
     LogitDataset has: its store's digest).
     Other options as in train_teacher (lr default 0.01). Returns a TrainResult.
     """
-    if loss not in DISTILL_LOSSES:
-        raise ValueError(f"loss must be one of {DISTILL_LOSSES}, got {loss!r}")
-    if not (0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    _check_distill(loss, alpha, temperature)
     if len(dataset) == 0:
         raise ValueError("dataset is empty")
     first = dataset[0]

@@ -660,7 +660,7 @@ def pickles(work, w, n, rng):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=30)
     p.add_argument("--train-kills", type=int, default=15)
     p.add_argument("--flips", type=int, default=60)

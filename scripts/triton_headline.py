@@ -232,7 +232,7 @@ def summarize(path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="the JSON to write")
     ap.add_argument("--budget-s", type=float, default=150.0)
     ap.add_argument("--H", type=int, nargs="+", default=None)

@@ -19,7 +19,9 @@ def _call(**over):
 
 
 @pytest.mark.parametrize("name, bad, pattern", [
-    ("U", torch.randn(3, 7), r"U has shape \(3, 7\) but x has D=6 features: expected \(3, 6\)"),
+    ("U", torch.randn(3, 7), r"x has D=6 features \(shape \(4, 6\)\) but U has shape \(3, 7\), "
+                             r"which takes D=7: U must be \(k, D\) = \(3, 6\) for this x, or x "
+                             r"\(\.\.\., 7\) for this U"),
     ("V", torch.randn(10, 4), r"V has shape \(10, 4\) but U implies k=3: expected \(10, 3\)"),
     ("W", torch.randn(5, 11), r"W has shape \(5, 11\) but V implies H=10: expected \(5, 10\)"),
     ("b1", torch.randn(9), r"b1 has shape \(9,\) but V implies H=10: expected \(10,\)"),
@@ -101,3 +103,35 @@ def test_module_argument_errors():
         mf.nn.WideShallowStudent(10, 3, 8, 2, activation="elu")
     with pytest.raises(ValueError, match=r"unknown reduction"):
         mf.nn.LogitRegressionLoss(reduction="batchmean")
+
+
+def test_a_transposed_u_is_named_as_such():
+    """Issue 20: a (D, k) U was answered with "expected (64, 64)", the shape of neither."""
+    s = mf.nn.WideShallowStudent(64, 10, hidden=32, bottleneck=16)
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match=r"U has shape \(64, 16\) but x has D=64 features: U must be "
+                                         r"\(k, D\) = \(k, 64\).*looks transposed \(pass U\.t\(\), "
+                                         r"of shape \(16, 64\)\)"):
+        mf.bottleneck_mlp(x, s.U.t(), s.V, s.b1, s.W, s.b2)
+
+
+def test_unflattened_rows_are_told_to_flatten_not_blamed_on_u():
+    """Issue 20: a (B, 8, 8) batch for a 64-feature student blamed U."""
+    s = mf.nn.WideShallowStudent(64, 10, hidden=32, bottleneck=16)
+    with pytest.raises(ValueError, match=r"x has shape \(4, 8, 8\): its last dimension \(8\) is read as "
+                                         r"the features.*flatten each row first: x\.flatten\(1\), of "
+                                         r"shape \(4, 64\)") as e:
+        s(torch.randn(4, 8, 8))
+    assert "U must be" not in str(e.value)
+
+
+def test_a_1d_x_is_one_row_as_for_nn_linear_and_says_so_when_it_does_not_fit():
+    """Issue 20 ("1-D x is accepted silently"): a 1-D x is one unbatched row, nn.Linear's convention
+    (design.md: x is (..., D)); it gives (C,) like nn.Linear, and a 1-D x of another length says how
+    it was read."""
+    s = mf.nn.WideShallowStudent(64, 10, hidden=32, bottleneck=16)
+    x = torch.randn(64)
+    torch.testing.assert_close(s(x), s(x[None])[0])
+    with pytest.raises(ValueError, match=r"x has shape \(128,\): a 1-D x is one row \(as for "
+                                         r"nn\.Linear\) of 128 features.*a batch of rows is \(B, 64\)"):
+        s(torch.randn(128))

@@ -1,6 +1,6 @@
-"""`python -m mimic_fast.bench ...` = `mimic-fast bench ...`."""
+"""`python -m mimic_fast.bench ...` = `mimic-fast bench ...` (its errors are one line, as there)."""
 import sys
 
-from . import main
+from ..cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", *sys.argv[1:]]))

@@ -31,7 +31,7 @@ def _shapes(p, H):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="mimic-fast bench",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="mimic-fast bench",
                                 description="Benchmarks of mimic_fast's fused ops and models.")
     p.add_argument("--report", action="store_true",
                    help="render benchmarks/results/*.json into a markdown table and PNG plots")
@@ -39,7 +39,8 @@ def build_parser():
     p.add_argument("--no-plots", action="store_true")
     sub = p.add_subparsers(dest="suite")
 
-    ops = sub.add_parser("ops", help="per-op timings: bottleneck_mlp, mimic_loss, logit losses")
+    ops = sub.add_parser("ops", allow_abbrev=False,
+                         help="per-op timings: bottleneck_mlp, mimic_loss, logit losses")
     _common(ops)
     _shapes(ops, [4096, 8192, 16384, 32768])
     ops.add_argument("--loss-B", type=int, nargs="+", default=[4096, 65536])
@@ -50,11 +51,11 @@ def build_parser():
                      help="size of the square matmul in every rotation (default 2048 on CPU, 8192 on "
                           "a GPU): the peak each figure is scored against")
 
-    mem = sub.add_parser("memory", help="peak memory of a mimic_loss training step vs H")
+    mem = sub.add_parser("memory", allow_abbrev=False, help="peak memory of a mimic_loss training step vs H")
     _common(mem)
     _shapes(mem, [4096, 8192, 16384, 32768])
 
-    st = sub.add_parser("student", help="student vs deep teacher: throughput and latency")
+    st = sub.add_parser("student", allow_abbrev=False, help="student vs deep teacher: throughput and latency")
     _common(st)
     st.add_argument("--batch", type=int, default=256)
     st.add_argument("--pairs", type=int, nargs="*", default=None,
@@ -64,24 +65,28 @@ def build_parser():
     st.add_argument("--no-student-eager", dest="student_eager", action="store_false",
                     help="do not also time the student's parameters as an unfused chain")
 
-    sub.add_parser("cpu", help="the CPU side by side: fused cpu vs eager vs torch.compile vs ONNX, "
+    sub.add_parser("cpu", allow_abbrev=False,
+                   help="the CPU side by side: fused cpu vs eager vs torch.compile vs ONNX, "
                    "fp32/bf16, training step and inference, 1 and 2 threads, issue 17's targets; "
                    "see `bench cpu --help`", add_help=False)
-    sub.add_parser("gpu", help="the GPU script (benchmarks/gpu_bench.py); see `bench gpu --help`",
+    sub.add_parser("gpu", allow_abbrev=False,
+                   help="the GPU script (benchmarks/gpu_bench.py); see `bench gpu --help`",
                    add_help=False)
-    sub.add_parser("model", help="the triton backend's cost model (FLOPs, bytes, predicted time "
+    sub.add_parser("model", allow_abbrev=False,
+                   help="the triton backend's cost model (FLOPs, bytes, predicted time "
                    "per kernel); see `bench model --help`", add_help=False)
     check_help = ("exit 1 if a result file lacks a field of the current schema (written by an older "
                   "harness: rerun the command it names)")
     p.add_argument("--check", action="store_true", help="with --report: " + check_help)
-    rep = sub.add_parser("report", help="same as --report")
+    rep = sub.add_parser("report", allow_abbrev=False, help="same as --report")
     rep.add_argument("--out", default=None)
     # SUPPRESS: an option given before `report` is not reset by the subcommand's default
     rep.add_argument("--results", default=argparse.SUPPRESS, help="folder of result JSON")
     rep.add_argument("--no-plots", action="store_true", default=argparse.SUPPRESS)
     rep.add_argument("--check", action="store_true", default=argparse.SUPPRESS, help=check_help)
 
-    cmp_ = sub.add_parser("compare", help="flag slowdowns of a run against a saved baseline")
+    cmp_ = sub.add_parser("compare", allow_abbrev=False,
+                          help="flag slowdowns of a run against a saved baseline")
     cmp_.add_argument("baseline")
     cmp_.add_argument("current")
     cmp_.add_argument("--threshold", type=float, default=0.10,
@@ -113,9 +118,9 @@ def main(argv=None):
     if args.suite == "compare":
         return compare.compare_files(args.baseline, args.current, args.threshold, args.strict)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-            return 2
+        if not torch.cuda.is_available():  # `mimic-fast bench` prints it as its one error line
+            raise ValueError("--device cuda was given but no CUDA device is available here (torch "
+                             f"{torch.__version__}); use --device cpu")
     run = {"ops": suites.run_ops, "memory": suites.run_memory, "student": suites.run_student}[args.suite]
     doc = run(args, argv)
     print()

@@ -56,7 +56,7 @@ than 10% across the run is flagged. A target is met only if every run of its cas
 
 
 def build_parser(prog="mimic-fast bench cpu"):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog=prog, description=__doc__.split("\n\n")[0],
                                 epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None,
                    help="write the results here (e.g. benchmarks/results/cpu_side_by_side.json)")
@@ -238,7 +238,7 @@ def main(argv=None, log=print):
     try:
         args = parse_args(argv)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mimic-fast bench cpu: error: {e}", file=sys.stderr)
         return 2
     doc = run(args, argv, log)
     print()

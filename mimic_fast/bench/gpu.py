@@ -32,7 +32,7 @@ PASSES = ("forward", "full")
 
 
 def build_parser(prog="gpu_bench.py"):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="raw JSON path (default benchmarks/results/gpu_<device>.json)")
     p.add_argument("--part", default="ops", choices=("ops", "student", "all"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

@@ -98,7 +98,7 @@ def api_probes(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mimic_fast.bench.probe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m mimic_fast.bench.probe", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,6 +7,8 @@ run code. Scaling is fixed per data set and recorded in `meta`.
 """
 import math
 import pickle
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -63,7 +65,8 @@ def _labels(y, where):
     if y.ndim != 1:
         raise ValueError(f"{where}: labels must be 1-D (N,), got shape {y.shape}")
     if y.dtype.kind not in "iu":
-        if y.dtype.kind == "f" and y.size and np.all(y == np.round(y)):
+        if y.dtype.kind == "f" and y.size and np.all(np.isfinite(y)) and np.all(y == np.round(y)) \
+                and np.abs(y).max() < 2**53:
             y = y.astype(np.int64)
         else:
             raise ValueError(f"{where}: labels must be integers, got dtype {y.dtype}")
@@ -211,14 +214,24 @@ def _load_cifar10(root):
                             "mean": mean.tolist(), "std": std.tolist(), "root": str(root)})
 
 
+NPZ_KEYS = ("X", "y", "X_test", "y_test", "X_unlabelled")
+
+
+def _why(e):
+    """One line of why numpy / zipfile could not read a file or member."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
 def _load_npz(path, seed, test_fraction):
     if not path.is_file():
         raise FileNotFoundError(f"npz dataset {path} does not exist: expected an .npz file with "
                                 f"arrays X (N, D) float and y (N,) int")
     try:
         z = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e}): expected arrays X and y") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({_why(e)}): expected arrays X and "
+                         "y (numpy.savez)") from None
     if not hasattr(z, "files"):
         raise ValueError(f"{path} holds a single array, not an .npz archive with X and y")
     with z:
@@ -227,12 +240,21 @@ def _load_npz(path, seed, test_fraction):
             raise ValueError(f"{path} must contain arrays 'X' and 'y', found {sorted(keys)}")
         if ("X_test" in keys) != ("y_test" in keys):
             raise ValueError(f"{path}: X_test and y_test must be given together, found {sorted(keys)}")
-        arrays = {k: z[k] for k in keys}
+        arrays = {}
+        for k in sorted(keys & set(NPZ_KEYS)):  # members are read (and checked) here, one by one
+            try:
+                arrays[k] = z[k]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise ValueError(f"{path}: member {k} is not a readable array ({_why(e)}); write "
+                                 "the file again with numpy.savez (numbers only: no object "
+                                 "arrays)") from None
 
     def features(a, key):
-        if a.dtype.kind not in "fiub" or a.ndim < 2:
-            raise ValueError(f"{path}: {key} must be a numeric array (N, D...), got {a.shape} {a.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        if a.dtype.kind not in "fiub" or a.ndim < 2 or 0 in a.shape:
+            raise ValueError(f"{path}: {key} must be a numeric array (N, D...) with N, D >= 1, got "
+                             f"{a.shape} {a.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused below
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
         bad = int((~torch.isfinite(t)).sum())
         if bad:  # NaN/Inf (or float64 values beyond float32) would silently poison every loss
             raise ValueError(f"{path}: {key} has {bad} non-finite value(s) (NaN/Inf, or beyond the "
@@ -257,6 +279,12 @@ def _load_npz(path, seed, test_fraction):
             raise ValueError(f"{path}: X_unlabelled rows {tuple(unlabelled.shape[1:])} differ from "
                              f"X rows {tuple(X.shape[1:])}")
     num_classes = int(max(ytr.max().item() if len(ytr) else -1, yte.max().item() if len(yte) else -1)) + 1
+    distinct = len(torch.cat([ytr, yte]).unique())
+    if num_classes > max(1000, 10 * distinct):  # ids, not indices: every model would have C outputs
+        raise ValueError(f"{path}: the labels reach {num_classes - 1} but only {distinct} distinct "
+                         f"values occur: labels must be class indices 0..C-1 (every model gets "
+                         f"{num_classes} outputs); remap them, e.g. numpy.unique(y, "
+                         "return_inverse=True)[1]")
     return DataSplits(TensorDataset(Xtr, ytr), TensorDataset(Xte, yte), input_shape=tuple(X.shape[1:]),
                       num_classes=num_classes, name="npz",
                       meta={"path": str(path), "scaling": "none (values used as stored)",

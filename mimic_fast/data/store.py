@@ -20,6 +20,7 @@ see one file system where rank 0 reads the rows other ranks wrote (one node, or 
 file system).
 """
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -31,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._io import atomic_write_bytes, atomic_write_text, reader_lock, refuse_links, writer_lock
+from .._wording import option
 from ..distributed import dist_info
 from .identity import checksum, content_digest, first_field, input_digests
 
@@ -69,8 +71,16 @@ def read_header(directory):
     return header
 
 
+_MAX_INT = 2**63 - 1  # numpy's shapes and offsets are int64
+
+
 def _is_int(v, lo):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= _MAX_INT
+
+
+def _short(v):
+    text = repr(v)
+    return text if len(text) <= 40 else text[:20] + "..." + text[-8:] + f" ({len(text)} characters)"
 
 
 def _is_sha_list(v, length):
@@ -89,7 +99,7 @@ def validate_header(header, directory):
     bad = []
     for key, lo in (("n", 1), ("num_classes", 1), ("chunk_rows", 1), ("n_chunks", 1), ("committed", 0)):
         if not _is_int(header.get(key), lo):
-            bad.append(f"{key} must be an int >= {lo}, got {header.get(key)!r}")
+            bad.append(f"{key} must be an int in [{lo}, 2**63), got {_short(header.get(key))}")
     if header.get("dtype") not in {str(np.dtype(d)) for d in NP_DTYPES.values()}:
         bad.append(f"dtype must be float16, float32 or float64, got {header.get('dtype')!r}")
     if header.get("checksum") != "sha256":
@@ -100,9 +110,9 @@ def validate_header(header, directory):
         bad.append(f"complete must be true or false, got {header.get('complete')!r}")
     if not bad:
         n, rows, chunks, done = (header[k] for k in ("n", "chunk_rows", "n_chunks", "committed"))
-        if chunks != math.ceil(n / rows):
-            bad.append(f"n_chunks is {chunks} but n={n} rows in chunks of {rows} make "
-                       f"{math.ceil(n / rows)}")
+        need = -(-n // rows)  # integer ceil: a JSON int may exceed any float
+        if chunks != need:
+            bad.append(f"n_chunks is {chunks} but n={n} rows in chunks of {rows} make {need}")
         elif done > chunks:
             bad.append(f"committed is {done} but there are only {chunks} chunks")
         elif header["complete"] != (done == chunks):
@@ -515,10 +525,23 @@ def new_header(identity, num_classes, chunk_rows, world=1):
 
 
 def _empty_npy(f, dtype, shape):
-    """Write a zero-filled .npy of this dtype and shape to f (sparse: only its header is written)."""
+    """Write a zero-filled .npy of this dtype and shape to f, its rows' space allocated on disk now.
+    A sparse file would defer the allocation to the writes through the memmap, where a full disk is
+    a SIGBUS that kills the process without a word; allocated here, it is an OSError (ENOSPC)
+    before any row is written."""
     np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                              "fortran_order": False, "shape": tuple(shape)})
-    f.truncate(f.tell() + math.prod(shape) * dtype.itemsize)
+    offset, size = f.tell(), math.prod(shape) * dtype.itemsize
+    f.flush()
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(f.fileno(), offset, size)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    # no posix_fallocate (macOS) or a file system without it: sparse, as before
+    f.truncate(offset + size)
 
 
 def create_files(path, header):
@@ -563,8 +586,16 @@ def check_finite(out, stored, first_row, where, dtype):
                          f"({int(bad.sum())} of {where})")
     row = first_row + int((~torch.isfinite(stored).all(1)).nonzero()[0])
     raise ValueError(f"teacher logits for dataset row {row} overflow {dtype} (max |logit| "
-                     f"{out.abs().max().item():.3g}); store float32 (dtype=torch.float32, --dtype "
-                     "float32)")
+                     f"{out.abs().max().item():.3g}; {dtype} holds up to "
+                     f"{torch.finfo(dtype).max:.3g}); {overflow_remedy(dtype)}")
+
+
+def overflow_remedy(dtype):
+    """What to do about logits beyond the storage dtype's range."""
+    if dtype == torch.float16:
+        return f"store float32 ({option('dtype=torch.float32', '--dtype float32')})"
+    return ("logits that large are not a teacher's scores: check the teacher or the file "
+            "(subtracting each row's maximum changes no softmax)")
 
 
 def commit_chunk(path, header, k, logits, inputs):

@@ -240,7 +240,8 @@ def format_prediction(pred, shape):
 
 def main(argv=None):
     """`mimic-fast bench model`: print the cost model at the paper shape (or the given one)."""
-    p = argparse.ArgumentParser(prog="mimic-fast bench model", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="mimic-fast bench model",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--B", type=int, default=4096)
     p.add_argument("--D", type=int, default=PAPER["D"])
     p.add_argument("--k", type=int, default=PAPER["k"])

@@ -423,7 +423,7 @@ def main(argv=None):
     if K is None or K.INTERPRET:
         print("triton_offline: needs triton with TRITON_INTERPRET unset", file=sys.stderr)
         return 2
-    p = argparse.ArgumentParser(prog="python -m mimic_fast.ops.triton_offline",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m mimic_fast.ops.triton_offline",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", default=None)
