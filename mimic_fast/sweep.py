@@ -480,8 +480,10 @@ def _write_config(cfg, out, info):
             cfg = _union(saved["config"], cfg)
         if info is None:
             info = saved["info"]
-        write_json(path, {"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
-                          "command": command_line(cfg), "info": info})
+        new = {"format": FORMAT, "config": asdict(cfg), "recipe": recipe,
+               "command": command_line(cfg), "info": info}
+        if saved is None or json.loads(json.dumps(new)) != saved:  # an unchanged file stays as is
+            write_json(path, new)
 
 
 def _check_fits(cfg, data):

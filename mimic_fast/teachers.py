@@ -146,6 +146,12 @@ def _from_file(path, map_location, what):
             raise ValueError(f"{what} {path} looks like TorchScript but does not load "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                              ) from None
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic[:1] != b"\x80":  # neither a zip nor a pickle (protocol >= 2): no loader can read it
+        raise ValueError(f"{what} {path} is not a mimic_fast model file, TorchScript, torch.export "
+                         ".pt2 or torch.save(module) file (it is neither a zip archive nor a "
+                         "pickle)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception:  # not plain tensors and containers: a pickled object (a whole module)

@@ -115,7 +115,7 @@ def test_cli_import_logits_then_distill(tmp_path, capsys):
     assert cli.main([*args[:3], "--logits", str(tmp_path / "big.npy"), "--dtype", "float16",
                      "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert "use --dtype float32" in err and "dtype=torch" not in err
+    assert "store float32 (--dtype float32)" in err and "dtype=torch" not in err
     assert not (tmp_path / "b" / "transfer.pt").exists()
     student = tmp_path / "student"
     assert cli.main(["distill", "--dataset", "digits", "--logits", str(out), "--hidden", "32",

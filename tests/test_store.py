@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from mimic_fast._wording import cli_wording
 from mimic_fast.data import collect_logits, fingerprint
 from mimic_fast.data.collect import CHECKED_ROWS
 from mimic_fast.data.store import HEADER_NAME, LOGITS_NAME, LogitDataset, LogitStore
@@ -339,8 +340,12 @@ def test_non_finite_or_overflowing_logits_name_the_exact_row(tmp_path):
         out = x.clone()
         out[(x == X[6]).all(1)] = 1e6
         return out
-    with pytest.raises(ValueError, match=r"dataset row 6 overflow torch.float16 .*--dtype float32"):
+    with pytest.raises(ValueError, match=r"dataset row 6 overflow torch.float16 .*store float32 "
+                                         r"\(dtype=torch\.float32\)") as e:
         collect_logits(big_at_6, TensorDataset(X), tmp_path / "b", batch_size=8, progress=False)
+    assert "--dtype" not in str(e.value)  # a library call is told the keyword, the CLI the flag
+    with cli_wording(), pytest.raises(ValueError, match=r"store float32 \(--dtype float32\)"):
+        collect_logits(big_at_6, TensorDataset(X), tmp_path / "c", batch_size=8, progress=False)
 
 
 def test_damage_and_reuse_refusals_keep_their_own_remedies(tmp_path):

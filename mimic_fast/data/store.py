@@ -51,8 +51,12 @@ CHECK_INPUTS = ("all", "sample")
 SAMPLE_ROWS = 1024  # rows hashed by check_inputs="sample"
 CHUNK_BATCHES = 16  # default commit unit: this many batches of every rank
 NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-REMEDY = ("recollect it: collect_logits(..., overwrite=True), or the same `mimic-fast collect-logits` "
-          "command with --overwrite")
+def _remedy(what="it"):
+    """What to do about a damaged, foreign or outdated store (in the caller's words: a library call
+    is told both ways, the command line its own)."""
+    command = "the same `mimic-fast collect-logits` command with --overwrite"
+    return f"recollect {what}: " + option(f"collect_logits(..., overwrite=True), or {command}",
+                                          command)
 
 
 # ----------------------------------------------------------------------------- header and files
@@ -64,10 +68,10 @@ def read_header(directory):
     try:
         header = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is not a valid logit-store header ({e}); {REMEDY}") from None
+        raise ValueError(f"{p} is not a valid logit-store header ({e}); {_remedy()}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
-        raise ValueError(f"{p} is not a mimic_fast logit-store header (format {found!r}); {REMEDY}")
+        raise ValueError(f"{p} is not a mimic_fast logit-store header (format {found!r}); {_remedy()}")
     return header
 
 
@@ -95,7 +99,7 @@ def validate_header(header, directory):
     if header.get("version") != VERSION:
         raise ValueError(f"{p} is a logit store of format version {header.get('version')!r}; this "
                          f"mimic_fast reads version {VERSION} (teachers identified by all their "
-                         f"weights): {REMEDY}")
+                         f"weights): {_remedy()}")
     bad = []
     for key, lo in (("n", 1), ("num_classes", 1), ("chunk_rows", 1), ("n_chunks", 1), ("committed", 0)):
         if not _is_int(header.get(key), lo):
@@ -125,7 +129,7 @@ def validate_header(header, directory):
                 bad.append(f"{key} must list {done} sha256 hex digests (one per committed chunk), "
                            f"got {what}")
     if bad:
-        raise ValueError(f"{p} is not a valid logit-store header: {'; '.join(bad)}; {REMEDY}")
+        raise ValueError(f"{p} is not a valid logit-store header: {'; '.join(bad)}; {_remedy()}")
 
 
 def write_header(directory, header):
@@ -163,9 +167,9 @@ def open_npy(path, shape, dtype, mode="r"):
             offset = f.tell()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing but {Path(path).parent / HEADER_NAME} exists: "
-                                f"the store is broken; {REMEDY}") from None
+                                f"the store is broken; {_remedy()}") from None
     except ValueError as e:
-        raise ValueError(f"{path} is not a readable .npy file ({e}); {REMEDY}") from None
+        raise ValueError(f"{path} is not a readable .npy file ({e}); {_remedy()}") from None
     problems = []
     if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype) or fortran:
         problems.append(f"it holds {tuple(got_shape)} {got_dtype}{' (Fortran order)' if fortran else ''}"
@@ -176,7 +180,7 @@ def open_npy(path, shape, dtype, mode="r"):
             problems.append(f"it is {size} bytes but {tuple(shape)} {np.dtype(dtype)} rows need "
                             f"{expected} (truncated or padded)")
     if problems:
-        raise ValueError(f"{path}: {problems[0]}; {REMEDY}")
+        raise ValueError(f"{path}: {problems[0]}; {_remedy()}")
     return np.memmap(path, dtype=np.dtype(dtype), mode=mode, offset=offset, shape=tuple(shape))
 
 
@@ -329,7 +333,7 @@ class LogitStore:
             raise ValueError(f"dataset row {first} is not the input the logit store {self.path} "
                              f"holds logits for ({where}, first at index {first}): the store was "
                              f"made for other data or another row order; use the dataset it was made "
-                             f"for, or {REMEDY.replace('recollect it', 'recollect the logits')}")
+                             f"for, or {_remedy('the logits')}")
         if check_inputs == "all":
             self._checked.append(dataset)
 
@@ -386,7 +390,7 @@ class LogitStore:
                               f"{chunk_bounds(self.header, k)[1] - 1})" for k in bad[:5])
             more = f" and {len(bad) - 5} more chunks" if len(bad) > 5 else ""
             raise ValueError(f"logit store {self.path}: checksum mismatch in {spans}{more}: the files "
-                             f"were modified or corrupted after they were written; {REMEDY}")
+                             f"were modified or corrupted after they were written; {_remedy()}")
         return bad
 
     def __getstate__(self):
