@@ -8,6 +8,8 @@ import math
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -23,6 +25,8 @@ from mimic_fast.files import read_json, write_json
 from mimic_fast.models import DNN
 
 TIMINGS = {"train_s", "train_s_mean", "throughput", "invocation"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
 
 
 def _quiet(*a):
@@ -422,3 +426,64 @@ def test_a_changed_teacher_file_says_what_sweep_can_do(teacher_file, tmp_path, c
     assert f"delete {out}/points" in err
     shutil.rmtree(os.path.join(out, "points"))
     assert cli.main(argv) == 0
+
+
+def test_two_grids_on_one_out_record_a_command_that_reproduces_every_point(teacher_file, tmp_path,
+                                                                           capsys):
+    """Issue 20: a second sweep with another grid on the same --out recorded only its own grid, so
+    its command could not reproduce the report's points. The recorded grid is now the union."""
+    out = str(tmp_path / "sweep")
+    sweep.run(_config(teacher_file, hidden=(8,), seeds=1), out, progress=False, log=_quiet)
+    result = sweep.run(_config(teacher_file, hidden=(16,), bottleneck=(32,), seeds=2), out,
+                       progress=False, log=_quiet)
+    assert {p["hidden"] for p in result["points"]} == {8, 16}
+    assert result["config"]["hidden"] == [8, 16] and result["config"]["seeds"] == 2
+    assert "--hidden 8,16" in result["command"] and "--seeds" not in result["command"]
+    assert result["missing"] == ["conv0-k32-h8/labels-seed1", "conv0-k32-h8/mimic-seed1"]
+    # the recorded command is the union's: it trains the missing runs and reproduces every point
+    args = cli.build_parser().parse_args(shlex.split(result["command"])[1:])
+    assert sweep.config_from_args(args).resolved() == sweep.SweepConfig(
+        **{**_config(teacher_file).__dict__, "hidden": (8, 16), "seeds": 2}).resolved()
+    again = sweep.run(sweep.config_from_args(args), out, progress=False, log=_quiet)
+    assert again["missing"] == [] and again["command"] == result["command"]
+
+
+def test_parallel_shards_on_one_out_never_collide(teacher_file, tmp_path):
+    """Issue 20: `sweep --shard 0/2 & sweep --shard 1/2` on one --out failed one shard in 2 of 4
+    tries (one shard's temp file of sweep.png removed by the other's orphan clean-up, and the report
+    written by both at once). Two tries, each two processes started together on a one-point grid
+    (one run each: they finish and write the report together); the clean-up's own rule is tested
+    deterministically in test_train_integrity."""
+    argv = ["-m", "mimic_fast", "sweep", "--teacher", teacher_file, "--hidden", "8", "--seeds",
+            "1", "--epochs", "1", "--n-generated", "0", "--throughput-time", "0.01",
+            "--throughput-batches", "1", "--no-progress"]
+    for attempt in range(2):
+        out = str(tmp_path / f"try{attempt}")
+        procs = [subprocess.Popen([sys.executable, *argv, "--out", out, "--shard", f"{i}/2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=ENV) for i in range(2)]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+        report = read_json(os.path.join(out, "sweep.json"), "")
+        assert report["missing"] == [] and len(report["points"]) == 2
+        assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_the_figures_right_panel_has_a_legend_and_width_labels(full_run):
+    """Issue 20: the right panel (accuracy vs inference speed) had neither a legend nor H labels."""
+    import matplotlib.pyplot as plt
+
+    from mimic_fast import sweep_report
+
+    fig = sweep_report.figure(full_run[1])
+    try:
+        left, right = fig.axes
+        for ax in (left, right):
+            assert ax.get_legend() is not None
+            assert [t.get_text() for t in ax.get_legend().get_texts() if "mimicry" in t.get_text()]
+            assert {t.get_text() for t in ax.texts} >= {"H=8", "H=16"}
+            if ax.get_ylim()[0] > 0:
+                assert "axis from" in ax.get_ylabel()
+    finally:
+        plt.close(fig)

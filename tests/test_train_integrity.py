@@ -273,3 +273,28 @@ def test_orphaned_temp_files_are_removed_by_the_next_write(tmp_path):
     T.train_teacher(_mlp(), _xy(), out_dir=str(tmp_path), epochs=1, **KW)
     assert not orphan.exists() and other.exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(f".{T.CHECKPOINT}.")]
+
+
+def test_a_live_writers_temp_file_is_never_removed_a_dead_ones_is(tmp_path):
+    """Issue 20: sweep shards writing sweep.png together failed because one's orphan clean-up
+    removed the other's temp file mid-write. Temp names carry the writer's pid: only those of
+    processes that are gone (and of older versions, which carried none) are orphans."""
+    import mimic_fast._io as io_
+
+    target = tmp_path / "sweep.png"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        mine = tmp_path / f".sweep.png.{live.pid}-{io_._HOST}.ab12_cd3.tmp"  # a shard writing it
+        gone = tmp_path / f".sweep.png.{dead.pid}-{io_._HOST}.zz99_xy1.tmp"  # a killed shard's
+        away = tmp_path / f".sweep.png.{dead.pid}-0123abcd.qq11_rr2.tmp"  # another host's: unknown
+        other = tmp_path / f".sweep.png.json.{dead.pid}-{io_._HOST}.aa00_bb1.tmp"  # another file's
+        for p in (mine, gone, away, other):
+            p.write_bytes(b"partial")
+        io_.atomic_write_bytes(target, lambda f: f.write(b"png"))
+        assert target.read_bytes() == b"png"
+        assert mine.exists() and away.exists() and other.exists() and not gone.exists()
+    finally:
+        live.kill()
+        live.wait()
