@@ -282,7 +282,8 @@ def _op_samples():
             act = ACTIVATION_CODES["gelu" if bias else "relu"]
             plan = (32, cpu.LOOP_CODES["chunks" if bias else "gemm"], native)
             samples.append(("cpu_mlp_fwd", (x, U, V, b1, W, b2, act, *plan)))
-            samples.append(("cpu_mlp_bwd", (dy, x, z, U, V, b1, W, act, bias, *plan)))
+            for need_dx in (True, False):
+                samples.append(("cpu_mlp_bwd", (dy, x, z, U, V, b1, W, act, bias, need_dx, *plan)))
             for red in (0, 1, 2):
                 samples.append(("cpu_mimic_fwd", (x, U, V, b1, W, b2, t, act, red, *plan)))
     return samples
@@ -474,8 +475,8 @@ def test_direct_op_call_is_checked():
     z = x @ U.t()
     with pytest.raises(RuntimeError, match="z must be a CPU BFloat16 tensor"):
         xb, Ub, Vb, b1b, Wb = (t.bfloat16() for t in (x, U, V, b1, W))
-        torch.ops.mimic_fast.cpu_mlp_bwd(torch.randn(3, 3), xb, z, Ub, Vb, b1b, Wb, 0, True, 4, 0,
-                                         True)
+        torch.ops.mimic_fast.cpu_mlp_bwd(torch.randn(3, 3), xb, z, Ub, Vb, b1b, Wb, 0, True, True, 4,
+                                         0, True)
 
 
 def test_results_do_not_depend_on_chunk_or_loop_order(chunk):

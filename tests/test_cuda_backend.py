@@ -441,7 +441,7 @@ def test_unknown_activation_and_reduction_codes_are_rejected():
     with pytest.raises(RuntimeError, match="activation code must be"):
         ops.cuda_mlp_fwd(x, U, V, b1, W, b2, 4, 0)
     with pytest.raises(RuntimeError, match="activation code must be"):
-        ops.cuda_mlp_bwd(t, x, x @ U.t(), U, V, b1, W, -1, True, 0)
+        ops.cuda_mlp_bwd(t, x, x @ U.t(), U, V, b1, W, -1, True, True, 0)
     with pytest.raises(RuntimeError, match="activation code must be"):
         ops.cuda_bias_act(t, None, 9)
     with pytest.raises(RuntimeError, match="reduction code must be"):
@@ -503,7 +503,8 @@ def test_opcheck_every_op():
     ops = torch.ops.mimic_fast
     y, z = ops.cuda_mlp_fwd(x, U, V, b1, W, b2, 3, 128)
     opcheck(ops.cuda_mlp_fwd.default, (x, U, V, b1, W, b2, 3, 128))
-    opcheck(ops.cuda_mlp_bwd.default, (torch.randn_like(y), x, z, U, V, b1, W, 3, True, 128))
+    opcheck(ops.cuda_mlp_bwd.default, (torch.randn_like(y), x, z, U, V, b1, W, 3, True, True, 128))
+    opcheck(ops.cuda_mlp_bwd.default, (torch.randn_like(y), x, z, U, V, b1, W, 3, True, False, 128))
     opcheck(ops.cuda_mimic_fwd.default, (x, U, V, None, W, b2, t, 1, 2, 0))
     opcheck(ops.cuda_logit_mse.default, (y, t, 0, True))
     opcheck(ops.cuda_kd_loss.default, (y, t, 2.0))

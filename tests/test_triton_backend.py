@@ -133,8 +133,8 @@ def _check_direct(x, U, V, b1, W, b2, activation):
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, activation)
     assert_close(y, y_ref, "y")
     dy = _seed_grad(y.shape, y.dtype)
-    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, activation, b2 is not None)
-    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, b2 is not None)
+    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, activation, b2 is not None, True)
+    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, b2 is not None, True)
     for name, g, r in zip(_REF_GRADS, grads, g_ref):
         if r is None:
             assert g is None, name
@@ -190,11 +190,11 @@ def test_backward_is_bit_identical_run_to_run_in_every_mode():
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh")
     dy = _seed_grad(y.shape, y.dtype)
     with T.device_override(T.Device(64)):
-        first = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True)
+        first = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, True)
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
-            again = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True)
+            again = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, True)
         finally:
             torch.use_deterministic_algorithms(previous)
     for a, b in zip(first, again):
@@ -232,8 +232,8 @@ def test_weights_changed_outside_autograd_are_seen():
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh")
     assert_close(y, ref.mlp_fwd(x, U, V, b1, W, b2, "tanh")[0], "y after V.data changed")
     dy = _seed_grad(y.shape, y.dtype)
-    for name, g, r in zip(_REF_GRADS, T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True),
-                          ref.mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True)):
+    for name, g, r in zip(_REF_GRADS, T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, True),
+                          ref.mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, True)):
         assert_close(g, r, name)
     with torch.inference_mode():
         weights = [t.clone() for t in (U, V, b1, W, b2)]
@@ -254,13 +254,13 @@ def test_every_output_element_is_written(monkeypatch):
     ref = dispatch.get("reference")
     y_ref, z_ref = ref.mlp_fwd(x, U, V, b1, W, b2, "gelu")
     dy = _seed_grad(y_ref.shape, y_ref.dtype)
-    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "gelu", True)
+    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "gelu", True, True)
     monkeypatch.setattr(torch, "empty", nan_empty)
     _forced(monkeypatch, fwd_splits=3, bwd_bchunks=2, dv_splits=2, dz_splits=2, ws_rows=16,
             n_chunks=3)  # every partial buffer, several chunks, a stale workspace tail
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "gelu")
     loss, _, dy_unit = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "gelu", "none")
-    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True)
+    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, True)
     monkeypatch.undo()
     assert_close(y, y_ref, "y")
     assert_close(loss, (y_ref - t) ** 2, "loss (none)")
@@ -281,8 +281,8 @@ def test_padding_never_leaks():
     loss, z, dy = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "sigmoid", "sum")
     assert_close(loss, loss_ref, "loss")
     assert_close(dy, dy_ref, "dy_unit")
-    g_ref = ref.mlp_bwd(dy_ref, x, z_ref, U, V, b1, W, "sigmoid", True)
-    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "sigmoid", True)
+    g_ref = ref.mlp_bwd(dy_ref, x, z_ref, U, V, b1, W, "sigmoid", True, True)
+    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "sigmoid", True, True)
     for name, g, r in zip(_REF_GRADS, grads, g_ref):
         assert_close(g, r, name)
 
@@ -322,7 +322,7 @@ def test_no_batch_by_hidden_allocation_and_the_workspace_bound():
     assert p.workspace_bytes <= 256 * 2**20
     with AllocationRecorder() as rec:
         loss, z, dy = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "relu", "mean")
-        T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "relu", True)
+        T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "relu", True, True)
     # copy_ and set_ make no tensor (the interpreter stages its arguments' storages with them)
     sizes = [(n, op) for n, op in rec.sizes if "copy_" not in op and "set_" not in op]
     numel, op = max(sizes)
@@ -340,8 +340,9 @@ def test_opcheck_custom_ops():
         (T.triton_mlp_fwd, (x, U, V, None, W, None, "tanh")),
         (T.triton_mimic_fwd, (x, U, V, b1, W, b2, t, "relu", "mean")),
         (T.triton_mimic_fwd, (x, U, V, b1, W, b2, t, "relu", "none")),
-        (T.triton_mlp_bwd, (dy, x, z, U, V, b1, W, "relu", True)),
-        (T.triton_mlp_bwd, (dy, x, z, U, V, None, W, "relu", False)),
+        (T.triton_mlp_bwd, (dy, x, z, U, V, b1, W, "relu", True, True)),
+        (T.triton_mlp_bwd, (dy, x, z, U, V, b1, W, "relu", True, False)),
+        (T.triton_mlp_bwd, (dy, x, z, U, V, None, W, "relu", False, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
