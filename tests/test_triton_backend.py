@@ -3,13 +3,14 @@
 Forward and every gradient against the float64 reference (fp32: the tolerance table; fp16: the 2x
 rule against eager fp16) at small odd shapes, every activation, reduction, bias on/off, every split
 and chunk path of the plan (forced one by one), strides; poisoned (NaN-filled) buffers; bit-identical
-reruns; opcheck; compile fullgraph; no (B, H) allocation and the workspace bound; an fp16 dy below
-fp16's normal range; autotuning under CUDA-graph capture (mocked). Interpreter blocks are 16, so
-these shapes span several k, H, C and batch blocks.
+reruns; opcheck; compile fullgraph; no (B, H) allocation and the workspace bound; no dx matmul when
+x needs no gradient; an fp16 dy below fp16's normal range; autotuning under CUDA-graph capture
+(mocked). Interpreter blocks are 16, so these shapes span several k, H, C and batch blocks.
 bfloat16 is checked on a GPU only (tests/test_triton_gpu.py): the interpreter's bf16 is wrong.
 """
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mimic_fast as mf
 from mimic_fast import dispatch
@@ -328,6 +329,29 @@ def test_no_batch_by_hidden_allocation_and_the_workspace_bound():
     numel, op = max(sizes)
     assert numel < B * H, f"an allocation of {numel} elements (by {op}) is as large as B x H = {B * H}"
     assert p.rows * p.ws_rows in [n for n, _ in sizes]  # the workspace is the planned one
+
+
+def test_backward_without_dx_skips_its_gemm_and_allocation():
+    """need_dx=False: the launcher runs no dx = dz U matmul (2BDk FLOPs fewer, counted on the
+    launcher's own torch ops) and makes no (B, D) tensor; the other gradients are bit-identical."""
+    B, D, k, H, C = 19, 23, 17, 45, 18  # B*D: no other tensor of the backward has as many elements
+    x, U, V, b1, W, b2 = _direct_inputs((B, D, k, H, C))
+    y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "relu")
+    dy = _seed_grad(y.shape, y.dtype)
+
+    def backward(need_dx):
+        with FlopCounterMode(display=False) as fc:
+            with AllocationRecorder() as rec:
+                grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "relu", True, need_dx)
+        return grads, fc.get_total_flops(), [n for n, op in rec.sizes if "copy_" not in op]
+
+    (dx, *grads), flops_with, sizes = backward(True)
+    (no_dx, *grads_without), flops_without, sizes_without = backward(False)
+    assert dx.shape == x.shape and no_dx is None
+    assert flops_with - flops_without == 2 * B * D * k
+    assert B * D in sizes and B * D not in sizes_without
+    for name, a, b in zip(_REF_GRADS[1:], grads, grads_without):
+        assert torch.equal(a, b), name
 
 
 def test_opcheck_custom_ops():
