@@ -1,5 +1,6 @@
 """The cpu backend (csrc/cpu, torch.ops.mimic_fast.cpu_*): gradients, odd shapes, low precision,
-custom-op registration, torch.compile, and the no-(B, H)-allocation property.
+custom-op registration, torch.compile, the no-(B, H)-allocation property, and no dx (GEMM or
+allocation) when x needs no gradient.
 
 Tiny H chunks (the backend's tuning knob, cpu.tuning) make small problems span several chunks,
 ragged last one included. Skipped as a whole when the extension is not built.
@@ -282,7 +283,8 @@ def _op_samples():
             act = ACTIVATION_CODES["gelu" if bias else "relu"]
             plan = (32, cpu.LOOP_CODES["chunks" if bias else "gemm"], native)
             samples.append(("cpu_mlp_fwd", (x, U, V, b1, W, b2, act, *plan)))
-            samples.append(("cpu_mlp_bwd", (dy, x, z, U, V, b1, W, act, bias, *plan)))
+            for need_dx in (True, False):
+                samples.append(("cpu_mlp_bwd", (dy, x, z, U, V, b1, W, act, bias, need_dx, *plan)))
             for red in (0, 1, 2):
                 samples.append(("cpu_mimic_fwd", (x, U, V, b1, W, b2, t, act, red, *plan)))
     return samples
@@ -351,6 +353,38 @@ def test_never_allocates_batch_by_hidden(dtype, native, activation, chunk):
     # tensor would be at least B*H*2 bytes.
     assert largest <= torch.get_num_threads() * B * n * 4 < B * H * 2, \
         f"an allocation of {largest} bytes: more than one float32 tile of {n} columns per thread"
+
+
+@pytest.mark.parametrize("dtype,native", [(torch.float32, None), (torch.float64, None),
+                                          (torch.bfloat16, True), (torch.bfloat16, False),
+                                          (torch.float16, True), (torch.float16, False)])
+def test_backward_without_dx_skips_its_gemm_and_allocation(dtype, native, chunk):
+    """need_dx=False: the (B, D) dx is never allocated (nor its float32 GEMM output on the native
+    path), on both paths of the C++ op; every other gradient is bit for bit the same."""
+    from torch.profiler import ProfilerActivity, profile
+
+    chunk(16, "chunks", native=native)
+    B, D, k, H, C = 5, 301, 3, 70, 4  # B*D elements: no other tensor of the backward has as many
+    x, U, V, b1, W, b2 = make_mlp_inputs(B, D, k, H, C, dtype=dtype, requires_grad=False)
+    y, z = cpu.mlp_fwd(x, U, V, b1, W, b2, "gelu")
+    dy = torch.randn(B, C, dtype=torch.float32)
+
+    def backward(need_dx):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            grads = cpu.mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, need_dx)
+        events = prof.profiler.kineto_results.events()
+        return grads, [e.nbytes() for e in events if e.name() == "[memory]" and e.nbytes() > 0]
+
+    (dx, *grads), sizes = backward(True)
+    (no_dx, *grads_without), sizes_without = backward(False)
+    dx_bytes = B * D * x.element_size()
+    assert dx.shape == x.shape and dx_bytes in sizes, "the profiler missed the dx allocation"
+    assert no_dx is None
+    assert dx_bytes not in sizes_without, "need_dx=False still allocated a (B, D) dx"
+    if dtype in cpu.LOW_PRECISION and cpu.plan(B, H, dtype).native:  # its float32 GEMM output
+        assert sizes_without.count(B * D * 4) == sizes.count(B * D * 4) - 1
+    for name, a, b in zip(("dU", "dV", "db1", "dW", "db2"), grads, grads_without):
+        assert torch.equal(a, b), name
 
 
 def test_auto_picks_cpu_for_cpu_tensors():
@@ -474,8 +508,8 @@ def test_direct_op_call_is_checked():
     z = x @ U.t()
     with pytest.raises(RuntimeError, match="z must be a CPU BFloat16 tensor"):
         xb, Ub, Vb, b1b, Wb = (t.bfloat16() for t in (x, U, V, b1, W))
-        torch.ops.mimic_fast.cpu_mlp_bwd(torch.randn(3, 3), xb, z, Ub, Vb, b1b, Wb, 0, True, 4, 0,
-                                         True)
+        torch.ops.mimic_fast.cpu_mlp_bwd(torch.randn(3, 3), xb, z, Ub, Vb, b1b, Wb, 0, True, True, 4,
+                                         0, True)
 
 
 def test_results_do_not_depend_on_chunk_or_loop_order(chunk):
