@@ -7,7 +7,7 @@ A backend is a module under mimic_fast/ops exposing
     reasons(p: Problem) -> list[str]      # why it cannot serve these inputs (empty: it can)
     describe() -> dict                    # versions / build facts for mf.info()
     mlp_fwd(x, U, V, b1, W, b2, activation) -> (y, z)
-    mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2) -> (dx, dU, dV, db1, dW, db2)
+    mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx) -> (dx, dU, dV, db1, dW, db2)
     mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction) -> (loss, z, dy_unit)
     logit_mse_loss(s, t, reduction, zero_mean) -> loss   # optional: the loss ops (LOSS_OPS), with
     kd_loss(s, t, temperature) -> loss                   # autograd; loss in float32 or s's dtype
@@ -17,6 +17,9 @@ A backend is a module under mimic_fast/ops exposing
 x is (B, D) (any strides), b1/b2 may be None; z is whatever the backend wants saved for backward
 (x Uᵀ, (B, k)); y and loss are in x's dtype; dy may be x's dtype or float32; dy_unit is
 ∂loss/∂y for a unit upstream gradient (float32, (B, C)), scaled by the real one in backward.
+need_dx (positional, required, the argument after has_b2 in every backend's mlp_bwd and custom op)
+is autograd's ctx.needs_input_grad for x: when False the backend neither computes dx = dz U (2BDk
+FLOPs) nor allocates it, and returns dx = None (a student's x is data, and eager PyTorch skips it).
 `auto` picks the first backend in AUTO_ORDER for the device that can serve the inputs, and never
 catches a failure of the chosen one. A backend without a function for an op (the loss ops are
 optional) cannot serve it, and says so among its reasons.
@@ -42,8 +45,9 @@ AUTO_REASON = ("on CUDA a fixed order, not measured: no GPU benchmark has been c
                "the same chunked algorithm in PyTorch ops and is slower, and no backend holds the "
                "(B, H) hidden layer, so there is no unfused alternative. Against plain PyTorch "
                "(measured on a 2-core AVX2 EPYC, B=256, D=1845, k=250, C=183): inference 1.1-1.5x; "
-               "fp32 training 1.2-1.3x at H=32768 but 0.9-1.0x at H=8000 (the backward's recompute "
-               "of the hidden layer is ~15% more FLOPs and eager's (B, H) tensors are cheap there); "
+               "fp32 training 1.2-1.3x at H=32768 and 1.0-1.1x at H=8000 with x needing no grad "
+               "(0.95x at 2 threads under load: the backward's recompute of the hidden layer is ~15% "
+               "more FLOPs and eager's (B, H) tensors are cheap there); "
                "bf16 6-55x where the CPU lacks bf16 matrix units (plain PyTorch emulates bf16 GEMMs, "
                "the cpu backend computes in float32); steps under ~1 ms (tiny B and H) are slower "
                "than plain PyTorch by a fixed ~0.2 ms per call; the native bf16/fp16 path on "

@@ -1,11 +1,14 @@
 """Autograd corners of the fused ops: double backward, torch.func (grad, vmap), FlopCounterMode,
-autocast following nn.Linear, the meta device."""
+no dx when x needs no gradient (every backend), autocast following nn.Linear, the meta device."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import mimic_fast as mf
+from mimic_fast import dispatch
 from mimic_fast.ops import flops
 from helpers import eager_mlp, make_mlp_inputs
 from mimic_fast.testing import assert_close
@@ -17,18 +20,21 @@ ACTS = ["relu", "sigmoid", "tanh", "gelu"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["tanh", "gelu"])
-def test_double_backward_matches_plain_pytorch(backend, activation):
+@pytest.mark.parametrize("activation,x_grad", [("tanh", True), ("gelu", True), ("tanh", False)])
+def test_double_backward_matches_plain_pytorch(backend, activation, x_grad):
     x, U, V, b1, W, b2 = make_mlp_inputs(3, 5, 2, 7, 4, dtype=torch.float64)
+    x.requires_grad_(x_grad)  # without: the create_graph path skips dx, as autograd would drop it
     ins = (x, U, V, b1, W, b2)
+    wrt = ins if x_grad else ins[1:]
 
     def grad_norm(f):
-        g = torch.autograd.grad(f(*ins).square().sum(), ins, create_graph=True)
-        return torch.autograd.grad(sum(t.square().sum() for t in g), ins)
+        g = torch.autograd.grad(f(*ins).square().sum(), wrt, create_graph=True)
+        return torch.autograd.grad(sum(t.square().sum() for t in g), wrt)
 
     fused = grad_norm(lambda *a: mf.bottleneck_mlp(*a, activation=activation, backend=backend))
     plain = grad_norm(lambda *a: eager_mlp(*a, activation=activation))
-    for name, a, b in zip("x U V b1 W b2".split(), fused, plain):
+    names = "x U V b1 W b2".split()[len(ins) - len(wrt):]
+    for name, a, b in zip(names, fused, plain):
         assert_close(a, b, f"second-order d{name}")
     assert torch.autograd.gradgradcheck(
         lambda *a: mf.bottleneck_mlp(*a, activation=activation, backend=backend), ins)
@@ -81,24 +87,79 @@ def test_vmap_mimic_loss_keeps_each_reduction(reduction):
     assert_close(out, want, f"vmap mimic_loss {reduction}")
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("backend", ["reference"] + KERNELS)
-def test_flop_counter_counts_the_fused_ops(backend):
+def test_flop_counter_counts_the_fused_ops(backend, x_grad):
     B, D, k, H, C = 3, 5, 2, 7, 4
     x, U, V, b1, W, b2 = make_mlp_inputs(B, D, k, H, C)
+    x.requires_grad_(x_grad)
+    t = torch.randn(B, C)
 
-    def count(f):
+    def count(f, backward=True):
         with FlopCounterMode(display=False) as fc:
-            f(x, U, V, b1, W, b2).sum().backward()
+            out = f(x, U, V, b1, W, b2)
+            if backward:
+                out.sum().backward()
         return fc.get_total_flops()
 
-    # every backend executes the same GEMMs: the eager chain's (x needs a gradient here) plus the
-    # backward's recompute of a = z Vᵀ
-    executed = flops.mlp_flops(B, D, k, H, C, "full", input_grad=True, recompute=True)
-    assert count(eager_mlp) == flops.mlp_flops(B, D, k, H, C, "full", input_grad=True)
+    # every backend executes the same GEMMs: the eager chain's (dx = dz U only when x needs a
+    # gradient, as eager) plus the backward's recompute of a = z Vᵀ. The reference's PyTorch ops
+    # are counted as they run; the kernels' ops by their formula, from the need_dx they are passed.
+    executed = flops.mlp_flops(B, D, k, H, C, "full", input_grad=x_grad, recompute=True)
+    assert count(eager_mlp) == flops.mlp_flops(B, D, k, H, C, "full", input_grad=x_grad)
     assert count(lambda *a: mf.bottleneck_mlp(*a, backend=backend)) == executed
-    with FlopCounterMode(display=False) as fc:
-        mf.mimic_loss(x, U, V, b1, W, b2, torch.randn(B, C), backend=backend)
-    assert fc.get_total_flops() == flops.mlp_flops(B, D, k, H, C, "forward")
+    assert count(lambda *a: mf.mimic_loss(*a, t, backend=backend)) == executed
+    assert count(lambda *a: mf.mimic_loss(*a, t, backend=backend), backward=False) == \
+        flops.mlp_flops(B, D, k, H, C, "forward")
+
+
+def _tuned(backend):
+    """Several chunks (a ragged last one) in the chunks loop order for the cpu backend."""
+    if backend == "cpu":
+        return dispatch.get("cpu").tuning(chunk_h=16, loop="chunks")
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("op", ["mlp", "mimic"])
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+def test_x_without_grad_gets_none_and_the_same_other_grads(backend, op):
+    """x is data for a student: no dx, and every other gradient bit for bit what it is when dx is
+    computed (the same kernels run, less the dx GEMM)."""
+    B, D, k, H, C = 19, 13, 17, 45, 18
+    x0, *weights = make_mlp_inputs(B, D, k, H, C)
+    t = torch.randn(B, C)
+    f = {"mlp": lambda *a: mf.bottleneck_mlp(*a, activation="tanh", backend=backend),
+         "mimic": lambda *a: mf.mimic_loss(*a, t, activation="tanh", backend=backend)}[op]
+
+    def run(x_grad):
+        x = x0.detach().clone().requires_grad_(x_grad)
+        for w in weights:
+            w.grad = None
+        with _tuned(backend):
+            out = f(x, *weights)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)))
+        return x.grad, [w.grad for w in weights]
+
+    dx, grads = run(True)
+    no_dx, grads_without = run(False)
+    assert dx is not None and dx.shape == x0.shape and no_dx is None
+    for name, a, b in zip(("U", "V", "b1", "W", "b2"), grads, grads_without):
+        assert torch.equal(a, b), f"d{name} changed when dx was skipped"
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNELS)
+def test_backend_mlp_bwd_returns_no_dx_when_not_needed(backend):
+    """The backend interface itself (autograd would drop a dx returned for x without grad)."""
+    x, U, V, b1, W, b2 = (t.detach() for t in make_mlp_inputs(19, 13, 17, 45, 18))
+    ops = dispatch.get(backend)
+    with _tuned(backend):
+        y, z = ops.mlp_fwd(x, U, V, b1, W, b2, "gelu")
+        dy = torch.randn_like(y)
+        with_dx = ops.mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, True)
+        without = ops.mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, False)
+    assert with_dx[0].shape == x.shape and without[0] is None
+    for name, a, b in zip(("dU", "dV", "db1", "dW", "db2"), with_dx[1:], without[1:]):
+        assert torch.equal(a, b), name
 
 
 def test_autocast_follows_nn_linear():

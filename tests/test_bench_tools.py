@@ -517,3 +517,11 @@ def test_cost_model_prediction_sits_beside_the_triton_figures():
     case = providers.Case("mimic_loss", 512, 183, 1845, 250, 8000, "bfloat16", "cuda")
     assert eager["floor_ms"] == pytest.approx(max(case.flops("full") / 700e12,
                                                   case.bytes("full") / 4000e9) * 1e3)
+
+
+def test_correctness_check_compares_with_float64_of_the_same_rounded_inputs():
+    # with the reference on unrounded float64 inputs, the input rounding counted as the provider's
+    # error and the cpu backend's bf16 dU at this shape was refused (0.0029 against a 0.0029 limit)
+    pytest.importorskip("mimic_fast._C")
+    case = providers.Case("mimic_loss", 32, 10, 64, 16, 96, "bfloat16", "cpu")
+    providers.check_provider("cpu", case)

@@ -1,11 +1,11 @@
 """The cpu backend (csrc/cpu, torch.ops.mimic_fast.cpu_*): gradients, odd shapes, low precision,
-custom-op registration, torch.compile, and the no-(B, H)-allocation property.
+custom-op registration, torch.compile, the no-(B, H)-allocation property, and no dx (GEMM or
+allocation) when x needs no gradient.
 
 Tiny H chunks (the backend's tuning knob, cpu.tuning) make small problems span several chunks,
 ragged last one included. Skipped as a whole when the extension is not built.
 """
 import contextlib
-import math
 
 import pytest
 import torch
@@ -154,16 +154,6 @@ LOW_SHAPES = [  # B, D, k, H, C, lead, chunk
 ]
 
 
-def _within_2x(actual, ref, base, name):
-    """The 2x rule with its atol floored at one unit in the last place of the tensor's largest
-    element in the low-precision dtype: below the dtype's resolution a result that rounds to the
-    neighbouring grid point is as right as one that rounds to the nearest (a bias gradient summed
-    from a few rows is one element, and plain PyTorch's draw lands on either)."""
-    big = ref.detach().abs().max().item() if ref.numel() else 0.0
-    ulp = torch.finfo(actual.dtype).eps * 2.0 ** math.floor(math.log2(big)) if big > 0 else 0.0
-    assert_within_2x(actual, ref, base, name, atol=max(ATOL_2X[actual.dtype], ulp))
-
-
 def _eager_loss(out, t, reduction):
     return torch.nn.functional.mse_loss(out, t, reduction=reduction)
 
@@ -185,10 +175,10 @@ def test_low_precision_mlp_within_2x_of_pytorch(dtype, path, activation, B, D, k
     out_b, grads_b = _run(lambda *t: eager_mlp(*t, activation), base, g.to(dtype))
     out_r, grads_r = _run(lambda *t: eager_mlp(*t, activation), ref, g)
     assert out.dtype == dtype and all(gr is None or gr.dtype == dtype for gr in grads)
-    _within_2x(out, out_r, out_b, "output")
+    assert_within_2x(out, out_r, out_b, "output")
     for name, a, r, b in zip(NAMES, grads, grads_r, grads_b):
         if r is not None:
-            _within_2x(a, r, b, f"grad {name}")
+            assert_within_2x(a, r, b, f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -196,7 +186,7 @@ def test_low_precision_mlp_within_2x_of_pytorch(dtype, path, activation, B, D, k
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("B,D,k,H,C,lead,n", LOW_SHAPES[:2])
-def test_low_precision_mimic_loss_within_2x(dtype, path, reduction, activation, B, D, k, H, C, lead,
+def test_low_precision_mimic_lossassert_within_2x(dtype, path, reduction, activation, B, D, k, H, C, lead,
                                             n, chunk):
     chunk(n, native=PATHS[path])
     inputs = make_mlp_inputs(B, D, k, H, C, dtype=dtype, lead=lead)
@@ -214,9 +204,9 @@ def test_low_precision_mimic_loss_within_2x(dtype, path, reduction, activation, 
     loss_r = _eager_loss(eager_mlp(*ref, activation), t.to(dtype).double(), reduction)
     loss_r.backward(g)
     assert loss.dtype == dtype and loss.shape == loss_r.shape
-    _within_2x(loss, loss_r, loss_b, "loss")
+    assert_within_2x(loss, loss_r, loss_b, "loss")
     for name, a, r, b in zip(NAMES, _grads(inputs), _grads(ref), _grads(base)):
-        _within_2x(a, r, b, f"grad {name}")
+        assert_within_2x(a, r, b, f"grad {name}")
 
 
 def test_native_path_keeps_operands_low_and_sums_in_float32(chunk):
@@ -282,7 +272,8 @@ def _op_samples():
             act = ACTIVATION_CODES["gelu" if bias else "relu"]
             plan = (32, cpu.LOOP_CODES["chunks" if bias else "gemm"], native)
             samples.append(("cpu_mlp_fwd", (x, U, V, b1, W, b2, act, *plan)))
-            samples.append(("cpu_mlp_bwd", (dy, x, z, U, V, b1, W, act, bias, *plan)))
+            for need_dx in (True, False):
+                samples.append(("cpu_mlp_bwd", (dy, x, z, U, V, b1, W, act, bias, need_dx, *plan)))
             for red in (0, 1, 2):
                 samples.append(("cpu_mimic_fwd", (x, U, V, b1, W, b2, t, act, red, *plan)))
     return samples
@@ -351,6 +342,38 @@ def test_never_allocates_batch_by_hidden(dtype, native, activation, chunk):
     # tensor would be at least B*H*2 bytes.
     assert largest <= torch.get_num_threads() * B * n * 4 < B * H * 2, \
         f"an allocation of {largest} bytes: more than one float32 tile of {n} columns per thread"
+
+
+@pytest.mark.parametrize("dtype,native", [(torch.float32, None), (torch.float64, None),
+                                          (torch.bfloat16, True), (torch.bfloat16, False),
+                                          (torch.float16, True), (torch.float16, False)])
+def test_backward_without_dx_skips_its_gemm_and_allocation(dtype, native, chunk):
+    """need_dx=False: the (B, D) dx is never allocated (nor its float32 GEMM output on the native
+    path), on both paths of the C++ op; every other gradient is bit for bit the same."""
+    from torch.profiler import ProfilerActivity, profile
+
+    chunk(16, "chunks", native=native)
+    B, D, k, H, C = 5, 301, 3, 70, 4  # B*D elements: no other tensor of the backward has as many
+    x, U, V, b1, W, b2 = make_mlp_inputs(B, D, k, H, C, dtype=dtype, requires_grad=False)
+    y, z = cpu.mlp_fwd(x, U, V, b1, W, b2, "gelu")
+    dy = torch.randn(B, C, dtype=torch.float32)
+
+    def backward(need_dx):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            grads = cpu.mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, need_dx)
+        events = prof.profiler.kineto_results.events()
+        return grads, [e.nbytes() for e in events if e.name() == "[memory]" and e.nbytes() > 0]
+
+    (dx, *grads), sizes = backward(True)
+    (no_dx, *grads_without), sizes_without = backward(False)
+    dx_bytes = B * D * x.element_size()
+    assert dx.shape == x.shape and dx_bytes in sizes, "the profiler missed the dx allocation"
+    assert no_dx is None
+    assert dx_bytes not in sizes_without, "need_dx=False still allocated a (B, D) dx"
+    if dtype in cpu.LOW_PRECISION and cpu.plan(B, H, dtype).native:  # its float32 GEMM output
+        assert sizes_without.count(B * D * 4) == sizes.count(B * D * 4) - 1
+    for name, a, b in zip(("dU", "dV", "db1", "dW", "db2"), grads, grads_without):
+        assert torch.equal(a, b), name
 
 
 def test_auto_picks_cpu_for_cpu_tensors():
@@ -474,8 +497,8 @@ def test_direct_op_call_is_checked():
     z = x @ U.t()
     with pytest.raises(RuntimeError, match="z must be a CPU BFloat16 tensor"):
         xb, Ub, Vb, b1b, Wb = (t.bfloat16() for t in (x, U, V, b1, W))
-        torch.ops.mimic_fast.cpu_mlp_bwd(torch.randn(3, 3), xb, z, Ub, Vb, b1b, Wb, 0, True, 4, 0,
-                                         True)
+        torch.ops.mimic_fast.cpu_mlp_bwd(torch.randn(3, 3), xb, z, Ub, Vb, b1b, Wb, 0, True, True, 4,
+                                         0, True)
 
 
 def test_results_do_not_depend_on_chunk_or_loop_order(chunk):

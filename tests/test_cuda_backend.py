@@ -7,7 +7,8 @@ tolerance table, bf16/fp16 by the 2x rule) at aligned and misaligned narrow dims
 loss kernels against functional, determinism, the chunk loops' own graph replay against the same
 step uncaptured (outputs never aliased, in-place parameter updates seen, no host sync in steady
 state under set_sync_debug_mode("error")), a caller's own capture, rejected activation/reduction
-codes, opcheck, torch.compile, and the peak-memory proof that no (B, H) tensor exists.
+codes, opcheck, torch.compile, the peak-memory proof that no (B, H) tensor exists, and no dx when x
+needs no gradient.
 """
 import pytest
 import torch
@@ -441,7 +442,7 @@ def test_unknown_activation_and_reduction_codes_are_rejected():
     with pytest.raises(RuntimeError, match="activation code must be"):
         ops.cuda_mlp_fwd(x, U, V, b1, W, b2, 4, 0)
     with pytest.raises(RuntimeError, match="activation code must be"):
-        ops.cuda_mlp_bwd(t, x, x @ U.t(), U, V, b1, W, -1, True, 0)
+        ops.cuda_mlp_bwd(t, x, x @ U.t(), U, V, b1, W, -1, True, True, 0)
     with pytest.raises(RuntimeError, match="activation code must be"):
         ops.cuda_bias_act(t, None, 9)
     with pytest.raises(RuntimeError, match="reduction code must be"):
@@ -503,12 +504,36 @@ def test_opcheck_every_op():
     ops = torch.ops.mimic_fast
     y, z = ops.cuda_mlp_fwd(x, U, V, b1, W, b2, 3, 128)
     opcheck(ops.cuda_mlp_fwd.default, (x, U, V, b1, W, b2, 3, 128))
-    opcheck(ops.cuda_mlp_bwd.default, (torch.randn_like(y), x, z, U, V, b1, W, 3, True, 128))
+    opcheck(ops.cuda_mlp_bwd.default, (torch.randn_like(y), x, z, U, V, b1, W, 3, True, True, 128))
+    opcheck(ops.cuda_mlp_bwd.default, (torch.randn_like(y), x, z, U, V, b1, W, 3, True, False, 128))
     opcheck(ops.cuda_mimic_fwd.default, (x, U, V, None, W, b2, t, 1, 2, 0))
     opcheck(ops.cuda_logit_mse.default, (y, t, 0, True))
     opcheck(ops.cuda_kd_loss.default, (y, t, 2.0))
     opcheck(ops.cuda_bias_act.default, (y, b2, 2))
     opcheck(ops.cuda_bias_act_bwd.default, (y, None, torch.randn_like(y), 0))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_x_without_grad_gets_no_dx_and_the_same_other_grads(dtype):
+    """need_dx=False (x needs no gradient): the op returns an empty dx (no (B, D) tensor, no dx
+    GEMM), the wrapper None, and every other gradient is bit for bit the need_dx=True one."""
+    x, U, V, b1, W, b2 = (t.detach() for t in make_mlp_inputs(6, 301, 4, 300, 5, dtype=dtype,
+                                                              device="cuda"))
+    with cuda.graphs(False):  # the same eager chunk loop for both calls
+        y, z = cuda.mlp_fwd(x, U, V, b1, W, b2, "gelu", 128)
+        dy = torch.randn_like(y)
+        with_dx = cuda.mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, True, 128)
+        without = cuda.mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, False, 128)
+        raw = torch.ops.mimic_fast.cuda_mlp_bwd(dy, x, z, U, V, b1, W, ACTIVATION_CODES["gelu"],
+                                                True, False, 128)
+        t = torch.randn(6, 5, device="cuda", dtype=dtype)
+        weights = [w.requires_grad_() for w in (U, V, b1, W, b2)]
+        mf.mimic_loss(x, *weights, t, backend="cuda").backward()
+    assert with_dx[0].shape == x.shape and without[0] is None and raw[0].numel() == 0
+    for name, a, b in zip(PARAMS[1:], with_dx[1:], without[1:]):
+        assert torch.equal(a, b), name
+    assert x.grad is None and all(w.grad is not None for w in weights)
 
 
 @gpu

@@ -3,13 +3,14 @@
 Forward and every gradient against the float64 reference (fp32: the tolerance table; fp16: the 2x
 rule against eager fp16) at small odd shapes, every activation, reduction, bias on/off, every split
 and chunk path of the plan (forced one by one), strides; poisoned (NaN-filled) buffers; bit-identical
-reruns; opcheck; compile fullgraph; no (B, H) allocation and the workspace bound; an fp16 dy below
-fp16's normal range; autotuning under CUDA-graph capture (mocked). Interpreter blocks are 16, so
-these shapes span several k, H, C and batch blocks.
+reruns; opcheck; compile fullgraph; no (B, H) allocation and the workspace bound; no dx matmul when
+x needs no gradient; an fp16 dy below fp16's normal range; autotuning under CUDA-graph capture
+(mocked). Interpreter blocks are 16, so these shapes span several k, H, C and batch blocks.
 bfloat16 is checked on a GPU only (tests/test_triton_gpu.py): the interpreter's bf16 is wrong.
 """
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mimic_fast as mf
 from mimic_fast import dispatch
@@ -133,8 +134,8 @@ def _check_direct(x, U, V, b1, W, b2, activation):
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, activation)
     assert_close(y, y_ref, "y")
     dy = _seed_grad(y.shape, y.dtype)
-    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, activation, b2 is not None)
-    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, b2 is not None)
+    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, activation, b2 is not None, True)
+    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, b2 is not None, True)
     for name, g, r in zip(_REF_GRADS, grads, g_ref):
         if r is None:
             assert g is None, name
@@ -190,11 +191,11 @@ def test_backward_is_bit_identical_run_to_run_in_every_mode():
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh")
     dy = _seed_grad(y.shape, y.dtype)
     with T.device_override(T.Device(64)):
-        first = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True)
+        first = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, True)
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
-            again = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True)
+            again = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, True)
         finally:
             torch.use_deterministic_algorithms(previous)
     for a, b in zip(first, again):
@@ -232,8 +233,8 @@ def test_weights_changed_outside_autograd_are_seen():
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "tanh")
     assert_close(y, ref.mlp_fwd(x, U, V, b1, W, b2, "tanh")[0], "y after V.data changed")
     dy = _seed_grad(y.shape, y.dtype)
-    for name, g, r in zip(_REF_GRADS, T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True),
-                          ref.mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True)):
+    for name, g, r in zip(_REF_GRADS, T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, True),
+                          ref.mlp_bwd(dy, x, z, U, V, b1, W, "tanh", True, True)):
         assert_close(g, r, name)
     with torch.inference_mode():
         weights = [t.clone() for t in (U, V, b1, W, b2)]
@@ -254,13 +255,13 @@ def test_every_output_element_is_written(monkeypatch):
     ref = dispatch.get("reference")
     y_ref, z_ref = ref.mlp_fwd(x, U, V, b1, W, b2, "gelu")
     dy = _seed_grad(y_ref.shape, y_ref.dtype)
-    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "gelu", True)
+    g_ref = ref.mlp_bwd(dy, x, z_ref, U, V, b1, W, "gelu", True, True)
     monkeypatch.setattr(torch, "empty", nan_empty)
     _forced(monkeypatch, fwd_splits=3, bwd_bchunks=2, dv_splits=2, dz_splits=2, ws_rows=16,
             n_chunks=3)  # every partial buffer, several chunks, a stale workspace tail
     y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "gelu")
     loss, _, dy_unit = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "gelu", "none")
-    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True)
+    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "gelu", True, True)
     monkeypatch.undo()
     assert_close(y, y_ref, "y")
     assert_close(loss, (y_ref - t) ** 2, "loss (none)")
@@ -281,8 +282,8 @@ def test_padding_never_leaks():
     loss, z, dy = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "sigmoid", "sum")
     assert_close(loss, loss_ref, "loss")
     assert_close(dy, dy_ref, "dy_unit")
-    g_ref = ref.mlp_bwd(dy_ref, x, z_ref, U, V, b1, W, "sigmoid", True)
-    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "sigmoid", True)
+    g_ref = ref.mlp_bwd(dy_ref, x, z_ref, U, V, b1, W, "sigmoid", True, True)
+    grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "sigmoid", True, True)
     for name, g, r in zip(_REF_GRADS, grads, g_ref):
         assert_close(g, r, name)
 
@@ -322,12 +323,35 @@ def test_no_batch_by_hidden_allocation_and_the_workspace_bound():
     assert p.workspace_bytes <= 256 * 2**20
     with AllocationRecorder() as rec:
         loss, z, dy = T.fused_mimic_fwd(x, U, V, b1, W, b2, t, "relu", "mean")
-        T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "relu", True)
+        T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "relu", True, True)
     # copy_ and set_ make no tensor (the interpreter stages its arguments' storages with them)
     sizes = [(n, op) for n, op in rec.sizes if "copy_" not in op and "set_" not in op]
     numel, op = max(sizes)
     assert numel < B * H, f"an allocation of {numel} elements (by {op}) is as large as B x H = {B * H}"
     assert p.rows * p.ws_rows in [n for n, _ in sizes]  # the workspace is the planned one
+
+
+def test_backward_without_dx_skips_its_gemm_and_allocation():
+    """need_dx=False: the launcher runs no dx = dz U matmul (2BDk FLOPs fewer, counted on the
+    launcher's own torch ops) and makes no (B, D) tensor; the other gradients are bit-identical."""
+    B, D, k, H, C = 19, 23, 17, 45, 18  # B*D: no other tensor of the backward has as many elements
+    x, U, V, b1, W, b2 = _direct_inputs((B, D, k, H, C))
+    y, z = T.fused_mlp_fwd(x, U, V, b1, W, b2, "relu")
+    dy = _seed_grad(y.shape, y.dtype)
+
+    def backward(need_dx):
+        with FlopCounterMode(display=False) as fc:
+            with AllocationRecorder() as rec:
+                grads = T.fused_mlp_bwd(dy, x, z, U, V, b1, W, "relu", True, need_dx)
+        return grads, fc.get_total_flops(), [n for n, op in rec.sizes if "copy_" not in op]
+
+    (dx, *grads), flops_with, sizes = backward(True)
+    (no_dx, *grads_without), flops_without, sizes_without = backward(False)
+    assert dx.shape == x.shape and no_dx is None
+    assert flops_with - flops_without == 2 * B * D * k
+    assert B * D in sizes and B * D not in sizes_without
+    for name, a, b in zip(_REF_GRADS[1:], grads, grads_without):
+        assert torch.equal(a, b), name
 
 
 def test_opcheck_custom_ops():
@@ -340,8 +364,9 @@ def test_opcheck_custom_ops():
         (T.triton_mlp_fwd, (x, U, V, None, W, None, "tanh")),
         (T.triton_mimic_fwd, (x, U, V, b1, W, b2, t, "relu", "mean")),
         (T.triton_mimic_fwd, (x, U, V, b1, W, b2, t, "relu", "none")),
-        (T.triton_mlp_bwd, (dy, x, z, U, V, b1, W, "relu", True)),
-        (T.triton_mlp_bwd, (dy, x, z, U, V, None, W, "relu", False)),
+        (T.triton_mlp_bwd, (dy, x, z, U, V, b1, W, "relu", True, True)),
+        (T.triton_mlp_bwd, (dy, x, z, U, V, b1, W, "relu", True, False)),
+        (T.triton_mlp_bwd, (dy, x, z, U, V, None, W, "relu", False, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",

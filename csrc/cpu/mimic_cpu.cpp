@@ -349,7 +349,7 @@ std::tuple<Tensor, Tensor> forward_wide(const Tensor& x, const Tensor& U, const 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
     const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
     const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2,
-    int64_t chunk_h, int64_t loop) {
+    bool need_dx, int64_t chunk_h, int64_t loop) {
   const auto t = x.scalar_type();
   const auto cd = dtypes_of(t, false).op;
   const int64_t B = x.size(0), k = U.size(0), H = V.size(0), C = W.size(0);
@@ -391,7 +391,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
   Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
   if (!native && b1.has_value()) db1.copy_(db1_cd);
   Tensor dU = at::mm(dz.t(), x.to(cd)).to(t);
-  Tensor dx = at::mm(dz, U.to(cd)).to(t);
+  Tensor dx = need_dx ? at::mm(dz, U.to(cd)).to(t) : at::empty({0}, x.options());
   Tensor db2 = has_b2 ? dyc.sum(0).to(t) : at::empty({0}, x.options());
   return {dx, dU, dV, db1, dW, db2};
 }
@@ -478,7 +478,7 @@ std::tuple<Tensor, Tensor> forward_low(const Tensor& x, const Tensor& U, const T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
     const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
     const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2,
-    int64_t chunk_h, int64_t loop) {
+    bool need_dx, int64_t chunk_h, int64_t loop) {
   const auto t = x.scalar_type();
   const auto f32 = x.options().dtype(at::kFloat);
   const int64_t B = x.size(0), D = x.size(1), k = U.size(0), H = V.size(0), C = W.size(0);
@@ -525,10 +525,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
   const Tensor dzL = dz.to(t);
   Tensor dU32 = at::empty({k, D}, f32);
   mm_f32(dzL.t(), gemm_ready(x), dU32, false);
-  Tensor dx32 = at::empty({B, D}, f32);
-  mm_f32(dzL, gemm_ready(U), dx32, false);
+  Tensor dx = at::empty({0}, x.options());
+  if (need_dx) {
+    Tensor dx32 = at::empty({B, D}, f32);
+    mm_f32(dzL, gemm_ready(U), dx32, false);
+    dx = dx32.to(t);
+  }
   Tensor db2 = has_b2 ? dy32.sum(0).to(t) : at::empty({0}, x.options());
-  return {dx32.to(t), dU32.to(t), dV, db1, dW, db2};
+  return {dx, dU32.to(t), dV, db1, dW, db2};
 }
 
 // y (without b2) in the accumulation dtype and z in the GEMMs' operand dtype, on either path.
@@ -556,7 +560,7 @@ std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& U, const Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
     const Tensor& dy, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V,
     const c10::optional<Tensor>& b1, const Tensor& W, int64_t activation, bool has_b2,
-    int64_t chunk_h, int64_t loop, bool native) {
+    bool need_dx, int64_t chunk_h, int64_t loop, bool native) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const char* op = "cpu_mlp_bwd";
   check_mlp(op, x, U, V, b1, W, c10::nullopt);
@@ -574,8 +578,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
               ": dy must be a floating-point CPU tensor, got ", dy.scalar_type(), " on ", dy.device());
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == B && dy.size(1) == C, op, ": dy has shape ", dy.sizes(),
               ": expected (", B, ", ", C, ")");
-  if (!native) return backward_wide(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h, loop);
-  return backward_low(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h, loop);
+  if (!native) {
+    return backward_wide(dy, x, z, U, V, b1, W, activation, has_b2, need_dx, chunk_h, loop);
+  }
+  return backward_low(dy, x, z, U, V, b1, W, activation, has_b2, need_dx, chunk_h, loop);
 }
 
 // y (B, C) and the teacher t in the accumulation dtype A; b2 in the input dtype B2.
@@ -665,12 +671,13 @@ std::vector<int64_t> native_gemms() {
 
 // This file owns the namespace's TORCH_LIBRARY block; other extensions add theirs with
 // TORCH_LIBRARY_FRAGMENT(mimic_fast, m). chunk_h, loop and native are the caller's plan
-// (mimic_fast/ops/cpu.py plan()).
+// (mimic_fast/ops/cpu.py plan()). need_dx = false: dx is neither computed nor allocated and comes
+// back empty (the schema cannot return None), as do the gradients of absent biases.
 TORCH_LIBRARY(mimic_fast, m) {
   m.def("cpu_mlp_fwd(Tensor x, Tensor U, Tensor V, Tensor? b1, Tensor W, Tensor? b2, "
         "int activation, int chunk_h, int loop, bool native) -> (Tensor, Tensor)");
   m.def("cpu_mlp_bwd(Tensor dy, Tensor x, Tensor z, Tensor U, Tensor V, Tensor? b1, Tensor W, "
-        "int activation, bool has_b2, int chunk_h, int loop, bool native) -> "
+        "int activation, bool has_b2, bool need_dx, int chunk_h, int loop, bool native) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_mimic_fwd(Tensor x, Tensor U, Tensor V, Tensor? b1, Tensor W, Tensor? b2, "
         "Tensor teacher, int activation, int reduction, int chunk_h, int loop, bool native) -> "

@@ -517,7 +517,8 @@ std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& U, const Tenso
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
     const Tensor& dy_in, const Tensor& x, const Tensor& z, const Tensor& U, const Tensor& V_in,
-    const std::optional<Tensor>& b1_in, const Tensor& W_in, int64_t act, bool has_b2, int64_t chunk_h) {
+    const std::optional<Tensor>& b1_in, const Tensor& W_in, int64_t act, bool has_b2, bool need_dx,
+    int64_t chunk_h) {
   const MLPDims d = check_mlp(x, U, V_in, b1_in, W_in, std::nullopt);
   check_activation(act);
   check_cuda(dy_in, "dy", x);
@@ -582,7 +583,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   }
   const Tensor dz = dz32.to(x.scalar_type());
   Tensor dU = at::mm(dz.t(), x);
-  Tensor dx = at::mm(dz, U);
+  Tensor dx = need_dx ? at::mm(dz, U) : at::empty({0}, opts);  // x is data: no dx GEMM, no (B, D)
   Tensor db2 = has_b2 ? at::sum(dy_in, at::IntArrayRef{0}, false, at::kFloat).to(x.scalar_type())
                       : at::empty({0}, opts);
   return {dx, dU, dV, db1, dW, db2};
@@ -770,7 +771,8 @@ TORCH_LIBRARY_FRAGMENT(mimic_fast, m) {
   m.def("cuda_mlp_fwd(Tensor x, Tensor U, Tensor V, Tensor? b1, Tensor W, Tensor? b2, int activation, "
         "int chunk_h) -> (Tensor, Tensor)");
   m.def("cuda_mlp_bwd(Tensor dy, Tensor x, Tensor z, Tensor U, Tensor V, Tensor? b1, Tensor W, "
-        "int activation, bool has_b2, int chunk_h) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int activation, bool has_b2, bool need_dx, int chunk_h) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("cuda_mimic_fwd(Tensor x, Tensor U, Tensor V, Tensor? b1, Tensor W, Tensor? b2, Tensor teacher, "
         "int activation, int reduction, int chunk_h) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_logit_mse(Tensor student, Tensor teacher, int reduction, bool zero_mean) -> (Tensor, Tensor)");

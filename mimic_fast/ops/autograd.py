@@ -43,15 +43,16 @@ def _hidden(x, U, V, b1, activation):
     return z, a, act(a, activation)
 
 
-def _differentiable_grads(dy, x, U, V, b1, W, activation, has_b2, hidden=None):
+def _differentiable_grads(dy, x, U, V, b1, W, activation, has_b2, need_dx, hidden=None):
     """(dx, dU, dV, db1, dW, db2) as differentiable functions of every input and of dy: the
-    create_graph path. It holds the (B, H) hidden layer, as a graph of the gradients must."""
+    create_graph path. It holds the (B, H) hidden layer, as a graph of the gradients must. dx is
+    None when x needs no gradient (autograd would drop it)."""
     z, a, h = hidden or _hidden(x, U, V, b1, activation)
     cd = z.dtype
     dy = dy.to(cd)
     da = (dy @ W.to(cd)) * act_grad(a, activation)
     dz = da @ V.to(cd)
-    grads = (dz @ U.to(cd), dz.t() @ x.to(cd), da.t() @ z, da.sum(0) if b1 is not None else None,
+    grads = (dz @ U.to(cd) if need_dx else None, dz.t() @ x.to(cd), da.t() @ z, da.sum(0) if b1 is not None else None,
              dy.t() @ h, dy.sum(0) if has_b2 else None)
     return tuple(None if g is None else g.to(x.dtype) for g in grads)
 
@@ -94,12 +95,13 @@ class BottleneckMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dz):
         x, z, U, V, b1, W = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]  # x is data for a student: no dx GEMM, no (B, D) tensor
         if torch.is_grad_enabled():
-            grads = _differentiable_grads(dy, x, U, V, b1, W, ctx.activation, ctx.has_b2)
+            grads = _differentiable_grads(dy, x, U, V, b1, W, ctx.activation, ctx.has_b2, need_dx)
         else:
             with _no_autocast(x):
                 grads = dispatch.get(ctx.backend).mlp_bwd(dy.contiguous(), x, z, U, V, b1, W,
-                                                          ctx.activation, ctx.has_b2)
+                                                          ctx.activation, ctx.has_b2, need_dx)
         return (*grads, None, None)
 
     @staticmethod
@@ -136,17 +138,18 @@ class MimicLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _dz, _ddy):
         x, z, U, V, b1, W, b2, t, dy_unit = ctx.saved_tensors
-        has_b2 = b2 is not None
+        has_b2, need_dx = b2 is not None, ctx.needs_input_grad[0]
         if torch.is_grad_enabled():  # recompute dy_unit from the inputs so it is differentiable
             dy_unit, hidden = _differentiable_dy_unit(x, U, V, b1, W, b2, t, ctx.activation,
                                                       ctx.reduction)
             dy = dy_unit * grad_loss.to(dy_unit.dtype)
-            grads = _differentiable_grads(dy, x, U, V, b1, W, ctx.activation, has_b2, hidden)
+            grads = _differentiable_grads(dy, x, U, V, b1, W, ctx.activation, has_b2, need_dx,
+                                          hidden)
         else:
             dy = dy_unit * grad_loss.to(dy_unit.dtype)
             with _no_autocast(x):
                 grads = dispatch.get(ctx.backend).mlp_bwd(dy.contiguous(), x, z, U, V, b1, W,
-                                                          ctx.activation, has_b2)
+                                                          ctx.activation, has_b2, need_dx)
         return (*grads, None, None, None, None)
 
     @staticmethod

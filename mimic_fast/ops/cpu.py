@@ -208,9 +208,11 @@ if _IMPORT_ERROR is None:
         return x.new_empty((B, C)), x.new_empty((B, k), dtype=_z_dtype(x.dtype, native))
 
     @torch.library.register_fake("mimic_fast::cpu_mlp_bwd")
-    def _mlp_bwd_fake(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h, loop, native):
+    def _mlp_bwd_fake(dy, x, z, U, V, b1, W, activation, has_b2, need_dx, chunk_h, loop, native):
         H, C = V.shape[0], W.shape[0]
-        return (torch.empty_like(x, memory_format=torch.contiguous_format), U.new_empty(U.shape),
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx \
+            else x.new_empty((0,))
+        return (dx, U.new_empty(U.shape),
                 V.new_empty(V.shape), V.new_empty((H if b1 is not None else 0,)), W.new_empty(W.shape),
                 W.new_empty((C if has_b2 else 0,)))
 
@@ -266,15 +268,16 @@ def mlp_fwd(x, U, V, b1, W, b2, activation):
                                             p.chunk_h, LOOP_CODES[p.loop], p.native)
 
 
-def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
+def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx):
     p = plan(x.shape[0], V.shape[0], x.dtype)
     # The path is the one forward took (z's dtype tells: a tuning block may have ended since).
     native = x.dtype in LOW_PRECISION and z.dtype == x.dtype
     dx, dU, dV, db1, dW, db2 = torch.ops.mimic_fast.cpu_mlp_bwd(
-        dy, x, z, U, V, b1, W, ACTIVATION_CODES[activation], has_b2, p.chunk_h, LOOP_CODES[p.loop],
-        native)
-    # The schema cannot return None: absent bias gradients come back empty.
-    return dx, dU, dV, (db1 if b1 is not None else None), dW, (db2 if has_b2 else None)
+        dy, x, z, U, V, b1, W, ACTIVATION_CODES[activation], has_b2, need_dx, p.chunk_h,
+        LOOP_CODES[p.loop], native)
+    # The schema cannot return None: absent gradients (dx not needed, no biases) come back empty.
+    return ((dx if need_dx else None), dU, dV, (db1 if b1 is not None else None), dW,
+            (db2 if has_b2 else None))
 
 
 def mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction):

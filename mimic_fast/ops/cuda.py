@@ -162,11 +162,12 @@ def mlp_fwd(x, U, V, b1, W, b2, activation, chunk_h=None):
                                              _chunk(chunk_h))
 
 
-def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h=None):
+def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx, chunk_h=None):
     dx, dU, dV, db1, dW, db2 = torch.ops.mimic_fast.cuda_mlp_bwd(
-        dy, x, z, U, V, b1, W, ACTIVATION_CODES[activation], has_b2, _chunk(chunk_h))
-    # The schema cannot return None: absent bias gradients come back empty.
-    return dx, dU, dV, (db1 if b1 is not None else None), dW, (db2 if has_b2 else None)
+        dy, x, z, U, V, b1, W, ACTIVATION_CODES[activation], has_b2, need_dx, _chunk(chunk_h))
+    # The schema cannot return None: absent gradients (dx not needed, no biases) come back empty.
+    return ((dx if need_dx else None), dU, dV, (db1 if b1 is not None else None), dW,
+            (db2 if has_b2 else None))
 
 
 def mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction, chunk_h=None):
@@ -274,9 +275,9 @@ if _IMPORT_ERROR is None:
         return x.new_empty((x.shape[0], W.shape[0])), x.new_empty((x.shape[0], U.shape[0]))
 
     @torch.library.register_fake("mimic_fast::cuda_mlp_bwd")
-    def _mlp_bwd_fake(dy, x, z, U, V, b1, W, activation, has_b2, chunk_h):
+    def _mlp_bwd_fake(dy, x, z, U, V, b1, W, activation, has_b2, need_dx, chunk_h):
         H, C = V.shape[0], W.shape[0]
-        return (x.new_empty(x.shape), U.new_empty(U.shape), V.new_empty(V.shape),
+        return (x.new_empty(x.shape if need_dx else (0,)), U.new_empty(U.shape), V.new_empty(V.shape),
                 V.new_empty((H if b1 is not None else 0,)), W.new_empty(W.shape),
                 W.new_empty((C if has_b2 else 0,)))
 

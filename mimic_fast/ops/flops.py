@@ -8,8 +8,8 @@ y = act((x Uᵀ) Vᵀ + b1) Wᵀ + b2 (x (B, D), U (k, D), V (H, k), W (C, H)):
       + input_grad         2BDk                       dx = dz U (a student's x is data: off)
       + recompute          2BkH                       the fused backward forms a = z Vᵀ again
 "Model" FLOPs (recompute=False) score a fused and an unfused provider on the same work; executed
-FLOPs (recompute=True, input_grad=True) are what the fused backward ops run. The cost model passes
-padded sizes (k, C, H rounded to its tiles) to count padding too.
+FLOPs (recompute=True, input_grad=need_dx: dx only when x needs a gradient) are what the fused
+backward ops run. The cost model passes padded sizes (k, C, H rounded to its tiles) to count padding.
 """
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
@@ -82,14 +82,16 @@ def model_flops_per_sample(model, in_shape, train=False):
 
 
 # FlopCounterMode formulas of the backends' custom ops: what each executes (the backward recomputes
-# a and computes dx). The ops share the backend interface's argument order (dispatch.py); trailing
-# arguments (activation, chunk sizes) are ignored; ops of extensions not built here are skipped.
+# a, and computes dx only when need_dx). The ops share the backend interface's argument order
+# (dispatch.py); trailing arguments (chunk sizes, plan) are ignored; ops of extensions not built
+# here are skipped.
 def _fwd(x, U, V, b1, W, *args, out_shape=None, **kwargs):
     return mlp_flops(x[0], x[1], U[0], V[0], W[0], "forward")
 
 
-def _bwd(dy, x, z, U, V, b1, W, *args, out_shape=None, **kwargs):
-    return mlp_flops(x[0], x[1], U[0], V[0], W[0], "backward", input_grad=True, recompute=True)
+def _bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx, *args, out_shape=None, **kwargs):
+    return mlp_flops(x[0], x[1], U[0], V[0], W[0], "backward", input_grad=bool(need_dx),
+                     recompute=True)
 
 
 _FORMULAS = {"mlp_fwd": _fwd, "mimic_fwd": _fwd, "mlp_bwd": _bwd}

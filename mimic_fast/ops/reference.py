@@ -61,7 +61,7 @@ def mlp_fwd(x, U, V, b1, W, b2, activation):
     return y.to(x.dtype), z
 
 
-def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
+def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx):
     cd = z.dtype
     dy = dy.to(cd)
     H, k = V.shape
@@ -79,10 +79,10 @@ def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
             db1[h0:h1] = da.sum(0)
         dz = torch.addmm(dz, da, Vj)
     dU = dz.t() @ x.to(cd)
-    dx = dz @ U.to(cd)
+    dx = dz @ U.to(cd) if need_dx else None
     db2 = dy.sum(0) if has_b2 else None
     dt = x.dtype
-    return (dx.to(dt), dU.to(dt), dV.to(dt), None if db1 is None else db1.to(dt), dW.to(dt),
+    return (None if dx is None else dx.to(dt), dU.to(dt), dV.to(dt), None if db1 is None else db1.to(dt), dW.to(dt),
             None if db2 is None else db2.to(dt))
 
 

@@ -258,8 +258,9 @@ def backward_tensors(p, dy, z, V, b1, W):
     return {k: (t["_dummy"] if v is None else v) for k, v in t.items()}
 
 
-def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
-    """(dx, dU, dV, db1, dW, db2) by recompute; db1/db2 are None without biases."""
+def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx):
+    """(dx, dU, dV, db1, dW, db2) by recompute; dx is None unless need_dx, db1/db2 are None
+    without biases."""
     dtype = x.dtype
     with _device_guard(x):
         p = _plan_for(z, V, W)
@@ -268,7 +269,7 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
             K.run(launch, tensors)
         # dz is in dy / s units (fp16 keeps its bits); s applies to the products
         dz, s = tensors["dz"], tensors["dy_scale"].to(dtype)
-        dx = torch.matmul(dz, U).mul_(s)
+        dx = torch.matmul(dz, U).mul_(s) if need_dx else None
         dU = torch.matmul(dz.t(), x).mul_(s)
         db2 = dy.sum(0, dtype=torch.float32).to(dtype) if has_b2 else None
     return dx, dU, tensors["dV"], tensors["db1"] if b1 is not None else None, tensors["dW"], db2
@@ -277,7 +278,7 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
 # ------------------------------------------------------------------------------------- custom ops
 # torch.library.custom_op (not triton_op, which the interpreter cannot run) + register_fake, so
 # torch.compile(fullgraph=True) treats each launch sequence as one opaque op without a graph break.
-# Optional outputs (db1, db2) travel as empty tensors: custom-op schemas cannot return None.
+# Optional outputs (dx, db1, db2) travel as empty tensors: custom-op schemas cannot return None.
 _EMPTY = (0,)
 
 
@@ -310,8 +311,10 @@ def _(x, U, V, b1, W, b2, t, activation, reduction):
 @torch.library.custom_op("mimic_fast::triton_mlp_bwd", mutates_args=())
 def triton_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, U: torch.Tensor,
                    V: torch.Tensor, b1: Optional[torch.Tensor], W: torch.Tensor, activation: str,
-                   has_b2: bool) -> List[torch.Tensor]:
-    dx, dU, dV, db1, dW, db2 = fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2)
+                   has_b2: bool, need_dx: bool) -> List[torch.Tensor]:
+    dx, dU, dV, db1, dW, db2 = fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx)
+    if dx is None:
+        dx = x.new_empty(_EMPTY)
     if db1 is None:
         db1 = x.new_empty(_EMPTY)
     if db2 is None:
@@ -320,9 +323,9 @@ def triton_mlp_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, U: torch.
 
 
 @triton_mlp_bwd.register_fake
-def _(dy, x, z, U, V, b1, W, activation, has_b2):
+def _(dy, x, z, U, V, b1, W, activation, has_b2, need_dx):
     H, C = V.shape[0], W.shape[0]
-    return [x.new_empty(x.shape), x.new_empty(U.shape), x.new_empty(V.shape),
+    return [x.new_empty(x.shape if need_dx else _EMPTY), x.new_empty(U.shape), x.new_empty(V.shape),
             x.new_empty((H,) if b1 is not None else _EMPTY), x.new_empty(W.shape),
             x.new_empty((C,) if has_b2 else _EMPTY)]
 
@@ -332,9 +335,10 @@ def mlp_fwd(x, U, V, b1, W, b2, activation):
     return triton_mlp_fwd(x, U, V, b1, W, b2, activation)
 
 
-def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2):
-    dx, dU, dV, db1, dW, db2 = triton_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2)
-    return dx, dU, dV, db1 if b1 is not None else None, dW, db2 if has_b2 else None
+def mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx):
+    dx, dU, dV, db1, dW, db2 = triton_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx)
+    return (dx if need_dx else None, dU, dV, db1 if b1 is not None else None, dW,
+            db2 if has_b2 else None)
 
 
 def mimic_fwd(x, U, V, b1, W, b2, t, activation, reduction):
