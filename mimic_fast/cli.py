@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -145,9 +146,10 @@ def _say(*a):
 
 
 def _warn(command):
+    """One line `mimic-fast <command>: warning: ...` on stderr (rank 0)."""
     def warn(text):
         if _is_rank0():
-            print(f"mimic-fast {command}: WARNING: {text}", file=sys.stderr)
+            print(f"mimic-fast {command}: warning: {' '.join(str(text).split())}", file=sys.stderr)
     return warn
 
 
@@ -216,8 +218,8 @@ def cmd_collect_logits(args):
     data = _load_data(args)
 
     def unchecked(path):
-        print(f"mimic-fast collect-logits: warning: {path} records no data recipe: it cannot be "
-              "checked to have never seen the test rows", file=sys.stderr)
+        _warn(args.command)(f"{path} records no data recipe: it cannot be checked to have never "
+                            "seen the test rows")
 
     # every member of an ensemble, not the first only
     P.check_teacher_data(args.teacher, teachers.recipes, data, unchecked=unchecked,
@@ -637,7 +639,10 @@ def _run(command, call):
     (FloatingPointError) and running out of memory. A failure of any other kind is a bug of ours and
     keeps its traceback."""
     try:
-        with cli_wording():
+        with cli_wording(), warnings.catch_warnings():
+            # the library's warnings (a pickled teacher, a resume with changed options) as one
+            # line each, like the errors; the filters stay Python's
+            warnings.showwarning = lambda message, *a, **k: _warn(command)(message)
             return call()
     except USER_ERRORS as e:
         return _error(command, e)

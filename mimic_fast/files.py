@@ -148,12 +148,17 @@ def load_model(path, map_location="cpu"):
         raise FileNotFoundError(f"model file {path} does not exist: expected a .pt file written by "
                                 f"save_model (e.g. teacher.pt of `mimic-fast train-teacher`)")
     payload = load_torch_file(path, MODEL_FORMAT, "mimic_fast model file", MODEL_HINT, map_location)
+    wrong = [f"{key} must be a dict, got {type(payload.get(key)).__name__}"
+             for key, optional in (("spec", True), ("state_dict", False), ("data", True))
+             if not isinstance(payload.get(key), dict) and not (optional and payload.get(key) is None)]
+    if wrong:
+        raise ValueError(f"{path} is not a valid model file: {'; '.join(wrong)}; {MODEL_HINT}")
     try:
         model = build_from_spec(payload["spec"])
         model.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError, TypeError) as e:
+    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as e:
         raise ValueError(f"{path} holds a model that cannot be rebuilt from its spec "
-                         f"({type(e).__name__}: {e})") from None
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     return model.eval(), payload
 
 
@@ -240,10 +245,45 @@ def load_checkpoint(path, kind):
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint; "
                          f"{CHECKPOINT_HINT}")
+    problems = _checkpoint_problems(ckpt)
+    if problems:
+        raise ValueError(f"{path} is not a valid checkpoint: {'; '.join(problems)}; "
+                         f"{CHECKPOINT_HINT}")
     if ckpt["config"].get("kind") != kind:
         raise ValueError(f"{path} is a {ckpt['config'].get('kind')!r} checkpoint, not a {kind} one: "
                          "use another output directory")
     return ckpt
+
+
+def _is_count(v, high=2**31):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < high
+
+
+def _checkpoint_problems(ckpt):
+    """What is wrong with a checkpoint's fields (one consistent with its own sha256 may still have
+    been written by hand or by a bug)."""
+    out = []
+    for key, kind in (("config", dict), ("model", dict), ("optimizer", dict), ("rng", list),
+                      ("history", list)):
+        if not isinstance(ckpt[key], kind):
+            out.append(f"{key} must be a {kind.__name__}, got {type(ckpt[key]).__name__}")
+    if not _is_count(ckpt["epoch"]):
+        out.append(f"epoch must be an int in [0, 2**31), got {str(ckpt['epoch'])[:40]}")
+    if "step" in ckpt and not _is_count(ckpt["step"], 2**63):
+        out.append(f"step must be an int in [0, 2**63), got {str(ckpt['step'])[:40]}")
+    if out:
+        return out
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        out.append("model must map parameter names to tensors")
+    if not isinstance(ckpt["optimizer"].get("state"), dict) or \
+            not isinstance(ckpt["optimizer"].get("param_groups"), list):
+        out.append("optimizer must hold an optimizer's state_dict (state, param_groups)")
+    if not all(isinstance(s, dict) for s in ckpt["rng"]) or not ckpt["rng"]:
+        out.append("rng must list one random-state dict per rank")
+    if len(ckpt["history"]) != ckpt["epoch"] or not all(isinstance(h, dict) for h in ckpt["history"]):
+        out.append(f"history must hold one dict per finished epoch ({ckpt['epoch']}), got "
+                   f"{len(ckpt['history'])} entries")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -126,13 +126,7 @@ class SweepConfig:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("hidden", "bottleneck", "throughput_batches"):
-            values = getattr(self, name)
-            if not values or any(v < 1 for v in values):
-                raise ValueError(f"{name} must be a non-empty list of ints >= 1, got {list(values)}")
-        if not self.conv_layers or any(not 0 <= c <= 4 for c in self.conv_layers):
-            raise ValueError(f"conv_layers must be a non-empty list of ints in 0..4, got "
-                             f"{list(self.conv_layers)}")
+        self.check_grid()
         for name in ("seeds", "epochs", "batch_size", "teacher_members", "teacher_epochs",
                      "teacher_batch", "conv_channels"):
             if int(getattr(self, name)) < 1:
@@ -149,6 +143,23 @@ class SweepConfig:
                                         "`mimic-fast train-teacher` (or save_model)")
         T.TrainConfig(**self.training()).validate()
         default_device(self.device)  # an unusable --device is refused before anything is written
+
+    def check_grid(self):
+        """Refuse (ValueError) a grid that is not lists of ints (widths, bottlenecks and batch sizes
+        >= 1, conv layers 0..4) and seeds an int >= 1."""
+        def ints(values, lo, hi=None):
+            return (isinstance(values, (list, tuple)) and values and
+                    all(isinstance(v, int) and not isinstance(v, bool) and lo <= v and
+                        (hi is None or v <= hi) for v in values))
+        for name in ("hidden", "bottleneck", "throughput_batches"):
+            if not ints(getattr(self, name), 1):
+                raise ValueError(f"{name} must be a non-empty list of ints >= 1, got "
+                                 f"{getattr(self, name)!r}")
+        if not ints(self.conv_layers, 0, 4):
+            raise ValueError(f"conv_layers must be a non-empty list of ints in 0..4, got "
+                             f"{self.conv_layers!r}")
+        if not ints([self.seeds], 1):
+            raise ValueError(f"seeds must be an int >= 1, got {self.seeds!r}")
 
     def recipe(self):
         """Everything that decides what the runs compute (the grid may change between invocations)."""
@@ -208,16 +219,36 @@ class _Prepared:
 
 
 _NUMBER = (int, float)
-# the keys each JSON file of a sweep must hold, and their types (a file consistent with its own
-# sha256 may still have been written by hand: it is refused naming what is wrong, not a KeyError)
+_COUNT = (int, 0, 2**63 - 1)  # an int in this range
+_FRACTION = (_NUMBER, 0.0, 1.0)
+_SECONDS = (_NUMBER, 0.0, 1e12)
+# the keys each JSON file of a sweep must hold: a type, or (type, low, high) (a file consistent with
+# its own sha256 may still have been written by hand: it is refused naming what is wrong, not with
+# a KeyError or an overflow in the report)
 _SCHEMAS = {
     "config": {"format": str, "config": dict, "recipe": dict, "command": str, "info": dict},
-    "result": {"format": str, "run": dict, "point": str, "spec": dict, "params": int,
-               "init_sha256": str, "test_accuracy": _NUMBER, "train_rows": int, "steps": int,
-               "training": dict, "train_s": _NUMBER, "throughput": dict, "device": str},
-    "teacher": {"test_accuracy": _NUMBER, "params": int, "throughput": dict, "device": str},
+    "result": {"format": str, "run": dict, "point": str, "spec": dict, "params": _COUNT,
+               "init_sha256": str, "test_accuracy": _FRACTION, "train_rows": _COUNT,
+               "steps": _COUNT, "training": dict, "train_s": _SECONDS, "throughput": dict,
+               "device": str},
+    "teacher": {"test_accuracy": _FRACTION, "params": _COUNT, "throughput": dict, "device": str},
 }
-_RUN_FIELDS = {"conv_layers": int, "bottleneck": int, "hidden": int, "mode": str, "seed": int}
+_RUN_FIELDS = {"conv_layers": _COUNT, "bottleneck": _COUNT, "hidden": _COUNT, "mode": str,
+               "seed": _COUNT}
+
+
+def _problems(obj, schema, prefix=""):
+    out = []
+    for key, rule in schema.items():
+        kind, lo, hi = rule if isinstance(rule, tuple) and len(rule) == 3 else (rule, None, None)
+        value = obj.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            name = kind.__name__ if isinstance(kind, type) else "a number"
+            out.append(f"{prefix}{key} must be {name}, got {type(value).__name__}")
+        elif lo is not None and not lo <= value <= hi:
+            shown = repr(value) if len(repr(value)) <= 24 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
+            out.append(f"{prefix}{key} must be in [{lo}, {hi:g}], got {shown}")
+    return out
 
 
 def _read_json(path, remedy, format=None, schema=None):
@@ -228,18 +259,15 @@ def _read_json(path, remedy, format=None, schema=None):
     if format is not None and obj.get("format") != format:
         raise ValueError(f"{path} is of format {obj.get('format')!r}, not {format!r} (another version "
                          f"of mimic_fast wrote it); {remedy}")
-    wanted = dict(_SCHEMAS.get(schema, {}))
-    problems = [f"{k} must be {t.__name__ if isinstance(t, type) else 'a number'}, got "
-                f"{type(obj.get(k)).__name__}" for k, t in wanted.items()
-                if not isinstance(obj.get(k), t) or isinstance(obj.get(k), bool)]
-    if schema == "result" and not problems:
-        run = obj["run"]
-        problems = [f"run.{k} must be {t.__name__}" for k, t in _RUN_FIELDS.items()
-                    if not isinstance(run.get(k), t) or isinstance(run.get(k), bool)]
-        if not problems and run["mode"] not in MODES:
-            problems = [f"run.mode must be one of {MODES}, got {run['mode']!r}"]
-        if not problems and not all(isinstance(v, _NUMBER) for v in obj["throughput"].values()):
-            problems = ["throughput must map batch sizes to numbers"]
+    problems = _problems(obj, _SCHEMAS.get(schema, {}))
+    if schema in ("result", "teacher") and not problems:
+        if schema == "result":
+            problems = _problems(obj["run"], _RUN_FIELDS, "run.")
+            if not problems and obj["run"]["mode"] not in MODES:
+                problems = [f"run.mode must be one of {MODES}, got {obj['run']['mode']!r}"]
+        if not problems and not all(isinstance(v, _NUMBER) and 0 <= v < 1e15
+                                    for v in obj["throughput"].values()):
+            problems = ["throughput must map batch sizes to samples/s"]
     if problems:
         raise ValueError(f"{path} is not a valid sweep file ({'; '.join(problems)}); {remedy}")
     return obj
@@ -596,7 +624,8 @@ def _report(out, path, log, invocation):
     try:
         cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v
                              for k, v in saved["config"].items()})
-    except TypeError as e:  # a key no SweepConfig has
+        cfg.check_grid()
+    except (TypeError, ValueError) as e:  # a key no SweepConfig has, a grid of other things
         raise ValueError(f"{path} is not a valid sweep file (config: {e}); use another --out") from None
     results = []
     points_dir = os.path.join(out, "points")

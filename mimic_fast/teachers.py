@@ -147,8 +147,8 @@ def _from_file(path, map_location, what):
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                              ) from None
     with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic[:1] != b"\x80":  # neither a zip nor a pickle (protocol >= 2): no loader can read it
+        magic = f.read(1)
+    if kind is None and magic != b"\x80":  # neither a zip nor a pickle (protocol >= 2)
         raise ValueError(f"{what} {path} is not a mimic_fast model file, TorchScript, torch.export "
                          ".pt2 or torch.save(module) file (it is neither a zip archive nor a "
                          "pickle)")

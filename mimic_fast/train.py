@@ -35,7 +35,7 @@ from ._wording import option
 from .convert import mimic_loss_of
 from .data.recipe import DATA_FIELDS, recipe_differences
 from .distributed import default_device, dist_info, on_rank0, unwrap
-from .files import load_checkpoint, load_model, save_checkpoint, save_model
+from .files import CHECKPOINT_HINT, load_checkpoint, load_model, save_checkpoint, save_model
 from .functional import kd_loss, logit_mse_loss
 
 __all__ = ["train_teacher", "distill", "evaluate", "throughput", "TrainConfig", "TrainResult",
@@ -425,7 +425,12 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
         except RuntimeError as e:  # another architecture or size (e.g. a changed --hidden)
             raise ValueError(f"{resume_path} holds a model that does not fit this {kind} model "
                              f"(saved spec {ckpt.get('spec')!r}, now {spec!r}): {e}") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{resume_path} holds an optimizer state that does not fit this "
+                             f"{kind} run's {config.optimizer} optimizer ({type(e).__name__}: "
+                             f"{str(e)[:200]}); {CHECKPOINT_HINT}") from None
         history, start = list(ckpt["history"]), int(ckpt["epoch"])
         resumes = list(ckpt.get("resumes", []))
         if changed:
@@ -440,7 +445,11 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
                           stacklevel=4)
         rng = ckpt["rng"]
         if len(rng) == world:
-            _set_rng_state(rng[rank])
+            try:
+                _set_rng_state(rng[rank])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                raise ValueError(f"{resume_path} holds a random state that cannot be restored "
+                                 f"({type(e).__name__}: {str(e)[:200]}); {CHECKPOINT_HINT}") from None
         else:  # a different world size cannot replay the same streams; keep going, seeded afresh
             set_seed(config.seed + rank + 1000003 * start)
         if rank == 0 and out_dir is not None:

@@ -84,7 +84,7 @@ def test_test_rows_never_reach_a_transfer_set_without_the_opt_in(tmp_path, capsy
                          "training split (X) or X_unlabelled)" in err
     assert not (tmp_path / "refused" / "logits").exists()
     code, err = _run(capsys, *args, "--out", str(tmp_path / "allowed"), "--allow-test-rows")
-    assert code == 0 and "WARNING: 3 transfer rows are test rows" in err
+    assert code == 0 and "collect-logits: warning: 3 transfer rows are test rows" in err
     saved = torch.load(tmp_path / "allowed" / "transfer.pt", weights_only=False)
     assert saved["allow_test_rows"] and saved["test_rows_in_transfer"] == 3
 
@@ -99,7 +99,7 @@ def test_test_rows_repeated_in_x_itself_are_named_as_such(tmp_path, capsys):
     data = ["--dataset", "npz", "--data", path]
     code, err = _run(capsys, "train-teacher", *data, "--model", "dnn-2k", "--hidden", "4", "--out",
                      str(tmp_path / "t"), "--batch-size", "16", *FAST)
-    assert code == 0 and "WARNING: 2 labelled training rows equal test rows" in err
+    assert code == 0 and "train-teacher: warning: 2 labelled training rows equal test rows" in err
     code, err = _run(capsys, "collect-logits", *data, "--teacher", str(tmp_path / "t" / "teacher.pt"),
                      "--out", str(tmp_path / "c"), "--no-progress")
     assert code == 2 and "2 rows of the transfer set are test rows (first: row 0, from the training " \
