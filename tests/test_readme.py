@@ -29,7 +29,7 @@ PLACEHOLDERS = ("...", "mine.npz", "mypkg", "my_logits", "t1.pt", "[--", "FILE",
 # files the runnable blocks write (README names each)
 WRITES = ["fused.pt", "student.onnx", "student.pt2", "runs/teacher/teacher.pt",
           "runs/logits/transfer.pt", "runs/logits/logits/header.json", "runs/student/student.pt",
-          "runs/student-kd/student.pt", "runs/student.onnx", "runs/demo/demo.json",
+          "runs/student.onnx", "runs/demo/demo.json",
           "runs/demo/demo.png", "runs/sweep-small/sweep.json", "runs/sweep-small/sweep.png"]
 
 
