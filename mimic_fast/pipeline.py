@@ -42,11 +42,12 @@ from .files import load_model, load_transfer, save_model, save_transfer, transfe
 from .models import CNN, DNN, TeacherEnsemble
 from .teachers import load_teacher
 
-__all__ = ["PipelineData", "load_data", "build_checked", "out_of_memory", "first_line", "train_on_labels", "Teachers", "teacher_member",
-           "train_teachers", "load_teachers", "check_teacher_data", "probe_teacher", "NOISE_STD",
-           "transfer_recipe", "build_transfer", "Transfer", "transfer_set", "collect",
-           "read_transfer", "Logits", "open_logits", "distill_student", "logits_lock",
-           "refuse_folder_links", "check_logit_scale", "TEACHER_FILE", "TRANSFER_FILE", "LOGITS_DIR", "STUDENT_FILE"]
+__all__ = ["PipelineData", "load_data", "build_checked", "out_of_memory", "first_line",
+           "train_on_labels", "Teachers", "teacher_member", "train_teachers", "load_teachers",
+           "check_teacher_data", "probe_teacher", "NOISE_STD", "transfer_recipe", "build_transfer",
+           "Transfer", "transfer_set", "collect", "read_transfer", "Logits", "open_logits",
+           "check_logit_scale", "distill_student", "logits_lock", "refuse_folder_links",
+           "TEACHER_FILE", "TRANSFER_FILE", "LOGITS_DIR", "STUDENT_FILE"]
 
 TEACHER_FILE = "teacher.pt"
 TRANSFER_FILE = "transfer.pt"

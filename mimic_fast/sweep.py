@@ -246,7 +246,8 @@ def _problems(obj, schema, prefix=""):
             name = kind.__name__ if isinstance(kind, type) else "a number"
             out.append(f"{prefix}{key} must be {name}, got {type(value).__name__}")
         elif lo is not None and not lo <= value <= hi:
-            shown = repr(value) if len(repr(value)) <= 24 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
+            shown = repr(value)
+            shown = shown if len(shown) <= 24 else f"{shown[:12]}... ({len(shown)} digits)"
             out.append(f"{prefix}{key} must be in [{lo}, {hi:g}], got {shown}")
     return out
 

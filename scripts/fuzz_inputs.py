@@ -13,9 +13,10 @@ copy, made bad in each of these ways:
     JSON files with a recomputed sha256, so the check behind the checksum is the one tried),
   - huge values: 1e300, 10**400, a label of 10**12, where the format allows them.
 The command that reads it runs in this process (cli.main, as `mimic-fast` does). Outcomes: refused
-(exit 2 and exactly one line `mimic-fast <cmd>: error: ...` on stderr), accepted (exit 0: the change was harmless, e.g. huge weights export fine), or a FAILURE: a
-traceback (any exception out of cli.main), another exit status, several error lines, or any stderr
-line but the command's own (`mimic-fast <cmd>: error|warning: ...`).
+(exit 2 and exactly one line `mimic-fast <cmd>: error: ...` on stderr), accepted (exit 0: the
+change was harmless, e.g. huge weights export fine), or a FAILURE: a traceback (any exception out
+of cli.main), another exit status, several error lines, or any stderr line but the command's own
+(`mimic-fast <cmd>: error|warning: ...`).
 Prints one line per file kind and the totals; exits 1 on any failure.
 """
 import argparse
@@ -173,7 +174,8 @@ def kinds():
                      lambda p: _header(p, _set("n", "1437")), lambda p: _header(p, _set("checksums", {})),
                      lambda p: _header(p, _set("num_classes", 11)),
                      lambda p: _header(p, _set("dtype", "int8"))],
-             huges=[lambda p: _header(p, _set("n", 10**400)), lambda p: _header(p, _set("chunk_rows", 10**30)),
+             huges=[lambda p: _header(p, _set("n", 10**400)),
+                    lambda p: _header(p, _set("chunk_rows", 10**30)),
                     lambda p: _header(p, _set("committed", 10**18)), lambda p: _header(p, _set("n", 1e300))]),
         Kind("store logits.npy", "logits", "logits/logits.npy", lambda d: _distill(d, d / "out"),
              shapes=[lambda p: np.save(p, np.zeros((1437, 11), np.float32)),

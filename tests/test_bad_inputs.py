@@ -193,6 +193,18 @@ def _(c):
             "--out", c.path("out")]
 
 
+@case("import-logits over a stopped import says incomplete and how to go on", "import-logits",
+      "(incomplete (0 of 1437 rows", "rerun with --overwrite to replace it")
+def _(c):
+    logits = c.copy("logits")
+    p = Path(logits) / "logits" / "header.json"
+    h = json.loads(p.read_text())
+    h.update(committed=0, complete=False, checksums=[], input_checksums=[])
+    p.write_text(json.dumps(h))  # what an import stopped before its first chunk leaves
+    np.save(c.tmp / "l.npy", np.zeros((1437, 10), np.float32))
+    return ["import-logits", *DATA, "--logits", c.path("l.npy"), "--out", logits]
+
+
 @case("distill on a header with n = 10**400", "distill", "header.json is not a valid logit-store "
       "header: n must be an int in [1, 2**63)")
 def _(c):
