@@ -156,7 +156,6 @@ def _summary(runs):
     for key, name in (("teacher", "teacher"), ("student_mimic", "student")):
         rows[key]["samples_per_s"] = _mean_std([r["throughput"][name] for r in runs])[0]
     rows["student_labels"]["samples_per_s"] = rows["student_mimic"]["samples_per_s"]  # same net
-    rows["run_s_mean"] = _mean_std([r["run_s"] for r in runs])[0]  # one seed: every stage, timed
     return rows
 
 
@@ -263,6 +262,7 @@ def _run(cfg, out, progress, log):
     result = {
         "config": asdict(cfg), "runs": runs, "summary": _summary(runs),
         "runtime_s": time.perf_counter() - t_start,
+        "run_s_mean": _mean_std([r["run_s"] for r in runs])[0],  # one seed, every stage
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "machine": platform.machine(),
                         "processor": platform.processor() or None},
@@ -279,7 +279,7 @@ def _run(cfg, out, progress, log):
     speed = s["student_mimic"]["samples_per_s"] / s["teacher"]["samples_per_s"]
     log(f"\nmimic student vs the same student on labels only: {gain:+.2f} points; "
         f"student/teacher inference throughput x{speed:.1f}; total {result['runtime_s']:.0f} s "
-        f"({s['run_s_mean']:.0f} s per seed, {cfg.precision})")
+        f"({result['run_s_mean']:.0f} s per seed, {cfg.precision})")
     log(f"wrote {os.path.join(out, 'demo.json')} and {os.path.join(out, 'demo.png')}")
     return result
 

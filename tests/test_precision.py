@@ -240,6 +240,6 @@ def test_demo_in_bf16_says_what_ran_in_which_precision(tmp_path):
     assert "bfloat16 autocast" in p["evaluation"] and "float32" in p["logits"]
     assert p["fused_op"] == {"backend": result["backend"], "dtype": "bfloat16",
                              "path": cpu_ops.compute_path(torch.bfloat16)[1]}
-    assert saved["runs"][0]["run_s"] > 0 and saved["summary"]["run_s_mean"] > 0
+    assert saved["runs"][0]["run_s"] > 0 and saved["run_s_mean"] > 0
     text = "\n".join(printed)
     assert "precision bf16" in text and cpu_ops.compute_path(torch.bfloat16)[1] in text
