@@ -678,8 +678,8 @@ def add_arguments(p):
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--schedule", choices=T.SCHEDULES, default=d.schedule)
     g.add_argument("--precision", choices=T.PRECISIONS, default=d.precision,
-                   help="bf16: the teacher trained here and every student train, are evaluated and "
-                        "timed under bfloat16 autocast over float32 weights (default fp32)")
+                   help="bf16: the teacher trained here and every student are trained, evaluated "
+                        "and timed under bfloat16 autocast over float32 weights (default fp32)")
     g = p.add_argument_group("running")
     g.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     g.add_argument("--shard", default=None, metavar="I/N",

@@ -648,9 +648,9 @@ def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False
     With out_dir: checkpoint.pt after each epoch and metrics.jsonl, one writer at a time (a lock
     file); resume=True continues from the checkpoint (an existing checkpoint is never overwritten
     without it), applying a changed lr, momentum, weight_decay, grad_clip, precision or a longer
-    epochs and refusing (ValueError) any other
-    change (also of `spec` or `data`, the data recipe recorded in the checkpoint). A non-finite loss
-    raises FloatingPointError naming the epoch and step before anything is written from it.
+    epochs and refusing (ValueError) any other change (also of `spec` or `data`, the data recipe
+    recorded in the checkpoint). A non-finite loss raises FloatingPointError naming the epoch and
+    step before anything is written from it.
     Returns a TrainResult.
     """
     config = _config(config, options, "teacher")
