@@ -76,6 +76,9 @@ def _add_training(p, epochs, kind, batch_size):
                    help="step schedule: the lr's factor every --step-epochs, in (0, 1] (default 0.1)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     g.add_argument("--seed", type=int, default=0, help="initialisation, sampling and dropout seed")
+    g.add_argument("--precision", choices=T.PRECISIONS, default="fp32",
+                   help="bf16: mixed precision (float32 weights and optimizer state, forward, loss "
+                        "and evaluation under bfloat16 autocast); default fp32")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--resume", action="store_true",
@@ -88,7 +91,7 @@ def _training_options(args):
     return dict(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                 momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                 step_epochs=args.step_epochs, gamma=args.gamma, grad_clip=args.grad_clip,
-                seed=args.seed, num_workers=args.num_workers)
+                seed=args.seed, num_workers=args.num_workers, precision=args.precision)
 
 
 def _parse_ints(text, name):
@@ -204,8 +207,8 @@ def cmd_train_teacher(args):
     with _lock_folder(args.out, "train-teacher output folder"):  # the run and teacher.pt
         res = P.train_on_labels(data, model, spec, args.out, resume=args.resume, test=True,
                                 device=args.device, progress=args.progress, **_training_options(args))
-        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote "
-             f"{os.path.join(args.out, P.TEACHER_FILE)}")
+        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f} ({args.precision}); "
+             f"wrote {os.path.join(args.out, P.TEACHER_FILE)}")
     return 0
 
 
@@ -419,8 +422,8 @@ def _distill(args):
                                 check_inputs=args.check_inputs, resume=args.resume,
                                 device=args.device, progress=args.progress, wait=args.wait,
                                 **_training_options(args))
-        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f}; wrote "
-             f"{os.path.join(args.out, P.STUDENT_FILE)}")
+        _say(f"test accuracy {res.final.get('test_accuracy', float('nan')):.4f} ({args.precision}); "
+             f"wrote {os.path.join(args.out, P.STUDENT_FILE)}")
     return 0
 
 

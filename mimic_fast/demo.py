@@ -3,8 +3,12 @@
 Low-label regime: a fraction of the training split keeps its labels, the rest is unlabelled. A deep
 teacher learns from the labelled rows; a wide shallow student (linear bottleneck) is trained twice,
 on the labels only and by mimicry of the teacher's stored logits over a transfer set (labelled +
-unlabelled + MUNGE-generated rows). Limits: digits is tiny (8x8), so absolute numbers are a sketch
-of the effect, not the papers' TIMIT/CIFAR results; timings are of this machine's CPU.
+unlabelled + MUNGE-generated rows). --precision bf16 trains, evaluates and times every model under
+bfloat16 autocast over float32 weights (train.autocast); the teacher's logits are computed in
+float32 either way (their stored precision is the store's dtype, as with collect-logits). Limits:
+digits is tiny (8x8), so absolute numbers are a sketch of the effect, not the papers' TIMIT/CIFAR
+results; timings are of this machine's CPU (bf16 is fast only where the CPU has bf16 matrix units:
+the demo's output says which path the fused op took).
 """
 import argparse
 import json
@@ -23,6 +27,7 @@ from . import train as T
 from ._io import atomic_write_bytes, atomic_write_text
 from .models import count_parameters
 from .nn import WideShallowStudent
+from .ops import cpu as cpu_ops
 
 __all__ = ["DemoConfig", "run_demo", "add_arguments", "main"]
 
@@ -58,6 +63,9 @@ class DemoConfig:
     # models are tiny: on a busy 2-core machine two OpenMP threads made a small CNN step ~70x slower
     # (480 ms vs 7 ms) while waiting for each other
     threads: int = 1
+    # train.PRECISIONS: fp32, or bf16 autocast over float32 weights for every training, evaluation
+    # and throughput measurement
+    precision: str = "fp32"
     quick: bool = False
 
     @classmethod
@@ -80,20 +88,22 @@ def _run_seed(cfg, seed, workdir, progress, log):
     data = P.load_data("digits", split_seed=seed, label_fraction=cfg.label_fraction)
     splits = data.splits
     D, C = splits.in_features, splits.num_classes
-    common = dict(optimizer="sgd", schedule="cosine", weight_decay=cfg.weight_decay, progress=progress)
+    common = dict(optimizer="sgd", schedule="cosine", weight_decay=cfg.weight_decay, progress=progress,
+                  precision=cfg.precision)
     out = {"seed": seed, "n_labelled": len(data.labelled), "n_unlabelled": len(data.unlabelled),
            "n_test": len(splits.test)}
 
     # 1. teacher: each member on the labelled rows (labels only), logits averaged
-    t0 = time.perf_counter()
+    t_seed = t0 = time.perf_counter()
     teachers = P.train_teachers(
         data, cfg.teacher_members, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
         lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, channels=cfg.teacher_channels,
         hidden=cfg.teacher_hidden, dnn_hidden=(), dropout=cfg.teacher_dropout,  # digits: CNNs
-        progress=progress)
+        progress=progress, precision=cfg.precision)
     teacher = teachers.teacher
-    out["teacher"] = {"accuracy": T.evaluate(teacher, splits.test),
-                      "member_accuracy": [T.evaluate(m, splits.test) for m in teachers.members],
+    prec = dict(precision=cfg.precision)
+    out["teacher"] = {"accuracy": T.evaluate(teacher, splits.test, **prec),
+                      "member_accuracy": [T.evaluate(m, splits.test, **prec) for m in teachers.members],
                       "params": count_parameters(teacher), "train_s": time.perf_counter() - t0}
 
     # 2. the student on the labelled rows only
@@ -125,8 +135,9 @@ def _run_seed(cfg, seed, workdir, progress, log):
                             "final_soft_loss": res.final["soft_loss"]}
     example = splits.test.tensors[0][0]
     out["throughput"] = {
-        "teacher": T.throughput(teacher, example, cfg.throughput_batch, min_time=0.3),
-        "student": T.throughput(mimic_student, example, cfg.throughput_batch, min_time=0.3)}
+        "teacher": T.throughput(teacher, example, cfg.throughput_batch, min_time=0.3, **prec),
+        "student": T.throughput(mimic_student, example, cfg.throughput_batch, min_time=0.3, **prec)}
+    out["run_s"] = time.perf_counter() - t_seed
     log(f"seed {seed}: teacher {out['teacher']['accuracy']:.4f}  student(labels) "
         f"{out['student_labels']['accuracy']:.4f}  student(mimic) {out['student_mimic']['accuracy']:.4f}")
     return out
@@ -168,7 +179,17 @@ def format_table(result):
     env = result.get("environment", {})
     lines.append(f"(inference: eval mode, batch {cfg['throughput_batch']}, {env.get('threads')} CPU "
                  f"thread(s), fused backend {result.get('backend')!r}; accuracy: mean +- std over seeds)")
+    lines.append(_precision_line(result))
     return "\n".join(lines)
+
+
+def _precision_line(result):
+    p, fused = result["precision"], result["precision"]["fused_op"]
+    if p["precision"] == "fp32":
+        return "(precision fp32: training, test accuracy and inference in float32)"
+    return (f"(precision {p['precision']}: training, test accuracy and inference under "
+            f"{fused['dtype']} autocast over float32 weights; the fused op on backend "
+            f"{fused['backend']!r}: {fused['path']})")
 
 
 def _plot(result, path):
@@ -202,7 +223,7 @@ def figure(result):
     ax0.set_ylabel("test accuracy (%)" if base == 0 else
                    f"test accuracy (%; axis from {base:g}, not 0)")
     ax0.set_title(f"digits, {100 * result['config']['label_fraction']:.0f}% of train labelled "
-                  f"({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+                  f"({len(runs)} seed{'s' if len(runs) > 1 else ''}, {result['precision']['precision']})")
     cfg = result["config"]
     for key, name, color in (("student_labels", "student, labels only", "#d98c3f"),
                              ("student_mimic", "student, mimic", "#3f7fd9")):
@@ -230,6 +251,7 @@ def run_demo(out="runs/demo", config=None, progress=False, log=print):
         raise ValueError(f"label_fraction must be in (0, 1), got {cfg.label_fraction}")
     if not cfg.seeds:
         raise ValueError("seeds must not be empty")
+    T.check_precision(cfg.precision)
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -242,7 +264,8 @@ def run_demo(out="runs/demo", config=None, progress=False, log=print):
 def _run(cfg, out, progress, log):
     t_start = time.perf_counter()
     log(f"mimic-fast demo: digits, {100 * cfg.label_fraction:.0f}% of the training split labelled, "
-        f"seeds {list(cfg.seeds)}, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
+        f"seeds {list(cfg.seeds)}, precision {cfg.precision}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU thread(s)")
     runs = []
     with tempfile.TemporaryDirectory(prefix="mimic-demo-") as workdir:
         for seed in cfg.seeds:
@@ -250,10 +273,12 @@ def _run(cfg, out, progress, log):
     result = {
         "config": asdict(cfg), "runs": runs, "summary": _summary(runs),
         "runtime_s": time.perf_counter() - t_start,
+        "run_s_mean": _mean_std([r["run_s"] for r in runs])[0],  # one seed, every stage
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "machine": platform.machine(),
                         "processor": platform.processor() or None},
         "backend": _backend_used(cfg),
+        "precision": _precision(cfg),
     }
     os.makedirs(out, exist_ok=True)
     atomic_write_text(os.path.join(out, "demo.json"), json.dumps(result, indent=2, default=_jsonable))
@@ -264,18 +289,41 @@ def _run(cfg, out, progress, log):
     gain = 100 * (s["student_mimic"]["accuracy_mean"] - s["student_labels"]["accuracy_mean"])
     speed = s["student_mimic"]["samples_per_s"] / s["teacher"]["samples_per_s"]
     log(f"\nmimic student vs the same student on labels only: {gain:+.2f} points; "
-        f"student/teacher inference throughput x{speed:.1f}; total {result['runtime_s']:.0f} s")
+        f"student/teacher inference throughput x{speed:.1f}; total {result['runtime_s']:.0f} s "
+        f"({result['run_s_mean']:.0f} s per seed, {cfg.precision})")
     log(f"wrote {os.path.join(out, 'demo.json')} and {os.path.join(out, 'demo.png')}")
     return result
 
 
+def _operand_dtype(cfg):
+    # the fused op's operands: the autocast dtype under bf16 (functional.py casts them)
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
 def _backend_used(cfg):
-    p = dispatch.Problem("mimic", torch.device("cpu"), torch.float32, cfg.mimic_batch, 64,
+    p = dispatch.Problem("mimic", torch.device("cpu"), _operand_dtype(cfg), cfg.mimic_batch, 64,
                          cfg.student_bottleneck, cfg.student_hidden, 10, "relu", torch.float32)
     try:
         return dispatch.select("auto", p)
     except ValueError as e:
         return f"none ({e})"
+
+
+def _precision(cfg):
+    """What --precision meant in this run, and how the fused op computed in it here."""
+    dtype, backend = _operand_dtype(cfg), _backend_used(cfg)
+    if backend == "cpu":  # the cpu backend's path follows the CPU's features (mf.info())
+        path = cpu_ops.compute_path(dtype)[1]
+    else:
+        path = f"the {backend} backend's {str(dtype).replace('torch.', '')} kernels"
+    return {"precision": cfg.precision,
+            "training": ("forward and loss under bfloat16 autocast, float32 weights, gradients and "
+                         "optimizer state" if cfg.precision == "bf16" else "float32"),
+            "evaluation": ("test accuracy and inference throughput under bfloat16 autocast"
+                           if cfg.precision == "bf16" else "float32"),
+            "logits": "the teacher's logits computed and stored in float32",
+            "fused_op": {"backend": backend, "dtype": str(dtype).replace("torch.", ""),
+                         "path": path}}
 
 
 def _jsonable(o):
@@ -297,6 +345,11 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1: the demo's models are tiny; 0: torch's "
                              "own choice)")
+    parser.add_argument("--precision", choices=T.PRECISIONS, default=None,
+                        help="bf16: train, evaluate and time every model under bfloat16 autocast "
+                             "over float32 weights (fast only on CPUs with bf16 matrix units: AMX, "
+                             "AVX512-BF16; `mimic-fast info` says which path the fused op takes); "
+                             "default fp32")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars (as in every command)")
     # the old spelling asks for what is now the default: still accepted, no longer listed
@@ -316,6 +369,8 @@ def config_from_args(args):
         cfg.threads = args.threads
     if args.label_fraction is not None:
         cfg.label_fraction = args.label_fraction
+    if args.precision is not None:
+        cfg.precision = args.precision
     return cfg
 
 

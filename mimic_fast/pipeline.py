@@ -179,8 +179,8 @@ def train_on_labels(data, model, spec=None, out=None, file=TEACHER_FILE, *, resu
     """Train `model` with cross-entropy on the labelled rows (cycled to `rows` rows per epoch when
     given); test=True evaluates on the test split after each epoch. With `out`: a resumable run
     folder (train.train_teacher) whose checkpoint records the data recipe, and rank 0 writes
-    out/`file`, a model file with the spec, the data recipe, the history and `extra`.
-    options: train.TrainConfig fields. Returns the TrainResult."""
+    out/`file`, a model file with the spec, the data recipe, the history, the precision it trained
+    in and `extra`. options: train.TrainConfig fields. Returns the TrainResult."""
     dataset = data.labelled_set()
     if rows is not None:
         dataset = _Cycled(dataset, rows)
@@ -191,7 +191,7 @@ def train_on_labels(data, model, spec=None, out=None, file=TEACHER_FILE, *, resu
                           data=data.recipe if out is not None else None, **options)
     if out is not None and _is_rank0():
         save_model(os.path.join(out, file), res.model, spec, data=data.recipe, history=res.history,
-                   **(extra or {}))
+                   precision=res.config.precision, **(extra or {}))
     return res
 
 
@@ -227,11 +227,12 @@ def teacher_member(data, channels, hidden, dnn_hidden, dropout):
 
 
 def train_teachers(data, members, *, epochs, batch_size, lr, weight_decay, channels, hidden,
-                   dnn_hidden, dropout, out=None, hint="", device=None, progress=False, log=_quiet):
+                   dnn_hidden, dropout, out=None, hint="", device=None, progress=False, log=_quiet,
+                   precision="fp32"):
     """The demo's teacher: `members` nets (teacher_member) trained on the labelled rows with SGD and
-    a cosine schedule, member m seeded 1000 * split_seed + m; their logits averaged. With `out`,
-    member m is a resumable run in out/member-m whose teacher.pt is reused when it exists (refused,
-    with `hint`, when made from another data recipe)."""
+    a cosine schedule at `precision` (train.PRECISIONS), member m seeded 1000 * split_seed + m;
+    their logits averaged. With `out`, member m is a resumable run in out/member-m whose teacher.pt
+    is reused when it exists (refused, with `hint`, when made from another data recipe)."""
     models, specs = [], []
     for m in range(members):
         folder = None if out is None else os.path.join(out, f"member-{m}")
@@ -250,7 +251,8 @@ def train_teachers(data, members, *, epochs, batch_size, lr, weight_decay, chann
                 data, model, spec, folder,
                 resume=folder is not None and os.path.isfile(os.path.join(folder, T.CHECKPOINT)),
                 device=device, progress=progress, epochs=epochs, batch_size=batch_size,
-                optimizer="sgd", lr=lr, weight_decay=weight_decay, schedule="cosine", seed=seed)
+                optimizer="sgd", lr=lr, weight_decay=weight_decay, schedule="cosine", seed=seed,
+                precision=precision)
             model = res.model.cpu().eval()
         models.append(model)
         specs.append(spec)
@@ -538,7 +540,8 @@ def distill_student(data, student, spec, logits, out=None, *, test=True, loss="m
     resumable run folder whose checkpoint records the data recipe and the inputs' identities
     (Logits.inputs: a resume on other logits or another transfer set is refused), and rank 0 writes
     out/student.pt with the spec, the data recipe, the history, the loss, the transfer set's
-    recipe and the inputs (+ `extra`). options: train.TrainConfig fields. Returns the TrainResult."""
+    recipe, the inputs and the precision it trained in (+ `extra`). options: train.TrainConfig
+    fields. Returns the TrainResult."""
     if loss == "mse":
         check_logit_scale(logits, options.get("batch_size", T.TrainConfig.batch_size))
     if out is not None:
@@ -553,5 +556,5 @@ def distill_student(data, student, spec, logits, out=None, *, test=True, loss="m
         if out is not None and _is_rank0():
             save_model(os.path.join(out, STUDENT_FILE), res.model, spec, data=data.recipe,
                        history=res.history, loss=loss, alpha=alpha, transfer=logits.recipe,
-                       inputs=logits.inputs, **(extra or {}))
+                       inputs=logits.inputs, precision=res.config.precision, **(extra or {}))
     return res

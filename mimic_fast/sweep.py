@@ -87,6 +87,8 @@ class SweepConfig:
     lr: float = 1e-3
     weight_decay: float = _DEMO.weight_decay
     schedule: str = "cosine"
+    # train.PRECISIONS, for the teacher trained here, every student and their measurements
+    precision: str = _DEMO.precision
     # measurement and placement (not part of the recipe)
     throughput_batches: tuple = (1, 256)
     throughput_time: float = 0.2
@@ -167,7 +169,8 @@ class SweepConfig:
 
     def training(self, seed=0):
         return dict(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
-                    lr=self.lr, weight_decay=self.weight_decay, schedule=self.schedule, seed=seed)
+                    lr=self.lr, weight_decay=self.weight_decay, schedule=self.schedule, seed=seed,
+                    precision=self.precision)
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,8 @@ def _trained_teacher(cfg, data, out, log):
         data, cfg.teacher_members, epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
         lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, channels=cfg.teacher_channels,
         hidden=cfg.teacher_hidden, dnn_hidden=cfg.teacher_dnn_hidden, dropout=cfg.teacher_dropout,
-        out=os.path.join(out, "teacher"), hint=_STALE_HINT, device=cfg.device, log=log)
+        out=os.path.join(out, "teacher"), hint=_STALE_HINT, device=cfg.device, log=log,
+        precision=cfg.precision)
     n = len(teachers.members)
     first = teachers.spec["members"][0] if n > 1 else teachers.spec
     kind = "CNN" if first["name"] == "cnn" else "DNN"
@@ -354,13 +358,15 @@ def _prepare(cfg, data, out, log):
                 measured = None
         if measured is None:
             example = splits.test.tensors[0][0]
-            measured = {"test_accuracy": T.evaluate(teacher, splits.test, device=dev),
+            prec = dict(precision=cfg.precision)
+            measured = {"test_accuracy": T.evaluate(teacher, splits.test, device=dev, **prec),
                         "params": count_parameters(teacher),
-                        "throughput": {str(b): T.throughput(teacher, example, b, cfg.throughput_time)
+                        "throughput": {str(b): T.throughput(teacher, example, b, cfg.throughput_time,
+                                                            **prec)
                                        for b in cfg.throughput_batches},
-                        "device": str(dev)}
+                        "device": str(dev), **prec}
             if len(getattr(teacher, "members", [])) > 1:
-                measured["member_accuracy"] = [T.evaluate(m, splits.test, device=dev)
+                measured["member_accuracy"] = [T.evaluate(m, splits.test, device=dev, **prec)
                                                for m in teacher.members]
             write_json(teacher_path, {**measured, "data_rows": rows})
         teacher.cpu()
@@ -423,18 +429,20 @@ def _train_run(run, cfg, prep, out):
     ckpt = load_checkpoint(os.path.join(folder, T.CHECKPOINT), kind)
     dev = default_device(cfg.device)
     example = splits.test.tensors[0][0]
+    prec = dict(precision=cfg.precision)
     result = {
         "format": RESULT_FORMAT, "run": asdict(run), "point": run.point, "spec": spec,
         "params": count_parameters(res.model), "init_sha256": init,
-        "test_accuracy": T.evaluate(res.model, splits.test, device=dev),
+        "test_accuracy": T.evaluate(res.model, splits.test, device=dev, **prec),
         "train_rows": rows, "steps": int(ckpt["step"]),
         "training": {k: ckpt["config"][k] for k in ("optimizer", "lr", "momentum", "weight_decay",
-                                                    "schedule", "epochs", "batch_size", "seed")},
+                                                    "schedule", "epochs", "batch_size", "seed",
+                                                    "precision")},
         "final_loss": res.final.get("loss"),
         "train_s": sum(h["time"] for h in res.history),
-        "throughput": {str(b): T.throughput(res.model, example, b, cfg.throughput_time)
+        "throughput": {str(b): T.throughput(res.model, example, b, cfg.throughput_time, **prec)
                        for b in cfg.throughput_batches},
-        "device": str(dev),
+        "device": str(dev), **prec,
     }
     # result.json last: its presence marks the run done
     if run.mode == "mimic":
@@ -498,9 +506,11 @@ def _write_config(cfg, out, info):
         if os.path.isfile(path):
             saved = _read_json(path, "use another --out", FORMAT, "config")
         recipe = json.loads(json.dumps(cfg.recipe()))  # tuples as lists, as stored
-        if saved is not None and saved["recipe"] != recipe:
-            diff = {k: (saved["recipe"].get(k), v) for k, v in recipe.items()
-                    if saved["recipe"].get(k) != v}
+        # sweeps made before precision was an option trained in float32
+        saved_recipe = None if saved is None else {"precision": "fp32", **saved["recipe"]}
+        if saved is not None and saved_recipe != recipe:
+            diff = {k: (saved_recipe.get(k), v) for k, v in recipe.items()
+                    if saved_recipe.get(k) != v}
             text = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{out} holds a sweep made with other options (saved -> now): {text}; "
                              "use another --out (only the grid, seeds, device and threads may "
@@ -770,6 +780,9 @@ def add_arguments(p):
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--schedule", choices=T.SCHEDULES, default=d.schedule)
+    g.add_argument("--precision", choices=T.PRECISIONS, default=d.precision,
+                   help="bf16: the teacher trained here and every student are trained, evaluated "
+                        "and timed under bfloat16 autocast over float32 weights (default fp32)")
     g = p.add_argument_group("running")
     g.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     g.add_argument("--shard", default=None, metavar="I/N",

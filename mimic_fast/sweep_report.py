@@ -68,7 +68,8 @@ def markdown(result):
         f"{tr['rows']:,} per epoch) and by logit regression on the teacher's stored logits; both with "
         f"the same initial weights, {tg['optimizer']} lr {tg['lr']:g}, weight decay "
         f"{tg['weight_decay']:g}, {tg['schedule']} schedule, batch {tg['batch_size']}, "
-        f"{tg['steps']} optimizer steps; seeds {', '.join(map(str, seeds))} (mean ± std).",
+        f"{tg['steps']} optimizer steps; seeds {', '.join(map(str, seeds))} (mean ± std); precision "
+        f"{tg.get('precision', 'fp32')} (training, test accuracies and timings).",
         f"- Inference samples/s: eval mode, {result['environment']['threads']} thread(s), device "
         f"{t.get('device')}, median over a point's runs (both modes: one architecture).",
         "",

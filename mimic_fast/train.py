@@ -3,14 +3,24 @@
 Both share one loop: epoch order from a DistributedSampler seeded by (seed, epoch), also in one
 process; after each epoch an atomic checkpoint (model, optimizer, step, every rank's RNG states,
 history) and one JSONL metrics line, so a resumed run reproduces an uninterrupted one bit for bit.
-A resume with a changed lr, momentum, weight decay or longer --epochs applies it (the schedule is a
-closed-form function of the step, rebuilt for the new length); other changes are refused, and so
-is a distill resume on other inputs (the checkpoint records the logit store's and the transfer set's
-identities). A non-finite loss or weight stops the run before anything is written from it. One
-writer per output folder (a lock file). Under torch.distributed (torchrun) the model is wrapped in DDP, only rank 0
-writes and evaluation is sharded. The checkpoint and model file formats are mimic_fast.files' (whose
-save_model / load_model are re-exported here); ranks and devices mimic_fast.distributed's. Limits:
-map-style datasets only; the learning-rate schedule steps once per batch.
+A resume with a changed lr, momentum, weight decay, precision or longer --epochs applies it (the
+schedule is a closed-form function of the step, rebuilt for the new length); other changes are
+refused, and so is a distill resume on other inputs (the checkpoint records the logit store's and
+the transfer set's identities). A non-finite loss or weight stops the run before anything is
+written from it. One writer per output folder (a lock file). Under torch.distributed (torchrun) the
+model is wrapped in DDP, only rank 0 writes and evaluation is sharded.
+
+Mixed precision (precision="bf16", --precision bf16): the parameters and the optimizer state stay
+float32 (the master weights); each forward and its loss run under torch.autocast(device, bfloat16),
+so GEMMs and convolutions (the fused ops too) take bfloat16 operands, while backward() runs outside
+it and leaves float32 gradients in the float32 parameters. Evaluation and throughput() run under the
+same autocast, and every metrics line records the precision its losses and test accuracy were
+measured in. No GradScaler: bfloat16 has float32's exponent range, so its gradients do not underflow
+as float16's do. The loss checked for non-finite values is the float32 one autocast returns.
+
+The checkpoint and model file formats are mimic_fast.files' (whose save_model / load_model are
+re-exported here); ranks and devices mimic_fast.distributed's. Limits: map-style datasets only; the
+learning-rate schedule steps once per batch.
 """
 import contextlib
 import json
@@ -40,22 +50,30 @@ from .functional import kd_loss, logit_mse_loss
 
 __all__ = ["train_teacher", "distill", "evaluate", "throughput", "TrainConfig", "TrainResult",
            "save_model", "load_model", "set_seed", "make_optimizer", "lr_factor", "CHECKPOINT",
-           "METRICS", "DEFAULT_LR", "OPTIMIZERS", "SCHEDULES", "DISTILL_LOSSES", "describe_inputs",
-           "check_options"]
+           "METRICS", "DEFAULT_LR", "OPTIMIZERS", "SCHEDULES", "DISTILL_LOSSES", "PRECISIONS",
+           "check_precision", "autocast", "describe_inputs", "check_options"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
 DISTILL_LOSSES = ("mse", "kd")
+# fp32, or bf16 mixed precision: float32 master weights and optimizer state, forward and loss under
+# torch.autocast(bfloat16). The one list of the allowed values (TrainConfig, DemoConfig, SweepConfig,
+# every --precision).
+PRECISIONS = ("fp32", "bf16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 # One default learning rate per loop, for the Python API and the CLI alike. Logit regression needs a
 # far smaller SGD step than cross-entropy: the squared error is unbounded and the gradient of W sums
 # over the whole width H (0.05 diverges to NaN on the digits pipeline in its first epoch).
 DEFAULT_LR = {"teacher": 0.05, "distill": 0.01}
 # Options a resume applies (the rest change the data order, the model or the optimizer's state and
 # are refused when they differ from the checkpoint's).
+# precision: the checkpoint holds float32 weights and optimizer state in either precision, so another
+# precision changes only the arithmetic of the steps to come (as another lr does); each metrics line
+# records the precision of its epoch.
 RESUMABLE_CHANGES = ("epochs", "lr", "momentum", "weight_decay", "grad_clip", "eval_batch_size",
-                     "num_workers", "world_size")
+                     "num_workers", "world_size", "precision")
 NONFINITE_CHECK_EVERY = 16  # steps between host syncs that look for a non-finite loss
 
 
@@ -88,6 +106,27 @@ def _set_rng_state(state):
         # a checkpoint from a machine with more GPUs than this one: restore the devices present
         for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
+
+
+def check_precision(precision, name="precision"):
+    """Refuse (ValueError naming `name`) a precision that is not one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def autocast(precision, device):
+    """The context of a forward pass at `precision` on `device` (a torch.device or its type): nothing
+    for fp32 (an enclosing autocast of the caller's is left as it is), torch.autocast(device type,
+    bfloat16) for bf16. Raises ValueError when the device has no autocast."""
+    check_precision(precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device_type = device.type if isinstance(device, torch.device) else str(device)
+    if not torch.amp.is_autocast_available(device_type):
+        raise ValueError(f"precision {precision} runs under torch.autocast, which this torch does not "
+                         f"offer on {device_type} devices: use precision fp32 or another device")
+    return torch.autocast(device_type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 def _model_device(model, device):
@@ -152,6 +191,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     num_workers: int = 0
     grad_clip: float = 0.0  # max global grad norm, 0: off
+    precision: str = "fp32"  # PRECISIONS: fp32, or bf16 autocast over float32 master weights
 
     def validate(self):
         """Refuse nonsense before anything runs (ValueError naming the option and the range)."""
@@ -166,6 +206,7 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_precision(self.precision)
 
         def number(name):
             v = getattr(self, name)
@@ -191,6 +232,7 @@ class TrainResult:
     history: list = field(default_factory=list)  # one dict per epoch (the JSONL lines)
     out_dir: str = None
     resumed_from: int = 0  # epochs already done when this call started
+    config: TrainConfig = None  # the options this call ran with
 
     @property
     def final(self):
@@ -201,9 +243,9 @@ class TrainResult:
 # evaluation
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, dataset, batch_size=1024, device=None):
-    """Top-1 accuracy on a dataset of (x, y, ...) items (on the model's device unless `device`);
-    sharded over ranks under torch.distributed."""
+def evaluate(model, dataset, batch_size=1024, device=None, precision="fp32"):
+    """Top-1 accuracy on a dataset of (x, y, ...) items (on the model's device unless `device`), the
+    forward under autocast(precision); sharded over ranks under torch.distributed."""
     model = unwrap(model)
     device = _model_device(model, device)
     rank, world = dist_info()
@@ -213,7 +255,9 @@ def evaluate(model, dataset, batch_size=1024, device=None):
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in DataLoader(part, batch_size=batch_size, shuffle=False):
         x, y = batch[0].to(device), batch[1].to(device)
-        counts[0] += (model(x).argmax(-1) == y).sum()
+        with autocast(precision, device):
+            logits = model(x)
+        counts[0] += (logits.argmax(-1) == y).sum()
         counts[1] += y.numel()
     model.train(was_training)
     if world > 1:
@@ -323,7 +367,8 @@ def _gather_rng():
 def _resume_changes(ckpt, run_config, spec, path):
     """{option: (saved, now)} of the changes a resume applies; refuses (ValueError, every difference
     listed) the ones it cannot apply honestly (also another model spec or data recipe)."""
-    saved = ckpt["config"]
+    # checkpoints written before precision was an option were all float32 runs
+    saved = {"precision": "fp32", **ckpt["config"]}
     if saved.get("inputs") != run_config.get("inputs"):
         raise ValueError(f"cannot resume {path}: it was trained on {describe_inputs(saved.get('inputs'))}"
                          f" but this run reads {describe_inputs(run_config.get('inputs'))}: the "
@@ -374,6 +419,7 @@ def _fit(kind, model, objective, train_set, test_set, config, out_dir, resume, d
     config.validate()
     rank, world = dist_info()
     device = default_device(device)
+    autocast(config.precision, device)  # a device without autocast is refused before anything runs
     with contextlib.ExitStack() as held:
         if out_dir is not None:
             # one writer per output folder: a second run would interleave checkpoints and metrics
@@ -472,8 +518,12 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
         for i, batch in enumerate(bar):
             batch = [b.to(device, non_blocking=True) for b in batch]
             batch[1:] = [b if b.is_floating_point() else b.long() for b in batch[1:]]
-            loss, stats = objective(*batch)
-            # the loss stays on the device and is looked at every few steps: no host sync per step
+            # bf16: forward and loss under autocast, backward outside it (as torch.amp documents)
+            with autocast(config.precision, device):
+                loss, stats = objective(*batch)
+            # the loss is float32 in either precision (the losses return float32 under autocast, so
+            # a bf16 overflow shows as inf/NaN here); it stays on the device and is looked at every
+            # few steps: no host sync per step
             losses.append(loss.detach().float())
             if len(losses) == NONFINITE_CHECK_EVERY or i + 1 == steps_per_epoch:
                 bad = _first_nonfinite(losses, world)
@@ -514,7 +564,9 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
             total, count = sums[name].tolist()
             line[name] = total / count if count else None
         if test_set is not None:
-            line["test_accuracy"] = evaluate(model, test_set, config.eval_batch_size, device)
+            line["test_accuracy"] = evaluate(model, test_set, config.eval_batch_size, device,
+                                             config.precision)
+        line["precision"] = config.precision  # of this epoch's steps, losses and test accuracy
         line["lr"] = optimizer.param_groups[0]["lr"]
         line["time"] = time.perf_counter() - t0
         line = _jsonable(line)
@@ -533,7 +585,8 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
     if world > 1:
         dist.barrier()
     model.eval()
-    return TrainResult(model=unwrap(model), history=history, out_dir=out_dir, resumed_from=start)
+    return TrainResult(model=unwrap(model), history=history, out_dir=out_dir, resumed_from=start,
+                       config=config)
 
 
 def _diverged(kind, epoch, bad, steps_per_epoch, config, out_dir, what):
@@ -621,12 +674,13 @@ def train_teacher(model, train_set, test_set=None, *, out_dir=None, resume=False
     """Train `model` with cross-entropy on a dataset of (x, y) items.
 
     options: any TrainConfig field (epochs, batch_size, optimizer "sgd"|"adam", lr (default 0.05),
-    momentum, weight_decay, schedule "cosine"|"step"|"none", seed, ...). With out_dir: checkpoint.pt
-    after each epoch and metrics.jsonl, one writer at a time (a lock file); resume=True continues
-    from the checkpoint (an existing checkpoint is never overwritten without it), applying a changed
-    lr, momentum, weight_decay, grad_clip or a longer epochs and refusing (ValueError) any other
-    change (also of `spec` or `data`, the data recipe recorded in the checkpoint). A non-finite loss
-    raises FloatingPointError naming the epoch and step before anything is written from it.
+    momentum, weight_decay, schedule "cosine"|"step"|"none", seed, precision "fp32"|"bf16", ...).
+    With out_dir: checkpoint.pt after each epoch and metrics.jsonl, one writer at a time (a lock
+    file); resume=True continues from the checkpoint (an existing checkpoint is never overwritten
+    without it), applying a changed lr, momentum, weight_decay, grad_clip, precision or a longer
+    epochs and refusing (ValueError) any other change (also of `spec` or `data`, the data recipe
+    recorded in the checkpoint). A non-finite loss raises FloatingPointError naming the epoch and
+    step before anything is written from it.
     Returns a TrainResult.
     """
     config = _config(config, options, "teacher")
@@ -705,17 +759,21 @@ def distill(student, dataset, test_set=None, *, loss="mse", alpha=0.0, temperatu
 
 
 @torch.no_grad()
-def throughput(model, example, batch_size=256, min_time=0.5, device=None):
-    """Inference samples per second of model(x) on batches shaped like `example` (one item)."""
+def throughput(model, example, batch_size=256, min_time=0.5, device=None, precision="fp32"):
+    """Inference samples per second of model(x) on batches shaped like `example` (one item), the
+    forward under autocast(precision)."""
     model = unwrap(model).eval()
     device = _model_device(model, device)
     x = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous().to(device)
-    model(x)  # warm-up
+    context = autocast(precision, device)
+    with context:
+        model(x)  # warm-up
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     n, t0 = 0, time.perf_counter()
     while True:
-        model(x)
+        with context:
+            model(x)
         n += 1
         sync()
         elapsed = time.perf_counter() - t0

@@ -236,6 +236,26 @@ def test_changed_recipe_or_unfair_runs_are_refused(full_run, teacher_file, tmp_p
     assert "shard" in capsys.readouterr().err
 
 
+def test_precision_is_part_of_the_recipe_and_recorded(teacher_file, tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    result = sweep.run(_config(teacher_file, hidden=(8,), seeds=1, precision="bf16"), out,
+                       progress=False, log=_quiet)
+    assert result["training"]["precision"] == "bf16" and result["teacher"]["precision"] == "bf16"
+    for mode in ("labels", "mimic"):
+        run = read_json(os.path.join(out, "points", "conv0-k32-h8", f"{mode}-seed0", "result.json"), "")
+        assert run["precision"] == run["training"]["precision"] == "bf16"
+        assert [json.loads(line)["precision"] for line in
+                open(os.path.join(out, "points", "conv0-k32-h8", f"{mode}-seed0", T.METRICS))] == \
+            ["bf16", "bf16"]
+    assert "precision bf16" in open(os.path.join(out, "sweep.md")).read()
+    assert "--precision bf16" in result["command"]
+    # another precision on the same OUT would mix two kinds of runs in one report: refused
+    argv = ["sweep", "--out", out, "--teacher", teacher_file, "--hidden", "8", "--seeds", "1",
+            "--epochs", "2", "--n-generated", "200", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "precision 'bf16' -> 'fp32'" in capsys.readouterr().err
+
+
 def test_teacher_of_another_recipe_is_refused_and_unset_options_inherit_its_own(teacher_file,
                                                                                  tmp_path):
     with pytest.raises(ValueError, match="split_seed: 0 in .*teacher.pt, 1 here"):
@@ -325,7 +345,7 @@ def test_conv_students_on_images_with_an_ensemble_teacher(teacher_file, tmp_path
 
 def test_command_line_round_trips(teacher_file):
     cfg = _config(teacher_file, teacher_channels=(4, 8), label_fraction=0.3, conv_layers=(0, 1),
-                  lr=0.002).resolved()
+                  lr=0.002, precision="bf16").resolved()
     line = sweep.command_line(cfg)
     parser = cli.build_parser()
     args = parser.parse_args(shlex.split(line)[1:])
