@@ -205,6 +205,18 @@ def _(c):
     return ["import-logits", *DATA, "--logits", c.path("l.npy"), "--out", logits]
 
 
+@case("distill on an incomplete store says how to finish it", "distill",
+      "is incomplete: 0 of 1437 rows committed; run the same `mimic-fast collect-logits` command "
+      "again to resume it")
+def _(c):
+    logits = c.copy("logits")
+    p = Path(logits) / "logits" / "header.json"
+    h = json.loads(p.read_text())
+    h.update(committed=0, complete=False, checksums=[], input_checksums=[])
+    p.write_text(json.dumps(h))
+    return c.distill(logits)
+
+
 @case("distill on a header with n = 10**400", "distill", "header.json is not a valid logit-store "
       "header: n must be an int in [1, 2**63)")
 def _(c):
@@ -417,7 +429,8 @@ def test_a_bad_input_is_one_error_line_exit_2_and_nothing_written(name, made, tm
     for text in says:
         assert text in err, err
     # CLI wording: never a keyword argument of ours
-    for python in ("resume=True", "wait=True", "overwrite=True", "device='", "dtype=torch"):
+    for python in ("resume=True", "wait=True", "overwrite=True", "allow_partial=True", "device='",
+                   "dtype=torch"):
         assert python not in err, err
     after = _tree(tmp_path)
     assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)

@@ -241,10 +241,11 @@ class LogitStore:
         store = cls(path, header)
         store.logits, store.inputs  # noqa: B018  (open both files now: size and layout checks)
         if not header["complete"] and not allow_partial:
+            command = "the same `mimic-fast collect-logits` command"
+            how = option(f"run collect_logits ({command}) again to resume it, or open it with "
+                         "allow_partial=True", f"run {command} again to resume it")
             raise ValueError(f"logit store {path} is incomplete: {store.committed_rows} of "
-                             f"{header['n']} rows committed; run collect_logits (the same "
-                             f"`mimic-fast collect-logits` command) again to resume it, or open it "
-                             f"with allow_partial=True")
+                             f"{header['n']} rows committed; {how}")
         if verify:
             store.verify()
         if dataset is not None:
