@@ -265,8 +265,8 @@ def _read_logits(path):
     try:
         logits = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the OS's refusal (missing, permissions), naming the file
         raise ValueError(f"--logits {path} is not a readable .npy file ({type(e).__name__}: {e}): "
                          "write the (N, C) array with numpy.save") from None
     if isinstance(logits, np.lib.npyio.NpzFile):
