@@ -14,14 +14,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from . import dispatch
+from . import _env, dispatch
 from . import pipeline as P
 from . import train as T
 from ._io import atomic_write_bytes, atomic_write_text
@@ -180,6 +179,8 @@ def format_table(result):
     lines.append(f"(inference: eval mode, batch {cfg['throughput_batch']}, {env.get('threads')} CPU "
                  f"thread(s), fused backend {result.get('backend')!r}; accuracy: mean +- std over seeds)")
     lines.append(_precision_line(result))
+    if "torch_cpu_capability" in env:  # older demo.json files lack the machine record
+        lines.append(f"(accuracies reproduce exactly on: {_env.describe(env)})")
     return "\n".join(lines)
 
 
@@ -274,9 +275,7 @@ def _run(cfg, out, progress, log):
         "config": asdict(cfg), "runs": runs, "summary": _summary(runs),
         "runtime_s": time.perf_counter() - t_start,
         "run_s_mean": _mean_std([r["run_s"] for r in runs])[0],  # one seed, every stage
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "machine": platform.machine(),
-                        "processor": platform.processor() or None},
+        "environment": _env.record(),  # the accuracies reproduce where its REPRODUCE fields match
         "backend": _backend_used(cfg),
         "precision": _precision(cfg),
     }

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, sweep_report
+from . import __version__, _env, sweep_report
 from . import pipeline as P
 from . import train as T
 from ._io import LockedError, atomic_write_text, writer_lock
@@ -682,8 +682,8 @@ def _report(out, path, log, invocation):
         "format": FORMAT, "command": saved["command"],
         "invocation": list(invocation) if invocation is not None else None,
         "versions": _versions(),
-        "environment": {"machine": platform.machine(), "processor": platform.processor() or None,
-                        "cpu_count": os.cpu_count(), "threads": cfg.threads or torch.get_num_threads()},
+        # the accuracies reproduce where its REPRODUCE fields match (_env)
+        "environment": _env.record(threads=cfg.threads or torch.get_num_threads()),
         "config": saved["config"], **saved["info"],
         "training": {**cfg.training(), "seeds": list(range(cfg.seeds)),
                      "steps": points[0]["steps"] if points else None,

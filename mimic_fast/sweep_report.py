@@ -4,6 +4,7 @@ matplotlib is imported only by plot(), so `import mimic_fast.sweep` stays light.
 """
 import math
 
+from . import _env
 from ._io import atomic_write_bytes
 
 COLORS = {"labels": "#d98c3f", "mimic": "#3f7fd9"}
@@ -72,6 +73,7 @@ def markdown(result):
         f"{tg.get('precision', 'fp32')} (training, test accuracies and timings).",
         f"- Inference samples/s: eval mode, {result['environment']['threads']} thread(s), device "
         f"{t.get('device')}, median over a point's runs (both modes: one architecture).",
+        f"- Accuracies reproduce exactly on: {_env.describe(result['environment'])}.",
         "",
         "| student | params | on labels | by mimicry | mimic − labels | train s (labels / mimic) | "
         + " | ".join(f"samples/s @{b}" for b in batches) + " |",

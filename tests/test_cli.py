@@ -57,6 +57,21 @@ def test_demo_quick_writes_json_and_png(tmp_path, capsys):
     assert result["summary"]["student_labels"]["params"] == result["summary"]["student_mimic"]["params"]
     assert len(result["runs"]) == 1 and result["config"]["quick"]
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what the accuracies' reproducibility depends on is recorded (threads: the run's, not torch's)
+    from mimic_fast import _env
+
+    env = result["environment"]
+    assert set(_env.REPRODUCE) <= set(env) and env["threads"] == 1
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "1 CPU thread(s)" in capsys.readouterr().out
+    # the same command on the same machine gives the same accuracies and step counts
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "again" / "demo.json").read_text())
+    for key in ("teacher", "student_labels", "student_mimic"):
+        a, b = result["runs"][0][key], again["runs"][0][key]
+        assert (a["accuracy"], a.get("curve"), a.get("final_soft_loss")) == \
+            (b["accuracy"], b.get("curve"), b.get("final_soft_loss")), key
+    assert _env.differences(env, again["environment"]) == []
     printed = capsys.readouterr().out
     assert "by mimicry" in printed and "on labels only" in printed and "demo.json" in printed
     # the bar chart's axis starts at a labelled baseline (issue 20: it started at 87% unsaid)

@@ -20,7 +20,7 @@ PACKAGE = "mimic_fast"
 
 # bottom to top; a name ending in * places every module it matches
 LAYERS = [
-    ("base", ["mimic_fast._wording", "mimic_fast._io", "mimic_fast._timing", "mimic_fast.activations", "mimic_fast._checks", "mimic_fast.testing",
+    ("base", ["mimic_fast._wording", "mimic_fast._env", "mimic_fast._io", "mimic_fast._timing", "mimic_fast.activations", "mimic_fast._checks", "mimic_fast.testing",
               "mimic_fast.distributed", "mimic_fast._C", "mimic_fast._C_cuda"]),
     # the backends' kernels, launchers and plans, the cost model, the compile gate, the FLOP counts
     ("ops", ["mimic_fast.ops", "mimic_fast.ops.reference", "mimic_fast.ops.flops", "mimic_fast.ops.cpu",

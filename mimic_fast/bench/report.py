@@ -30,9 +30,9 @@ def _shape(r):
 
 def env_lines(doc):
     env = doc.get("env") or {}
-    keys = ("device", "cpu_flags", "torch", "torch_cuda", "triton", "python", "cpu_count",
-            "torch_threads")
-    lines = [f"- {k}: {env[k]}" for k in keys if env.get(k) is not None]
+    keys = ("device", "cpu_id", "cpu_flags", "torch_cpu_capability", "isa_variables", "torch",
+            "torch_cuda", "triton", "mkl", "onednn", "python", "cpu_count", "torch_threads")
+    lines = [f"- {k}: {env[k]}" for k in keys if env.get(k) not in (None, {}, [])]
     load = doc.get("load_avg") or {}
     if load.get("before"):
         lines.append(f"- load average (1/5/15 min): {load['before']} before, {load.get('after')} after")

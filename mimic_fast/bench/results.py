@@ -15,13 +15,12 @@ A target is {target, measured, threshold, pass, detail} or {target, status, why}
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 
 import torch
 
-from .. import __version__
+from .. import _env
 from .._io import atomic_write_text
 
 SCHEMA = "mimic_fast.bench/2"
@@ -92,50 +91,22 @@ def load(path):
 
 
 def environment(device="cpu", tools=False):
-    """Device name, library versions and threads; tools=True adds nvcc, nvidia-smi and the GPU's
-    SMs / L2 / Triton target (the GPU check's probe)."""
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "cuda_available": torch.cuda.is_available()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["mimic_fast"] = __version__
+    """The machine record of `_env` (CPU model, flags, instruction-set variables, versions, threads)
+    plus the device: the CPU's name, or on CUDA the GPU's name, memory, SMs and L2; tools=True adds
+    nvcc, nvidia-smi and the Triton target (the GPU check's probe)."""
+    env = _env.record()
+    env.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+               torch_threads=env["threads"])
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(device=p.name, device_memory_gib=round(p.total_memory / 2**30, 1),
                    compute_capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
                    l2_bytes=getattr(p, "L2_cache_size", None))
     else:
-        env["device"] = _cpu_name()
-        env["cpu_flags"] = _cpu_flags()
+        env["device"] = env["cpu"]
     if tools:
         env.update(_tools(env))
     return env
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _cpu_flags():
-    """The CPU features that decide the matrix units' speed (bf16 GEMMs above all)."""
-    out = {"capability": torch.backends.cpu.get_cpu_capability()}
-    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(torch.cpu, name, None)
-        out[name.strip("_")] = bool(fn()) if fn else None
-    return out
 
 
 def _run(cmd):
