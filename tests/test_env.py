@@ -33,3 +33,51 @@ def test_differences_name_every_field_that_decides_reproducibility():
         assert _env.differences(base, {**base, key: "something else"}) == [key]
     # fields outside REPRODUCE (the platform string, the core count) do not count
     assert _env.differences(base, {**base, "platform": "x", "cpu_count": 99}) == []
+
+
+def _check_reproduction():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_reproduction.py"
+    spec = importlib.util.spec_from_file_location("check_reproduction", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_demo_and_sweep_json_carry_the_record_and_their_figures_are_compared(tmp_path,
+                                                                                     monkeypatch):
+    """The committed figures name the machine they reproduce on, and check_reproduction notices a
+    moved accuracy (a comparison that always agreed would prove nothing)."""
+    import copy
+    import os
+
+    cr = _check_reproduction()
+    for name, figures in (("demo", cr._demo_figures), ("sweep", cr._sweep_figures)):
+        path = os.path.join(cr.RESULTS, name, f"{name}.json")
+        with open(path) as f:
+            doc = json.load(f)
+        assert set(_env.REPRODUCE) <= set(doc["environment"]), name
+        moved = copy.deepcopy(doc)
+        if name == "demo":
+            moved["runs"][-1]["student_mimic"]["accuracy"] += 1 / 360
+        else:
+            moved["points"][-1]["accuracy"][0] += 1 / 360
+        assert figures(doc) == figures(copy.deepcopy(doc))
+        assert [k for k in figures(doc) if figures(doc)[k] != figures(moved)[k]], name
+
+        # check(): the same machine and a moved figure fail; another machine is "not comparable"
+        def fake_run(argv, out, fresh=moved, name=name):
+            os.makedirs(out)
+            with open(os.path.join(out, f"{name}.json"), "w") as f:
+                json.dump(fresh, f)
+
+        monkeypatch.setattr(cr, "_run", fake_run)
+        assert cr.check(name, path, [name], f"{name}.json", figures, str(tmp_path / "a")) is False
+        monkeypatch.setattr(cr, "_run", lambda argv, out: fake_run(argv, out, fresh=doc))
+        assert cr.check(name, path, [name], f"{name}.json", figures, str(tmp_path / "b")) is True
+        other = copy.deepcopy(moved)
+        other["environment"]["threads"] = 7
+        monkeypatch.setattr(cr, "_run", lambda argv, out: fake_run(argv, out, fresh=other))
+        assert cr.check(name, path, [name], f"{name}.json", figures, str(tmp_path / "c")) is True
