@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every committed CPU figure from the command README cites for it, in one go (after set-up; run it
-# on a quiet machine: the benchmarks take ~1 h on 2 cores, the demo and the sweep a few minutes).
+# on a quiet machine: ~10 minutes on 2 cores, 3 of them the demo and the sweep).
 # The demo's and the sweep's accuracies reproduce exactly on the machine record their JSON holds
 # (CPU model and instruction set, torch/triton versions, threads: README, "Reproducing the figures").
 #   bash scripts/regenerate_figures.sh            # all

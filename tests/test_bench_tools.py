@@ -369,7 +369,10 @@ def test_cpu_command_confirm_reruns_the_cases_near_a_target(tmp_path, monkeypatc
     runs = sorted((r["provider"], r["run"]) for r in doc["results"])
     assert runs == [(p, n) for p in ("cpu", "eager", "torch.mm") for n in (1, 2)]
     assert len({r["name"] for r in doc["results"]}) == 6  # names stay unique for `bench compare`
-    (t,) = doc["targets"]
+    (t,) = [x for x in doc["targets"] if x["dtype"] == "float32"]
+    untimed = [x for x in doc["targets"] if x["dtype"] != "float32"]
+    native = cpu.low_precision_paths(["bfloat16"])["bfloat16"][0] == "native"
+    assert all(x["status"] == "not measured" for x in untimed) and bool(untimed) != native
     assert t["id"] == "fp32-train-vs-eager" and t["confirmed"] and [m["run"] for m in t["runs"]] == [1, 2]
 
 
@@ -554,3 +557,17 @@ def test_cpu_default_dtypes_follow_the_fused_ops_compute_path(monkeypatch):
     assert cpu.parse_args(["--dtypes", "float32", "bfloat16"]).dtypes == ["float32", "bfloat16"]
     monkeypatch.setattr(cpu.cpu_ops, "compute_path", lambda dtype: ("native", "native"))
     assert cpu.parse_args([]).dtypes == ["float32", "bfloat16"]
+
+
+def test_cpu_untimed_bf16_targets_are_listed_with_their_reason():
+    args = cpu.parse_args(["--dtypes", "float32", "--H", "8000", "--threads", "1", "2",
+                           "--passes", "train"])
+    emulated = {"bfloat16": ("float32", "computed in float32: this CPU has no AMX-BF16")}
+    rows = cpu.untimed_targets(args, emulated)
+    ids = {t[0] for t in cpu.TARGETS if t[1] == "bfloat16" and t[2] == "full"}
+    assert {(r["id"], r["threads"]) for r in rows} == {(i, th) for i in ids for th in (1, 2)}
+    assert all(r["status"] == "not measured" and "no AMX-BF16" in r["why"] and r["H"] == 8000
+               for r in rows)
+    assert cpu.untimed_targets(args, {"bfloat16": ("native", "native")}) == []
+    timed = cpu.parse_args(["--dtypes", "float32", "bfloat16", "--passes", "train"])
+    assert cpu.untimed_targets(timed, emulated) == []  # timed anyway: evaluate_targets marks them
