@@ -155,13 +155,12 @@ def run(args, argv=None, log=print):
                           "CPU figures from a shared machine: ratios come from interleaved rounds of "
                           "one process; the load average is recorded beside every case.")
     doc["config"] = {k: v for k, v in vars(args).items() if k != "json"}
-    paths = low_precision_paths(args.dtypes)
-    untimed = untimed_targets(args, low_precision_paths(["bfloat16"]))
-    doc["config"]["compute_paths"] = {dt: list(pw) for dt, pw in
-                                      low_precision_paths({*args.dtypes, "bfloat16"}).items()}
+    paths = low_precision_paths(sorted({*args.dtypes, "bfloat16"}))
+    doc["config"]["compute_paths"] = {dt: list(pw) for dt, pw in paths.items()}
+    untimed = untimed_targets(args, paths)
     for dt, (path, why) in paths.items():
         if path != "native":
-            log(f"{dt}: the fused op's {dt} is {why}; its targets are not measured on this CPU")
+            log(f"{dt}: {_emulated(dt, why)}" + ("" if dt in args.dtypes else " (not timed)"))
     threads_before = torch.get_num_threads()
     mms = {dt: timing.matmul_fn("cpu", getattr(torch, dt), args.mm_n) for dt in args.dtypes}
     groups = [(H, dt, th, ps) for H in args.H for dt in args.dtypes for th in args.threads
@@ -214,8 +213,7 @@ def evaluate_targets(records, near=None, paths=None):
             measured, why = [], None
             path, path_why = paths.get(dtype, ("native", None))
             if path != "native":
-                why = (f"the fused op's {dtype} is {path_why} (eager {dtype} too): issue 17's {dtype} "
-                       f"targets are for CPUs with {dtype} matrix units")
+                why = _emulated(dtype, path_why)
             for n in runs if why is None else ():
                 group = index[(H, threads, dtype, pass_, n)]
                 fused, base = group.get("cpu"), group.get(other)
@@ -265,10 +263,15 @@ def untimed_targets(args, paths):
                                 "compared_with": other, "threshold": threshold,
                                 "target": f"{what} (H={H}, {threads} thread{'s' if threads > 1 else ''})",
                                 "status": "not measured",
-                                "why": f"not timed: the fused op's {dtype} is {why}; issue 17's {dtype} "
-                                       f"targets are for CPUs with {dtype} matrix units "
-                                       f"(--dtypes {dtype} times it anyway)"})
+                                "why": f"not timed: {_emulated(dtype, why)} (--dtypes {dtype} times "
+                                       f"it anyway)"})
     return out
+
+
+def _emulated(dtype, why):
+    """Why a low-precision target has no figure on a CPU without that dtype's matrix units."""
+    return (f"the fused op's {dtype} is {why}; issue 17's {dtype} targets are for CPUs with {dtype} "
+            f"matrix units")
 
 
 def _why_not_timed(provider, r):
