@@ -20,7 +20,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import statistics
+import tempfile
 import warnings
 
 import torch
@@ -116,7 +118,8 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
     `input_shape` or its first Linear's in_features). The batch dimension is dynamic. With check,
     the written file is run on a random batch and compared with `model` (ValueError if it differs)
     before it replaces any file at `path` (the replacement is atomic; see the module docstring).
-    Returns `path`.
+    `path` may also be a writable binary file object: the file is written and checked in a temp
+    folder, then its bytes are copied into it. Returns `path`.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -154,8 +157,15 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
 
     if isinstance(path, (str, os.PathLike)):
         atomic_write_files(path, write)
-    else:  # a file object: written in place, the caller's to keep safe
-        write(path)
+    else:  # a file object: written and checked as a file in a temp folder, then its bytes copied in
+        if external:
+            raise ValueError("an ONNX export over 2 GB is two files (.onnx and .onnx.data): pass a "
+                             "path, not a file object")
+        with tempfile.TemporaryDirectory(prefix="mimic_fast_export_") as tmp:
+            target = os.path.join(tmp, "student" + (".pt2" if format == "torch-export" else ".onnx"))
+            write(target)
+            with open(target, "rb") as f:
+                shutil.copyfileobj(f, path)
     if external:
         warnings.warn(f"the weights are over 2 GB (one .onnx file's limit): wrote {path} and its "
                       f"weights {os.fspath(path)}.data; ship both files, side by side",
