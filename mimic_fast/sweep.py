@@ -96,8 +96,9 @@ class SweepConfig:
     threads: int = _DEMO.threads
 
     # fields that do not change what a run computes: they may differ between invocations on one OUT
-    PLACEMENT = ("hidden", "bottleneck", "conv_layers", "seeds", "throughput_batches",
-                 "throughput_time", "device", "threads")
+    # (not the timed batch sizes: every run of a report must have a figure for each of them)
+    PLACEMENT = ("hidden", "bottleneck", "conv_layers", "seeds", "throughput_time", "device",
+                 "threads")
 
     def resolved(self):
         """A copy with the split seed and label fraction resolved (unset: as recorded in the first

@@ -223,6 +223,11 @@ def test_changed_recipe_or_unfair_runs_are_refused(full_run, teacher_file, tmp_p
     err = capsys.readouterr().err.strip()
     assert err.startswith("mimic-fast sweep: error:") and "lr 0.001 -> 0.01" in err
     assert len(err.splitlines()) == 1
+    # other timed batch sizes would leave earlier runs without a figure for them (a KeyError in the
+    # report): refused like the recipe
+    assert cli.main(argv + ["--throughput-batches", "1,64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mimic-fast sweep: error:") and "throughput_batches" in err, err
     # a result whose mimic run took other steps than its labels run cannot enter a report
     path = os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json")
     result = read_json(path, "")
