@@ -187,3 +187,27 @@ def test_the_store_allocates_its_rows_when_it_creates_its_files(tmp_path, monkey
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "big" / "logits.npy")
     assert not (tmp_path / "big" / HEADER_NAME).exists()
     assert not [n for n in os.listdir(tmp_path / "big") if n.endswith(".tmp")]
+
+
+def test_an_overwrite_needs_no_room_for_two_stores(tmp_path, monkeypatch):
+    """A disk that holds one store holds its replacement: the old rows (unreachable once the header
+    is gone) are removed before the new ones are allocated."""
+    store_dir = tmp_path / "store"
+    x = torch.randn(300, 4)
+    collect_logits(torch.nn.Linear(4, 10), torch.utils.data.TensorDataset(x), store_dir,
+                   progress=False)
+    real = os.posix_fallocate
+
+    def used():
+        return sum(f.stat().st_size for f in store_dir.iterdir() if f.is_file())
+    capacity = used() + 1024  # a disk with room for one store (and its small files)
+
+    def fallocate(fd, offset, size):
+        if used() + size > capacity:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, size)
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    torch.manual_seed(1)
+    store = collect_logits(torch.nn.Linear(4, 10), torch.utils.data.TensorDataset(x), store_dir,
+                           progress=False, overwrite=True)
+    assert store.complete and len(store) == 300

@@ -557,8 +557,12 @@ def create_files(path, header):
     path.mkdir(parents=True, exist_ok=True)
     refuse_links(path, STORE_FILES)
     # Header first: a crash before the new header exists leaves no header at all, never an old
-    # header over new rows.
+    # header over new rows. Without it the old rows are unreachable: removed before the new files
+    # are allocated, so a disk that held the old store holds the new one (a reader that mapped them
+    # keeps them until it unmaps).
     (path / HEADER_NAME).unlink(missing_ok=True)
+    for name in (LOGITS_NAME, INPUTS_NAME):
+        (path / name).unlink(missing_ok=True)
     n = header["n"]
     for name, np_dtype, shape in ((LOGITS_NAME, header["dtype"], (n, header["num_classes"])),
                                   (INPUTS_NAME, np.uint64, (n,))):
