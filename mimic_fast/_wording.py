@@ -6,8 +6,13 @@ threads and other callers keep their own wording.
 """
 import contextlib
 import contextvars
+import re
 
-__all__ = ["option", "cli_wording"]
+import torch
+
+__all__ = ["option", "cli_wording", "one_line", "out_of_memory"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 
 _CLI = contextvars.ContextVar("mimic_fast_cli_wording", default=False)
 
@@ -24,3 +29,20 @@ def cli_wording():
         yield
     finally:
         _CLI.reset(token)
+
+
+def one_line(e, limit=200):
+    """Another library's message (an exception or a string) quoted in one of ours: colours removed,
+    whitespace collapsed to one line, at most `limit` characters; an exception's type name when it
+    has no text."""
+    text = " ".join(_ANSI.sub("", str(e)).split())[:limit]
+    return text or (type(e).__name__ if isinstance(e, BaseException) else "")
+
+
+def out_of_memory(e):
+    """Whether `e` is an allocation that failed (torch's CPU allocator raises RuntimeError, CUDA's
+    torch.OutOfMemoryError, numpy and Python MemoryError)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("can't allocate memory", "not enough memory", "out of memory"))

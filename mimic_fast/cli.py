@@ -17,7 +17,7 @@ import torch
 from . import pipeline as P
 from . import train as T
 from ._io import writer_lock
-from ._wording import cli_wording
+from ._wording import cli_wording, one_line, out_of_memory
 from .data import DATASETS, LogitStore
 from .data.store import HEADER_NAME, overflow_remedy
 from .data.transfer import METHODS
@@ -650,10 +650,10 @@ def _run(command, call):
     except USER_ERRORS as e:
         return _error(command, e)
     except (MemoryError, RuntimeError) as e:
-        if not P.out_of_memory(e):
+        if not out_of_memory(e):
             raise
         return _error(command, ValueError(
-            f"out of memory: {P.first_line(e)}; use a smaller model (--hidden, --bottleneck), a "
+            f"out of memory: {one_line(e)}; use a smaller model (--hidden, --bottleneck), a "
             "smaller --batch-size, or a machine with more memory"))
 
 

@@ -19,7 +19,6 @@ import io
 import logging
 import math
 import os
-import re
 import shutil
 import statistics
 import tempfile
@@ -30,6 +29,7 @@ from torch import nn
 
 from ._io import atomic_write_files
 from ._timing import interleave
+from ._wording import one_line
 from .convert import unfuse
 from .nn import BottleneckLinear, WideShallowStudent
 
@@ -39,7 +39,6 @@ FORMATS = ("onnx", "torch-export")
 _TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # A protobuf message (one .onnx file) cannot exceed 2 GiB; leave room for the graph itself.
 ONNX_INLINE_LIMIT = 2**31 - 2**26
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch.export colours its error messages
 
 
 def _example(model, input_shape):
@@ -83,12 +82,7 @@ def _check_runs(plain, example):
                              f"input_shape / --input-shape {n} (or a shape whose product is "
                              f"{n})") from e
         raise ValueError(f"the {type(plain).__name__} does not run on a batch of input shape "
-                         f"{shape}: {type(e).__name__}: {_first_line(e)}") from e
-
-
-def _first_line(e):
-    text = _ANSI.sub("", str(e)).strip()
-    return text.splitlines()[0] if text else ""
+                         f"{shape}: {type(e).__name__}: {one_line(e)}") from e
 
 
 def _prepare_path(path, format):
@@ -151,7 +145,7 @@ def export_student(model, path, format="onnx", input_shape=None, check=True):
             raise  # writing failed (a full disk): the OS's error, naming the file
         except Exception as e:  # torch.export / dynamo raise many kinds; keep the cause chained
             raise ValueError(f"could not export the {type(model).__name__} as {format}: "
-                             f"{type(e).__name__}: {_first_line(e)}") from e
+                             f"{type(e).__name__}: {one_line(e)}") from e
         if check:
             _check(model, target, format, example)
 

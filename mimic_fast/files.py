@@ -27,6 +27,7 @@ import zipfile
 import torch
 
 from ._io import atomic_write_bytes, atomic_write_text
+from ._wording import one_line, out_of_memory
 from .data.identity import content_digest
 from .data.transfer import TransferSet
 from .distributed import unwrap
@@ -43,7 +44,6 @@ TRANSFER_FORMAT = "mimic_fast.transfer/2"
 CHECKPOINT_FORMAT = "mimic_fast.checkpoint/2"
 DIGEST_KEY = "sha256"  # the key of a file's own digest, beside its payload
 _OURS = re.compile(rb"mimic_fast\.(?:model|transfer|checkpoint)/\d+")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its messages
 
 
 def _save(payload, path):
@@ -98,8 +98,7 @@ def _why(e):
     if "WeightsUnpickler error:" in text:  # the unpickler's own words follow the advice
         text = text.split("WeightsUnpickler error:", 1)[1]
         text = text.split("Check the documentation of torch.load")[0]
-    line = " ".join(_ANSI.sub("", text).split())
-    return f"{type(e).__name__}: {line[:200]}"
+    return f"{type(e).__name__}: {one_line(text)}"
 
 
 def _refuse_version(path, found, format, what, hint):
@@ -156,9 +155,11 @@ def load_model(path, map_location="cpu"):
     try:
         model = build_from_spec(payload["spec"])
         model.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as e:
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        if out_of_memory(e):  # a model too large for this machine is not a damaged file
+            raise
         raise ValueError(f"{path} holds a model that cannot be rebuilt from its spec "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+                         f"({type(e).__name__}: {one_line(e, 300)})") from None
     return model.eval(), payload
 
 

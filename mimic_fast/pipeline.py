@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from . import train as T
 from ._io import reader_lock, refuse_links, writer_lock
+from ._wording import one_line, out_of_memory
 from .data import (DataSplits, LogitDataset, LogitStore, TransferSet, build_transfer_set,
                    collect_logits, data_recipe, input_digests, labelled_split, load_dataset)
 from .data.collect import REUSE_REMEDY, param_dtype
@@ -42,8 +43,7 @@ from .files import load_model, load_transfer, save_model, save_transfer, transfe
 from .models import CNN, DNN, TeacherEnsemble
 from .teachers import load_teacher
 
-__all__ = ["PipelineData", "load_data", "build_checked", "out_of_memory", "first_line",
-           "train_on_labels", "Teachers", "teacher_member", "train_teachers", "load_teachers",
+__all__ = ["PipelineData", "load_data", "build_checked", "train_on_labels", "Teachers", "teacher_member", "train_teachers", "load_teachers",
            "check_teacher_data", "probe_teacher", "NOISE_STD", "transfer_recipe", "build_transfer",
            "Transfer", "transfer_set", "collect", "read_transfer", "Logits", "open_logits",
            "check_logit_scale", "distill_student", "logits_lock", "refuse_folder_links",
@@ -127,20 +127,6 @@ def load_data(dataset, data=None, split_seed=0, label_fraction=1.0):
 # ----------------------------------------------------------------------------------------------
 # models that may not fit
 # ----------------------------------------------------------------------------------------------
-def first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def out_of_memory(e):
-    """Whether `e` is an allocation that failed (torch's CPU allocator raises RuntimeError, CUDA's
-    torch.OutOfMemoryError, numpy and Python MemoryError)."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ("can't allocate memory", "not enough memory", "out of memory"))
-
-
 def build_checked(make, what, remedy="choose a smaller --hidden (or --bottleneck)"):
     """make() (a model's constructor), with a failed allocation refused as a ValueError saying that
     `what` does not fit in memory and `remedy`."""
@@ -149,7 +135,7 @@ def build_checked(make, what, remedy="choose a smaller --hidden (or --bottleneck
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        raise ValueError(f"{what} does not fit in memory ({first_line(e)}); {remedy}") from None
+        raise ValueError(f"{what} does not fit in memory ({one_line(e)}); {remedy}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,9 +286,8 @@ def probe_teacher(teacher, name, data):
         with torch.no_grad():
             out = teacher(x.to(param_dtype(teacher) or x.dtype))
     except (RuntimeError, TypeError, IndexError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"teacher {name} fails on a --dataset row of shape {tuple(x.shape[1:])} "
-                         f"(batch {tuple(x.shape)}): {type(e).__name__}: {first}; it must take "
+                         f"(batch {tuple(x.shape)}): {type(e).__name__}: {one_line(e)}; it must take "
                          "rows of that shape") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or len(out) != 1:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ._wording import one_line
 from .data.identity import file_sha256
 from .files import load_model, written_format
 from .models import Teacher, as_teacher, pick_output
@@ -129,7 +130,7 @@ def _from_file(path, map_location, what):
             program = torch.export.load(path)
         except Exception as e:  # torch.export raises many kinds on a damaged archive
             raise ValueError(f"{what} {path} looks like a torch.export .pt2 but does not load "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                             f"({type(e).__name__}: {one_line(e)})"
                              ) from None
         fixed = _fixed_batch(program)
         if fixed is not None:
@@ -144,7 +145,7 @@ def _from_file(path, map_location, what):
             return torch.jit.load(path, map_location=map_location), "TorchScript", None
         except Exception as e:  # a damaged archive: torch.jit raises RuntimeError and others
             raise ValueError(f"{what} {path} looks like TorchScript but does not load "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                             f"({type(e).__name__}: {one_line(e)})"
                              ) from None
     with open(path, "rb") as f:
         magic = f.read(1)

@@ -41,7 +41,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_text, refuse_links, writer_lock
-from ._wording import option
+from ._wording import one_line, option
 from .convert import mimic_loss_of
 from .data.recipe import DATA_FIELDS, recipe_differences
 from .distributed import default_device, dist_info, on_rank0, unwrap
@@ -476,7 +476,7 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
             raise ValueError(f"{resume_path} holds an optimizer state that does not fit this "
                              f"{kind} run's {config.optimizer} optimizer ({type(e).__name__}: "
-                             f"{str(e)[:200]}); {CHECKPOINT_HINT}") from None
+                             f"{one_line(e)}); {CHECKPOINT_HINT}") from None
         history, start = list(ckpt["history"]), int(ckpt["epoch"])
         resumes = list(ckpt.get("resumes", []))
         if changed:
@@ -495,7 +495,7 @@ def _fit_locked(kind, model, objective, train_set, test_set, config, out_dir, re
                 _set_rng_state(rng[rank])
             except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
                 raise ValueError(f"{resume_path} holds a random state that cannot be restored "
-                                 f"({type(e).__name__}: {str(e)[:200]}); {CHECKPOINT_HINT}") from None
+                                 f"({type(e).__name__}: {one_line(e)}); {CHECKPOINT_HINT}") from None
         else:  # a different world size cannot replay the same streams; keep going, seeded afresh
             set_seed(config.seed + rank + 1000003 * start)
         if rank == 0 and out_dir is not None:

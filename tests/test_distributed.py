@@ -99,3 +99,45 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path):
     assert len((run / T.METRICS).read_text().splitlines()) == OPTS["epochs"]
     ckpt = torch.load(run / T.CHECKPOINT, weights_only=False)
     assert ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+FULL_DISK_WORKER = textwrap.dedent("""
+    import errno, os, sys
+    import torch
+    from torch.utils.data import TensorDataset
+    from mimic_fast.data import collect_logits
+    from mimic_fast.distributed import dist_info, init_distributed
+
+    out = sys.argv[1]
+    assert init_distributed()
+    rank, world = dist_info()
+    if rank == 0:  # the disk is full when rank 0 allocates the store's rows
+        def full(fd, offset, size):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.posix_fallocate = full
+    torch.manual_seed(0)
+    try:
+        collect_logits(torch.nn.Linear(4, 3), TensorDataset(torch.randn(64, 4)), out + "/store",
+                       batch_size=8, progress=False)
+    except OSError as e:
+        open(f"{out}/rank{rank}.err", "w").write(str(e.errno))
+    torch.distributed.destroy_process_group()
+""")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_full_disk_on_rank0_while_creating_the_store_raises_on_every_rank(tmp_path):
+    """Rank 0 creates the store's files; its ENOSPC reaches every rank (a lone raise on rank 0 left
+    the others waiting at a barrier until the collective timed out)."""
+    (tmp_path / "worker.py").write_text(FULL_DISK_WORKER)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mf.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import errno
+
+    for r in range(2):
+        assert (tmp_path / f"rank{r}.err").read_text() == str(errno.ENOSPC), r

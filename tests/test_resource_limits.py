@@ -211,3 +211,23 @@ def test_an_overwrite_needs_no_room_for_two_stores(tmp_path, monkeypatch):
     store = collect_logits(torch.nn.Linear(4, 10), torch.utils.data.TensorDataset(x), store_dir,
                            progress=False, overwrite=True)
     assert store.complete and len(store) == 300
+
+
+def test_a_model_too_large_to_build_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    """load_model turns a file whose spec cannot be rebuilt into a one-line ValueError, but not an
+    allocation that failed (the CLI words that as out of memory) nor a bug in a model class."""
+    from mimic_fast import files
+
+    path = tmp_path / "m.pt"
+    files.save_model(path, torch.nn.Linear(2, 2), {"name": "dnn", "kwargs": {}})
+    for error, expected in ((MemoryError(), MemoryError),
+                            (RuntimeError("DefaultCPUAllocator: can't allocate memory"), RuntimeError),
+                            (AttributeError("a bug in a model class"), AttributeError),
+                            (TypeError("unexpected keyword 'x'"), ValueError)):
+        def build(spec, error=error):
+            raise error
+        monkeypatch.setattr(files, "build_from_spec", build)
+        with pytest.raises(expected) as e:
+            files.load_model(str(path))
+        if expected is ValueError:
+            assert "cannot be rebuilt from its spec (TypeError: unexpected keyword 'x')" in str(e.value)

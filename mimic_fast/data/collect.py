@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import reader_lock, writer_lock
-from ..distributed import barrier, broadcast, dist_info
+from ..distributed import barrier, broadcast, dist_info, on_rank0
 from ..models import Teacher, as_teacher
 from .identity import batch_inputs, first_field, plan_batches, row_digests, teacher_fingerprint
 from .store import (CHECK_INPUTS, CHUNK_BATCHES, NP_DTYPES, LogitStore, check_finite, chunk_bounds,
@@ -192,7 +192,7 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
                     _check_same_teacher(teacher, dataset, path, header, device, remedy)
                 if header is None:
                     header = _create(teacher, dataset, path, identity, batch_size, chunk_rows, device,
-                                     world, rank)
+                                     world)
                 if not header["complete"]:
                     logits, inputs = open_rows(path, header)
                     _collect_chunks(teacher, dataset, path, header, logits, inputs, batch_size, dtype,
@@ -209,15 +209,14 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
     return store
 
 
-def _create(teacher, dataset, path, identity, batch_size, chunk_rows, device, world, rank):
+def _create(teacher, dataset, path, identity, batch_size, chunk_rows, device, world):
     # Probe the number of classes with one row (cheap, and identical on every rank).
     x0 = first_field(torch.utils.data.default_collate([dataset[0]]))
     num_classes = int(_run_teacher(teacher, x0, device, 1, None, "dataset[0]").shape[1])
     header = new_header(identity, num_classes,
                         CHUNK_BATCHES * batch_size * world if chunk_rows is None else chunk_rows, world)
-    if rank == 0:
-        create_files(path, header)
-    barrier()
+    # a full disk (the rows are preallocated) raises on rank 0: on_rank0 raises it on every rank
+    on_rank0(lambda: create_files(path, header))
     return header
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .._wording import one_line
+
 __all__ = ["DataSplits", "load_dataset", "labelled_split", "DATASETS"]
 
 DATASETS = ("digits", "cifar10", "npz")
@@ -219,8 +221,8 @@ NPZ_KEYS = ("X", "y", "X_test", "y_test", "X_unlabelled")
 
 def _why(e):
     """One line of why numpy / zipfile could not read a file or member."""
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+    text = one_line(e, 160)
+    return f"{type(e).__name__}: {text}" if str(e).strip() else type(e).__name__
 
 
 def _load_npz(path, seed, test_fraction):
