@@ -234,7 +234,7 @@ _SCHEMAS = {
     "result": {"format": str, "run": dict, "point": str, "spec": dict, "params": _COUNT,
                "init_sha256": str, "test_accuracy": _FRACTION, "train_rows": _COUNT,
                "steps": _COUNT, "training": dict, "train_s": _SECONDS, "throughput": dict,
-               "device": str},
+               "device": str, "final_loss": _NUMBER + (type(None),)},
     "teacher": {"test_accuracy": _FRACTION, "params": _COUNT, "throughput": dict, "device": str},
 }
 _RUN_FIELDS = {"conv_layers": _COUNT, "bottleneck": _COUNT, "hidden": _COUNT, "mode": str,
@@ -244,7 +244,8 @@ _RUN_FIELDS = {"conv_layers": _COUNT, "bottleneck": _COUNT, "hidden": _COUNT, "m
 def _problems(obj, schema, prefix=""):
     out = []
     for key, rule in schema.items():
-        kind, lo, hi = rule if isinstance(rule, tuple) and len(rule) == 3 else (rule, None, None)
+        ranged = isinstance(rule, tuple) and len(rule) == 3 and not isinstance(rule[1], type)
+        kind, lo, hi = rule if ranged else (rule, None, None)
         value = obj.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             name = kind.__name__ if isinstance(kind, type) else "a number"
@@ -503,9 +504,7 @@ def _write_config(cfg, out, info):
     that reproduces them, under the folder's lock (shards write it too); refuse a changed recipe."""
     path = os.path.join(out, CONFIG_NAME)
     with writer_lock(out, "sweep folder", wait=True):
-        saved = None
-        if os.path.isfile(path):
-            saved = _read_json(path, "use another --out", FORMAT, "config")
+        saved = _read_config(path)[0] if os.path.isfile(path) else None
         recipe = json.loads(json.dumps(cfg.recipe()))  # tuples as lists, as stored
         # sweeps made before precision was an option trained in float32
         saved_recipe = None if saved is None else {"precision": "fp32", **saved["recipe"]}
@@ -514,8 +513,8 @@ def _write_config(cfg, out, info):
                     if saved_recipe.get(k) != v}
             text = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{out} holds a sweep made with other options (saved -> now): {text}; "
-                             "use another --out (only the grid, seeds, device and threads may "
-                             "change)")
+                             "use another --out (only the grid, seeds, device, threads and "
+                             "--throughput-time may change)")
         if saved is not None:
             cfg = _union(saved["config"], cfg)
         if info is None:
@@ -631,7 +630,9 @@ def report(out="runs/sweep", log=print, invocation=None):
         return _report(out, path, log, invocation)
 
 
-def _report(out, path, log, invocation):
+def _read_config(path):
+    """(the saved sweep-config.json, its SweepConfig): refused, naming the file, when its config is
+    not one a SweepConfig holds (a file consistent with its sha256 may have been written by hand)."""
     saved = _read_json(path, "use another --out", FORMAT, "config")
     try:
         cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v
@@ -639,6 +640,11 @@ def _report(out, path, log, invocation):
         cfg.check_grid()
     except (TypeError, ValueError) as e:  # a key no SweepConfig has, a grid of other things
         raise ValueError(f"{path} is not a valid sweep file (config: {e}); use another --out") from None
+    return saved, cfg
+
+
+def _report(out, path, log, invocation):
+    saved, cfg = _read_config(path)
     results = []
     points_dir = os.path.join(out, "points")
     for point in sorted(os.listdir(points_dir)) if os.path.isdir(points_dir) else []:

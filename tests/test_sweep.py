@@ -228,6 +228,17 @@ def test_changed_recipe_or_unfair_runs_are_refused(full_run, teacher_file, tmp_p
     assert cli.main(argv + ["--throughput-batches", "1,64"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mimic-fast sweep: error:") and "throughput_batches" in err, err
+    # a hand-made sweep-config.json (consistent with its sha256) is refused on the sweep's path too,
+    # not only by --report (its grid was read with int() before anything checked it)
+    config_path = os.path.join(out, sweep.CONFIG_NAME)
+    good = read_json(config_path, "")
+    for bad_hidden in ([None], "8"):
+        write_json(config_path, {**good, "config": {**good["config"], "hidden": bad_hidden}})
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mimic-fast sweep: error:") and "not a valid sweep file" in err, err
+        assert len(err.splitlines()) == 1
+    write_json(config_path, good)
     # a result whose mimic run took other steps than its labels run cannot enter a report
     path = os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json")
     result = read_json(path, "")
@@ -404,7 +415,7 @@ def test_damaged_files_of_a_sweep_are_named(teacher_file, tmp_path, capsys):
     out = str(tmp_path / "sweep")
     sweep.run(_config(teacher_file, hidden=(8,), seeds=1), out, progress=False, log=_quiet)
     argv = ["sweep", "--out", out, "--teacher", teacher_file, "--hidden", "8", "--seeds", "1",
-            "--epochs", "2", "--n-generated", "200", "--no-progress"]
+            "--epochs", "2", "--n-generated", "200", "--throughput-batches", "1,16", "--no-progress"]
     result = os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json")
     for damaged, remedy in ((result, "delete its folder"),
                             (os.path.join(out, "teacher.json"), "delete it"),
@@ -435,7 +446,8 @@ def test_a_changed_teacher_file_says_what_sweep_can_do(teacher_file, tmp_path, c
         next(model.parameters()).add_(1.0)  # retrained under the same name
     T.save_model(mine, model, payload["spec"], data=payload["data"])
     assert cli.main(["sweep", "--out", out, "--teacher", mine, "--hidden", "8", "--seeds", "1",
-                     "--epochs", "2", "--n-generated", "200", "--no-progress"]) == 2
+                     "--epochs", "2", "--n-generated", "200", "--throughput-batches", "1,16",
+                     "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "was made with teacher" in err and f"delete {os.path.join(out, 'logits')}" in err
     assert "--overwrite" not in err and "overwrite=True" not in err  # sweep has neither
@@ -443,7 +455,7 @@ def test_a_changed_teacher_file_says_what_sweep_can_do(teacher_file, tmp_path, c
     old = read_json(os.path.join(out, "points", "conv0-k32-h8", "mimic-seed0", "result.json"), "")
     shutil.rmtree(os.path.join(out, "logits"))
     argv = ["sweep", "--out", out, "--teacher", mine, "--hidden", "8", "--seeds", "1", "--epochs",
-            "2", "--n-generated", "200", "--no-progress"]
+            "2", "--n-generated", "200", "--throughput-batches", "1,16", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mimic-fast sweep: error:") and len(err.splitlines()) == 1
