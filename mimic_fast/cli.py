@@ -313,7 +313,7 @@ def cmd_import_logits(args):
             state = ("complete" if existing.complete else
                      f"incomplete ({existing.committed_rows} of {existing.n} rows: an import or "
                      "collection that stopped)")
-        except ValueError:
+        except (ValueError, OSError):  # a damaged header, or its rows' files missing
             state = "damaged"
         raise FileExistsError(f"a logit store exists at {store_path} ({state}); rerun with "
                               "--overwrite to replace it, or use another --out")

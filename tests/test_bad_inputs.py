@@ -205,6 +205,15 @@ def _(c):
     return ["import-logits", *DATA, "--logits", c.path("l.npy"), "--out", logits]
 
 
+@case("import-logits over a store whose rows' file is gone says it exists (damaged)", "import-logits",
+      "a logit store exists at", "(damaged); rerun with --overwrite to replace it")
+def _(c):
+    logits = c.copy("logits")
+    os.remove(Path(logits) / "logits" / "logits.npy")
+    np.save(c.tmp / "l.npy", np.zeros((1437, 10), np.float32))
+    return ["import-logits", *DATA, "--logits", c.path("l.npy"), "--out", logits]
+
+
 @case("distill on an incomplete store says how to finish it", "distill",
       "is incomplete: 0 of 1437 rows committed; run the same `mimic-fast collect-logits` command "
       "again to resume it")
