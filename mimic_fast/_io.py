@@ -160,8 +160,13 @@ class _Recorder:
         return getattr(self._f, name)
 
 
-def _naming(e, path):
-    """`e` (an OSError of the temp file, or none) as an OSError naming the target `path`."""
+def _naming(e, path, tmp):
+    """`e` as an OSError naming the target `path` when it is the temp file's (`tmp`: a file or the
+    temp folder) or names no file; an error about another file (one the writer reads) as it is."""
+    if e.filename is not None and not str(e.filename).startswith(tmp):
+        return e
+    if e.errno is None:  # an OSError with a message only: keep it, name the target
+        return OSError(f"{path}: {e}")
     return OSError(e.errno, e.strerror or str(e), path)
 
 
@@ -181,10 +186,10 @@ def atomic_write_bytes(path, write):
                 recorder.flush()
                 os.fsync(f.fileno())
             except OSError as e:
-                raise _naming(e, path) from None
+                raise _naming(e, path, tmp) from None
             except Exception:
                 if recorder.error is not None:  # the writer's own error hides the OS's
-                    raise _naming(recorder.error, path) from None
+                    raise _naming(recorder.error, path, tmp) from None
                 raise
         os.replace(tmp, path)
     except BaseException:
@@ -212,9 +217,7 @@ def atomic_write_files(path, write):
         try:
             write(os.path.join(tmp_dir, name))
         except OSError as e:  # a file of the temp folder (a full disk): name the target instead
-            if e.filename is None or str(e.filename).startswith(tmp_dir):
-                raise _naming(e, path) from None
-            raise
+            raise _naming(e, path, tmp_dir) from None
         made = sorted(os.listdir(tmp_dir), key=lambda n: n == name)  # the target last
         if name not in made:
             raise FileNotFoundError(f"the writer made no {name} (made {made})")

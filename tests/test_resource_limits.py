@@ -231,3 +231,30 @@ def test_a_model_too_large_to_build_is_not_called_a_damaged_file(tmp_path, monke
             files.load_model(str(path))
         if expected is ValueError:
             assert "cannot be rebuilt from its spec (TypeError: unexpected keyword 'x')" in str(e.value)
+
+
+def test_a_write_error_names_the_file_it_is_about(tmp_path):
+    """atomic_write_bytes names the target for its temp file's errors, leaves an error about another
+    file (one the writer reads) naming that file, and never prints '[Errno None]'."""
+    from mimic_fast._io import atomic_write_bytes
+
+    target, missing = tmp_path / "out.bin", tmp_path / "nowhere" / "in.bin"
+
+    def reads_a_missing_file(f):
+        f.write(open(missing, "rb").read())
+    with pytest.raises(FileNotFoundError) as e:
+        atomic_write_bytes(target, reads_a_missing_file)
+    assert e.value.filename == str(missing) and not target.exists()
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(target, full)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+
+    def plain(f):
+        raise OSError("the device went away")
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(target, plain)
+    assert str(e.value) == f"{target}: the device went away" and "Errno None" not in str(e.value)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
