@@ -526,14 +526,13 @@ def _write_config(cfg, out, info):
 
 
 def _check_fits(cfg, data):
-    """Build every student of the grid once (then drop it): one that cannot be allocated is refused
-    before anything is written, not after the teacher and the logits."""
+    """Build the grid's largest student of each conv depth once (then drop it; the parameters grow
+    with width and bottleneck): one that cannot be allocated is refused before anything is written,
+    not after the teacher and the logits."""
     for c in cfg.conv_layers:
-        for k in cfg.bottleneck:
-            for h in cfg.hidden:
-                r = Run(c, k, h, MODES[0], 0)
-                P.build_checked(lambda: _student(r, cfg, data.splits), f"student {r.point}",
-                                "choose smaller --hidden (or --bottleneck) values")
+        r = Run(c, max(cfg.bottleneck), max(cfg.hidden), MODES[0], 0)
+        P.build_checked(lambda: _student(r, cfg, data.splits), f"student {r.point}",
+                        "choose smaller --hidden (or --bottleneck) values")
 
 
 def run(config=None, out="runs/sweep", shard_spec=None, progress=True, log=print, invocation=None):
@@ -704,8 +703,8 @@ def _report(out, path, log, invocation):
     log("")
     log(sweep_report.markdown(result))
     log(f"wrote {os.path.join(out, 'sweep.json')}, sweep.md and sweep.png"
-        + (f" ({len(missing)} run(s) of the grid missing: run the other shards, then --report)"
-           if missing else ""))
+        + (f" ({len(missing)} run(s) of the recorded grid not trained yet: the other shards, or "
+           "the recorded command, train them; then --report)" if missing else ""))
     return result
 
 
