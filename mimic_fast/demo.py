@@ -194,10 +194,10 @@ def _precision_line(result):
 
 
 def _plot(result, path):
+    fig = figure(result)  # picks the Agg backend before pyplot is first imported
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     import matplotlib.pyplot as plt
 
-    fig = figure(result)
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 

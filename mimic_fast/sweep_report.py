@@ -103,10 +103,10 @@ def markdown(result):
 
 def plot(result, path):
     """Write sweep.png (figure(result))."""
+    fig = figure(result)  # picks the Agg backend before pyplot is first imported
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     import matplotlib.pyplot as plt
 
-    fig = figure(result)
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
