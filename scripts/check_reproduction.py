@@ -83,10 +83,16 @@ def check(name, committed_path, argv, result_file, figures, tmp):
     return not moved
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("what", nargs="*", choices=("demo", "sweep"), default=["demo", "sweep"])
+    p.add_argument("what", nargs="*", choices=("demo", "sweep"), help="default: both")
     args = p.parse_args(argv)
+    args.what = args.what or ["demo", "sweep"]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     ok = True
     with tempfile.TemporaryDirectory(prefix="mimic-reproduce-") as tmp:
         if "demo" in args.what:

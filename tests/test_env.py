@@ -54,6 +54,7 @@ def test_committed_demo_and_sweep_json_carry_the_record_and_their_figures_are_co
     import os
 
     cr = _check_reproduction()
+    assert cr.parse_args([]).what == ["demo", "sweep"] and cr.parse_args(["sweep"]).what == ["sweep"]
     for name, figures in (("demo", cr._demo_figures), ("sweep", cr._sweep_figures)):
         path = os.path.join(cr.RESULTS, name, f"{name}.json")
         with open(path) as f:
