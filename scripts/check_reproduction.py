@@ -85,8 +85,12 @@ def check(name, committed_path, argv, result_file, figures, tmp):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("what", nargs="*", choices=("demo", "sweep"), help="default: both")
+    # no argparse choices: Python 3.11 checks an empty nargs="*" list against them and refuses it
+    p.add_argument("what", nargs="*", metavar="demo|sweep", help="default: both")
     args = p.parse_args(argv)
+    bad = [w for w in args.what if w not in ("demo", "sweep")]
+    if bad:
+        p.error(f"unknown {bad}: expected demo and/or sweep")
     args.what = args.what or ["demo", "sweep"]
     return args
 

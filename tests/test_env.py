@@ -1,6 +1,7 @@
 """The machine record (`mimic_fast._env`) that every result JSON carries."""
 import json
 
+import pytest
 import torch
 
 from mimic_fast import _env
@@ -55,6 +56,8 @@ def test_committed_demo_and_sweep_json_carry_the_record_and_their_figures_are_co
 
     cr = _check_reproduction()
     assert cr.parse_args([]).what == ["demo", "sweep"] and cr.parse_args(["sweep"]).what == ["sweep"]
+    with pytest.raises(SystemExit):
+        cr.parse_args(["dmeo"])
     for name, figures in (("demo", cr._demo_figures), ("sweep", cr._sweep_figures)):
         path = os.path.join(cr.RESULTS, name, f"{name}.json")
         with open(path) as f:
