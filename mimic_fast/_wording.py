@@ -3,6 +3,9 @@ command-line flag (`--resume`) under `mimic-fast`. The library's messages say `o
 "--resume")`; `mimic_fast.cli` runs each command inside `cli_wording()`, so a user of the command
 line is never told to pass a keyword argument, and a Python caller never a flag. A context variable:
 threads and other callers keep their own wording.
+
+Also how a message quotes another library's (`one_line`) and which failures are a lack of memory
+(`out_of_memory`: worded as such by the CLI, never as a damaged file or a bad option).
 """
 import contextlib
 import contextvars
