@@ -31,7 +31,7 @@ def _shape(r):
 def env_lines(doc):
     env = doc.get("env") or {}
     keys = ("device", "cpu_id", "cpu_flags", "torch_cpu_capability", "isa_variables", "torch",
-            "torch_cuda", "triton", "mkl", "onednn", "python", "cpu_count", "torch_threads")
+            "torch_cuda", "triton", "mkl", "onednn", "python", "cpu_count", "threads")
     lines = [f"- {k}: {env[k]}" for k in keys if env.get(k) not in (None, {}, [])]
     load = doc.get("load_avg") or {}
     if load.get("before"):

@@ -95,8 +95,7 @@ def environment(device="cpu", tools=False):
     plus the device: the CPU's name, or on CUDA the GPU's name, memory, SMs and L2; tools=True adds
     nvcc, nvidia-smi and the Triton target (the GPU check's probe)."""
     env = _env.record()
-    env.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
-               torch_threads=env["threads"])
+    env.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(device=p.name, device_memory_gib=round(p.total_memory / 2**30, 1),
