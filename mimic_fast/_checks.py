@@ -143,7 +143,15 @@ def check_positive(name, value):
     return value
 
 
+INT64_MAX = 2**63 - 1  # numpy's shapes and offsets, torch's sizes
+
+
+def is_int(value, low=0, high=INT64_MAX):
+    """An int (bool excluded: True is an int to Python, never a count to us) in [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def check_int_at_least(name, value, low):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if not is_int(value, low):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value

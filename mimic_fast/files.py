@@ -26,6 +26,7 @@ import zipfile
 
 import torch
 
+from ._checks import is_int
 from ._io import atomic_write_bytes, atomic_write_text
 from ._wording import one_line, out_of_memory
 from .data.identity import content_digest
@@ -256,10 +257,6 @@ def load_checkpoint(path, kind):
     return ckpt
 
 
-def _is_count(v, high=2**31):
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < high
-
-
 def _checkpoint_problems(ckpt):
     """What is wrong with a checkpoint's fields (one consistent with its own sha256 may still have
     been written by hand or by a bug)."""
@@ -268,9 +265,9 @@ def _checkpoint_problems(ckpt):
                       ("history", list)):
         if not isinstance(ckpt[key], kind):
             out.append(f"{key} must be a {kind.__name__}, got {type(ckpt[key]).__name__}")
-    if not _is_count(ckpt["epoch"]):
+    if not is_int(ckpt["epoch"], 0, 2**31 - 1):
         out.append(f"epoch must be an int in [0, 2**31), got {str(ckpt['epoch'])[:40]}")
-    if "step" in ckpt and not _is_count(ckpt["step"], 2**63):
+    if "step" in ckpt and not is_int(ckpt["step"]):
         out.append(f"step must be an int in [0, 2**63), got {str(ckpt['step'])[:40]}")
     if out:
         return out

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__, _env, sweep_report
 from . import pipeline as P
 from . import train as T
+from ._checks import INT64_MAX, is_int
 from ._io import LockedError, atomic_write_text, writer_lock
 from .data import DATASETS, state_hash
 from .data.recipe import DATA_FIELDS, check_recipe
@@ -150,10 +151,9 @@ class SweepConfig:
     def check_grid(self):
         """Refuse (ValueError) a grid that is not lists of ints (widths, bottlenecks and batch sizes
         >= 1, conv layers 0..4) and seeds an int >= 1."""
-        def ints(values, lo, hi=None):
+        def ints(values, lo, hi=INT64_MAX):
             return (isinstance(values, (list, tuple)) and values and
-                    all(isinstance(v, int) and not isinstance(v, bool) and lo <= v and
-                        (hi is None or v <= hi) for v in values))
+                    all(is_int(v, lo, hi) for v in values))
         for name in ("hidden", "bottleneck", "throughput_batches"):
             if not ints(getattr(self, name), 1):
                 raise ValueError(f"{name} must be a non-empty list of ints >= 1, got "

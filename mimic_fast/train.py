@@ -40,6 +40,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               default_collate)
 from tqdm.auto import tqdm
 
+from ._checks import is_int
 from ._io import atomic_write_text, refuse_links, writer_lock
 from ._wording import one_line, option
 from .convert import mimic_loss_of
@@ -198,9 +199,9 @@ class TrainConfig:
         for name, lo in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("step_epochs", 0),
                          ("num_workers", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            if not is_int(v, lo):
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_int(self.seed, -math.inf, math.inf):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")

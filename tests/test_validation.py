@@ -135,3 +135,11 @@ def test_a_1d_x_is_one_row_as_for_nn_linear_and_says_so_when_it_does_not_fit():
     with pytest.raises(ValueError, match=r"x has shape \(128,\): a 1-D x is one row \(as for "
                                          r"nn\.Linear\) of 128 features.*a batch of rows is \(B, 64\)"):
         s(torch.randn(128))
+
+
+def test_is_int_is_the_one_integer_rule():
+    from mimic_fast._checks import INT64_MAX, is_int
+    assert is_int(0) and is_int(INT64_MAX) and is_int(5, 5, 5)
+    assert not is_int(True) and not is_int(False)  # an int to Python, never a count
+    assert not is_int(-1) and not is_int(INT64_MAX + 1) and not is_int(4, 5)
+    assert not is_int(1.0) and not is_int("1") and not is_int(None)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import is_int
 from .._io import atomic_write_bytes, atomic_write_text, reader_lock, refuse_links, writer_lock
 from .._wording import option
 from ..distributed import dist_info
@@ -75,13 +76,6 @@ def read_header(directory):
     return header
 
 
-_MAX_INT = 2**63 - 1  # numpy's shapes and offsets are int64
-
-
-def _is_int(v, lo):
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= _MAX_INT
-
-
 def _short(v):
     text = repr(v)
     return text if len(text) <= 40 else text[:20] + "..." + text[-8:] + f" ({len(text)} characters)"
@@ -102,7 +96,7 @@ def validate_header(header, directory):
                          f"weights): {_remedy()}")
     bad = []
     for key, lo in (("n", 1), ("num_classes", 1), ("chunk_rows", 1), ("n_chunks", 1), ("committed", 0)):
-        if not _is_int(header.get(key), lo):
+        if not is_int(header.get(key), lo):
             bad.append(f"{key} must be an int in [{lo}, 2**63), got {_short(header.get(key))}")
     if header.get("dtype") not in {str(np.dtype(d)) for d in NP_DTYPES.values()}:
         bad.append(f"dtype must be float16, float32 or float64, got {header.get('dtype')!r}")
