@@ -19,7 +19,7 @@ from . import train as T
 from ._io import writer_lock
 from ._wording import cli_wording, one_line, out_of_memory
 from .data import DATASETS, LogitStore
-from .data.store import HEADER_NAME, overflow_remedy
+from .data.store import HEADER_NAME, cast_limit, overflow_remedy
 from .data.transfer import METHODS
 from .demo import add_arguments as demo_arguments
 from .demo import config_from_args, run_demo
@@ -295,11 +295,12 @@ def _check_imported(args, logits, n, classes, values=True):
         raise ValueError(f"--logits {args.logits}: row {int(bad[0])} holds NaN or Inf "
                          f"({len(bad)} such rows): a teacher's logits must be finite")
     top = float(np.abs(logits).max()) if logits.size else 0.0
-    limit = float(np.finfo(args.dtype).max)
-    if top > limit:
-        row = int(np.flatnonzero((np.abs(logits) > limit).any(axis=1))[0])
+    limit = cast_limit(args.dtype)
+    if top >= limit:
+        row = int(np.flatnonzero((np.abs(logits) >= limit).any(axis=1))[0])
         raise ValueError(f"--logits {args.logits}: row {row} holds |logit| {top:.3g}, more than "
-                         f"{args.dtype} can store ({limit:.5g}); {overflow_remedy(_DTYPES[args.dtype])}")
+                         f"{args.dtype} can store ({float(np.finfo(args.dtype).max):.5g}); "
+                         f"{overflow_remedy(_DTYPES[args.dtype])}")
 
 
 def cmd_import_logits(args):

@@ -117,6 +117,23 @@ def test_cli_import_logits_then_distill(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "store float32 (--dtype float32)" in err and "dtype=torch" not in err
     assert not (tmp_path / "b" / "transfer.pt").exists()
+    # the import refuses exactly what the cast would turn into Inf, as collection does
+    edge = logits.astype(np.float64)
+    edge[3, 0] = 65519.0  # rounds to float16's max, 65504
+    np.save(tmp_path / "edge.npy", edge)
+    assert cli.main([*args[:3], "--logits", str(tmp_path / "edge.npy"), "--dtype", "float16",
+                     "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    assert LogitStore.open(tmp_path / "e" / "logits").logits[3, 0] == 65504
+    edge[3, 0] = 65520.0  # rounds to Inf
+    np.save(tmp_path / "edge.npy", edge)
+    assert cli.main([*args[:3], "--logits", str(tmp_path / "edge.npy"), "--dtype", "float16",
+                     "--out", str(tmp_path / "e2")]) == 2
+    assert "row 3 holds |logit| 6.55e+04, more than float16 can store (65504)" in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match="overflow"):
+        LogitStore.from_array(tmp_path / "e3", edge, TensorDataset(splits.train.tensors[0]),
+                              dtype=torch.float16)
     student = tmp_path / "student"
     assert cli.main(["distill", "--dataset", "digits", "--logits", str(out), "--hidden", "32",
                      "--bottleneck", "4", "--epochs", "1", "--out", str(student),

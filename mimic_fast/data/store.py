@@ -593,6 +593,14 @@ def check_finite(out, stored, first_row, where, dtype):
                      f"{torch.finfo(dtype).max:.3g}); {overflow_remedy(dtype)}")
 
 
+def cast_limit(dtype):
+    """The smallest magnitude that becomes Inf when cast to `dtype` (round to nearest: float16's
+    65510 is stored as 65504, 65520 overflows): the one overflow rule of imports and collection."""
+    top = np.finfo(dtype).max
+    ulp = float(top) - float(np.nextafter(top, top.dtype.type(0)))  # the top binade's spacing
+    return float(top) + ulp / 2
+
+
 def overflow_remedy(dtype):
     """What to do about logits beyond the storage dtype's range."""
     if dtype == torch.float16:
