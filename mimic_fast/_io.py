@@ -78,7 +78,18 @@ def _temp_prefix(path):
     return "." + os.path.basename(path) + "."
 
 
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+def _host_id():
+    """Where a pid means one process: the host name and the PID namespace (containers sharing a
+    folder and a host name still number their processes apart; a temp of another namespace must
+    be kept, as another host's is, not judged by a pid that means another process here)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # no procfs (macOS, Windows): the host name alone
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+
+
+_HOST = _host_id()
 
 
 def _writer_prefix(path):
@@ -100,7 +111,7 @@ def _remove_orphans(path):
     """Temp files or folders of `path` left by a writer that was killed: those of a process of this
     host that is gone (.NAME.<pid>-<host>.<random>.tmp), and those of older versions, which carried
     no pid (.NAME.<random>.tmp). A live writer's temp (another shard's, another thread's) stays, and
-    so does one of another host, whose process cannot be checked from here."""
+    so does one of another host or PID namespace, whose process cannot be checked from here."""
     directory = os.path.dirname(os.path.abspath(path))
     prefix = re.escape(_temp_prefix(path))
     ours = re.compile(prefix + r"(\d+)-([0-9a-f]{8})\.[a-z0-9_]+\.tmp")

@@ -298,3 +298,19 @@ def test_a_live_writers_temp_file_is_never_removed_a_dead_ones_is(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_temp_files_owner_is_named_by_host_and_pid_namespace(monkeypatch):
+    """Two containers sharing a folder under one host name number their processes apart: a pid
+    from another PID namespace must not be judged dead (its temp removed mid-write) by ours."""
+    import mimic_fast._io as io_
+
+    monkeypatch.setattr(io_.os, "readlink", lambda p: "pid:[4026531836]")
+    here = io_._host_id()
+    monkeypatch.setattr(io_.os, "readlink", lambda p: "pid:[4026532999]")
+    assert io_._host_id() != here  # another namespace: its temps are kept, as another host's
+
+    def no_procfs(p):
+        raise FileNotFoundError(p)
+    monkeypatch.setattr(io_.os, "readlink", no_procfs)
+    assert len(io_._host_id()) == 8  # no procfs: the host name alone, still a valid owner id
