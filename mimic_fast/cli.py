@@ -245,7 +245,8 @@ def cmd_collect_logits(args):
                            batch_size=args.batch_size, device=device,
                            progress=args.progress and _is_rank0(), overwrite=args.overwrite,
                            teacher_id=teachers.teacher_id, wait=args.wait,
-                           remedy="use another --out, or rerun with --overwrite to replace it")
+                           remedy="use another --out, or rerun with --overwrite to replace it",
+                           teacher_name=f"--teacher {' '.join(args.teacher)}")
         acc = T.evaluate(teacher, data.splits.test, device=device)  # every rank: it is sharded
         if _is_rank0():
             write_json(os.path.join(args.out, "teacher.json"),

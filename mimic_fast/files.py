@@ -157,8 +157,9 @@ def load_model(path, map_location="cpu"):
         model = build_from_spec(payload["spec"])
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        if out_of_memory(e):  # a model too large for this machine is not a damaged file
-            raise
+        if out_of_memory(e):  # too large for this machine, not a damaged file (pipeline.build_checked)
+            raise ValueError(f"the model in {path} does not fit in memory ({one_line(e, 200)}); load "
+                             "it on a machine with more memory") from None
         raise ValueError(f"{path} holds a model that cannot be rebuilt from its spec "
                          f"({type(e).__name__}: {one_line(e, 300)})") from None
     return model.eval(), payload

@@ -442,14 +442,16 @@ class Logits:
 
 
 def collect(teacher, transfer, folder, dtype=torch.float16, batch_size=256, device=None,
-            progress=False, overwrite=False, teacher_id=None, remedy=REUSE_REMEDY, wait=False):
+            progress=False, overwrite=False, teacher_id=None, remedy=REUSE_REMEDY, wait=False,
+            teacher_name="teacher"):
     """The teacher's logits over `transfer` (a Transfer) in folder/logits (data.collect_logits:
     resumed when interrupted, reused when complete, refused when made by another teacher, or while
     a student trains on them unless it may be reused; wait=True waits)."""
     refuse_folder_links(folder)
     store = collect_logits(teacher, transfer.transfer, os.path.join(folder, LOGITS_DIR),
                            batch_size=batch_size, dtype=dtype, device=device, progress=progress,
-                           overwrite=overwrite, teacher_id=teacher_id, remedy=remedy, wait=wait)
+                           overwrite=overwrite, teacher_id=teacher_id, remedy=remedy, wait=wait,
+                           teacher_name=teacher_name)
     return Logits(transfer.transfer, store, transfer.recipe, transfer.digest, transfer.allowed)
 
 

@@ -13,7 +13,8 @@ copy, made bad in each of these ways:
     JSON files with a recomputed sha256, so the check behind the checksum is the one tried),
   - huge values: 1e300, 10**400, a label of 10**12, where the format allows them.
 The command that reads it runs in this process (cli.main, as `mimic-fast` does). Outcomes: refused
-(exit 2 and exactly one line `mimic-fast <cmd>: error: ...` on stderr), accepted (exit 0: the
+(exit 2 and exactly one line `mimic-fast <cmd>: error: ...` on stderr that names the file or the
+folder given to the command), accepted (exit 0: the
 change was harmless, e.g. huge weights export fine), or a FAILURE: a traceback (any exception out
 of cli.main), another exit status, several error lines, or any stderr line but the command's own
 (`mimic-fast <cmd>: error|warning: ...`).
@@ -274,10 +275,12 @@ def trials(kind, rng, n_random, others):
     return out
 
 
-def run_one(argv):
+def run_one(argv, names=()):
     """(outcome, detail): outcome is "refused", "accepted" or "FAILURE". Warnings reach stderr as
     the command prints them (one line each, `mimic-fast <cmd>: warning: ...`); any other line there
-    (a traceback, a raw Python warning) is a failure."""
+    (a traceback, a raw Python warning) is a failure. A refusal must name the damaged file (one of
+    `names`: the file, or the folder the command was given): a ValueError raised deep inside numpy
+    or torch is one line too, but it tells the user nothing about which file is wrong."""
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
@@ -295,6 +298,8 @@ def run_one(argv):
     if code == 0 and not errors:
         return "accepted", ""
     if code == 2 and len(errors) == 1:
+        if names and not any(n in errors[0] for n in names):
+            return "FAILURE", f"refused without naming the file ({' or '.join(names)}): {errors[0]}"
         return "refused", errors[0]
     return "FAILURE", f"exit {code}: {' | '.join(lines)[-500:]}"
 
@@ -330,7 +335,8 @@ def main():
                     if name != kind.folder and not (trial / name).exists():
                         shutil.copytree(good[name], trial / name)
                 make(str(folder / kind.rel))
-                outcome, detail = run_one(kind.command(folder))
+                outcome, detail = run_one(kind.command(folder),
+                                          (Path(kind.rel).name, str(folder)))
                 counts[outcome] += 1
                 if outcome == "FAILURE":
                     failures.append(f"{kind.name}, {label}: {detail}")

@@ -233,3 +233,32 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
         os.umask(old)
     mode = stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "b.json").st_mode) == 0o644
+
+
+def test_a_refusal_of_the_teachers_output_names_the_teacher(tmp_path):
+    """The fuzz of teacher.pt found 'teacher produced NaN/Inf logits' with no file named: the
+    caller's name for the teacher (the CLI: its --teacher files) is in every such refusal."""
+    X = torch.randn(40, 5)
+    with pytest.raises(ValueError, match=r"^--teacher t\.pt gave NaN/Inf logits for dataset row 0"):
+        collect_logits(lambda x: torch.full((len(x), 3), float("nan")), TensorDataset(X),
+                       tmp_path / "a", progress=False, teacher_name="--teacher t.pt")
+    with pytest.raises(ValueError, match=r"^--teacher t\.pt: its logits for dataset row 0 overflow"):
+        collect_logits(lambda x: torch.full((len(x), 3), 1e6), TensorDataset(X), tmp_path / "b",
+                       progress=False, teacher_name="--teacher t.pt")
+    with pytest.raises(ValueError, match=r"^--teacher t\.pt: its output for dataset\[0\] has shape"):
+        collect_logits(lambda x: x[0], TensorDataset(X), tmp_path / "c", progress=False,
+                       teacher_name="--teacher t.pt")
+
+
+def test_a_model_file_too_large_for_memory_is_named(tmp_path, monkeypatch):
+    import mimic_fast.files as files
+    from mimic_fast.nn import WideShallowStudent
+
+    path = tmp_path / "student.pt"
+    files.save_model(path, WideShallowStudent(6, 8, 2, 3))
+
+    def no_memory(spec):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e15")
+    monkeypatch.setattr(files, "build_from_spec", no_memory)
+    with pytest.raises(ValueError, match=f"^the model in {path} does not fit in memory"):
+        files.load_model(path)

@@ -42,7 +42,7 @@ def param_dtype(teacher):
     return None
 
 
-def _run_teacher(teacher, x, device, rows, num_classes, where):
+def _run_teacher(teacher, x, device, rows, num_classes, where, name="teacher"):
     # float inputs follow a half/bfloat16/float64 teacher's dtype (dataset rows are float32)
     dtype = param_dtype(teacher) if x.is_floating_point() else None
     out = teacher(x.to(device, dtype=dtype or x.dtype, non_blocking=True))
@@ -50,7 +50,7 @@ def _run_teacher(teacher, x, device, rows, num_classes, where):
             num_classes is not None and out.shape[1] != num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         expect = f"({rows}, {num_classes if num_classes is not None else 'C'})"
-        raise ValueError(f"teacher output for {where} has shape {shape}: expected logits {expect}")
+        raise ValueError(f"{name}: its output for {where} has shape {shape}: expected logits {expect}")
     return out
 
 
@@ -125,7 +125,7 @@ def _lock_and_decide(held, path, identity, dataset, check_inputs, remedy, overwr
 
 def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, device=None,
                    chunk_rows=None, progress=True, num_workers=0, overwrite=False, teacher_id=None,
-                   check_inputs="all", remedy=REUSE_REMEDY, wait=False):
+                   check_inputs="all", remedy=REUSE_REMEDY, wait=False, teacher_name="teacher"):
     """Run `teacher` (eval mode, no_grad) over `dataset` (items x or (x, ...)) and store its logits
     and a digest of every row's input at directory `path`, row i for dataset[i]. Returns the opened
     LogitStore.
@@ -149,7 +149,8 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
     identified by its qualified name unless teacher_id is given). Before a store is reused or
     resumed the teacher is run again on a few committed rows: other logits than the stored ones
     (a changed function or parameter-free teacher) are refused. `remedy`: what the refusals of an
-    existing store tell the user to do.
+    existing store tell the user to do; `teacher_name`: how its refusals of the teacher's output
+    (NaN/Inf, overflow, shape) name it (the CLI: the --teacher files).
     """
     teacher = as_teacher(teacher)  # a module stays itself; a function is wrapped
     if teacher_id is None and isinstance(teacher, Teacher) and "net" not in teacher._modules:
@@ -192,11 +193,11 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
                     _check_same_teacher(teacher, dataset, path, header, device, remedy)
                 if header is None:
                     header = _create(teacher, dataset, path, identity, batch_size, chunk_rows, device,
-                                     world)
+                                     world, teacher_name)
                 if not header["complete"]:
                     logits, inputs = open_rows(path, header)
                     _collect_chunks(teacher, dataset, path, header, logits, inputs, batch_size, dtype,
-                                    device, progress, num_workers, world, rank)
+                                    device, progress, num_workers, world, rank, teacher_name)
                     del logits, inputs
         finally:
             teacher.train(was_training)
@@ -209,10 +210,11 @@ def collect_logits(teacher, dataset, path, batch_size=256, dtype=torch.float16, 
     return store
 
 
-def _create(teacher, dataset, path, identity, batch_size, chunk_rows, device, world):
+def _create(teacher, dataset, path, identity, batch_size, chunk_rows, device, world,
+            teacher_name):
     # Probe the number of classes with one row (cheap, and identical on every rank).
     x0 = first_field(torch.utils.data.default_collate([dataset[0]]))
-    num_classes = int(_run_teacher(teacher, x0, device, 1, None, "dataset[0]").shape[1])
+    num_classes = int(_run_teacher(teacher, x0, device, 1, None, "dataset[0]", teacher_name).shape[1])
     header = new_header(identity, num_classes,
                         CHUNK_BATCHES * batch_size * world if chunk_rows is None else chunk_rows, world)
     # a full disk (the rows are preallocated) raises on rank 0: on_rank0 raises it on every rank
@@ -221,7 +223,7 @@ def _create(teacher, dataset, path, identity, batch_size, chunk_rows, device, wo
 
 
 def _collect_chunks(teacher, dataset, path, header, logits, inputs, batch_size, dtype, device,
-                    progress, num_workers, world, rank):
+                    progress, num_workers, world, rank, teacher_name):
     # Each rank's contiguous share of each remaining chunk, cut into batches that never cross a
     # chunk boundary, so one DataLoader (one set of workers) serves the whole run.
     plan = []
@@ -239,9 +241,10 @@ def _collect_chunks(teacher, dataset, path, header, logits, inputs, batch_size, 
                 b, x = next(rows)
                 where = f"rows {b[0]}..{b[-1]}"
                 inputs[b[0]: b[-1] + 1] = row_digests(x, f"dataset {where}")
-                out = _run_teacher(teacher, x, device, len(b), header["num_classes"], where)
+                out = _run_teacher(teacher, x, device, len(b), header["num_classes"], where,
+                                   teacher_name)
                 stored = out.to(dtype)
-                check_finite(out, stored, b[0], where, dtype)
+                check_finite(out, stored, b[0], where, dtype, teacher_name)
                 logits[b[0]: b[-1] + 1] = stored.cpu().numpy()
                 bar.update(len(b) * world)
             logits.flush()  # this rank's rows reach the file before anyone commits them

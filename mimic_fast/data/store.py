@@ -285,7 +285,7 @@ class LogitStore:
                 lo, hi = chunk_bounds(header, k)
                 out = torch.from_numpy(np.array(arr[lo:hi]))
                 stored = out.to(dtype)
-                check_finite(out, stored, lo, f"rows {lo}..{hi - 1}", dtype)
+                check_finite(out, stored, lo, f"rows {lo}..{hi - 1}", dtype, "the logits array")
                 rows[lo:hi] = stored.numpy()
                 inputs[lo:hi] = input_digests(dataset, rows=range(lo, hi))
                 rows.flush()
@@ -575,9 +575,9 @@ def open_rows(path, header, mode="r+"):
             open_npy(path / INPUTS_NAME, (n,), np.uint64, mode=mode))
 
 
-def check_finite(out, stored, first_row, where, dtype):
+def check_finite(out, stored, first_row, where, dtype, source="teacher"):
     """Refuse logits `out` (rows first_row.. of the dataset) with a NaN/Inf, or whose `stored` copy
-    overflowed the storage dtype, naming the exact row."""
+    overflowed the storage dtype, naming `source` (the teacher's files, the array) and the row."""
     # One float64 sum is finite iff every stored value is (NaN/Inf propagate; finite float16/32
     # values cannot overflow it): 3x cheaper than isfinite().all() twice.
     if torch.isfinite(stored.sum(dtype=torch.float64)):
@@ -585,10 +585,10 @@ def check_finite(out, stored, first_row, where, dtype):
     bad = ~torch.isfinite(out).all(1)
     if bad.any():
         row = first_row + int(bad.nonzero()[0])
-        raise ValueError(f"teacher produced NaN/Inf logits for dataset row {row} "
+        raise ValueError(f"{source} gave NaN/Inf logits for dataset row {row} "
                          f"({int(bad.sum())} of {where})")
     row = first_row + int((~torch.isfinite(stored).all(1)).nonzero()[0])
-    raise ValueError(f"teacher logits for dataset row {row} overflow {dtype} (max |logit| "
+    raise ValueError(f"{source}: its logits for dataset row {row} overflow {dtype} (max |logit| "
                      f"{out.abs().max().item():.3g}; {dtype} holds up to "
                      f"{torch.finfo(dtype).max:.3g}); {overflow_remedy(dtype)}")
 
