@@ -9,7 +9,8 @@ Per launch, with the tiles of the plan:
   l2_bytes      the bytes the programs load and store (every program's tiles go through L2)
   reduce_add    bytes reduce-added into memory (none in this design; the term stays for comparisons)
 time_s = max(flops / (peak x busy), hbm / copy bandwidth, l2 / L2 bandwidth, reduce_add / reduce-add
-rate) (`kernel_time`; busy = the grid's wave quantisation), summed over the launches of a pass, at
+rate) (`kernel_time`; busy = the grid's wave quantisation, or the schedule of the pass-2 launch's
+two program lengths: `launch_busy`), summed over the launches of a pass, at
 the rates of a GPU preset (`GPUS`) or measured ones. The torch ops around the kernels (x Uᵀ, the
 pads, dx, dU) are one line per pass, counted the same way.
 

@@ -4,7 +4,7 @@
   _fused_mlp_bwd_kernel  grid (H tiles of a workspace chunk, batch chunks), looping over batch tiles:
                          aᵀ = V_j zᵀ + b1_j, hᵀ = act(aᵀ), dW_jᵀ += hᵀ dy, dhᵀ = W_jᵀ dyᵀ,
                          daᵀ = dhᵀ ⊙ act'(aᵀ) -> DA (the chunk's workspace), db1_j += Σ da
-  _gemm_kernel           grid (dz tiles + dV tiles of a chunk): dz_s += DAᵀ VP and dV = DA z, one launch
+  _gemm_kernel           grid (dz tiles + dV tiles of a chunk): dz_s += DA VP and dV = DAᵀ z
   _reduce_splits_kernel  Σ_s P[s] in split order (+ bias; the mimic-loss epilogue)
 Operands are zero-padded by the launcher (z, dy, V to KP = 256 / CP = 192 at the paper shape) and
 streamed by TMA descriptors whose out-of-bounds reads are zero, so no main loop has a mask.
