@@ -161,14 +161,17 @@ def _forced(monkeypatch, **fields):
 @pytest.mark.parametrize("fields", [
     {}, {"fwd_splits": 3}, {"bwd_bchunks": 2}, {"dv_splits": 2}, {"dz_splits": 3},
     {"ws_rows": 32, "n_chunks": 3}, {"ws_rows": 80, "n_chunks": 1},
-    {"bwd_bchunks": 3, "dv_splits": 3, "dz_splits": 2, "ws_rows": 48, "n_chunks": 2}],
+    {"bwd_bchunks": 3, "dv_splits": 3, "dz_splits": 2, "ws_rows": 48, "n_chunks": 2},
+    {"bwd_bchunks": 2, "dv_splits": 4, "dz_splits": 2, "ws_rows": 32, "n_chunks": 3}],
     ids=["natural", "fwd-splits", "batch-chunks", "dv-splits", "dz-splits", "3-chunks",
-         "1-chunk", "all"])
+         "1-chunk", "all", "small-H"])
 def test_every_plan_path_agrees_with_reference(monkeypatch, fields):
     """Each split and chunk path of the plan forced in turn: forward splits with leftovers and the
     ragged tile's owner, pass-1 batch chunks (fp32 dW/db1 partials), dV split over the batch, dz
     split over each chunk's H (fp32 partials accumulated chunk after chunk), one and several
-    workspace chunks (the last one short)."""
+    workspace chunks (the last one short). "small-H" is the paper's H=8000 plan in miniature: the
+    pass-2 launch's dz and dV programs both split (dV into more splits than it has K blocks: the
+    last split's partial is all zero-filled blocks), three chunks."""
     _forced(monkeypatch, **fields)
     p = T.plan(37, 17, 77, 18, 4)
     assert all(getattr(p, k) == v for k, v in fields.items())

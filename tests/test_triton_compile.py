@@ -60,19 +60,25 @@ def test_gate_covers_every_kernel_dtype_and_path(gate):
         if r["kernel"] in kernels:
             assert r["issued_over_useful"] <= 1.10 and r["prefetch_distance"] >= 2, label
             assert r["tma"] > 0 and r["wgmma"] > 0, label
+            # pass 2's dz and dV loops are each checked; the other kernels have one main loop
+            assert r["main_loops"] == (2 if r["kernel"] == "_gemm_kernel" else 1), label
+    # every specialisation keeps its own report (same tiles, different partial buffer or scale)
+    reduces = {label.split("/")[-1] for label in reports if "/backward/_reduce" in label}
+    assert {"BLOCK_M=32,P=dvp", "BLOCK_M=32,P=dzp,scaled", "BLOCK_M=32,P=dwp"} <= reduces
 
 
 @pytest.mark.slow
 def test_each_planted_defect_fails_its_rule(tmp_path):
-    """A 64-row tile on 8 warps (pass 1 and forward), a 1-stage and a 2-stage loop: the gate's
-    replication and overlap rules reject each (what the numbers are: benchmarks/NOTES.md)."""
+    """A 64-row tile on 8 warps (pass 1 and forward), a 1-stage and a 2-stage loop (the pass-2
+    kernel's two loops in the first): the gate's replication and overlap rules reject each (what
+    the numbers are: benchmarks/NOTES.md)."""
     proc, planted = _offline(tmp_path, "--planted")
     assert proc.returncode == 0, proc.stdout[-3000:]
     for label, x in planted.items():
         assert any(p.startswith(x["expected"]) for p in x["problems"]), (label, x["problems"])
     ratios = {k: x["report"]["issued_over_useful"] for k, x in planted.items()}
     assert ratios["backward pass 1, 64 hidden rows on 8 warps"] > 1.10
-    assert planted["dV gemm, 1 stage"]["report"]["prefetch_distance"] == 0
+    assert planted["pass-2 gemm (dz + dV), 1 stage"]["report"]["prefetch_distance"] == 0
 
 
 def test_problems_flags_what_the_gate_forbids():
@@ -122,7 +128,32 @@ def test_split_offsets_and_main_loops_are_read_from_the_compiled_text():
     } loc(#loc)
   }"""
     assert ttgir_main_loop(ttgir) == {"loop_dots": 1, "prologue_loads": 2, "loop_loads": 1,
-                                      "loads_before_first_dot": False}
+                                      "loads_before_first_dot": False, "main_loops": 1}
+    # the pass-2 kernel: a loop per scf.if branch, each with the prologue of its own region (the
+    # then-branch's loads do not count for the else-branch's loop); the worse one is reported
+    two = """  tt.func @k() {
+    scf.if %p {
+      ttng.async_tma_copy_global_to_local %A[%a]
+      ttng.async_tma_copy_global_to_local %A[%b]
+      %r = scf.for %i = %c0 to %n step %c1 iter_args(%x = %y) {
+        %d = ttng.warp_group_dot %a, %b, %x
+        ttng.async_tma_copy_global_to_local %A[%c]
+      } loc(#loc)
+    } else {
+      %s = scf.for %i = %c0 to %n step %c1 iter_args(%x = %y) {
+        ttng.async_tma_copy_global_to_local %B[%c]
+        %d = ttng.warp_group_dot %a, %b, %x
+      } loc(#loc)
+    }
+  }"""
+    assert ttgir_main_loop(two) == {"loop_dots": 1, "prologue_loads": 0, "loop_loads": 1,
+                                    "loads_before_first_dot": True, "main_loops": 2}
+    ptx2 = ptx + """
+$L__BB0_5:
+  wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1, %f2}, %rd1, %rd2, p, 1, 1, 0, 1;
+  wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1, %f2}, %rd1, %rd2, p, 1, 1, 0, 1;
+  @%p1 bra $L__BB0_5;"""
+    assert ptx_main_loop(ptx2)["loop_macs_per_warpgroup"] == 2 * 64 * 128 * 16  # the larger loop
 
 
 def test_backend_refuses_pre_hopper_gpus(monkeypatch):

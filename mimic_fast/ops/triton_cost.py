@@ -9,7 +9,8 @@ Per launch, with the tiles of the plan:
   l2_bytes      the bytes the programs load and store (every program's tiles go through L2)
   reduce_add    bytes reduce-added into memory (none in this design; the term stays for comparisons)
 time_s = max(flops / (peak x busy), hbm / copy bandwidth, l2 / L2 bandwidth, reduce_add / reduce-add
-rate) (`kernel_time`; busy = the grid's wave quantisation), summed over the launches of a pass, at
+rate) (`kernel_time`; busy = the grid's wave quantisation, or the schedule of the pass-2 launch's
+two program lengths: `launch_busy`), summed over the launches of a pass, at
 the rates of a GPU preset (`GPUS`) or measured ones. The torch ops around the kernels (x Uᵀ, the
 pads, dx, dU) are one line per pass, counted the same way.
 
@@ -19,6 +20,8 @@ import argparse
 import json
 import math
 import sys
+
+import torch
 
 from . import triton_plan as P
 from .flops import element_size, mlp_flops
@@ -75,7 +78,7 @@ def _role(launch):
     """fwd, bwd (pass 1), dV (= DAᵀ z), dz (+= DA V_j), the reductions by what they sum."""
     a = launch.args
     if launch.kernel == "gemm":
-        return "dz" if a["A_T"] else "dV"
+        return "dz + dV"
     if launch.kernel == "reduce":
         name = a["P"].name
         return {"yp": "reduce y" + (" + loss" if a["MIMIC"] else ""), "dzp": "reduce dz",
@@ -107,20 +110,22 @@ def launch_counts(p, launch, l2_resident=False):
         hbm = weights + p.rows * (KP + CP) * e + outs - (1 - ws) * n * p.rows * e
         l2 = (n // p.bwd_block_h) * p.rows * (KP + CP) * e + weights * p.bwd_bchunks + outs
         return flops, hbm, l2, 0, programs
-    if launch.kernel == "gemm":
-        bm, m_tiles, splits = p.gemm_block_m, launch.grid[0], launch.grid[1]
-        K = splits * a["n_k"] * p.gemm_block_k  # executed (zero-filled blocks past the chunk too)
-        flops = 2 * m_tiles * bm * K * KP
-        if a["A_T"]:  # dz: A = DA (rows x n), B = VP (n x KP), fp32 partials read and written
-            n = a["B_LO"].shape[0]
-            partial = splits * p.rows * KP * 4 * (2 if a["ACCUMULATE"] else 1)
-            hbm = ws * p.rows * n * e + n * KP * e + partial
-            l2 = p.rows * n * e + m_tiles * n * KP * e + partial
-        else:  # dV: A = DAᵀ (n x rows), B = z (rows x KP), dV rows or fp32 partials written
-            n = a["A"].shape[0]
-            out = splits * n * KP * 4 if a["PARTIAL"] else n * k * e
-            hbm = ws * n * p.rows * e + p.rows * KP * e + out
-            l2 = n * p.rows * e + m_tiles * p.rows * KP * e + out
+    if launch.kernel == "gemm":  # dz and dV programs of one chunk of n hidden units
+        bm, bk = p.gemm_block_m, p.gemm_block_k
+        n = a["VP_LO"].shape[0]
+        (n_dz, dz_n_k), (n_dv, dv_n_k) = P.pass2_programs(p, n)
+        # executed MACs: zero-filled K blocks past a split's end too
+        flops = 2 * bm * bk * KP * (n_dz * dz_n_k + n_dv * dv_n_k)
+        # dz: A = DA (rows x n), B = VP (n x KP) re-read by every batch tile, fp32 partials
+        # written (first chunk) or read and written (later chunks)
+        partial = p.dz_splits * p.rows * KP * 4 * (2 if a["DZ_ACCUMULATE"] else 1)
+        hbm = ws * p.rows * n * e + n * KP * e + partial
+        l2 = p.rows * n * e + (p.rows // bm) * n * KP * e + partial
+        # dV: A = DAᵀ (n x rows), B = z (rows x KP) re-read by every hidden tile, dV rows or fp32
+        # partials written (a da chunk not kept in L2 is read from HBM by both GEMMs)
+        out = p.dv_splits * n * KP * 4 if p.dv_splits > 1 else n * k * e
+        hbm += ws * n * p.rows * e + p.rows * KP * e + out
+        l2 += n * p.rows * e + a["dv_tiles"] * p.rows * KP * e + out
         return flops, hbm, l2, 0, programs
     if launch.kernel == "reduce":
         S, M, N = a["n_splits"], a["M"], a["N"]
@@ -130,12 +135,21 @@ def launch_counts(p, launch, l2_resident=False):
     raise ValueError(f"no cost formula for launch {launch.kernel!r}")
 
 
+def launch_busy(p, launch):
+    """The SMs' busy fraction over a launch: its grid's wave quantisation, or for the pass-2 launch
+    (programs of two lengths) the schedule of triton_plan.pass2_busy."""
+    if launch.kernel == "gemm":
+        return P.pass2_busy(p, launch.args["VP_LO"].shape[0])
+    return P.busy(math.prod(launch.grid), p.sms)
+
+
 def _cdiv(a, b):
     return -(-a // b)
 
 
-def torch_counts(p, D, pass_, w_aligned):
-    """(flops, hbm_bytes) of the torch ops around the kernels of a pass."""
+def torch_counts(p, D, pass_, w_aligned, scale_dz=True):
+    """(flops, hbm_bytes) of the torch ops around the kernels of a pass (scale_dz: the dz
+    reduction applies the dy scale, else dx and dU are scaled in place after their GEMMs)."""
     B, k, e = p.B, p.k, p.elem
     if pass_ == "forward":  # z = x Uᵀ; z -> z_pad; V -> V_pad; b1 pad; W padded if unaligned
         flops = 2 * B * D * k
@@ -146,7 +160,8 @@ def torch_counts(p, D, pass_, w_aligned):
     # dy scale (max |dy|), dy -> dy_pad / s, z -> z_pad, dx = dz U, dU = dzᵀ x, db2
     flops = 2 * 2 * B * D * k
     hbm = 3 * B * p.C * 4 + p.rows * p.CP * e + (B * k + p.rows * p.KP) * e
-    hbm += 2 * (B * k + k * D + B * D) * e + B * D * e
+    hbm += 2 * (B * k + k * D + B * D) * e
+    hbm += 0 if scale_dz else 2 * (B * D + k * D) * e  # dx, dU read and written by mul_(s)
     hbm += 0 if w_aligned else (p.C * p.H + p.C * p.H_pad) * e
     return flops, hbm
 
@@ -172,18 +187,19 @@ def predict(B, D, k, H, C, dtype="bfloat16", op="mimic", peak_tflops=None, bandw
     device = P.Device(sms) if sms else P.OFFLINE_DEVICE
     p = P.plan(B, k, H, C, elem, device=device, interpret=False)
     w_aligned = (H * elem) % 16 == 0
+    scale_dz = P.dz_scaled(getattr(torch, dt))
     fwd_op = "mimic" if op == "mimic" else "forward"
     l2_resident = p.workspace_bytes <= rates["l2_mb"] * 1e6 * L2_RESIDENT_SHARE
     passes = {}
     for name, op_ in (("forward", fwd_op), ("backward", "backward")):
         records = []
-        for launch in P.pass_launches(p, op_):
+        for launch in P.pass_launches(p, op_, scale_dz=scale_dz):
             flops, hbm, l2, red, programs = launch_counts(p, launch, l2_resident)
-            t, bound, terms = kernel_time(flops, hbm, l2, red, rates, P.busy(programs, p.sms))
+            t, bound, terms = kernel_time(flops, hbm, l2, red, rates, launch_busy(p, launch))
             records.append({"kernel": P.KERNELS[launch.kernel], "role": _role(launch),
                             "programs": programs, "flops": flops, "bytes": hbm, "l2_bytes": l2,
                             "atomic_bytes": red, "time_s": t, "bound": bound, "terms_s": terms})
-        flops, hbm = torch_counts(p, D, name, w_aligned)
+        flops, hbm = torch_counts(p, D, name, w_aligned, scale_dz)
         t, bound, terms = kernel_time(flops, hbm, 0, 0, rates)
         records.append({"kernel": "torch ops", "role": f"torch ops ({name})", "programs": 0,
                         "flops": flops, "bytes": hbm, "l2_bytes": 0, "atomic_bytes": 0,

@@ -265,12 +265,17 @@ def fused_mlp_bwd(dy, x, z, U, V, b1, W, activation, has_b2, need_dx):
     with _device_guard(x):
         p = _plan_for(z, V, W)
         tensors = backward_tensors(p, dy, z, V, b1, W)
-        for launch in P.pass_launches(p, "backward", **_common(p, dtype, b1, activation)):
+        scaled = P.dz_scaled(dtype)
+        for launch in P.pass_launches(p, "backward", scale_dz=scaled,
+                                      **_common(p, dtype, b1, activation)):
             K.run(launch, tensors)
-        # dz is in dy / s units (fp16 keeps its bits); s applies to the products
-        dz, s = tensors["dz"], tensors["dy_scale"].to(dtype)
-        dx = torch.matmul(dz, U).mul_(s) if need_dx else None
-        dU = torch.matmul(dz.t(), x).mul_(s)
+        dz = tensors["dz"]
+        dx = torch.matmul(dz, U) if need_dx else None
+        dU = torch.matmul(dz.t(), x)
+        if not scaled:  # fp16: dz is in dy / s units (it keeps its bits); s applies to the products
+            s = tensors["dy_scale"].to(dtype)
+            dx = dx.mul_(s) if need_dx else None
+            dU = dU.mul_(s)
         db2 = dy.sum(0, dtype=torch.float32).to(dtype) if has_b2 else None
     return dx, dU, tensors["dV"], tensors["db1"] if b1 is not None else None, tensors["dW"], db2
 

@@ -4,7 +4,7 @@
   _fused_mlp_bwd_kernel  grid (H tiles of a workspace chunk, batch chunks), looping over batch tiles:
                          aᵀ = V_j zᵀ + b1_j, hᵀ = act(aᵀ), dW_jᵀ += hᵀ dy, dhᵀ = W_jᵀ dyᵀ,
                          daᵀ = dhᵀ ⊙ act'(aᵀ) -> DA (the chunk's workspace), db1_j += Σ da
-  _gemm_kernel           grid (M tiles, K splits): OUT (+)= A B, for dV = DAᵀ z and dz_s += DA V_j
+  _gemm_kernel           grid (dz tiles + dV tiles of a chunk): dz_s += DA VP and dV = DAᵀ z
   _reduce_splits_kernel  Σ_s P[s] in split order (+ bias; the mimic-loss epilogue)
 Operands are zero-padded by the launcher (z, dy, V to KP = 256 / CP = 192 at the paper shape) and
 streamed by TMA descriptors whose out-of-bounds reads are zero, so no main loop has a mask.
@@ -70,7 +70,7 @@ def _element_size(arg):
 def launch_meta(kernel, args):
     """The tile sizes of a launch (its named arguments) that triton_plan's pruning reads."""
     if kernel == "gemm":
-        return {"elem": _element_size(args["A"]), "KP": args["BLOCK_N"], "CP": 0,
+        return {"elem": _element_size(args["DA_Z"]), "KP": args["BLOCK_N"], "CP": 0,
                 "BLOCK_M": args["BLOCK_M"], "BLOCK_K": args["BLOCK_K"]}
     return {"elem": _element_size(args["Z"]), "KP": args["KP"], "CP": args["C1"] + args["C2"],
             "C1": args["C1"], "BLOCK_B": args["BLOCK_B"], "BLOCK_H": args["BLOCK_H"]}
@@ -251,15 +251,15 @@ def _fused_mlp_fwd_kernel(
 # ------------------------------------------------------------------------------------------- reduce
 @triton.jit
 def _reduce_splits_kernel(
-    P, BIAS, OUT, T, DY, LOSS,
+    P, BIAS, SCALE, OUT, T, DY, LOSS,
     n_splits: constexpr, M, N, dy_scale,
     stride_ps, stride_pm, stride_bias, stride_om, stride_on, stride_tm, stride_tn, stride_dym,
-    HAS_BIAS: tl.constexpr, STORE_OUT: tl.constexpr, MIMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, STORE_OUT: tl.constexpr, MIMIC: tl.constexpr,
     LOSS_ELEMENTWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y = Σ_s P[s, :M, :N] + bias over fp32 partials P (rows of stride_pm, unit column stride),
-    summed in split order (deterministic). The split offset advances the 64-bit pointer by
-    stride_ps per split (never an int32 product s · stride_ps).
+    summed in split order (deterministic), times SCALE[0] when SCALED. The split offset advances
+    the 64-bit pointer by stride_ps per split (never an int32 product s · stride_ps).
 
     STORE_OUT: OUT = y (cast to OUT's dtype). MIMIC (the mimic-loss epilogue): r = y − T,
     DY[:, :N] = dy_scale · r (fp32), and LOSS = r² elementwise (LOSS_ELEMENTWISE) or, per program,
@@ -277,6 +277,8 @@ def _reduce_splits_kernel(
         ptrs += stride_ps
     if HAS_BIAS:
         y += tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if SCALED:
+        y *= tl.load(SCALE)
     if STORE_OUT:
         tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
                  y.to(OUT.dtype.element_ty), mask=mask)
@@ -379,32 +381,14 @@ def _fused_mlp_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------- backward pass 2
-@autotune(configs=_configs("gemm"),
-          key=["n_k", "A_T", "SCALED", "ACCUMULATE", "PARTIAL", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-               "B_KEY"],
-          prune=_prune("gemm"), restore=["PD_LO"])
 @triton.jit
-def _gemm_kernel(
-    A, B_LO, B_HI, OUT, PD_LO, PD_HI, SCALE, M, N, n_k: constexpr, out_row0, part_rows, stride_om,
-    B_KEY, A_T: tl.constexpr, SCALED: tl.constexpr, ACCUMULATE: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Rows m < M of Σ_{K blocks of split s} A[m, kk] B[kk, :N] (see below for where they go).
-
-    A by descriptor (A_T: stored K-major rows, read transposed), B as two column halves (B_LO, B_HI:
-    two BLOCK_N / 2 accumulators keep the epilogue to half a tile of registers). Split s covers n_k
-    K blocks from s · n_k; blocks past the descriptors' shapes read as zero. Output rows are
-    s · part_rows + out_row0 + m of OUT (PARTIAL: the fp32 partial buffer, one block of rows per
-    split; else the user-layout dV in its dtype, part_rows = 0). ACCUMULATE (partials of a later
-    chunk) adds what is there through the descriptors PD_LO / PD_HI over the same buffer (TMA: no
-    address registers, which the load-add-store by pointers spilled). SCALED: the product is
-    multiplied by SCALE[0] (the backward's dy scale) in fp32 before it is written.
-    """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    m0 = pid_m * BLOCK_M
-    k0 = pid_s * n_k * BLOCK_K
+def _gemm_tile(A, B_LO, B_HI, m0, k0, n_k: constexpr, A_T: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Σ over n_k K blocks from k0 of A[m0:m0 + BLOCK_M, kk] B[kk, :], as two fp32 column halves.
+    A by descriptor (A_T: stored K-major rows, read transposed), B as two column halves (B_LO,
+    B_HI: two BLOCK_N / 2 accumulators keep the epilogue to half a tile of registers); blocks
+    past the descriptors' shapes read as zero."""
     NH: tl.constexpr = BLOCK_N // 2
     acc_lo = tl.zeros((BLOCK_M, NH), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_M, NH), dtype=tl.float32)
@@ -416,24 +400,75 @@ def _gemm_kernel(
             a = A.load([m0, kk])
         acc_lo = tl.dot(a, B_LO.load([kk, 0]), acc_lo, input_precision=DOT_PRECISION)
         acc_hi = tl.dot(a, B_HI.load([kk, NH]), acc_hi, input_precision=DOT_PRECISION)
-    if SCALED:
-        sc = tl.load(SCALE)
-        acc_lo = acc_lo * sc
-        acc_hi = acc_hi * sc
-    r = pid_s * part_rows + out_row0 + m0
-    if ACCUMULATE:
-        acc_lo += PD_LO.load([r, 0])
-        acc_hi += PD_HI.load([r, NH])
-        PD_LO.store([r, 0], acc_lo)
-        PD_HI.store([r, NH], acc_hi)
+    return acc_lo, acc_hi
+
+
+@triton.jit
+def _store_tile(OUT, row, acc_lo, acc_hi, n_rows, N, stride_om, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """OUT[row + m, n] = acc (in OUT's dtype) for m < n_rows, n < N, by pointers."""
+    NH: tl.constexpr = BLOCK_N // 2
+    base = OUT + row.to(tl.int64) * stride_om
+    loc = tl.arange(0, BLOCK_M)[:, None] * stride_om + tl.arange(0, NH)[None, :]
+    row_ok = (tl.arange(0, BLOCK_M) < n_rows)[:, None]
+    tl.store(base + loc, acc_lo.to(OUT.dtype.element_ty),
+             mask=row_ok & (tl.arange(0, NH) < N)[None, :])
+    tl.store(base + NH + loc, acc_hi.to(OUT.dtype.element_ty),
+             mask=row_ok & (NH + tl.arange(0, NH) < N)[None, :])
+
+
+@autotune(configs=_configs("gemm"),
+          key=["n_dz", "dz_n_k", "dv_tiles", "dv_n_k", "dv_part_rows", "DZ_ACCUMULATE", "BLOCK_M",
+               "BLOCK_N", "BLOCK_K", "B_KEY"],
+          prune=_prune("gemm"), restore=["DZP_LO"])
+@triton.jit
+def _gemm_kernel(
+    DA_Z, VP_LO, VP_HI, DZP, DZP_LO, DZP_HI, DA_V, Z_LO, Z_HI, DV, SCALE,
+    n_dz, dz_tiles, dz_n_k: constexpr, rows, dv_tiles, dv_n_k: constexpr, dv_M, dv_N, dv_row0,
+    dv_part_rows, stride_dv, B_KEY,
+    DZ_ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Both GEMMs of backward pass 2 over one workspace chunk, in one launch: each gets part of
+    the GPU, so each is split less (fewer fp32 partials) than it would be alone. DA is the chunk's
+    da as a (rows x n) matrix, stored hidden-major (DA_Z reads it transposed, DA_V as stored).
+
+    programs [0, n_dz)   dz_s += DA VP: batch tile pid % dz_tiles, split s = pid // dz_tiles over
+        the chunk's hidden units (dz_n_k K blocks each). fp32 partial rows s · rows + m0 of DZP:
+        stored by the first chunk, added to by the later ones in chunk order (DZ_ACCUMULATE:
+        through the descriptors DZP_LO / DZP_HI, TMA, no address registers, which the
+        load-add-store by pointers spilled).
+    programs after them  dV[chunk] = DAᵀ z: hidden tile q % dv_tiles, split s = q // dv_tiles over
+        the batch (dv_n_k K blocks each), scaled by SCALE[0] (the backward's dy scale) in fp32,
+        written to rows s · dv_part_rows + dv_row0 + m0 of DV (fp32 partials per split, or the
+        user-layout dV when unsplit: dv_part_rows = 0), rows m < dv_M, columns < dv_N.
+    Every output element has one owner: no reduce-adds.
+    """
+    pid = tl.program_id(0)
+    NH: tl.constexpr = BLOCK_N // 2
+    if pid < n_dz:
+        m0 = (pid % dz_tiles) * BLOCK_M
+        s = pid // dz_tiles
+        acc_lo, acc_hi = _gemm_tile(DA_Z, VP_LO, VP_HI, m0, s * dz_n_k * BLOCK_K, dz_n_k, True,
+                                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        r = s * rows + m0
+        if DZ_ACCUMULATE:
+            acc_lo += DZP_LO.load([r, 0])
+            acc_hi += DZP_HI.load([r, NH])
+            DZP_LO.store([r, 0], acc_lo)
+            DZP_HI.store([r, NH], acc_hi)
+        else:
+            _store_tile(DZP, r, acc_lo, acc_hi, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_M, BLOCK_N)
     else:
-        base = OUT + r.to(tl.int64) * stride_om
-        loc = tl.arange(0, BLOCK_M)[:, None] * stride_om + tl.arange(0, NH)[None, :]
-        row_ok = (tl.arange(0, BLOCK_M) < M - m0)[:, None]
-        tl.store(base + loc, acc_lo.to(OUT.dtype.element_ty),
-                 mask=row_ok & (tl.arange(0, NH) < N)[None, :])
-        tl.store(base + NH + loc, acc_hi.to(OUT.dtype.element_ty),
-                 mask=row_ok & (NH + tl.arange(0, NH) < N)[None, :])
+        q = pid - n_dz
+        m0 = (q % dv_tiles) * BLOCK_M
+        s = q // dv_tiles
+        acc_lo, acc_hi = _gemm_tile(DA_V, Z_LO, Z_HI, m0, s * dv_n_k * BLOCK_K, dv_n_k, False,
+                                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        sc = tl.load(SCALE)
+        row = s * dv_part_rows + dv_row0 + m0
+        _store_tile(DV, row, acc_lo * sc, acc_hi * sc, dv_M - m0, dv_N, stride_dv, BLOCK_M,
+                    BLOCK_N)
 
 
 # ------------------------------------------------------------------------------------------ binding

@@ -5,14 +5,16 @@ launchers run), bound to meta tensors. `compile_launch()` compiles one launch an
 Triton's own compiler for sm_90a (TRITON_INTERPRET must be unset) and reads what decides speed:
   ptxas      registers, spilled bytes, shared memory (against the SM's limit and the pruning's
              estimate)
-  PTX        tensor-core MMAs (wgmma / mma.sync), async copies (cp.async, TMA), and in the main
-             loop (the loop with the most wgmmas: the backward branch's body) the MMA work every
-             warpgroup issues: Σ m·n·k of its wgmma instructions × num_warps / 4 (each warpgroup runs
-             every instruction), which must be at most 1.10x the tile's own multiply-adds
-             (triton_plan.tile_macs): no warpgroup repeats another's MMAs
-  TTGIR      load/compute overlap in the main loop (the scf.for with the most warp_group_dots):
-             its prefetch distance d = async loads issued before the loop (the pipeliner's prologue,
-             plus any one-off loads, fewer than one iteration's) // async loads in one iteration;
+  PTX        tensor-core MMAs (wgmma / mma.sync), async copies (cp.async, TMA), and in every main
+             loop (label .. backward branch with wgmmas; the pass-2 kernel has one per branch, the
+             others one) the MMA work every warpgroup issues: Σ m·n·k of its wgmma instructions ×
+             num_warps / 4 (each warpgroup runs every instruction), which must be at most 1.10x
+             the tile's own multiply-adds (triton_plan.tile_macs): no warpgroup repeats another's
+             MMAs
+  TTGIR      load/compute overlap in every main loop (each scf.for with warp_group_dots): its
+             prefetch distance d = async loads issued before the loop in its region (the
+             function or the scf.if branch: the pipeliner's prologue, plus any one-off loads, fewer
+             than one iteration's) // async loads in one iteration;
              the loads for iteration i+1 are in flight before iteration i's MMAs when d >= 2, or
              d = 1 and the loop body issues its loads before its first MMA. d = 0 (no async load
              in the loop, or no loop) fails. The reduce kernel: no int32 product of its loop
@@ -49,7 +51,7 @@ PAPER = dict(B=4096, D=1845, k=250, C=183)
 REPLICATION_LIMIT = 1.10
 SMEM_BYTES_PER_CLK = 128  # Hopper's shared-memory bandwidth per SM (informational figure)
 MMA_MACS_PER_CLK = 2048  # dense 16-bit tensor-core multiply-adds per SM per clock on Hopper (TF32: half)
-REPORT_VERSION = "4"  # bump when compile_launch's cached report gains or changes a field
+REPORT_VERSION = "5"  # bump when compile_launch's cached report gains or changes a field
 CACHE_DIR = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")),
                          "mimic_fast", "triton_offline")
 _DTYPES = {"op": None, "f32": torch.float32}
@@ -75,7 +77,8 @@ def plan_case(dname, H, op, B=PAPER["B"], k=PAPER["k"], C=PAPER["C"]):
     """(plan, launches, meta tensors) of one pass at the paper shape for the offline GPU."""
     dtype = GATE_DTYPES[dname]
     p = P.plan(B, k, H, C, dtype.itemsize, device=P.OFFLINE_DEVICE, interpret=False)
-    launches = P.pass_launches(p, op, dot_precision="tf32" if dtype == torch.float32 else None)
+    launches = P.pass_launches(p, op, dot_precision="tf32" if dtype == torch.float32 else None,
+                               scale_dz=P.dz_scaled(dtype))
     return p, launches, meta_tensors(p, dtype, op)
 
 
@@ -121,13 +124,19 @@ def _ptx_counts(ptx):
     }
 
 
+def _macs(mmas):
+    return sum(int(m) * int(n) * int(k) for m, n, k, _, _ in mmas)
+
+
 _ELEM_BYTES = {"bf16": 2, "f16": 2, "tf32": 4, "e4m3": 1, "e5m2": 1}
 
 
 def ptx_main_loop(ptx):
-    """The PTX loop (label .. backward branch) with the most wgmmas: its wgmma count, Σ m·n·k per
-    warpgroup, the shapes, and the shared-memory operand bytes per warpgroup (A from shared memory
-    when its operand is a descriptor, not a register list; B always)."""
+    """The PTX loop (label .. backward branch) whose wgmmas issue the most work (every loop has the
+    same tile, so it has the largest issued / useful ratio; the pass-2 kernel has a loop per
+    branch): its wgmma count, Σ m·n·k per warpgroup, the shapes, and the shared-memory operand bytes
+    per warpgroup (A from shared memory when its operand is a descriptor, not a register list; B
+    always)."""
     lines = ptx.splitlines()
     labels, best = {}, None
     for i, line in enumerate(lines):
@@ -138,10 +147,10 @@ def ptx_main_loop(ptx):
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             body = "\n".join(lines[labels[m.group(1)]:i + 1])
             mmas = _WGMMA.findall(body)
-            if best is None or len(mmas) > len(best):
+            if best is None or _macs(mmas) > _macs(best):
                 best = mmas
     best = best or []
-    macs = sum(int(m) * int(n) * int(k) for m, n, k, _, _ in best)
+    macs = _macs(best)
     smem = sum((0 if a_regs else int(m) * int(k) * _ELEM_BYTES[t]) + int(n) * int(k) * _ELEM_BYTES[t]
                for m, n, k, t, a_regs in best)
     return {"loop_wgmma": len(best), "loop_macs_per_warpgroup": macs,
@@ -153,11 +162,13 @@ _ASYNC_LOAD = re.compile(r"ttng\.async_tma_copy_global_to_local|ttg\.async_copy_
 
 
 def ttgir_main_loop(ttgir):
-    """The pipelined main loop in TTGIR (the scf.for with the most dots): async loads issued before
-    it (the pipeliner's prologue) and in its body, and whether the body issues a load before its
-    first dot."""
+    """The pipelined main loops in TTGIR (every scf.for with a dot; the pass-2 kernel has one per
+    branch): for each, the async loads issued before it in its own region (from the line that
+    opens the region: the function, or the branch of an scf.if, to the loop: the pipeliner's
+    prologue) and in its body, and whether the body issues a load before its first dot. Returns
+    the worst loop's figures (the smallest prefetch distance) and how many loops there are."""
     lines = ttgir.splitlines()
-    best = None
+    loops = []
     for i, line in enumerate(lines):
         if "scf.for" not in line:
             continue
@@ -167,16 +178,22 @@ def ttgir_main_loop(ttgir):
                     len(lines[j]) - len(lines[j].lstrip()) == indent), len(lines) - 1)
         body = lines[i + 1:end]
         dots = [j for j, b in enumerate(body) if re.search(r"warp_group_dot |tt\.dot ", b)]
-        if best is None or len(dots) > best[0]:
-            best = (len(dots), i, body, dots)
-    if best is None or best[0] == 0:
-        return {"loop_dots": 0, "prologue_loads": 0, "loop_loads": 0, "loads_before_first_dot": False}
-    n_dots, start, body, dots = best
-    loads = [j for j, b in enumerate(body) if _ASYNC_LOAD.search(b)]
-    func_start = max((j for j in range(start) if "tt.func" in lines[j]), default=0)
-    prologue = sum(1 for b in lines[func_start:start] if _ASYNC_LOAD.search(b))
-    return {"loop_dots": n_dots, "prologue_loads": prologue, "loop_loads": len(loads),
-            "loads_before_first_dot": bool(loads) and loads[0] < dots[0]}
+        if not dots:
+            continue
+        region = max((j for j in range(i) if lines[j].strip() and
+                      len(lines[j]) - len(lines[j].lstrip()) < indent), default=0)
+        loads = [j for j, b in enumerate(body) if _ASYNC_LOAD.search(b)]
+        prologue = sum(1 for b in lines[region:i] if _ASYNC_LOAD.search(b))
+        loops.append({"loop_dots": len(dots), "prologue_loads": prologue, "loop_loads": len(loads),
+                      "loads_before_first_dot": bool(loads) and loads[0] < dots[0]})
+    if not loops:
+        return {"loop_dots": 0, "prologue_loads": 0, "loop_loads": 0,
+                "loads_before_first_dot": False, "main_loops": 0}
+
+    def distance(x):
+        return (x["prologue_loads"] // x["loop_loads"] if x["loop_loads"] else 0,
+                x["loads_before_first_dot"])
+    return {**min(loops, key=distance), "main_loops": len(loops)}
 
 
 def int32_split_offsets(ttgir):
@@ -307,6 +324,9 @@ def gate_cases(H_values=(8000, 400000)):
                             seen.add(key)
                             label = f"{target}/{dname}/H={H}/{op}/{P.KERNELS[launch.kernel]}/" \
                                     f"{_config_label(launch, config)}"
+                            # two specialisations with the same tiles keep a report each
+                            n = sum(1 for x, _ in cases if x.split("#")[0] == label)
+                            label += f"#{n + 1}" if n else ""
                             cases.append((label, (target, dname, H, op, i, tuple(config or ()))))
     return cases
 
@@ -314,9 +334,11 @@ def gate_cases(H_values=(8000, 400000)):
 def _config_label(launch, config):
     tiles = ",".join(f"{k}={launch.args[k]}" for k in ("BLOCK_B", "BLOCK_H", "BLOCK_M", "BLOCK_K")
                      if k in launch.args)
+    if launch.kernel == "reduce":
+        tiles += f",P={launch.args['P'].name}" + (",scaled" if launch.args["SCALED"] else "")
     if launch.kernel == "gemm":
-        tiles += ",A_T" if launch.args["A_T"] else ""
-        tiles += ",acc" if launch.args["ACCUMULATE"] else ""
+        tiles += ",dV_split" if launch.args["dv_part_rows"] else ""
+        tiles += ",acc" if launch.args["DZ_ACCUMULATE"] else ""
     if config is None:
         return tiles or "-"
     return f"{tiles},w{config[0]},s{config[1]}"
@@ -395,7 +417,7 @@ def planted_cases():
     """Configs the gate must reject, each with the rule it breaks: the evidence that its checks can
     fail (`--planted`). bf16, paper shape, H=400k."""
     p, launches, tensors = plan_case("bf16", 400000, "backward")
-    bwd, dv = launches[0], launches[1]
+    bwd, dv = launches[0], launches[1]  # pass 1, pass 2 of the first chunk
     p64 = p._replace(bwd_block_h=64)
     bwd64 = P.pass_launches(p64, "backward")[0]
     pf, fl, ft = plan_case("bf16", 400000, "forward")
@@ -404,7 +426,7 @@ def planted_cases():
     return [
         ("backward pass 1, 64 hidden rows on 8 warps", bwd64, tensors, (8, 3), "replicated MMA"),
         ("forward, 64 batch rows on 8 warps", f64, ft, (8, 4), "replicated MMA"),
-        ("dV gemm, 1 stage", dv, tensors, (8, 1), "loads not overlapped"),
+        ("pass-2 gemm (dz + dV), 1 stage", dv, tensors, (8, 1), "loads not overlapped"),
         ("backward pass 1, 2 stages", bwd, tensors, (8, 2), "loads not overlapped"),
         ("forward, 64 hidden units, 2 stages", f_wide, ft, (8, 2), "loads not overlapped"),
     ]

@@ -9,17 +9,20 @@ The passes (design.md, "Fused kernel math"; benchmarks/NOTES.md, "triton backend
               bwd   one program per H tile (x batch chunks when H tiles alone cannot fill the GPU):
                     recompute a, h; dW_j, db1_j in registers; da -> the chunk's workspace DA
                     (operand dtype, (ws_rows, rows), hidden-major) and V_j -> VP (padded copy)
-              gemm  dV[chunk] = DAᵀ z          (split over the batch when the chunk has few row tiles)
-              gemm  dz_s += DA VP[chunk]       (split over the chunk's H; fp32 partials per split,
+              gemm  one launch of both pass-2 GEMMs, each on part of the GPU:
+                    dz_s += DA VP[chunk]       (split over the chunk's H; fp32 partials per split,
                                                 accumulated chunk after chunk in a fixed order)
-            dy enters as dy / s (s: a power of two >= max|dy|) and da, dz stay in those units in the
-            low-precision buffers (fp16's normal range); s is applied in fp32 to dW, db1, dV and
-            to dx, dU after their GEMMs.
+                    dV[chunk] = DAᵀ z          (split over the batch when the chunk has few row
+                                                tiles: fp32 partials, summed after the chunk)
+            dy enters as dy / s (s: a power of two >= max|dy|) and da, dz's partials stay in those
+            units in the low-precision buffers (fp16's normal range); s is applied in fp32 to dW,
+            db1, dV and to dz in its reduction (fp16: to dx, dU after their GEMMs instead).
             then reduce: dz (Σ splits), dV / dW / db1 when they were split.
 No reduce-adds anywhere: every output element has one owner per launch, so results are
 bit-identical run to run.
 """
 import contextlib
+import heapq
 import math
 import os
 from typing import Any, Dict, NamedTuple, Tuple
@@ -92,6 +95,66 @@ def _efficiency(rows, work, split, sms):
     """Busy fraction when `work` equal units are cut into `split` pieces per row of programs, each
     wave lasting as long as its largest piece."""
     return busy(rows * split, sms) * (work / split) / math.ceil(work / split)
+
+
+def makespan(groups, sms):
+    """When the last program ends if the GPU starts programs in launch order, each on the SM that
+    frees first, one per SM at a time (every tile here takes most of an SM's shared memory).
+    groups: [(programs, duration)] in launch order. SMs free at the same time move as one bucket,
+    so the cost grows with the rounds, not the programs."""
+    free = [(0, sms)]  # (time, SMs free from then on)
+    end = 0
+    for count, d in groups:
+        while count > 0:
+            t, n = heapq.heappop(free)
+            take = min(n, count)
+            count -= take
+            heapq.heappush(free, (t + d, take))
+            end = max(end, t + d)
+            if n > take:
+                heapq.heappush(free, (t, n - take))
+    return end
+
+
+def pass2_programs(p, n):
+    """[(programs, K blocks each)] of the pass-2 launch over a chunk of n hidden units, in launch
+    order: the dz tiles, then the dV tiles."""
+    kb_dz, kb_dv = _cdiv(n, p.gemm_block_k), p.rows // p.gemm_block_k
+    return [(p.rows // p.gemm_block_m * p.dz_splits, _cdiv(kb_dz, p.dz_splits)),
+            (_cdiv(n, p.gemm_block_m) * p.dv_splits, _cdiv(kb_dv, p.dv_splits))]
+
+
+def pass2_busy(p, n, useful=False):
+    """Busy fraction of the SMs over the pass-2 launch of a chunk of n hidden units (programs of
+    two lengths, scheduled as `makespan` says): executed K blocks (useful=True: without the
+    zero-filled blocks past the last split's end) over SMs x makespan."""
+    progs = pass2_programs(p, n)
+    end = makespan(progs, p.sms)
+    if useful:
+        work = (p.rows // p.gemm_block_m) * _cdiv(n, p.gemm_block_k) \
+            + _cdiv(n, p.gemm_block_m) * (p.rows // p.gemm_block_k)
+    else:
+        work = sum(count * d for count, d in progs)
+    return work / (p.sms * end) if end else 1.0
+
+
+def _pass2_splits(p):
+    """(dv_splits, dz_splits) of the pass-2 launch: the fewest fp32 partial bytes (dz's are read
+    and written per chunk; dV's written, then read by their reduction) among the splits whose
+    full chunk keeps the SMs >= 90% busy (useful work); the busiest when none does. >= 4 K blocks
+    per split keep a pipelined loop."""
+    kb_dz, kb_dv = _cdiv(p.ws_rows, p.gemm_block_k), p.rows // p.gemm_block_k
+    options = sorted((2 * s_dz * p.rows + (2 * s_dv * p.ws_rows if s_dv > 1 else 0), s_dv, s_dz)
+                     for s_dz in range(1, min(32, max(1, kb_dz // 4)) + 1)
+                     for s_dv in range(1, min(16, max(1, kb_dv // 4)) + 1))
+    busiest = None
+    for _, s_dv, s_dz in options:  # fewest partial bytes first
+        eff = pass2_busy(p._replace(dv_splits=s_dv, dz_splits=s_dz), p.ws_rows, useful=True)
+        if eff >= 0.9:
+            return s_dv, s_dz
+        if busiest is None or eff > busiest[0]:
+            busiest = (eff, s_dv, s_dz)
+    return busiest[1:]
 
 
 def _fill(rows, work, sms, max_split, min_eff=0.9, min_waves=2):
@@ -301,9 +364,10 @@ def plan(B, k, H, C, elem=2, device=None, interpret=None):
         bwd_bb = 32 if elem <= 2 else 16
         gemm_bm, gemm_bk = 128, (64 if elem <= 2 else 32)
         rows = _round_up(B, 128)
-    # forward: batch tiles x H splits
+    # forward: batch tiles x H splits (each program loops over its split's H tiles, so one wave
+    # at >= 90% busy is enough; every further split adds a (rows, CP) fp32 partial of y)
     max_split = min(64, max(1, H // fwd_bh))
-    fwd_splits = _fill(rows // fwd_bb, _cdiv(H, fwd_bh), sms, max_split)
+    fwd_splits = _fill(rows // fwd_bb, _cdiv(H, fwd_bh), sms, max_split, min_waves=1)
     # backward pass 1: 128 hidden units per program (two warpgroups: half the z/dy re-reads through
     # L2 of 64) where its tiles fit Hopper's shared memory (not at KP = CP = 256, nor for fp32's
     # twice-as-large tiles): else 64 (one warpgroup).
@@ -326,15 +390,13 @@ def plan(B, k, H, C, elem=2, device=None, interpret=None):
     bchunks = _fill(chunk_tiles, n_btiles, sms, min(n_btiles, 64), min_waves=1)
     btiles = _cdiv(n_btiles, bchunks)
     bchunks = _cdiv(n_btiles, btiles)  # no empty chunk
-    # pass 2: dV (M = the chunk's hidden units, K = batch), dz (M = batch, K = the chunk's units)
-    # (a GEMM's programs run long loops: one wave at >= 90% busy is enough; >= 4 K blocks per
-    # split keep a pipelined loop)
-    kb_dv, kb_dz = rows // gemm_bk, _cdiv(ws_rows, gemm_bk)
-    dv_splits = _fill(_cdiv(ws_rows, gemm_bm), kb_dv, sms, min(16, max(1, kb_dv // 4)), min_waves=1)
-    dz_splits = _fill(rows // gemm_bm, kb_dz, sms, min(32, max(1, kb_dz // 4)), min_waves=1)
-    return Plan(B, k, H, C, elem, interpret, sms, KP, C1, C2, _round_up(H, H_ALIGN), rows,
-                fwd_bb, fwd_bh, fwd_splits, bwd_bb, bwd_bh, bchunks, btiles, ws_rows, n_chunks,
-                gemm_bm, gemm_bk, dv_splits, dz_splits)
+    p = Plan(B, k, H, C, elem, interpret, sms, KP, C1, C2, _round_up(H, H_ALIGN), rows,
+             fwd_bb, fwd_bh, fwd_splits, bwd_bb, bwd_bh, bchunks, btiles, ws_rows, n_chunks,
+             gemm_bm, gemm_bk, 1, 1)
+    # pass 2: dz (M = batch, K = the chunk's units) and dV (M = the chunk's units, K = batch) in one
+    # launch; its programs run long loops: one wave at >= 90% busy is enough
+    dv_splits, dz_splits = _pass2_splits(p)
+    return p._replace(dv_splits=dv_splits, dz_splits=dz_splits)
 
 
 # ----------------------------------------------------------------------------------- the launches
@@ -425,7 +487,7 @@ def backward_buffers(p):
         "da": BufSpec((p.ws_rows, p.rows), "op", "scratch"),
         "vp": BufSpec((p.ws_rows, p.KP), "op", "scratch"),
         "dzp": BufSpec((p.dz_splits, p.rows, p.KP), "f32", "scratch"),
-        "dz": BufSpec((p.B, p.k), "op", "output"),  # in dy / s units (see triton_fused)
+        "dz": BufSpec((p.B, p.k), "op", "output"),  # fp16: in dy / s units (`dz_scaled`)
     }
     if p.bwd_bchunks > 1:
         bufs["dwp"] = BufSpec((p.bwd_bchunks, p.CP, p.H_pad), "f32", "scratch")
@@ -437,9 +499,16 @@ def backward_buffers(p):
     return bufs
 
 
-def backward_launches(p, has_b1, activation_code, dot_precision):
-    """Every launch of the backward, in order: per chunk pass 1 and the two pass-2 GEMMs, then the
-    reductions."""
+def dz_scaled(dtype):
+    """Whether the dz reduction applies the dy scale s (dz in real units): for every dtype but
+    fp16, whose dz stays in dy / s units (dz itself can be subnormal there) and whose dx, dU take
+    s after their GEMMs. s is a power of two, so either way gives the same bits elsewhere."""
+    return dtype != torch.float16
+
+
+def backward_launches(p, has_b1, activation_code, dot_precision, scale_dz=True):
+    """Every launch of the backward, in order: per chunk pass 1 and the pass-2 launch (and dV's
+    split reduction), then the reductions (dz times the dy scale when scale_dz)."""
     out = []
     consts = _consts(p, has_b1, activation_code, dot_precision)
     bk, bm, KH = p.gemm_block_k, p.gemm_block_m, p.KP // 2
@@ -461,34 +530,33 @@ def backward_launches(p, has_b1, activation_code, dot_precision):
             "stride_dwc": p.H_pad if split_dw else Stride("dW", 0),
             "chunk_dw": p.CP * p.H_pad if split_dw else 0, "chunk_db1": p.H_pad if split_dw else 0,
             "B_KEY": b_key(p.B), **consts, "BLOCK_B": p.bwd_block_b, "BLOCK_H": p.bwd_block_h}))
-        # dV rows h0 .. h0 + n: DAᵀ (n x rows) @ z (rows x KP), split over the batch
-        kb = p.rows // bk
+        # pass 2: dz_s += DA (rows x n) @ VP (n x KP), split over the chunk's hidden units, and
+        # dV rows h0 .. h0 + n = DAᵀ (n x rows) @ z (rows x KP), split over the batch
         split_dv = p.dv_splits > 1
-        out.append(Launch("gemm", (_cdiv(n, bm), p.dv_splits), {
-            "A": Desc(*da, (bm, bk)),
-            "B_LO": Desc("z_pad", (p.rows, p.KP), p.KP, (bk, KH)),
-            "B_HI": Desc("z_pad", (p.rows, p.KP), p.KP, (bk, KH)),
-            **_gemm_out(p, "dvp" if split_dv else "dV", p.dv_splits * p.ws_rows),
-            "M": n if split_dv else min(n, p.H - h0), "N": p.KP if split_dv else p.k,
-            "n_k": _cdiv(kb, p.dv_splits), "out_row0": 0 if split_dv else h0,
-            "part_rows": p.ws_rows if split_dv else 0, "B_KEY": b_key(p.B),
-            "SCALE": Buf("dy_scale"), "SCALED": True, "A_T": False, "ACCUMULATE": False, "PARTIAL": split_dv,
-            "DOT_PRECISION": dot_precision, "BLOCK_M": bm, "BLOCK_N": p.KP, "BLOCK_K": bk}))
+        (n_dz, dz_n_k), (n_dv, dv_n_k) = pass2_programs(p, n)
+        out.append(Launch("gemm", (n_dz + n_dv,), {
+            "DA_Z": Desc(*da, (bk, bm)),
+            "VP_LO": Desc("vp", (n, p.KP), p.KP, (bk, KH)),
+            "VP_HI": Desc("vp", (n, p.KP), p.KP, (bk, KH)),
+            "DZP": Buf("dzp"),
+            "DZP_LO": Desc("dzp", (p.dz_splits * p.rows, p.KP), p.KP, (bm, KH)),
+            "DZP_HI": Desc("dzp", (p.dz_splits * p.rows, p.KP), p.KP, (bm, KH)),
+            "DA_V": Desc(*da, (bm, bk)),
+            "Z_LO": Desc("z_pad", (p.rows, p.KP), p.KP, (bk, KH)),
+            "Z_HI": Desc("z_pad", (p.rows, p.KP), p.KP, (bk, KH)),
+            "DV": Buf("dvp" if split_dv else "dV"), "SCALE": Buf("dy_scale"),
+            "n_dz": n_dz, "dz_tiles": p.rows // bm, "dz_n_k": dz_n_k, "rows": p.rows,
+            "dv_tiles": _cdiv(n, bm), "dv_n_k": dv_n_k,
+            "dv_M": n if split_dv else min(n, p.H - h0), "dv_N": p.KP if split_dv else p.k,
+            "dv_row0": 0 if split_dv else h0, "dv_part_rows": p.ws_rows if split_dv else 0,
+            "stride_dv": p.KP if split_dv else Stride("dV", 0), "B_KEY": b_key(p.B),
+            "DZ_ACCUMULATE": c > 0, "DOT_PRECISION": dot_precision,
+            "BLOCK_M": bm, "BLOCK_N": p.KP, "BLOCK_K": bk}))
         if split_dv:
             out.append(reduce_launch(p, "dvp", p.dv_splits, min(n, p.H - h0), p.k, p.KP,
                                      out=Buf("dV", h0)))
-        # dz_s += DA (rows x n) @ VP (n x KP), split over the chunk's hidden units
-        kb = _cdiv(n, bk)
-        out.append(Launch("gemm", (p.rows // bm, p.dz_splits), {
-            "A": Desc(*da, (bk, bm)),
-            "B_LO": Desc("vp", (n, p.KP), p.KP, (bk, KH)),
-            "B_HI": Desc("vp", (n, p.KP), p.KP, (bk, KH)),
-            **_gemm_out(p, "dzp", p.dz_splits * p.rows),
-            "M": p.rows, "N": p.KP, "n_k": _cdiv(kb, p.dz_splits), "out_row0": 0,
-            "part_rows": p.rows, "B_KEY": b_key(p.B),
-            "SCALE": Buf("dy_scale"), "SCALED": False, "A_T": True, "ACCUMULATE": c > 0, "PARTIAL": True,
-            "DOT_PRECISION": dot_precision, "BLOCK_M": bm, "BLOCK_N": p.KP, "BLOCK_K": bk}))
-    out.append(reduce_launch(p, "dzp", p.dz_splits, p.B, p.k, p.KP, out="dz"))
+    out.append(reduce_launch(p, "dzp", p.dz_splits, p.B, p.k, p.KP, out="dz",
+                             scale="dy_scale" if scale_dz else None))
     if split_dw:
         out.append(reduce_launch(p, "dwp", p.bwd_bchunks, p.C, p.H, p.H_pad, out="dW"))
         if has_b1:
@@ -496,29 +564,23 @@ def backward_launches(p, has_b1, activation_code, dot_precision):
     return out
 
 
-def _gemm_out(p, out, partial_rows):
-    """The gemm's output arguments: OUT (a pointer: the user-layout dV, or an fp32 partial buffer
-    viewed as (splits x rows, KP)) and the descriptors over the partial buffer that ACCUMULATE
-    reads and writes (over dzp as a placeholder when there is none)."""
-    bm, KH = p.gemm_block_m, p.KP // 2
-    desc_over, rows = (out, partial_rows) if out != "dV" else ("dzp", p.dz_splits * p.rows)
-    return {"OUT": Buf(out), "stride_om": Stride("dV", 0) if out == "dV" else p.KP,
-            "PD_LO": Desc(desc_over, (rows, p.KP), p.KP, (bm, KH)),
-            "PD_HI": Desc(desc_over, (rows, p.KP), p.KP, (bm, KH))}
-
-
 REDUCE_BLOCKS = {False: (32, 128), True: (16, 16)}  # (BLOCK_M, BLOCK_N): GPU, interpreter
+# 16 elements per thread: at 4 warps (32) ptxas spilled 8 bytes of the TF32 dW reduction
+REDUCE_WARPS = {False: 8, True: 1}
 
 
-def reduce_launch(p, parts, n_splits, M, N, row_stride, out=None, bias=None, mimic=None):
-    """Σ over the split axis of fp32 parts (S, *, row_stride)[:, :M, :N] (+ bias) into `out`, or
-    with mimic=(teacher, reduction) the loss epilogue writing dy_unit and the loss."""
+def reduce_launch(p, parts, n_splits, M, N, row_stride, out=None, bias=None, mimic=None,
+                  scale=None):
+    """Σ over the split axis of fp32 parts (S, *, row_stride)[:, :M, :N] (+ bias, x the (1,)
+    buffer `scale`) into `out`, or with mimic=(teacher, reduction) the loss epilogue writing
+    dy_unit and the loss."""
     bm, bn = REDUCE_BLOCKS[p.interpret]
     grid = (_cdiv(M, bm), _cdiv(N, bn))
     reduction = mimic[1] if mimic else None
     out = Buf(out) if isinstance(out, str) else out
     args = {
-        "P": Buf(parts), "BIAS": Buf(bias or "_dummy"), "OUT": out or Buf("_dummy"),
+        "P": Buf(parts), "BIAS": Buf(bias or "_dummy"), "SCALE": Buf(scale or "_dummy"),
+        "OUT": out or Buf("_dummy"),
         "T": Buf(mimic[0] if mimic else "_dummy"), "DY": Buf("dy_unit" if mimic else "_dummy"),
         "LOSS": Buf("loss" if mimic else "_dummy"),
         "n_splits": n_splits, "M": M, "N": N,
@@ -530,8 +592,10 @@ def reduce_launch(p, parts, n_splits, M, N, row_stride, out=None, bias=None, mim
         "stride_tm": Stride(mimic[0], 0) if mimic else 0,
         "stride_tn": Stride(mimic[0], 1) if mimic else 0,
         "stride_dym": N if mimic else 0,
-        "HAS_BIAS": bias is not None, "STORE_OUT": out is not None, "MIMIC": mimic is not None,
+        "HAS_BIAS": bias is not None, "SCALED": scale is not None, "STORE_OUT": out is not None,
+        "MIMIC": mimic is not None,
         "LOSS_ELEMENTWISE": reduction == "none", "BLOCK_M": bm, "BLOCK_N": bn,
+        "num_warps": REDUCE_WARPS[p.interpret],
     }
     return Launch("reduce", grid, args, autotuned=False)
 
@@ -549,9 +613,9 @@ def reduce_grid(p, M, N):
 
 
 def pass_launches(p, op, has_b1=True, has_b2=True, activation_code=0, dot_precision=None,
-                  reduction="mean"):
+                  reduction="mean", scale_dz=True):
     """Every Triton launch of a pass, in order: op 'forward' (bottleneck_mlp), 'mimic' (mimic_loss
-    forward) or 'backward'."""
+    forward) or 'backward' (scale_dz: `dz_scaled` of the dtype)."""
     if op in ("forward", "mimic"):
         out = forward_launches(p, has_b1, activation_code, dot_precision)
         mimic = ("t", reduction) if op == "mimic" else None
@@ -560,7 +624,7 @@ def pass_launches(p, op, has_b1=True, has_b2=True, activation_code=0, dot_precis
                                  mimic=mimic))
         return out
     if op == "backward":
-        return backward_launches(p, has_b1, activation_code, dot_precision)
+        return backward_launches(p, has_b1, activation_code, dot_precision, scale_dz)
     raise ValueError(f"unknown op {op!r}: expected 'forward', 'mimic' or 'backward'")
 
 
