@@ -270,15 +270,16 @@ Plan make_plan(int64_t B, int64_t H, int64_t chunk_h, int64_t loop, int64_t part
   return p;
 }
 
-// body(h0, n, slot, group) for every chunk [h0, h0 + n): slot picks the running thread's workspace,
-// group the partial sum the chunk accumulates into.
+// body(h0, n, slot, group, first) for every chunk [h0, h0 + n): slot picks the running thread's
+// workspace, group the partial sum the chunk accumulates into; the group's first chunk writes its
+// partial (a GEMM with beta = 0) instead of adding to it, so the partials need no zeroing pass.
 template <typename F>
 void for_each_chunk(const Plan& p, int64_t H, const F& body) {
   auto run_group = [&](int64_t g, int64_t slot) {
     const int64_t c0 = g * p.nchunks / p.groups, c1 = (g + 1) * p.nchunks / p.groups;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t h0 = c * p.chunk;
-      body(h0, std::min(p.chunk, H - h0), slot, g);
+      body(h0, std::min(p.chunk, H - h0), slot, g, c == c0);
     }
   };
   if (p.loop == Loop::kGemm) {
@@ -332,16 +333,19 @@ std::tuple<Tensor, Tensor> forward_wide(const Tensor& x, const Tensor& U, const 
   const int64_t B = x.size(0), H = V.size(0), C = W.size(0);
   Tensor z = at::mm(x.to(cd), U.to(cd).t());
   const Plan p = make_plan(B, H, chunk_h, loop, C, c10::elementSize(cd));
-  Tensor y_parts = at::zeros({p.groups, B, C}, opts);
+  Tensor y_parts = at::empty({p.groups, B, C}, opts);
   Tensor work = at::empty({p.slots, B * p.chunk}, opts);
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work[slot], B, n);
     at::mm_out(a, z, V.narrow(0, h0, n).to(cd).t());
     const auto b1j = bias_chunk(b1, h0, n, cd);
     AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_epilogue_fwd", [&] {
       epilogue_fwd<scalar_t>(a, b1j ? b1j->data_ptr<scalar_t>() : nullptr, activation);
     });
-    y_parts[group].addmm_(a, W.narrow(1, h0, n).to(cd).t());
+    Tensor yg = y_parts[group];
+    const Tensor Wjt = W.narrow(1, h0, n).to(cd).t();
+    if (first) at::mm_out(yg, a, Wjt);
+    else yg.addmm_(a, Wjt);
   });
   return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
 }
@@ -363,10 +367,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
   Tensor db1_cd = native ? db1 : at::empty({db1.numel()}, opts);  // H floats: negligible
 
   const Plan p = make_plan(B, H, chunk_h, loop, k, c10::elementSize(cd));
-  Tensor dz_parts = at::zeros({p.groups, B, k}, opts);
+  Tensor dz_parts = at::empty({p.groups, B, k}, opts);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, opts);
   Tensor work_d = at::empty({p.slots, B * p.chunk}, opts);
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work_a[slot], B, n);
     Tensor d = tile(work_d[slot], B, n);
     const Tensor Vj = V.narrow(0, h0, n).to(cd);
@@ -386,7 +390,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
       dWj.copy_(at::mm(dyc.t(), a));
       dVj.copy_(at::mm(d.t(), zc));
     }
-    dz_parts[group].addmm_(d, Vj);
+    Tensor dzg = dz_parts[group];
+    if (first) at::mm_out(dzg, d, Vj);
+    else dzg.addmm_(d, Vj);
   });
   Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
   if (!native && b1.has_value()) db1.copy_(db1_cd);
@@ -459,10 +465,10 @@ std::tuple<Tensor, Tensor> forward_low(const Tensor& x, const Tensor& U, const T
   Tensor z = z32.to(x.scalar_type());
   const Tensor Vg = gemm_ready(V), Wg = gemm_ready(W);
   const Plan p = make_plan(B, H, chunk_h, loop, C, sizeof(float));
-  Tensor y_parts = at::zeros({p.groups, B, C}, f32);
+  Tensor y_parts = at::empty({p.groups, B, C}, f32);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);
   Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work_a[slot], B, n);
     Tensor h = tile(work_h[slot], B, n);
     mm_f32(z, Vg.narrow(0, h0, n).t(), a, false);
@@ -470,7 +476,7 @@ std::tuple<Tensor, Tensor> forward_low(const Tensor& x, const Tensor& U, const T
     epilogue_fwd<float>(a, b1j ? b1j->data_ptr<float>() : nullptr, activation);
     h.copy_(a);
     Tensor yg = y_parts[group];
-    mm_f32(h, Wg.narrow(1, h0, n).t(), yg, true);
+    mm_f32(h, Wg.narrow(1, h0, n).t(), yg, !first);
   });
   return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
 }
@@ -491,13 +497,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
   Tensor db1_32 = at::empty({db1.numel()}, f32);
 
   const Plan p = make_plan(B, H, chunk_h, loop, k, sizeof(float));
-  Tensor dz_parts = at::zeros({p.groups, B, k}, f32);
+  Tensor dz_parts = at::empty({p.groups, B, k}, f32);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);   // a, then h
   Tensor work_dh = at::empty({p.slots, B * p.chunk}, f32);  // dh, then da
   Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
   Tensor work_da = at::empty({p.slots, B * p.chunk}, x.options());
   Tensor work_dw = at::empty({p.slots, std::max(C, k) * p.chunk}, f32);       // dWⱼ, then dVⱼ
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work_a[slot], B, n);
     Tensor dh = tile(work_dh[slot], B, n);
     Tensor h = tile(work_h[slot], B, n);
@@ -518,7 +524,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
     mm_f32(da.t(), zg, dVj, false);
     dV.narrow(0, h0, n).copy_(dVj);
     Tensor dzg = dz_parts[group];
-    mm_f32(da, Vj, dzg, true);
+    mm_f32(da, Vj, dzg, !first);
   });
   Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
   if (b1.has_value()) db1.copy_(db1_32);
@@ -661,6 +667,15 @@ std::tuple<Tensor, Tensor, Tensor> mimic_fwd(const Tensor& x, const Tensor& U, c
   return {loss, z, dy_unit};
 }
 
+// How many threads one at::parallel_for of this extension runs on. It is a header template: built
+// without the intra-op backend's flags (-fopenmp where torch's backend is OpenMP, see setup.py) it
+// compiles serial, and every parallel region here runs on the calling thread.
+int64_t parallel_threads() {
+  std::atomic<int64_t> tasks{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { tasks.fetch_add(1); });
+  return tasks.load();
+}
+
 // Whether the native path's GEMMs are linked here, for (bfloat16, float16).
 std::vector<int64_t> native_gemms() {
   return {native_gemm_for(at::kBFloat16), native_gemm_for(at::kHalf)};
@@ -684,6 +699,7 @@ TORCH_LIBRARY(mimic_fast, m) {
         "(Tensor, Tensor, Tensor)");
   // No tensor arguments, so a catch-all kernel: whether MKL's bf16 / fp16 -> f32 GEMMs are linked.
   m.def("cpu_native_gemms() -> int[]", &mimic_fast_cpu::native_gemms);
+  m.def("cpu_parallel_threads() -> int", &mimic_fast_cpu::parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(mimic_fast, CPU, m) {
