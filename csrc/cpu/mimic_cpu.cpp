@@ -299,6 +299,12 @@ void for_each_chunk(const Plan& p, int64_t H, const F& body) {
   });
 }
 
+// The per-group partial sums (G, ...): each group's first chunk writes its own, so they start
+// uninitialised, except when there are no chunks at all (H = 0, direct op calls only).
+Tensor group_partials(const Plan& p, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return p.nchunks > 0 ? at::empty(sizes, opts) : at::zeros(sizes, opts);
+}
+
 // Sum of the per-group partials in group order, in one parallel region (under co-tenant load each
 // region costs a scheduler wake-up of every thread: one add_ per group cost more than the sums).
 Tensor sum_groups(const Tensor& parts) {
@@ -337,7 +343,7 @@ std::tuple<Tensor, Tensor> forward_wide(const Tensor& x, const Tensor& U, const 
   const Plan p = make_plan(B, H, chunk_h, loop, C, c10::elementSize(cd));
   // yᵀ (C, B) per group: Wⱼ hᵀ runs at 72 GFLOP/s here, h Wⱼᵀ at 62 (N = C = 183 wastes the
   // SGEMM kernel's column blocks; 1 thread, B=256, 256 columns).
-  Tensor y_parts = at::empty({p.groups, C, B}, opts);
+  Tensor y_parts = group_partials(p, {p.groups, C, B}, opts);
   Tensor work = at::empty({p.slots, B * p.chunk}, opts);
   for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work[slot], B, n);
@@ -374,7 +380,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
   const Plan p = make_plan(B, H, chunk_h, loop, k, c10::elementSize(cd));
   // dzᵀ (k, B) per group, as yᵀ in forward: Vⱼᵀ daᵀ runs at 76 GFLOP/s here, da Vⱼ at 71; dU = dzᵀ x
   // reads it as it is.
-  Tensor dz_parts = at::empty({p.groups, k, B}, opts);
+  Tensor dz_parts = group_partials(p, {p.groups, k, B}, opts);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, opts);
   Tensor work_d = at::empty({p.slots, B * p.chunk}, opts);
   for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
@@ -472,7 +478,7 @@ std::tuple<Tensor, Tensor> forward_low(const Tensor& x, const Tensor& U, const T
   Tensor z = z32.to(x.scalar_type());
   const Tensor Vg = gemm_ready(V), Wg = gemm_ready(W);
   const Plan p = make_plan(B, H, chunk_h, loop, C, sizeof(float));
-  Tensor y_parts = at::empty({p.groups, B, C}, f32);
+  Tensor y_parts = group_partials(p, {p.groups, B, C}, f32);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);
   Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
   for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
@@ -504,7 +510,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
   Tensor db1_32 = at::empty({db1.numel()}, f32);
 
   const Plan p = make_plan(B, H, chunk_h, loop, k, sizeof(float));
-  Tensor dz_parts = at::empty({p.groups, B, k}, f32);
+  Tensor dz_parts = group_partials(p, {p.groups, B, k}, f32);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);   // a, then h
   Tensor work_dh = at::empty({p.slots, B * p.chunk}, f32);  // dh, then da
   Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
