@@ -42,11 +42,17 @@ extra_cpp = ["-O3", "-std=c++17"]
 # loss and activation kernels (csrc/cuda/common.cuh) must not depend on, and buys them nothing: they
 # are memory-bound (one read and one write per element). tests/test_cuda_compile.py builds with these.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+# ATen's at::parallel_for is a header template: compiled without -fopenmp it runs serially (no
+# INTRA_OP_PARALLEL), whatever torch.set_num_threads says. Where torch's intra-op backend is OpenMP,
+# the CPU extension is built with it; at run time libgomp.so.1 resolves to the copy torch already
+# loaded (same SONAME), so both share one thread pool and one thread count.
+openmp = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
 ext_modules = [
     CppExtension(
         "mimic_fast._C",
         _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))),
-        extra_compile_args={"cxx": extra_cpp},
+        extra_compile_args={"cxx": extra_cpp + openmp},
+        extra_link_args=openmp,
     )
 ]
 

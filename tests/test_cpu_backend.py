@@ -511,6 +511,18 @@ def test_results_do_not_depend_on_chunk_or_loop_order(chunk):
                      dtype=torch.float64)
 
 
+def test_extension_parallel_regions_use_torch_threads():
+    """at::parallel_for is a header template: an extension compiled without the intra-op backend's
+    flags runs it serially, so the chunks loop order and the epilogues would use one thread."""
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.ops.mimic_fast.cpu_parallel_threads() == threads
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_chunks_loop_order_is_deterministic(chunk):
     """Threads take groups of chunks dynamically, but the partials are summed in group order."""
     chunk(16, "chunks")

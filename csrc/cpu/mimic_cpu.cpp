@@ -136,8 +136,10 @@ Tensor tile(const Tensor& flat, int64_t rows, int64_t cols) {
 
 // ---- fused epilogues (elementwise over one (B, n) tile; all tiles are contiguous) ---------------
 // at::parallel_for runs on torch's intra-op pool: OpenMP in torch's CPU builds (see
-// torch.__config__.parallel_info()), so it shares threads with the BLAS calls around it. Inside the
-// `chunks` loop order it runs inline on the calling thread.
+// torch.__config__.parallel_info()), so it shares threads with the BLAS calls around it. It is a
+// header template, parallel only when this file is compiled with -fopenmp (setup.py;
+// parallel_threads() below tells). Inside the `chunks` loop order it runs inline on the calling
+// thread.
 
 template <typename T>
 void add_bias(T* a, const T* bias, int64_t B, int64_t n) {
@@ -270,15 +272,16 @@ Plan make_plan(int64_t B, int64_t H, int64_t chunk_h, int64_t loop, int64_t part
   return p;
 }
 
-// body(h0, n, slot, group) for every chunk [h0, h0 + n): slot picks the running thread's workspace,
-// group the partial sum the chunk accumulates into.
+// body(h0, n, slot, group, first) for every chunk [h0, h0 + n): slot picks the running thread's
+// workspace, group the partial sum the chunk accumulates into; the group's first chunk writes its
+// partial (a GEMM with beta = 0) instead of adding to it, so the partials need no zeroing pass.
 template <typename F>
 void for_each_chunk(const Plan& p, int64_t H, const F& body) {
   auto run_group = [&](int64_t g, int64_t slot) {
     const int64_t c0 = g * p.nchunks / p.groups, c1 = (g + 1) * p.nchunks / p.groups;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t h0 = c * p.chunk;
-      body(h0, std::min(p.chunk, H - h0), slot, g);
+      body(h0, std::min(p.chunk, H - h0), slot, g, c == c0);
     }
   };
   if (p.loop == Loop::kGemm) {
@@ -294,6 +297,12 @@ void for_each_chunk(const Plan& p, int64_t H, const F& body) {
       for (int64_t g = next.fetch_add(1); g < p.groups; g = next.fetch_add(1)) run_group(g, slot);
     }
   });
+}
+
+// The per-group partial sums (G, ...): each group's first chunk writes its own, so they start
+// uninitialised, except when there are no chunks at all (H = 0, direct op calls only).
+Tensor group_partials(const Plan& p, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return p.nchunks > 0 ? at::empty(sizes, opts) : at::zeros(sizes, opts);
 }
 
 // Sum of the per-group partials in group order, in one parallel region (under co-tenant load each
@@ -332,18 +341,24 @@ std::tuple<Tensor, Tensor> forward_wide(const Tensor& x, const Tensor& U, const 
   const int64_t B = x.size(0), H = V.size(0), C = W.size(0);
   Tensor z = at::mm(x.to(cd), U.to(cd).t());
   const Plan p = make_plan(B, H, chunk_h, loop, C, c10::elementSize(cd));
-  Tensor y_parts = at::zeros({p.groups, B, C}, opts);
+  // yᵀ (C, B) per group: Wⱼ hᵀ runs at 72 GFLOP/s here, h Wⱼᵀ at 62 (N = C = 183 wastes the
+  // SGEMM kernel's column blocks; 1 thread, B=256, 256 columns).
+  Tensor y_parts = group_partials(p, {p.groups, C, B}, opts);
   Tensor work = at::empty({p.slots, B * p.chunk}, opts);
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work[slot], B, n);
     at::mm_out(a, z, V.narrow(0, h0, n).to(cd).t());
     const auto b1j = bias_chunk(b1, h0, n, cd);
     AT_DISPATCH_FLOATING_TYPES(cd, "mimic_fast_cpu_epilogue_fwd", [&] {
       epilogue_fwd<scalar_t>(a, b1j ? b1j->data_ptr<scalar_t>() : nullptr, activation);
     });
-    y_parts[group].addmm_(a, W.narrow(1, h0, n).to(cd).t());
+    Tensor yg = y_parts[group];
+    const Tensor Wj = W.narrow(1, h0, n).to(cd);
+    if (first) at::mm_out(yg, Wj, a.t());
+    else yg.addmm_(Wj, a.t());
   });
-  return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
+  const Tensor yt = p.groups == 1 ? y_parts[0] : sum_groups(y_parts);
+  return {yt.t().contiguous(), z};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
@@ -363,10 +378,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
   Tensor db1_cd = native ? db1 : at::empty({db1.numel()}, opts);  // H floats: negligible
 
   const Plan p = make_plan(B, H, chunk_h, loop, k, c10::elementSize(cd));
-  Tensor dz_parts = at::zeros({p.groups, B, k}, opts);
+  // dzᵀ (k, B) per group, as yᵀ in forward: Vⱼᵀ daᵀ runs at 76 GFLOP/s here, da Vⱼ at 71; dU = dzᵀ x
+  // reads it as it is.
+  Tensor dz_parts = group_partials(p, {p.groups, k, B}, opts);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, opts);
   Tensor work_d = at::empty({p.slots, B * p.chunk}, opts);
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work_a[slot], B, n);
     Tensor d = tile(work_d[slot], B, n);
     const Tensor Vj = V.narrow(0, h0, n).to(cd);
@@ -386,12 +403,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_wide(
       dWj.copy_(at::mm(dyc.t(), a));
       dVj.copy_(at::mm(d.t(), zc));
     }
-    dz_parts[group].addmm_(d, Vj);
+    Tensor dzg = dz_parts[group];
+    if (first) at::mm_out(dzg, Vj.t(), d.t());
+    else dzg.addmm_(Vj.t(), d.t());
   });
-  Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
+  const Tensor dzt = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
   if (!native && b1.has_value()) db1.copy_(db1_cd);
-  Tensor dU = at::mm(dz.t(), x.to(cd)).to(t);
-  Tensor dx = need_dx ? at::mm(dz, U.to(cd)).to(t) : at::empty({0}, x.options());
+  Tensor dU = at::mm(dzt, x.to(cd)).to(t);
+  Tensor dx = need_dx ? at::mm(dzt.t(), U.to(cd)).to(t) : at::empty({0}, x.options());
   Tensor db2 = has_b2 ? dyc.sum(0).to(t) : at::empty({0}, x.options());
   return {dx, dU, dV, db1, dW, db2};
 }
@@ -459,10 +478,10 @@ std::tuple<Tensor, Tensor> forward_low(const Tensor& x, const Tensor& U, const T
   Tensor z = z32.to(x.scalar_type());
   const Tensor Vg = gemm_ready(V), Wg = gemm_ready(W);
   const Plan p = make_plan(B, H, chunk_h, loop, C, sizeof(float));
-  Tensor y_parts = at::zeros({p.groups, B, C}, f32);
+  Tensor y_parts = group_partials(p, {p.groups, B, C}, f32);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);
   Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work_a[slot], B, n);
     Tensor h = tile(work_h[slot], B, n);
     mm_f32(z, Vg.narrow(0, h0, n).t(), a, false);
@@ -470,7 +489,7 @@ std::tuple<Tensor, Tensor> forward_low(const Tensor& x, const Tensor& U, const T
     epilogue_fwd<float>(a, b1j ? b1j->data_ptr<float>() : nullptr, activation);
     h.copy_(a);
     Tensor yg = y_parts[group];
-    mm_f32(h, Wg.narrow(1, h0, n).t(), yg, true);
+    mm_f32(h, Wg.narrow(1, h0, n).t(), yg, !first);
   });
   return {p.groups == 1 ? y_parts[0] : sum_groups(y_parts), z};
 }
@@ -491,13 +510,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
   Tensor db1_32 = at::empty({db1.numel()}, f32);
 
   const Plan p = make_plan(B, H, chunk_h, loop, k, sizeof(float));
-  Tensor dz_parts = at::zeros({p.groups, B, k}, f32);
+  Tensor dz_parts = group_partials(p, {p.groups, B, k}, f32);
   Tensor work_a = at::empty({p.slots, B * p.chunk}, f32);   // a, then h
   Tensor work_dh = at::empty({p.slots, B * p.chunk}, f32);  // dh, then da
   Tensor work_h = at::empty({p.slots, B * p.chunk}, x.options());
   Tensor work_da = at::empty({p.slots, B * p.chunk}, x.options());
   Tensor work_dw = at::empty({p.slots, std::max(C, k) * p.chunk}, f32);       // dWⱼ, then dVⱼ
-  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group) {
+  for_each_chunk(p, H, [&](int64_t h0, int64_t n, int64_t slot, int64_t group, bool first) {
     Tensor a = tile(work_a[slot], B, n);
     Tensor dh = tile(work_dh[slot], B, n);
     Tensor h = tile(work_h[slot], B, n);
@@ -518,7 +537,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_low(
     mm_f32(da.t(), zg, dVj, false);
     dV.narrow(0, h0, n).copy_(dVj);
     Tensor dzg = dz_parts[group];
-    mm_f32(da, Vj, dzg, true);
+    mm_f32(da, Vj, dzg, !first);
   });
   Tensor dz = p.groups == 1 ? dz_parts[0] : sum_groups(dz_parts);
   if (b1.has_value()) db1.copy_(db1_32);
@@ -661,6 +680,15 @@ std::tuple<Tensor, Tensor, Tensor> mimic_fwd(const Tensor& x, const Tensor& U, c
   return {loss, z, dy_unit};
 }
 
+// How many threads one at::parallel_for of this extension runs on. It is a header template: built
+// without the intra-op backend's flags (-fopenmp where torch's backend is OpenMP, see setup.py) it
+// compiles serial, and every parallel region here runs on the calling thread.
+int64_t parallel_threads() {
+  std::atomic<int64_t> tasks{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { tasks.fetch_add(1); });
+  return tasks.load();
+}
+
 // Whether the native path's GEMMs are linked here, for (bfloat16, float16).
 std::vector<int64_t> native_gemms() {
   return {native_gemm_for(at::kBFloat16), native_gemm_for(at::kHalf)};
@@ -684,6 +712,7 @@ TORCH_LIBRARY(mimic_fast, m) {
         "(Tensor, Tensor, Tensor)");
   // No tensor arguments, so a catch-all kernel: whether MKL's bf16 / fp16 -> f32 GEMMs are linked.
   m.def("cpu_native_gemms() -> int[]", &mimic_fast_cpu::native_gemms);
+  m.def("cpu_parallel_threads() -> int", &mimic_fast_cpu::parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(mimic_fast, CPU, m) {
