@@ -156,7 +156,7 @@ def load_model(path, map_location="cpu"):
     try:
         model = build_from_spec(payload["spec"])
         model.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+    except (KeyError, MemoryError, RuntimeError, TypeError, ValueError) as e:
         if out_of_memory(e):  # too large for this machine, not a damaged file (pipeline.build_checked)
             raise ValueError(f"the model in {path} does not fit in memory ({one_line(e, 200)}); load "
                              "it on a machine with more memory") from None
