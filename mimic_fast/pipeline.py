@@ -130,6 +130,10 @@ def load_data(dataset, data=None, split_seed=0, label_fraction=1.0):
 def build_checked(make, what, remedy="choose a smaller --hidden (or --bottleneck)"):
     """make() (a model's constructor), with a failed allocation refused as a ValueError saying that
     `what` does not fit in memory and `remedy`."""
+    # An optimizer's first use imports torch._dynamo (torch._compile); after a model that fills the
+    # address space that import dies as "SystemError: error return without exception set", not as a
+    # MemoryError: loaded first, the failure is the optimizer's own allocation, worded below.
+    import torch._dynamo  # noqa: F401
     try:
         return make()
     except (MemoryError, RuntimeError) as e:
