@@ -452,6 +452,7 @@ def test_tuning_knob_validates_nests_and_restores():
         assert cpu.plan(64, 50, torch.float32).chunk_h == 50  # never wider than H
     assert cpu.plan(64, 10000, torch.float32) == before
     for bad, match in (({"chunk_h": 0}, "chunk_h must be a positive integer"),
+                       ({"chunk_h": True}, "chunk_h must be a positive integer"),
                        ({"loop": "sideways"}, "loop must be one of auto, gemm, chunks"),
                        ({"native": "yes"}, "native must be True, False or None")):
         with pytest.raises(ValueError, match=match):

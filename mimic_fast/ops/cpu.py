@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._checks import REDUCTION_CODES
+from .._checks import REDUCTION_CODES, is_int
 from ..activations import ACTIVATION_CODES
 
 NAME = "cpu"
@@ -121,8 +121,7 @@ _tuning = {"chunk_h": None, "loop": None, "native": None}
 
 
 def _check_tuning(chunk_h, loop, native):
-    if chunk_h is not None and (not isinstance(chunk_h, int) or isinstance(chunk_h, bool)
-                                or chunk_h < 1):
+    if chunk_h is not None and not is_int(chunk_h, 1):
         raise ValueError(f"chunk_h must be a positive integer (columns of H per chunk), got {chunk_h!r}")
     if loop is not None and loop not in LOOPS:
         raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
